@@ -1,0 +1,34 @@
+"""hessfast: exact Hessian-vector and Gauss-Newton-vector products of PyTorch models.
+
+>>> import torch, torch.nn.functional as F, hessfast
+>>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 3))
+>>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+>>> v = torch.randn(sum(p.numel() for p in model.parameters()))
+>>> hessfast.hvp(model, F.cross_entropy, x, y, v).shape
+torch.Size([67])
+"""
+
+from .api import ggn_vp, grad, hvp
+from .capture import clear_cache
+from .errors import (
+    CaptureError,
+    DropoutError,
+    HessfastError,
+    NonFiniteError,
+    UnsupportedOpError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "hvp",
+    "ggn_vp",
+    "grad",
+    "clear_cache",
+    "HessfastError",
+    "CaptureError",
+    "DropoutError",
+    "NonFiniteError",
+    "UnsupportedOpError",
+    "__version__",
+]

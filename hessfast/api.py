@@ -1,0 +1,176 @@
+"""The public functions: :func:`hvp`, :func:`ggn_vp` and :func:`grad`."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import autograd_fallback, capture, engine, losses
+from .errors import CaptureError, NonFiniteError
+from .vectors import Vectors, format_like, parse, select_params
+
+Params = str | Sequence[str] | None
+
+
+def _as_tuple(inputs: Any) -> tuple:
+    if isinstance(inputs, torch.Tensor):
+        return (inputs,)
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs)
+    raise ValueError(
+        f"inputs must be a tensor or a tuple of tensors passed as model(*inputs), "
+        f"not {type(inputs).__name__}"
+    )
+
+
+def _compute(model, loss_fn, inputs, targets, selected, vec: Vectors | None, mode, strict):
+    inputs = _as_tuple(inputs)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+    names = frozenset(n for n, _ in selected)
+    tangents = vec.tangents if vec is not None else None
+    k = vec.k if vec is not None else 0
+    try:
+        prog = capture.capture(model, inputs)
+    except CaptureError as e:
+        if strict:
+            raise
+        warnings.warn(
+            f"hessfast could not capture {type(model).__name__} with torch.export ({e}); "
+            "computing the whole loss with autograd double backward instead, which costs "
+            "several gradients per vector and keeps the autograd graph in memory. "
+            "Pass strict=True to make this an error.",
+            stacklevel=3,
+        )
+        rule = losses.resolve(loss_fn, targets)
+        return autograd_fallback.run(model, rule, inputs, selected, tangents, k, mode)
+    values: dict[str, torch.Tensor] = {}
+    for ph, name in prog.params.items():
+        values[ph] = model.get_parameter(name).detach()
+    for ph, fqn in prog.buffers.items():
+        values[ph] = model.get_buffer(fqn).detach()
+    values.update(prog.constants)
+    for ph, x in zip(prog.user_inputs, torch.utils._pytree.tree_leaves(inputs)):
+        values[ph] = x.detach() if isinstance(x, torch.Tensor) else x
+    out_meta = prog.output.meta.get("val")
+    rule = losses.resolve(loss_fn, targets, tuple(out_meta.shape) if out_meta is not None else None)
+    res = engine.run(prog, names, values, tangents, k, rule, mode)
+    return res.loss, res.grads, res.products
+
+
+def _finite(kind: str, values: dict[str, torch.Tensor], check: bool) -> None:
+    if not check:
+        return
+    for n, t in values.items():
+        if not torch.isfinite(t).all():
+            raise NonFiniteError(
+                f"the {kind} has NaN or Inf entries in parameter {n!r}: the loss or the model is "
+                "not finite at these inputs (check the data, the loss scale and the dtype). Pass "
+                "check_finite=False to receive the result anyway."
+            )
+
+
+def hvp(
+    model: nn.Module,
+    loss_fn: Callable,
+    inputs: Any,
+    targets: Any,
+    v: dict[str, torch.Tensor] | torch.Tensor,
+    *,
+    params: Params = None,
+    return_grad: bool = False,
+    strict: bool = False,
+    check_finite: bool = True,
+):
+    """Exact Hessian of ``loss_fn(model(*inputs), targets)`` w.r.t. the parameters, times ``v``.
+
+    ``v`` is a dict ``{name: tensor}`` over the differentiated parameters or a flat tensor in
+    ``named_parameters()`` order, optionally with a leading K axis for K vectors at once; the
+    result has the same structure. With ``return_grad=True`` returns ``(Hv, ∇L)``, the gradient in
+    ``v``'s structure without the K axis.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, hessfast
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> x, y = torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1])
+        >>> v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+        >>> hv = hessfast.hvp(model, F.cross_entropy, x, y, v)
+        >>> sorted(hv) == sorted(v) and hv["0.weight"].shape == (4, 3)
+        True
+    """
+    selected = select_params(model, params)
+    vec = parse(v, selected)
+    _, grads, prods = _compute(model, loss_fn, inputs, targets, selected, vec, "hvp", strict)
+    _finite("Hessian-vector product", prods, check_finite)
+    out = format_like(prods, vec) if vec.batched else format_like(
+        {n: t[0] for n, t in prods.items()}, vec
+    )
+    if not return_grad:
+        return out
+    _finite("gradient", grads, check_finite)
+    return out, format_like(grads, vec, batched=False)
+
+
+def ggn_vp(
+    model: nn.Module,
+    loss_fn: Callable,
+    inputs: Any,
+    targets: Any,
+    v: dict[str, torch.Tensor] | torch.Tensor,
+    *,
+    params: Params = None,
+    strict: bool = False,
+    check_finite: bool = True,
+):
+    """Generalised Gauss-Newton ``Jᵀ H_L J`` times ``v`` (J: the model's Jacobian w.r.t. the
+    parameters, H_L: the loss Hessian at the output). Positive semidefinite for convex losses.
+    ``v`` and the result are structured as in :func:`hvp`.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, hessfast
+        >>> model = torch.nn.Linear(3, 2)
+        >>> x, y = torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1])
+        >>> v = torch.randn(7, 8)  # K = 7 flat vectors over P = 8 parameters
+        >>> hessfast.ggn_vp(model, F.cross_entropy, x, y, v).shape
+        torch.Size([7, 8])
+    """
+    selected = select_params(model, params)
+    vec = parse(v, selected)
+    _, _, prods = _compute(model, loss_fn, inputs, targets, selected, vec, "ggn", strict)
+    _finite("GGN-vector product", prods, check_finite)
+    if vec.batched:
+        return format_like(prods, vec)
+    return format_like({n: t[0] for n, t in prods.items()}, vec)
+
+
+def grad(
+    model: nn.Module,
+    loss_fn: Callable,
+    inputs: Any,
+    targets: Any,
+    *,
+    params: Params = None,
+    flat: bool = False,
+    strict: bool = False,
+    check_finite: bool = True,
+):
+    """Gradient of ``loss_fn(model(*inputs), targets)`` through the same engine: a dict
+    ``{name: tensor}``, or a flat tensor in ``named_parameters()`` order with ``flat=True``.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, hessfast
+        >>> model = torch.nn.Linear(3, 2)
+        >>> g = hessfast.grad(model, F.mse_loss, torch.randn(4, 3), torch.randn(4, 2))
+        >>> sorted(g)
+        ['bias', 'weight']
+    """
+    selected = select_params(model, params)
+    _, grads, _ = _compute(model, loss_fn, inputs, targets, selected, None, "grad", strict)
+    _finite("gradient", grads, check_finite)
+    if flat:
+        return torch.cat([grads[n].flatten() for n, _ in selected])
+    return {n: grads[n] for n, _ in selected}

@@ -1,0 +1,85 @@
+"""The whole-loss autograd path, for models that ``torch.export`` cannot capture.
+
+HVP by double backward (``∇(⟨∇L, v⟩)``), GGN-VP by the double-VJP trick for ``J v`` followed by the
+loss rule's Hessian and one VJP. One backward per vector: a loop over K. Buffers (BatchNorm running
+statistics) are restored afterwards, so a call has no side effects on the model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import DropoutError
+
+
+def check_no_training_dropout(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
+            raise DropoutError(
+                f"dropout with p={m.p} is active in training mode at {name or '<model>'} "
+                f"({type(m).__name__}): call model.eval() before asking for curvature, or set "
+                "its probability to 0."
+            )
+
+
+def run(model, loss_rule, inputs, selected, tangents, k, mode):
+    """Return ``(loss, grads, products)`` as the engine does, computed with autograd."""
+    check_no_training_dropout(model)
+    names = [n for n, _ in selected]
+    params = [p for _, p in selected]
+    saved = {n: b.detach().clone() for n, b in model.named_buffers()}
+    try:
+        with torch.enable_grad():
+            z = model(*inputs)
+            if not isinstance(z, torch.Tensor):
+                raise ValueError(
+                    "the model must return one tensor (the loss input); wrap it so forward "
+                    "returns the logits"
+                )
+            loss, gz, _ = loss_rule.evaluate(z, None, "grad")
+            grads = products = None
+            if mode in ("grad", "hvp"):
+                g = torch.autograd.grad(
+                    z, params, gz, create_graph=(mode == "hvp"), allow_unused=True,
+                    retain_graph=True,
+                )
+                g = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, params)]
+                grads = {n: gi.detach() for n, gi in zip(names, g)}
+            if mode == "hvp":
+                products = {n: [] for n in names}
+                live = [(n, gi) for n, gi in zip(names, g) if gi.requires_grad]
+                for i in range(k):
+                    hv = [None] * len(params)
+                    if live:
+                        hv = torch.autograd.grad(
+                            [gi for _, gi in live],
+                            params,
+                            [tangents[n][i] for n, _ in live],
+                            retain_graph=True,
+                            allow_unused=True,
+                        )
+                    for n, p, h in zip(names, params, hv):
+                        products[n].append(torch.zeros_like(p) if h is None else h.detach())
+                products = {n: torch.stack(t) for n, t in products.items()}
+            elif mode == "ggn":
+                products = {n: [] for n in names}
+                u = torch.zeros_like(z, requires_grad=True)
+                gu = torch.autograd.grad(z, params, u, create_graph=True, allow_unused=True)
+                pairs = [(gi, tangents[n]) for gi, n in zip(gu, names) if gi is not None]
+                for i in range(k):
+                    jv = torch.autograd.grad(
+                        [gi for gi, _ in pairs], u, [t[i] for _, t in pairs], retain_graph=True
+                    )[0]
+                    _, _, hjv = loss_rule.evaluate(z.detach(), jv.detach()[None], "ggn")
+                    out = torch.autograd.grad(
+                        z, params, hjv[0], retain_graph=True, allow_unused=True
+                    )
+                    for n, p, o in zip(names, params, out):
+                        products[n].append(torch.zeros_like(p) if o is None else o.detach())
+                products = {n: torch.stack(t) for n, t in products.items()}
+    finally:
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                b.copy_(saved[n])
+    return loss.detach(), grads, products

@@ -1,0 +1,232 @@
+"""The engine: forward-over-reverse over a captured program, K tangents at once (DESIGN.md §3).
+
+Forward pass in graph order: every active node's rule returns its value, its ``[K, ...]`` tangent
+and the residuals its backward needs; everything else is freed after its last use. The loss rule
+turns the output and its tangent into ``(ḡ_z, ġ_z)``. Backward pass in reverse order accumulates
+``(ḡ, ġ)`` cotangents; at the parameters ``ġ_θ = H V`` (or ``G V`` in GGN mode, where ``ḡ`` is
+never formed and every second-order term drops out) and ``ḡ_θ = ∇L``.
+
+Modes: ``"hvp"`` (ḡ and ġ), ``"ggn"`` (ġ only, no primal backward), ``"grad"`` (ḡ only, no tangents).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .capture import Program, Step
+from .errors import UnsupportedOpError
+from .rules import rule_for
+from .rules.base import Call, invoke
+from .rules.fallback import FuncFallback
+
+aten = torch.ops.aten
+
+
+@dataclass
+class Result:
+    loss: torch.Tensor
+    grads: dict[str, torch.Tensor] | None
+    products: dict[str, torch.Tensor] | None
+    fallback_ops: Counter
+
+
+def _accumulate(store: dict, key: str, g: Any, gd: Any) -> None:
+    if g is None and gd is None:
+        return
+    old = store.get(key)
+    if old is None:
+        store[key] = [g, gd]
+        return
+    old[0] = _add(old[0], g)
+    old[1] = _add(old[1], gd)
+
+
+def _add(a: Any, b: Any) -> Any:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    if isinstance(a, tuple):
+        return tuple(_add(x, y) for x, y in zip(a, b))
+    return a + b
+
+
+def _last_uses(program: Program) -> dict[int, list[str]]:
+    """Step index -> names of nodes whose last forward use is that step."""
+    last: dict[str, int] = {}
+    for i, s in enumerate(program.steps):
+        for n in s.node.all_input_nodes:
+            last[n.name] = i
+    out: dict[int, list[str]] = {}
+    for name, i in last.items():
+        if name != program.output.name:
+            out.setdefault(i, []).append(name)
+    return out
+
+
+def _const_eval(step: Step, args: tuple, kwargs: dict) -> Any:
+    """Evaluate a parameter-independent node without side effects on the model."""
+    op = step.op
+    schema = getattr(op, "_schema", None)
+    if schema is not None and schema.is_mutable:
+        if not step.node.users:
+            return None  # a buffer update (e.g. num_batches_tracked += 1): skipped
+        args = tuple(
+            a.clone() if (isinstance(a, torch.Tensor) and s.alias_info and s.alias_info.is_write)
+            else a
+            for a, s in zip(args, schema.arguments)
+        )
+    if schema is None:
+        return op(*args, **kwargs)
+    return invoke(op, args)
+
+
+def run(
+    program: Program,
+    param_names: frozenset[str],
+    values: dict[str, torch.Tensor],
+    tangents: dict[str, torch.Tensor] | None,
+    k: int,
+    loss_rule: Any,
+    mode: str,
+) -> Result:
+    """Run one forward-over-reverse pass.
+
+    ``values`` maps placeholder names to tensors (parameters, buffers, constants, user inputs);
+    ``tangents`` maps canonical parameter names to ``[K, *shape]`` tangents (``None`` in grad mode).
+    """
+    plan = program.plan(param_names)
+    gm = program.graph_module
+    env: dict[str, Any] = dict(values)
+    tan: dict[str, Any] = {}
+    if tangents is not None:
+        for ph, name in program.params.items():
+            if plan[ph]:
+                tan[ph] = tangents[name]
+    last = _last_uses(program)
+    saved: dict[str, tuple] = {}
+    fell_back: Counter = Counter()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            env[node.name] = getattr(gm, node.target)
+
+    def val(a):
+        if isinstance(a, torch.fx.Node):
+            return env[a.name]
+        if isinstance(a, (list, tuple)):
+            return type(a)(val(x) for x in a)
+        return a
+
+    def act(a):
+        if isinstance(a, torch.fx.Node):
+            return plan.get(a.name, False)
+        if isinstance(a, (list, tuple)) and any(isinstance(x, torch.fx.Node) for x in a):
+            return [act(x) for x in a]
+        return False
+
+    def tng(a):
+        if isinstance(a, torch.fx.Node):
+            return tan.get(a.name)
+        if isinstance(a, (list, tuple)) and any(isinstance(x, torch.fx.Node) for x in a):
+            return [tng(x) for x in a]
+        return None
+
+    with torch.no_grad():
+        for i, step in enumerate(program.steps):
+            name = step.node.name
+            args = val(step.args)
+            if not plan[name]:
+                env[name] = _const_eval(step, args, val(dict(step.node.kwargs)))
+            else:
+                call = Call(
+                    step.op,
+                    args,
+                    tuple(act(a) for a in step.args),
+                    tuple(tng(a) for a in step.args) if k else (None,) * len(args),
+                    k,
+                )
+                rule = rule_for(step.op, call)
+                try:
+                    y, ydot, res = rule.fwd_jvp(call)
+                except Exception as e:
+                    if isinstance(rule, FuncFallback):
+                        raise _unsupported(step, e) from e
+                    raise
+                if isinstance(rule, FuncFallback):
+                    fell_back[str(step.op)] += 1
+                env[name] = y
+                if ydot is not None:
+                    tan[name] = ydot
+                saved[name] = (rule, res)
+            for dead in last.get(i, ()):
+                env.pop(dead, None)
+                tan.pop(dead, None)
+
+        out = program.output.name
+        z = env[out]
+        zdot = tan.get(out)
+        if not plan.get(out, False):
+            raise UnsupportedOpError(
+                "the model output does not depend on the differentiated parameters; "
+                "check `params=` (every selected parameter is unused by this forward)"
+            )
+        loss, gz, gdz = loss_rule.evaluate(z, zdot, mode)
+        env.clear()
+        tan.clear()
+
+        cot: dict[str, list] = {}
+        _accumulate(cot, out, gz, gdz)
+        for step in reversed(program.steps):
+            name = step.node.name
+            entry = saved.pop(name, None)
+            c = cot.pop(name, None)
+            if entry is None or c is None:
+                continue
+            rule, res = entry
+            try:
+                gargs, gdargs = rule.bwd_jvp(res, c[0], c[1])
+            except Exception as e:
+                if isinstance(rule, FuncFallback):
+                    raise _unsupported(step, e) from e
+                raise
+            for a, ga, gda in zip(step.args, gargs, gdargs):
+                if isinstance(a, torch.fx.Node):
+                    if plan.get(a.name, False):
+                        _accumulate(cot, a.name, ga, gda)
+                elif isinstance(a, (list, tuple)):
+                    for j, aj in enumerate(a):
+                        if isinstance(aj, torch.fx.Node) and plan.get(aj.name, False):
+                            _accumulate(
+                                cot,
+                                aj.name,
+                                ga[j] if ga is not None else None,
+                                gda[j] if gda is not None else None,
+                            )
+
+    grads: dict[str, torch.Tensor] | None = {} if mode in ("hvp", "grad") else None
+    prods: dict[str, torch.Tensor] | None = {} if mode in ("hvp", "ggn") else None
+    for ph, name in program.params.items():
+        if not plan[ph]:
+            continue
+        g, gd = cot.get(ph, (None, None))
+        p = values[ph]
+        if grads is not None:
+            g = torch.zeros_like(p) if g is None else g
+            grads[name] = grads[name] + g if name in grads else g
+        if prods is not None:
+            gd = p.new_zeros((k, *p.shape)) if gd is None else gd
+            prods[name] = prods[name] + gd if name in prods else gd
+    return Result(loss, grads, prods, fell_back)
+
+
+def _unsupported(step: Step, err: Exception) -> UnsupportedOpError:
+    msg = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+    return UnsupportedOpError(
+        f"op {step.op} in {step.module} lies on the parameter path and cannot be differentiated "
+        f"twice by torch.func ({type(err).__name__}: {msg}). Give it a hessfast rule, replace it "
+        "with a differentiable equivalent, or exclude the parameters before it with `params=`."
+    )

@@ -1,0 +1,178 @@
+"""The rule contract shared by every op family, and small helpers for writing rules.
+
+A rule implements Pearlmutter's R-op pair for one aten op family:
+
+- ``fwd_jvp(call) -> (y, ẏ, residuals)``: the primal output and its tangent for K tangents at once;
+- ``bwd_jvp(residuals, ḡ_y, ġ_y) -> (ḡ_args, ġ_args)``: the cotangents (VJP) of the inputs and the
+  tangents of those cotangents.
+
+Index conventions (used by every rule in this package):
+
+- a primal ``x`` has its own shape; its tangent ``ẋ`` has shape ``[K, *x.shape]``; the K tangent
+  vectors share one primal pass;
+- the primal cotangent ``ḡ`` has the primal's shape; its tangent ``ġ`` has shape ``[K, *shape]``;
+- ``None`` stands for a zero (an inactive input, a cotangent that never arrived, GGN mode's absent
+  ``ḡ``, or the absent tangents of a gradient-only run).
+
+For an op ``y = f(x)`` with Jacobian ``J = ∂f/∂x`` the backward returns
+``ḡ_x = Jᵀ ḡ_y`` and ``ġ_x = Jᵀ ġ_y + (∂²f[ẋ])ᵀ ḡ_y``: the second term is what distinguishes the
+exact Hessian from the Gauss-Newton product, where ``ḡ`` is ``None`` and the term is dropped.
+
+Arguments arrive in the op schema's positional order (kwargs folded in, defaults filled), so a rule
+indexes ``call.args[i]`` and returns cotangent tuples of the same length, with ``None`` wherever
+an argument is not active. List arguments (``cat``) get lists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Call:
+    """One node's evaluation: primal args, which of them are active, and their tangents.
+
+    ``args`` holds primal values in schema order; ``active[i]`` is True (or a list of bools for a
+    list argument) where the argument depends on the differentiated parameters; ``tangents`` mirrors
+    ``args`` with ``[K, *shape]`` tensors or ``None``. ``k`` is the number of tangent vectors; 0 in a
+    gradient-only run (all tangents ``None``).
+    """
+
+    op: Any
+    args: tuple
+    active: tuple
+    tangents: tuple
+    k: int
+
+    def is_active(self, i: int) -> bool:
+        a = self.active[i]
+        return any(a) if isinstance(a, list) else bool(a)
+
+
+class Rule:
+    """Base class: one op family's plain-torch forward-over-reverse rule.
+
+    Subclasses set ``ops`` (the aten overloads they handle) and implement :meth:`fwd_jvp` and
+    :meth:`bwd_jvp`. :meth:`declines` returns a reason string when this rule cannot take a call
+    (the engine then uses the ``torch.func`` fallback), ``None`` when it can.
+    """
+
+    ops: tuple = ()
+    name: str = "rule"
+
+    def declines(self, call: Call) -> str | None:
+        return None
+
+    def fwd_jvp(self, call: Call) -> tuple[Any, Any, Any]:
+        raise NotImplementedError
+
+    def bwd_jvp(self, res: Any, g: Any, gdot: Any) -> tuple[tuple, tuple]:
+        raise NotImplementedError
+
+
+def add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """``a + b`` where ``None`` is zero."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+def mul(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """``a * b`` where ``None`` is zero."""
+    if a is None or b is None:
+        return None
+    return a * b
+
+
+def lift(t: Tensor | None, out_ndim: int) -> Tensor | None:
+    """View a tangent ``[K, *s]`` as ``[K, 1, ..., 1, *s]`` so that it broadcasts, right-aligned,
+    against a primal result of ``out_ndim`` dimensions (the K axis stays leading)."""
+    if t is None:
+        return None
+    missing = out_ndim - (t.dim() - 1)
+    if missing <= 0:
+        return t
+    return t.reshape(t.shape[0], *([1] * missing), *t.shape[1:])
+
+
+def sum_to(g: Tensor | None, shape: Sequence[int], batched: bool) -> Tensor | None:
+    """Reduce a (possibly broadcast) cotangent to ``shape``; with ``batched`` the leading K axis of
+    ``g`` is kept and ``shape`` excludes it. This is the adjoint of broadcasting."""
+    if g is None:
+        return None
+    shape = tuple(shape)
+    lead = 1 if batched else 0
+    extra = g.dim() - lead - len(shape)
+    if extra > 0:
+        g = g.sum(dim=tuple(range(lead, lead + extra)))
+    dims = tuple(
+        lead + i for i, s in enumerate(shape) if s == 1 and g.shape[lead + i] != 1
+    )
+    if dims:
+        g = g.sum(dim=dims, keepdim=True)
+    return g
+
+
+def nones(n: int) -> tuple:
+    return (None,) * n
+
+
+def stack_k(g: Tensor | None, gdot: Tensor | None) -> tuple[Tensor | None, int]:
+    """Stack the primal cotangent on top of its K tangents, ``[1 + K, ...]``, so linear maps apply
+    to both in one call. Returns the stacked tensor and how many leading rows belong to ``g``."""
+    if g is None:
+        return gdot, 0
+    if gdot is None:
+        return g.unsqueeze(0), 1
+    return torch.cat([g.unsqueeze(0), gdot], dim=0), 1
+
+
+def unstack_k(s: Tensor | None, n_g: int) -> tuple[Tensor | None, Tensor | None]:
+    """Inverse of :func:`stack_k`."""
+    if s is None:
+        return None, None
+    if n_g == 0:
+        return None, s
+    g = s[0]
+    gdot = s[1:] if s.shape[0] > 1 else None
+    return g, gdot
+
+
+def invoke(op: Any, args: Sequence[Any]) -> Any:
+    """Call an aten overload with schema-ordered ``args``, passing keyword-only ones by name."""
+    schema = getattr(op, "_schema", None)
+    if schema is None:
+        return op(*args)
+    pos, kw = [], {}
+    for a, value in zip(schema.arguments, args):
+        if a.kwarg_only:
+            kw[a.name] = value
+        else:
+            pos.append(value)
+    return op(*pos, **kw)
+
+
+def normalize_args(op: Any, args: Sequence[Any], kwargs: dict) -> tuple:
+    """Fold ``kwargs`` into schema order and fill defaults, so rules index arguments by position."""
+    schema = getattr(op, "_schema", None)
+    if schema is None:
+        if kwargs:
+            raise TypeError(f"cannot normalise keyword arguments of {op}")
+        return tuple(args)
+    out = list(args)
+    for a in schema.arguments[len(args) :]:
+        if a.name in kwargs:
+            out.append(kwargs[a.name])
+        elif a.has_default_value():
+            out.append(a.default_value)
+        else:
+            raise TypeError(f"{op}: missing argument {a.name!r}")
+    return tuple(out)

@@ -1,0 +1,210 @@
+"""The ``torch.func`` fallback: a correct rule for any differentiable aten op, slow but general.
+
+For an op ``y = f(x₁, …, xₙ)`` restricted to its active tensor arguments:
+
+- ``fwd_jvp``: ``y = f(x)`` and ``ẏ = vmap_K(jvp(f, x, ẋ))`` — one forward-mode pass, vmapped over
+  the K tangents;
+- ``bwd_jvp``: with ``h(x, c) = vjp(f, x)(c)`` (linear in ``c``),
+  ``(ḡ_x, ġ_x) = vmap_K(jvp(h, (x, ḡ_y), (ẋ, ġ_y)))``, i.e. ``ġ_x = Jᵀ ġ_y + (∂²f[ẋ])ᵀ ḡ_y``;
+  in GGN mode (``ḡ_y`` absent) just ``ġ_x = vmap_K(vjp(f, x))(ġ_y)``.
+
+Ops known to be affine in their tensor arguments (views, reshapes, cat, sums, ...) skip the
+second-order term and apply one vmapped VJP to ``[ḡ; ġ]`` stacked.
+
+Never ``jacrev`` inside ``jvp`` (DESIGN.md §7): ``jvp`` of ``vjp`` is the composition that agrees with
+double backward to round-off.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.func import jvp, vjp, vmap
+
+from .base import Call, Rule, invoke
+
+aten = torch.ops.aten
+
+#: aten packets that are affine in their tensor arguments jointly: no second-order term.
+AFFINE_PACKETS = {
+    aten.view,
+    aten.reshape,
+    aten._unsafe_view,
+    aten.permute,
+    aten.transpose,
+    aten.t,
+    aten.expand,
+    aten.expand_as,
+    aten.slice,
+    aten.select,
+    aten.narrow,
+    aten.cat,
+    aten.stack,
+    aten.split,
+    aten.split_with_sizes,
+    aten.chunk,
+    aten.unbind,
+    aten.squeeze,
+    aten.unsqueeze,
+    aten.flatten,
+    aten.unflatten,
+    aten.movedim,
+    aten.clone,
+    aten.contiguous,
+    aten.alias,
+    aten._to_copy,
+    aten.to,
+    aten.type_as,
+    aten.add,
+    aten.sub,
+    aten.neg,
+    aten.sum,
+    aten.mean,
+    aten.index_select,
+    aten.gather,
+    aten.index,
+    aten.repeat,
+    aten.repeat_interleave,
+    aten.roll,
+    aten.flip,
+    aten.tril,
+    aten.triu,
+    aten.diagonal,
+    aten.constant_pad_nd,
+    aten.pad,
+    aten.where,
+    aten.masked_fill,
+    aten.cumsum,
+    aten.dropout,
+}
+
+
+def _is_float(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
+
+
+class FuncFallback(Rule):
+    """``torch.func`` forward-over-reverse for one op, vmapped over the K tangents."""
+
+    name = "torch.func fallback"
+
+    def __init__(self, op: Any):
+        self.op = op
+        self.affine = getattr(op, "overloadpacket", None) in AFFINE_PACKETS
+
+    def _closure(self, call: Call):
+        """Return ``f(*active_leaves) -> tuple(float outputs)``, the leaves, their tangents, and
+        the output layout needed to map cotangents back."""
+        leaves, tangents, slots = [], [], []
+        for i, a in enumerate(call.args):
+            act = call.active[i]
+            if isinstance(a, (list, tuple)) and isinstance(act, list):
+                for j, (x, aj) in enumerate(zip(a, act)):
+                    if aj:
+                        slots.append((i, j))
+                        leaves.append(x)
+                        tangents.append(call.tangents[i][j] if call.tangents[i] else None)
+            elif act:
+                slots.append((i, None))
+                leaves.append(a)
+                tangents.append(call.tangents[i])
+        op, base = self.op, call.args
+
+        def build(xs):
+            args = [list(a) if isinstance(a, (list, tuple)) else a for a in base]
+            for (i, j), x in zip(slots, xs):
+                if j is None:
+                    args[i] = x
+                else:
+                    args[i][j] = x
+            return args
+
+        def f(*xs):
+            out = invoke(op, build(xs))
+            if isinstance(out, (tuple, list)):
+                return tuple(o for o in out if _is_float(o))
+            return (out,)
+
+        return f, leaves, tangents, slots
+
+    def fwd_jvp(self, call: Call):
+        f, leaves, tangents, slots = self._closure(call)
+        y = invoke(self.op, call.args)
+        multi = isinstance(y, (tuple, list))
+        outs = list(y) if multi else [y]
+        float_idx = [i for i, o in enumerate(outs) if _is_float(o)]
+        ydot = None
+        if call.k > 0:
+            tans = tuple(t for t in tangents)
+            fd = vmap(lambda *ts: jvp(f, tuple(leaves), ts)[1])(*tans)
+            if multi:
+                full = [None] * len(outs)
+                for i, t in zip(float_idx, fd):
+                    full[i] = t
+                ydot = tuple(full)
+            else:
+                ydot = fd[0]
+        res = (f, leaves, tangents, slots, call, multi, float_idx, outs)
+        return y, ydot, res
+
+    def bwd_jvp(self, res, g, gdot):
+        f, leaves, tangents, slots, call, multi, float_idx, outs = res
+        k = call.k
+
+        def cots(c, batched):
+            if not multi:
+                return (c,) if c is not None else None
+            if c is None:
+                return None
+            items = []
+            for i in float_idx:
+                ci = c[i]
+                if ci is None:
+                    ref = outs[i]
+                    ci = ref.new_zeros((k, *ref.shape) if batched else ref.shape)
+                items.append(ci)
+            return tuple(items)
+
+        gc = cots(g, False)
+        gdc = cots(gdot, True)
+        leaves_t = tuple(leaves)
+        gx = gdx = None
+        if gc is None and gdc is None:
+            return self._scatter(call, slots, None, None)
+        if self.affine or gc is None or k == 0:
+            _, pull = vjp(f, *leaves_t)
+            if gc is not None:
+                gx = pull(gc)
+            if gdc is not None:
+                gdx = vmap(pull)(gdc)
+        else:
+            if gdc is None:
+                gdc = tuple(c.new_zeros((k, *c.shape)) for c in gc)
+
+            def h(xs, c):
+                return vjp(f, *xs)[1](c)
+
+            def one(ts, cd):
+                return jvp(h, (leaves_t, gc), (ts, cd))
+
+            gx_b, gdx = vmap(one, out_dims=(None, 0))(tuple(tangents), gdc)
+            gx = gx_b
+        return self._scatter(call, slots, gx, gdx)
+
+    @staticmethod
+    def _scatter(call: Call, slots, gx, gdx):
+        n = len(call.args)
+        gbar: list = [None] * n
+        gdot: list = [None] * n
+        for idx, (i, j) in enumerate(slots):
+            for src, dst in ((gx, gbar), (gdx, gdot)):
+                if src is None:
+                    continue
+                if j is None:
+                    dst[i] = src[idx]
+                else:
+                    if dst[i] is None:
+                        dst[i] = [None] * len(call.args[i])
+                    dst[i][j] = src[idx]
+        return tuple(gbar), tuple(gdot)
