@@ -106,8 +106,10 @@ def hvp(
     vec = parse(v, selected)
     _, grads, prods = _compute(model, loss_fn, inputs, targets, selected, vec, "hvp", strict)
     _finite("Hessian-vector product", prods, check_finite)
-    out = format_like(prods, vec) if vec.batched else format_like(
-        {n: t[0] for n, t in prods.items()}, vec
+    out = (
+        format_like(prods, vec)
+        if vec.batched
+        else format_like({n: t[0] for n, t in prods.items()}, vec)
     )
     if not return_grad:
         return out

@@ -41,7 +41,11 @@ def run(model, loss_rule, inputs, selected, tangents, k, mode):
             grads = products = None
             if mode in ("grad", "hvp"):
                 g = torch.autograd.grad(
-                    z, params, gz, create_graph=(mode == "hvp"), allow_unused=True,
+                    z,
+                    params,
+                    gz,
+                    create_graph=(mode == "hvp"),
+                    allow_unused=True,
                     retain_graph=True,
                 )
                 g = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, params)]

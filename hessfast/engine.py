@@ -76,7 +76,8 @@ def _const_eval(step: Step, args: tuple, kwargs: dict) -> Any:
         if not step.node.users:
             return None  # a buffer update (e.g. num_batches_tracked += 1): skipped
         args = tuple(
-            a.clone() if (isinstance(a, torch.Tensor) and s.alias_info and s.alias_info.is_write)
+            a.clone()
+            if (isinstance(a, torch.Tensor) and s.alias_info and s.alias_info.is_write)
             else a
             for a, s in zip(args, schema.arguments)
         )

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +76,10 @@ def _call_kwargs(fn: Callable, keywords: dict) -> dict:
 def _from_function(fn: Callable, kw: dict, target: Any):
     if fn is F.cross_entropy:
         return CrossEntropyLoss(
-            target, kw.get("weight"), kw.get("ignore_index", -100), _reduction(kw),
+            target,
+            kw.get("weight"),
+            kw.get("ignore_index", -100),
+            _reduction(kw),
             kw.get("label_smoothing", 0.0),
         )
     if fn is F.nll_loss:

@@ -38,9 +38,7 @@ def select_params(
             sample = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
             raise ValueError(f"params pattern {pat!r} matches no parameter (names: {sample})")
     return [
-        (n, p)
-        for n, p in named
-        if any(n == pat or fnmatch.fnmatchcase(n, pat) for pat in patterns)
+        (n, p) for n, p in named if any(n == pat or fnmatch.fnmatchcase(n, pat) for pat in patterns)
     ]
 
 

@@ -113,9 +113,7 @@ def sum_to(g: Tensor | None, shape: Sequence[int], batched: bool) -> Tensor | No
     extra = g.dim() - lead - len(shape)
     if extra > 0:
         g = g.sum(dim=tuple(range(lead, lead + extra)))
-    dims = tuple(
-        lead + i for i, s in enumerate(shape) if s == 1 and g.shape[lead + i] != 1
-    )
+    dims = tuple(lead + i for i, s in enumerate(shape) if s == 1 and g.shape[lead + i] != 1)
     if dims:
         g = g.sum(dim=dims, keepdim=True)
     return g

@@ -117,7 +117,9 @@ class CrossEntropyLoss:
 
     name = "cross_entropy"
 
-    def __init__(self, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+    def __init__(
+        self, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0
+    ):
         self.target = target
         self.weight = weight
         self.ignore_index = ignore_index

@@ -22,7 +22,7 @@ from hessfast.rules.base import Call, invoke
 
 def _leaves(args, active):
     out = []
-    for i, (a, act) in enumerate(zip(args, active)):
+    for i, act in enumerate(active):
         if isinstance(act, list):
             out += [(i, j) for j, aj in enumerate(act) if aj]
         elif act:
@@ -59,7 +59,16 @@ def _close(a, b, what, rtol, atol):
     torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
-def check_rule(op, args, active, k=3, seed=0, rtol=1e-10, atol=1e-10, modes=("hvp", "hvp-second-order-only", "ggn", "grad")):
+def check_rule(
+    op,
+    args,
+    active,
+    k=3,
+    seed=0,
+    rtol=1e-10,
+    atol=1e-10,
+    modes=("hvp", "hvp-second-order-only", "ggn", "grad"),
+):
     """Run the registered rule for ``op`` on ``args`` and compare with autograd (see module doc)."""
     gen = torch.Generator().manual_seed(seed)
     rule = registered_rule(op)
@@ -101,13 +110,21 @@ def check_rule(op, args, active, k=3, seed=0, rtol=1e-10, atol=1e-10, modes=("hv
             if b is not None:
                 torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
         if kk:
-            ref = vmap(lambda *ts: jvp(lambda *zs: tuple(o for o in _floats(f(*zs)) if o is not None), tuple(xs), ts)[1])(*tans)
+            ref = vmap(
+                lambda *ts: jvp(
+                    lambda *zs: tuple(o for o in _floats(f(*zs)) if o is not None), tuple(xs), ts
+                )[1]
+            )(*tans)
             got = list(ydot) if multi else [ydot]
             got = [g for g, o in zip(got, outs) if o is not None]
             for a, b in zip(got, ref):
                 _close(a, b, f"{mode} forward tangent", rtol, atol)
         g_in = None if mode == "ggn" else (tuple(gbar) if multi else gbar[0])
-        gd_in = None if mode in ("grad", "hvp-second-order-only") else (tuple(gdot) if multi else gdot[0])
+        gd_in = (
+            None
+            if mode in ("grad", "hvp-second-order-only")
+            else (tuple(gdot) if multi else gdot[0])
+        )
         gx, gdx = rule.bwd_jvp(res, g_in, gd_in)
         # oracle by autograd
         xr = [x.detach().clone().requires_grad_(True) for x in xs]
@@ -118,8 +135,13 @@ def check_rule(op, args, active, k=3, seed=0, rtol=1e-10, atol=1e-10, modes=("hv
             for idx, s in enumerate(slots):
                 got_g = gx[s[0]] if s[1] is None else (gx[s[0]] or [None] * 99)[s[1]]
                 if mode != "ggn":
-                    _close(got_g, vj[idx].detach() if vj[idx] is not None else None,
-                           f"{mode} cotangent of arg {s}", rtol, atol)
+                    _close(
+                        got_g,
+                        vj[idx].detach() if vj[idx] is not None else None,
+                        f"{mode} cotangent of arg {s}",
+                        rtol,
+                        atol,
+                    )
             if mode == "grad":
                 continue
             gds = [g for g, ref in zip(gdot, outs) if ref is not None]
@@ -137,12 +159,19 @@ def check_rule(op, args, active, k=3, seed=0, rtol=1e-10, atol=1e-10, modes=("hv
                         if v is not None and v.requires_grad
                     ]
                     if terms:
-                        second = torch.autograd.grad(sum(terms), xr, retain_graph=True, allow_unused=True)
+                        second = torch.autograd.grad(
+                            sum(terms), xr, retain_graph=True, allow_unused=True
+                        )
                 for idx, s in enumerate(slots):
                     want = None
                     for part in (first[idx], second[idx]):
                         if part is not None:
                             want = part.detach() if want is None else want + part.detach()
                     got = gdx[s[0]] if s[1] is None else (gdx[s[0]] or [None] * 99)[s[1]]
-                    _close(got[kidx] if got is not None else None, want,
-                           f"{mode} cotangent tangent of arg {s}, vector {kidx}", rtol, atol)
+                    _close(
+                        got[kidx] if got is not None else None,
+                        want,
+                        f"{mode} cotangent tangent of arg {s}, vector {kidx}",
+                        rtol,
+                        atol,
+                    )

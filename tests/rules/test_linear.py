@@ -16,8 +16,11 @@ CASES = {
     "linear-weight-only": (aten.linear.default, (r(6, 3), r(1, 3), r(1)), (False, True, True)),
     "linear-input-only": (aten.linear.default, (r(6, 3), r(2, 3), r(2)), (True, False, False)),
     "addmm": (aten.addmm.default, (r(4), r(5, 3), r(3, 4), 1, 1), (True, True, True, False, False)),
-    "addmm-scaled": (aten.addmm.default, (r(5, 4), r(5, 3), r(3, 4), 0.5, 2.0),
-                     (True, True, True, False, False)),
+    "addmm-scaled": (
+        aten.addmm.default,
+        (r(5, 4), r(5, 3), r(3, 4), 0.5, 2.0),
+        (True, True, True, False, False),
+    ),
 }
 
 
