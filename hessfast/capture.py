@@ -160,14 +160,14 @@ def _build(ep: torch.export.ExportedProgram, model: nn.Module) -> Program:
             outs = node.args[0]
             names = [o.name if isinstance(o, torch.fx.Node) else None for o in outs]
             if len(user_outputs) != 1:
-                raise CaptureError(
+                raise ValueError(
                     f"the model returns {len(user_outputs)} outputs; hessfast needs one logits "
                     "tensor. Wrap the model so that forward returns only the tensor the loss reads."
                 )
             idx = names.index(user_outputs[0]) if user_outputs[0] in names else len(outs) - 1
             output_node = outs[idx]
             if not isinstance(output_node, torch.fx.Node):
-                raise CaptureError("the model output is not a tensor computed by the model")
+                raise ValueError("the model output is not a tensor computed by the model")
     return Program(gm, steps, params, buffers, constants, list(sig.user_inputs), output_node)
 
 

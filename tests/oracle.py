@@ -8,6 +8,18 @@ import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 
+def torch_loss(loss_fn):
+    """``loss_fn`` as torch computes it, with hessfast's sequence layout spelled out: logits
+    ``[B, T, C]`` with targets ``[B, T]`` mean ``loss_fn(z.flatten(0, -2), t.flatten())``."""
+
+    def f(z, t):
+        if z.dim() == 3 and isinstance(t, torch.Tensor) and t.shape == z.shape[:-1]:
+            return loss_fn(z.flatten(0, -2), t.flatten())
+        return loss_fn(z, t)
+
+    return f
+
+
 def without_running_stats(model):
     """A copy whose training-mode BatchNorms use batch statistics and update nothing (the
     semantics hessfast gives them), so the oracles can transform it without side effects."""
@@ -43,6 +55,7 @@ def math_attention():
 
 def hvp(model, loss_fn, inputs, targets, v: dict) -> dict:
     """``jvp(grad(L))`` vmapped over the K axis of ``v`` (``[K, *shape]`` per name)."""
+    loss_fn = torch_loss(loss_fn)
     model = without_running_stats(model)
     chosen, rest = _split(model, list(v))
     z = _forward(model, rest, inputs)
@@ -57,6 +70,7 @@ def hvp(model, loss_fn, inputs, targets, v: dict) -> dict:
 
 def ggn_vp(model, loss_fn, inputs, targets, v: dict) -> dict:
     """``Jᵀ H_L J v`` with ``jvp`` then the loss Hessian then ``vjp``."""
+    loss_fn = torch_loss(loss_fn)
     model = without_running_stats(model)
     chosen, rest = _split(model, list(v))
     z = _forward(model, rest, inputs)
@@ -75,6 +89,7 @@ def ggn_vp(model, loss_fn, inputs, targets, v: dict) -> dict:
 
 def double_backward_hvp(model, loss_fn, inputs, targets, v: dict) -> dict:
     """The second oracle: ``∇⟨∇L, v⟩`` with autograd, one vector at a time."""
+    loss_fn = torch_loss(loss_fn)
     params = dict(model.named_parameters())
     saved = {n: b.detach().clone() for n, b in model.named_buffers()}
     names = list(v)

@@ -11,6 +11,10 @@ For an op ``y = f(x₁, …, xₙ)`` restricted to its active tensor arguments:
 Ops known to be affine in their tensor arguments (views, reshapes, cat, sums, ...) skip the
 second-order term and apply one vmapped VJP to ``[ḡ; ġ]`` stacked.
 
+When an op has no forward-mode derivative (``jvp`` raises ``NotImplementedError``), the same
+quantities come from autograd instead: ``ẏ`` by the double-VJP trick (``ẏ = ∂(Jᵀu)/∂u · ẋ``) and
+``ġ_x`` by double backward (``Jᵀ ġ + ∇_x⟨Jᵀ ḡ, ẋ⟩``), one vector at a time.
+
 Never ``jacrev`` inside ``jvp`` (DESIGN.md §7): ``jvp`` of ``vjp`` is the composition that agrees with
 double backward to round-off.
 """
@@ -137,7 +141,10 @@ class FuncFallback(Rule):
         ydot = None
         if call.k > 0:
             tans = tuple(t for t in tangents)
-            fd = vmap(lambda *ts: jvp(f, tuple(leaves), ts)[1])(*tans)
+            try:
+                fd = vmap(lambda *ts: jvp(f, tuple(leaves), ts)[1])(*tans)
+            except NotImplementedError:
+                fd = _autograd_jvp(f, leaves, tans, call.k)
             if multi:
                 full = [None] * len(outs)
                 for i, t in zip(float_idx, fd):
@@ -188,8 +195,10 @@ class FuncFallback(Rule):
             def one(ts, cd):
                 return jvp(h, (leaves_t, gc), (ts, cd))
 
-            gx_b, gdx = vmap(one, out_dims=(None, 0))(tuple(tangents), gdc)
-            gx = gx_b
+            try:
+                gx, gdx = vmap(one, out_dims=(None, 0))(tuple(tangents), gdc)
+            except NotImplementedError:
+                gx, gdx = _autograd_bwd(f, leaves, tangents, gc, gdc, k)
         return self._scatter(call, slots, gx, gdx)
 
     @staticmethod
@@ -208,3 +217,54 @@ class FuncFallback(Rule):
                         dst[i] = [None] * len(call.args[i])
                     dst[i][j] = src[idx]
         return tuple(gbar), tuple(gdot)
+
+
+def _autograd_jvp(f, leaves, tangents, k):
+    """``J ẋ`` by the double-VJP trick, for ops without a forward-mode derivative."""
+    with torch.enable_grad():
+        xs = [x.detach().requires_grad_(True) for x in leaves]
+        ys = f(*xs)
+        us = [torch.zeros_like(y, requires_grad=True) for y in ys]
+        vj = torch.autograd.grad(ys, xs, us, create_graph=True, allow_unused=True)
+        pairs = [(v, t) for v, t in zip(vj, tangents) if v is not None]
+        outs = [[] for _ in ys]
+        for i in range(k):
+            jv = torch.autograd.grad(
+                [v for v, _ in pairs],
+                us,
+                [t[i] for _, t in pairs],
+                retain_graph=True,
+                allow_unused=True,
+            )
+            for o, j, y in zip(outs, jv, ys):
+                o.append(torch.zeros_like(y) if j is None else j.detach())
+    return tuple(torch.stack(o) for o in outs)
+
+
+def _autograd_bwd(f, leaves, tangents, gc, gdc, k):
+    """``(Jᵀ ḡ, Jᵀ ġ + ∇_x⟨Jᵀ ḡ, ẋ⟩)`` by double backward, one tangent at a time."""
+    with torch.enable_grad():
+        xs = [x.detach().requires_grad_(True) for x in leaves]
+        ys = f(*xs)
+        vj = torch.autograd.grad(ys, xs, gc, create_graph=True, allow_unused=True)
+        gx = tuple(torch.zeros_like(x) if v is None else v.detach() for v, x in zip(vj, xs))
+        rows = [[] for _ in xs]
+        for i in range(k):
+            first = torch.autograd.grad(
+                ys, xs, [c[i] for c in gdc], retain_graph=True, allow_unused=True
+            )
+            terms = [
+                (v * t[i]).sum() for v, t in zip(vj, tangents) if v is not None and v.requires_grad
+            ]
+            second = (
+                torch.autograd.grad(sum(terms), xs, retain_graph=True, allow_unused=True)
+                if terms
+                else [None] * len(xs)
+            )
+            for r, a, b, x in zip(rows, first, second, xs):
+                tot = torch.zeros_like(x)
+                for part in (a, b):
+                    if part is not None:
+                        tot = tot + part.detach()
+                r.append(tot)
+    return gx, tuple(torch.stack(r) for r in rows)

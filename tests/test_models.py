@@ -1,0 +1,96 @@
+"""hessfast against the float64 torch.func oracles on every model of the zoo."""
+
+import pytest
+import torch
+from models import zoo
+from oracle import double_backward_hvp, ggn_vp, hvp, rel_err, torch_loss
+
+import hessfast
+
+TOL = 1e-10
+MODELS = list(zoo.MODELS)
+
+
+def _needs(name):
+    if name.startswith("hf_"):
+        pytest.importorskip("transformers")
+
+
+def _vectors(model, k, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        n: torch.randn(k, *p.shape, generator=g, dtype=p.dtype)
+        for n, p in model.named_parameters()
+    }
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_hvp_matches_forward_over_reverse_oracle(name):
+    _needs(name)
+    model, loss_fn, inputs, targets = zoo.MODELS[name]()
+    v = _vectors(model, 3)
+    got = hessfast.hvp(model, loss_fn, inputs, targets, v)
+    assert rel_err(got, hvp(model, loss_fn, inputs, targets, v)) < TOL
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_hvp_matches_double_backward_oracle(name):
+    _needs(name)
+    model, loss_fn, inputs, targets = zoo.MODELS[name]()
+    v = _vectors(model, 2)
+    got = hessfast.hvp(model, loss_fn, inputs, targets, v)
+    assert rel_err(got, double_backward_hvp(model, loss_fn, inputs, targets, v)) < TOL
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_ggn_vp_matches_oracle(name):
+    _needs(name)
+    model, loss_fn, inputs, targets = zoo.MODELS[name]()
+    v = _vectors(model, 3)
+    got = hessfast.ggn_vp(model, loss_fn, inputs, targets, v)
+    assert rel_err(got, ggn_vp(model, loss_fn, inputs, targets, v)) < TOL
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_grad_matches_autograd(name):
+    _needs(name)
+    model, loss_fn, inputs, targets = zoo.MODELS[name]()
+    with torch.enable_grad():
+        from oracle import math_attention, without_running_stats
+
+        ref_model = without_running_stats(model)
+        with math_attention():
+            loss = torch_loss(loss_fn)(ref_model(*inputs), targets)
+        names = [n for n, _ in model.named_parameters()]
+        ref = torch.autograd.grad(loss, list(ref_model.parameters()))
+    got = hessfast.grad(model, loss_fn, inputs, targets)
+    assert rel_err(got, dict(zip(names, ref))) < TOL
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn_bn_train", "resnet"])
+def test_against_dense_hessian(name):
+    """Under ~2000 parameters: the dense Hessian from torch.func.hessian, column by column."""
+    model, loss_fn, inputs, targets = zoo.MODELS[name]()
+    names = [n for n, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+    total = sum(p.numel() for p in params.values())
+    assert total < 2000
+    from oracle import without_running_stats
+
+    ref_model = without_running_stats(model)
+    flat0 = torch.cat([params[n].detach().flatten() for n in names])
+
+    def loss_of_flat(flat):
+        d, off = {}, 0
+        for n in names:
+            p = params[n]
+            d[n] = flat[off : off + p.numel()].view_as(p)
+            off += p.numel()
+        buffers = {n: b for n, b in ref_model.named_buffers()}
+        out = torch.func.functional_call(ref_model, {**d, **buffers}, inputs)
+        return loss_fn(out, targets)
+
+    H = torch.func.hessian(loss_of_flat)(flat0)
+    V = torch.randn(4, total, dtype=torch.float64)
+    got = hessfast.hvp(model, loss_fn, inputs, targets, V)
+    torch.testing.assert_close(got, V @ H.T, rtol=1e-10, atol=1e-12)
