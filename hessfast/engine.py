@@ -216,10 +216,10 @@ def run(
         g, gd = cot.get(ph, (None, None))
         p = values[ph]
         if grads is not None:
-            g = torch.zeros_like(p) if g is None else g
+            g = torch.zeros_like(p) if g is None else g.contiguous()
             grads[name] = grads[name] + g if name in grads else g
         if prods is not None:
-            gd = p.new_zeros((k, *p.shape)) if gd is None else gd
+            gd = p.new_zeros((k, *p.shape)) if gd is None else gd.contiguous()
             prods[name] = prods[name] + gd if name in prods else gd
     return Result(loss, grads, prods, fell_back)
 

@@ -7,7 +7,7 @@ D = torch.float64
 
 
 def r(*s):
-    return torch.randn(*s, dtype=D)
+    return torch.randn(s, dtype=D)
 
 
 CASES = {
