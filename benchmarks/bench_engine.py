@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).parent))
-import models  # noqa: E402
+import model_zoo  # noqa: E402
 
 import hessfast  # noqa: E402
 
@@ -100,7 +101,20 @@ def methods(model, loss_fn, inputs, targets, k):
     def func_vmap_k():
         return vmap(lambda t: jvp(grad(L), (params,), (t,))[1])(V)
 
-    return {
+    def math_attention(fn):
+        def run():
+            with sdpa_kernel([SDPBackend.MATH]):
+                return fn()
+
+        return run
+
+    autograd_methods = {
+        "torch.func jvp(grad)": (func_hvp, 1, "hvp"),
+        "double backward": (double_backward, 1, "hvp"),
+        "torch.func GGN (jvp+vjp)": (func_ggn, 1, "ggn"),
+        f"torch.func vmap K={k}": (func_vmap_k, k, "hvpK"),
+    }
+    table = {
         "gradient (autograd)": (autograd_grad, 1, None),
         "hessfast.grad": (lambda: hessfast.grad(model, loss_fn, inputs, targets), 1, None),
         "hessfast.hvp": (lambda: hessfast.hvp(model, loss_fn, inputs, targets, v1), 1, "hvp"),
@@ -110,15 +124,19 @@ def methods(model, loss_fn, inputs, targets, k):
             k,
             "hvpK",
         ),
-        "torch.func jvp(grad)": (func_hvp, 1, "hvp"),
-        "double backward": (double_backward, 1, "hvp"),
-        "torch.func GGN (jvp+vjp)": (func_ggn, 1, "ggn"),
-        f"torch.func vmap K={k}": (func_vmap_k, k, "hvpK"),
-    }, params
+        **autograd_methods,
+    }
+    if any(isinstance(m, model_zoo.CausalSelfAttention) for m in model.modules()):
+        # autograd cannot differentiate the fused SDPA kernels twice; the math backend is what
+        # users fall back to (softmax(QKᵀ)V written out, T×T memory)
+        table["gradient (autograd, math attention)"] = (math_attention(autograd_grad), 1, None)
+        for label, (fn, per, kind) in autograd_methods.items():
+            table[label + ", math attention"] = (math_attention(fn), per, kind)
+    return table, params
 
 
 def run_model(name, size, dev, k, repeats):
-    model, loss_fn, inputs, targets = models.MODELS[name](size, dev)
+    model, loss_fn, inputs, targets = model_zoo.MODELS[name](size, dev)
     table, params = methods(model, loss_fn, inputs, targets, k)
     names = list(params)
     refs = {}

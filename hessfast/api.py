@@ -11,7 +11,7 @@ from torch import nn
 
 from . import autograd_fallback, capture, engine, losses
 from .errors import CaptureError, NonFiniteError
-from .vectors import Vectors, format_like, parse, select_params
+from .vectors import Vectors, first_non_finite, format_like, parse, select_params
 
 Params = str | Sequence[str] | None
 
@@ -65,13 +65,13 @@ def _compute(model, loss_fn, inputs, targets, selected, vec: Vectors | None, mod
 def _finite(kind: str, values: dict[str, torch.Tensor], check: bool) -> None:
     if not check:
         return
-    for n, t in values.items():
-        if not torch.isfinite(t).all():
-            raise NonFiniteError(
-                f"the {kind} has NaN or Inf entries in parameter {n!r}: the loss or the model is "
-                "not finite at these inputs (check the data, the loss scale and the dtype). Pass "
-                "check_finite=False to receive the result anyway."
-            )
+    n = first_non_finite(values)
+    if n is not None:
+        raise NonFiniteError(
+            f"the {kind} has NaN or Inf entries in parameter {n!r}: the loss or the model is "
+            "not finite at these inputs (check the data, the loss scale and the dtype). Pass "
+            "check_finite=False to receive the result anyway."
+        )
 
 
 def hvp(

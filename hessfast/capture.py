@@ -75,6 +75,21 @@ class Program:
     user_inputs: list[str]  # placeholder names in flattened input order
     output: torch.fx.Node  # the model output node
     _plans: dict = field(default_factory=dict)
+    _last_uses: dict | None = None
+
+    def last_uses(self) -> dict[int, list[str]]:
+        """Step index -> names of the nodes whose last forward use is that step (freed after it)."""
+        if self._last_uses is None:
+            last: dict[str, int] = {}
+            for i, s in enumerate(self.steps):
+                for n in s.node.all_input_nodes:
+                    last[n.name] = i
+            out: dict[int, list[str]] = {}
+            for name, i in last.items():
+                if name != self.output.name:
+                    out.setdefault(i, []).append(name)
+            self._last_uses = out
+        return self._last_uses
 
     def plan(self, param_names: frozenset[str]) -> dict[str, bool]:
         """Activity analysis: node name -> whether it depends on the parameters in the subset."""

@@ -55,19 +55,6 @@ def _add(a: Any, b: Any) -> Any:
     return a + b
 
 
-def _last_uses(program: Program) -> dict[int, list[str]]:
-    """Step index -> names of nodes whose last forward use is that step."""
-    last: dict[str, int] = {}
-    for i, s in enumerate(program.steps):
-        for n in s.node.all_input_nodes:
-            last[n.name] = i
-    out: dict[int, list[str]] = {}
-    for name, i in last.items():
-        if name != program.output.name:
-            out.setdefault(i, []).append(name)
-    return out
-
-
 def _const_eval(step: Step, args: tuple, kwargs: dict) -> Any:
     """Evaluate a parameter-independent node without side effects on the model."""
     op = step.op
@@ -108,7 +95,7 @@ def run(
         for ph, name in program.params.items():
             if plan[ph]:
                 tan[ph] = tangents[name]
-    last = _last_uses(program)
+    last = program.last_uses()
     saved: dict[str, tuple] = {}
     fell_back: Counter = Counter()
     for node in gm.graph.nodes:

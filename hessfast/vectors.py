@@ -52,9 +52,21 @@ class Vectors:
     flat: bool  # the caller passed a flat tensor
 
 
-def _check_finite(name: str, t: torch.Tensor) -> None:
-    if not torch.isfinite(t).all():
-        raise ValueError(f"v[{name!r}] contains NaN or Inf; hessfast needs finite vectors")
+def first_non_finite(values: dict[str, torch.Tensor]) -> str | None:
+    """The first name whose tensor holds NaN or Inf, or ``None``; one host sync for all."""
+    if not values:
+        return None
+    # the max-norm is non-finite exactly when an entry is NaN or ±Inf (NaN propagates)
+    flags = torch.stack(torch._foreach_norm(list(values.values()), float("inf"))).isfinite()
+    if bool(flags.all()):
+        return None
+    return list(values)[int((~flags).nonzero()[0])]
+
+
+def _check_finite(values: dict[str, torch.Tensor]) -> None:
+    bad = first_non_finite(values)
+    if bad is not None:
+        raise ValueError(f"v[{bad!r}] contains NaN or Inf; hessfast needs finite vectors")
 
 
 def parse(v, selected: list[tuple[str, nn.Parameter]]) -> Vectors:
@@ -106,7 +118,7 @@ def parse(v, selected: list[tuple[str, nn.Parameter]]) -> Vectors:
     for n, t in out.items():
         if t.shape[0] != k:
             raise ValueError(f"v[{n!r}] has K={t.shape[0]} vectors, others have K={k}")
-        _check_finite(n, t)
+    _check_finite(out)
     if k == 0:
         raise ValueError("v has K=0 vectors")
     return Vectors(out, k, bool(batched), False)
@@ -141,9 +153,9 @@ def _parse_flat(v: torch.Tensor, selected) -> Vectors:
     for n, p in selected:
         _check_like(n, v, p)
         piece = vv[:, off : off + p.numel()].reshape(vv.shape[0], *p.shape)
-        _check_finite(n, piece)
         out[n] = piece
         off += p.numel()
+    _check_finite(out)
     return Vectors(out, vv.shape[0], batched, True)
 
 

@@ -38,12 +38,7 @@ def _registry() -> dict[Any, Rule]:
     if _REGISTRY is None:
         reg: dict[Any, Rule] = {}
         for name in _MODULES:
-            try:
-                mod = importlib.import_module(f"{__name__}.{name}")
-            except ModuleNotFoundError as e:
-                if e.name == f"{__name__}.{name}":
-                    continue
-                raise
+            mod = importlib.import_module(f"{__name__}.{name}")
             for rule in mod.RULES:
                 for op in rule.ops:
                     reg[op] = rule

@@ -338,6 +338,41 @@ class Stack(Rule):
         return (unstack(g, 0), None), (unstack(gdot, 1), None)
 
 
+class Split(Rule):
+    """``split``/``split_with_sizes``/``unbind`` (tuple outputs): ``ẏᵢ`` is the same split of ``ẋ``
+    along ``d + 1``; the adjoint concatenates (``unbind``: stacks) the output cotangents along
+    ``d``, with zeros for outputs no consumer differentiated."""
+
+    ops = (aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int)
+    name = "split"
+
+    def fwd_jvp(self, call: Call):
+        x, dim = call.args[0], call.args[-1]
+        ys = invoke(call.op, call.args)
+        d = _wrap(dim, x.dim())
+        t = call.tangents[0] if call.k else None
+        ydot = None
+        if t is not None:
+            ydot = invoke(call.op, (t, *call.args[1:-1], d + 1))
+        unbind = call.op is aten.unbind.int
+        return ys, ydot, (d, [y.shape for y in ys], x.dtype, unbind, len(call.args))
+
+    def bwd_jvp(self, res, g, gdot):
+        d, shapes, dtype, unbind, n = res
+
+        def join(c, lead):
+            if c is None or all(ci is None for ci in c):
+                return None
+            ref = next(ci for ci in c if ci is not None)
+            parts = [
+                ci if ci is not None else ref.new_zeros((*ref.shape[:lead], *shp)).to(dtype)
+                for ci, shp in zip(c, shapes)
+            ]
+            return torch.stack(parts, d + lead) if unbind else torch.cat(parts, d + lead)
+
+        return (join(g, 0), *nones(n - 1)), (join(gdot, 1), *nones(n - 1))
+
+
 RULES = [
     ReshapeLike(),
     Permute(),
@@ -349,4 +384,5 @@ RULES = [
     Cast(),
     Cat(),
     Stack(),
+    Split(),
 ]

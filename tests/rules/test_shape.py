@@ -52,6 +52,9 @@ CASES = {
         (T, F, F, F, F, F, F),
     ),
     "to-dtype-same": (aten.to.dtype, (r(3, 4), D, False, False, None), (T, F, F, F, F)),
+    "split": (aten.split.Tensor, (r(2, 7), 3, -1), (T, F, F)),
+    "split-with-sizes": (aten.split_with_sizes.default, (r(5, 2), [1, 4], 0), (T, F, F)),
+    "unbind": (aten.unbind.int, (r(2, 3, 4), 1), (T, F)),
 }
 
 
@@ -127,3 +130,18 @@ def test_cat_gradient_only_run_with_no_tangent_list():
     assert ydot is None
     (gl, _), (gdl, _) = rule.bwd_jvp(res, torch.ones(3, 3, dtype=D), None)
     assert gl[1] is None and gdl is None and gl[0].shape == (2, 3)
+
+
+def test_split_backward_fills_outputs_nobody_used_with_zeros():
+    from hessfast.rules import registered_rule
+    from hessfast.rules.base import Call
+
+    x = r(2, 6)
+    call = Call(aten.split.Tensor, (x, 2, 1), (T, F, F), (r(3, 2, 6), None, None), 3)
+    rule = registered_rule(aten.split.Tensor)
+    ys, _, res = rule.fwd_jvp(call)
+    g = (None, torch.ones_like(ys[1]), None)
+    gx, _ = rule.bwd_jvp(res, g, None)
+    expected = torch.zeros_like(x)
+    expected[:, 2:4] = 1
+    torch.testing.assert_close(gx[0], expected)
