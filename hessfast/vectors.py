@@ -57,7 +57,10 @@ def first_non_finite(values: dict[str, torch.Tensor]) -> str | None:
     if not values:
         return None
     # the max-norm is non-finite exactly when an entry is NaN or ±Inf (NaN propagates)
-    flags = torch.stack(torch._foreach_norm(list(values.values()), float("inf"))).isfinite()
+    norms = torch._foreach_norm(list(values.values()), float("inf"))
+    if len({n.dtype for n in norms}) > 1:
+        norms = [n.double() for n in norms]
+    flags = torch.stack(norms).isfinite()
     if bool(flags.all()):
         return None
     return list(values)[int((~flags).nonzero()[0])]
