@@ -166,9 +166,10 @@ def _build(ep: torch.export.ExportedProgram, model: nn.Module) -> Program:
                     args = (*args[:3], None, None, *args[5:])
             else:  # operator.getitem, higher-order ops: kwargs stay on the node
                 args = node.args
-            step = Step(
-                node, op, tuple(args), _is_float_meta(node.meta.get("val")), _module_path(node)
-            )
+            # without a recorded value (some higher-order ops) assume a float output: the node is
+            # then differentiated (or refused with a clear error), never silently held constant
+            val = node.meta.get("val", torch.empty(0))
+            step = Step(node, op, tuple(args), _is_float_meta(val), _module_path(node))
             _check_dropout(step)
             steps.append(step)
         elif node.op == "output":
