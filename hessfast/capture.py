@@ -204,13 +204,17 @@ def signature(inputs: tuple) -> tuple:
 def capture(model: nn.Module, inputs: tuple) -> Program:
     """Export ``model`` at the signature of ``inputs`` (cached; a second call does not re-export).
 
-    The cache key is the model object, its training flag, and the shapes, dtypes and devices of the
-    inputs. Raises :class:`CaptureError` (carrying export's message) when export fails, and
+    The cache key is the model object, its training flag, which parameter and buffer objects it
+    and submodule objects it holds (replacing a submodule re-captures), and the shapes, dtypes and devices of the inputs. Raises :class:`CaptureError` (carrying export's message) when export fails, and
     :class:`DropoutError` when dropout is active in training mode.
     """
     global EXPORT_COUNT
     per_model = _CACHE.setdefault(model, {})
-    key = (model.training, signature(inputs))
+    state = (
+        tuple(id(m) for m in model.modules()),
+        tuple((n, id(t)) for n, t in model.state_dict(keep_vars=True).items()),
+    )
+    key = (model.training, state, signature(inputs))
     prog = per_model.get(key)
     if isinstance(prog, Exception):
         raise prog

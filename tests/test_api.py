@@ -119,6 +119,16 @@ def test_second_call_does_not_reexport():
     assert capture.EXPORT_COUNT == before + 1
 
 
+def test_replacing_a_submodule_recaptures():
+    m, lf, x, y = _mlp()
+    v = {n: torch.randn_like(p) for n, p in m.named_parameters()}
+    hessfast.hvp(m, lf, x, y, v)
+    m[3] = nn.Sequential(nn.Tanh())  # was GELU: a stale graph would differentiate GELU
+    v = {n: torch.randn(1, *p.shape, dtype=D) for n, p in m.named_parameters()}
+    got = hessfast.hvp(m, lf, x, y, v)
+    assert rel_err(got, oracle_hvp(m, lf, x, y, v)) < 1e-10
+
+
 def test_new_data_gives_new_answer_with_cached_program():
     m, lf, x, y = _mlp()
     v = {n: torch.randn_like(p) for n, p in m.named_parameters()}
