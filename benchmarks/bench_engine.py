@@ -3,10 +3,14 @@
     python benchmarks/bench_engine.py                      # GPU if available (baseline shapes), else small CPU sizes
     python benchmarks/bench_engine.py --size small --models mlp,resnet18 --json out.json
 
-Everything runs in one process on one device. Each method is checked against ``torch.func``
-forward-over-reverse before it is timed (relative error column); times are medians after a warm-up
+Everything runs in one process on one device. The error column is each method's relative
+difference from the first method of its kind in the table (hessfast's HVP, or its GGN-VP), on the
+first vector: hessfast and every autograd method are thus checked against each other in float32
+(the float64 oracle comparisons live in the tests). Times are medians after a warm-up
 (CUDA-synchronised wall time); peak memory is the maximum allocated above the resting model
-(CUDA only). A method that raises is reported as failed with its error, not dropped.
+(CUDA only). A method that raises is reported as failed with its error, not dropped. On a CPU pass
+``--threads 1``: with several threads on a loaded machine every parallel op pays milliseconds of
+thread wake-up, which hides the work being measured.
 """
 
 from __future__ import annotations
@@ -246,7 +250,10 @@ def main(argv=None):
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--json", default=None, help="write results and provenance here")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     size = args.size or ("full" if dev.type == "cuda" else "small")
     repeats = args.repeats or (5 if dev.type == "cuda" else 3)

@@ -1,0 +1,300 @@
+"""Shared harness of the per-rule benchmarks ``benchmarks/bench_<op>.py``: one op call, four ways.
+
+For each case ``(label, op, build, active)`` (``build(device, dtype) -> args`` in schema order,
+``active`` as in the rule tests; an optional fifth element is a zero-argument factory of a context
+manager that every method of the case runs inside, e.g. the math SDPA backend) it times, in one
+process on one device, with K tangent vectors:
+
+- ``primal``: the op alone, ``invoke(op, args)``;
+- ``rule hvp``: the hand-written rule, ``fwd_jvp`` then ``bwd_jvp(res, ḡ, ġ)``;
+- ``rule ggn``: the same with ``ḡ = None`` (no second-order terms);
+- ``fallback hvp``: the generic ``torch.func`` rule (``fallback_for(op)``), ``fwd_jvp`` then
+  ``bwd_jvp(res, ḡ, ġ)``: what the engine would run for this op without a hand-written rule.
+
+Before timing, the rule and the fallback are run once in hvp mode and their cotangent tangents
+``ġ`` compared: the ``rel. err`` column is the largest, over active arguments, of
+``‖ġ_rule − ġ_fallback‖ / ‖ġ_fallback‖``. Times are medians after one warm-up call
+(CUDA-synchronised wall time, everything under ``torch.no_grad()`` as in the engine); ratios are to
+the primal op of the same case in the same run; ``speed-up`` is fallback time / rule hvp time; peak
+memory (CUDA only) is the maximum allocated above the resting inputs. A method that raises (or a
+rule that declines the call) is reported as failed with its error, not dropped.
+
+Options (every ``bench_<op>.py``): ``--device`` (default cuda if available), ``--dtype``
+(float32 | bfloat16 | float64), ``--size`` (small: CPU-friendly; large: realistic GPU shapes;
+default large on CUDA, small on CPU), ``--k``, ``--repeats`` (default 5 small, 3 large: the fallback
+is slow), ``--threads`` (CPU threads), ``--cases`` (comma-separated labels), ``--json PATH`` (merged
+per family into one file, with provenance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_engine import measure, provenance  # noqa: E402
+
+import hessfast  # noqa: E402
+from hessfast.rules import fallback_for, registered_rule  # noqa: E402
+from hessfast.rules.base import Call, invoke  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+METHODS = ("primal", "rule hvp", "rule ggn", "fallback hvp")
+
+
+def _is_float(t):
+    return isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
+
+
+def _randn_k(k, x):
+    return torch.randn((k, *x.shape), dtype=x.dtype, device=x.device)
+
+
+def make_call(op, args, active, k):
+    """The ``Call`` with random ``[K, *shape]`` tangents for the active arguments."""
+    tangents = []
+    for a, act in zip(args, active):
+        if isinstance(act, list):
+            tangents.append([_randn_k(k, x) if aj else None for x, aj in zip(a, act)])
+        else:
+            tangents.append(_randn_k(k, a) if act else None)
+    return Call(op, tuple(args), tuple(active), tuple(tangents), k)
+
+
+def make_cotangents(y, k):
+    """Random ``ḡ`` (the primal's shape) and ``ġ`` (``[K, *shape]``) for the float outputs."""
+    if isinstance(y, (tuple, list)):
+        pairs = [make_cotangents(o, k) if _is_float(o) else (None, None) for o in y]
+        return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+    return torch.randn(y.shape, dtype=y.dtype, device=y.device), _randn_k(k, y)
+
+
+def _flat(x):
+    """A cotangent slot (tensor, list of tensors or None) as a list of tensors-or-None."""
+    if isinstance(x, (list, tuple)):
+        return list(x)
+    return [x]
+
+
+def rel_err(got, want, active):
+    """``max over active arguments of ‖got − want‖ / ‖want‖`` (``None`` counts as zero)."""
+    worst = 0.0
+    for i, act in enumerate(active):
+        if not (any(act) if isinstance(act, list) else act):
+            continue
+        gs = _flat(got[i]) if got[i] is not None else [None] * len(_flat(want[i]))
+        ws = _flat(want[i]) if want[i] is not None else [None] * len(gs)
+        for a, b in zip(gs, ws):
+            if a is None and b is None:
+                continue
+            a = torch.zeros_like(b) if a is None else a
+            b = torch.zeros_like(a) if b is None else b
+            diff = (a.double() - b.double()).norm().item()
+            ref = b.double().norm().item()
+            worst = max(worst, diff / ref if ref > 0 else diff)
+    return worst
+
+
+def _error(e):
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0][:160] if msg else ''}"
+
+
+def _free(dev):
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_case(case, dev, dtype, k, repeats):
+    label, op, build, active = case[:4]
+    context = case[4] if len(case) > 4 else contextlib.nullcontext
+    row = {"case": label, "op": str(op), "active": list(active), "k": k}
+    if len(case) > 4:
+        row["context"] = getattr(context, "__name__", str(context))
+    with torch.no_grad(), context():
+        try:
+            torch.manual_seed(0)
+            args = tuple(build(dev, dtype))
+            row["shapes"] = [
+                list(a.shape)
+                if isinstance(a, torch.Tensor)
+                else [list(x.shape) for x in a]
+                if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)
+                else None
+                for a in args
+            ]
+            row["methods"] = {}
+            call = make_call(op, args, active, k)
+            g, gdot = make_cotangents(invoke(op, args), k)
+        except Exception as e:  # e.g. out of memory building a large case
+            row["error"] = _error(e)
+            _free(dev)
+            return row
+        rule = registered_rule(op)
+        fb = fallback_for(op)
+        declined = "no hand-written rule registered" if rule is None else rule.declines(call)
+
+        def rule_hvp():
+            return rule.bwd_jvp(rule.fwd_jvp(call)[2], g, gdot)
+
+        def rule_ggn():
+            return rule.bwd_jvp(rule.fwd_jvp(call)[2], None, gdot)
+
+        def fallback_hvp():
+            return fb.bwd_jvp(fb.fwd_jvp(call)[2], g, gdot)
+
+        fns = {
+            "primal": lambda: invoke(op, args),
+            "rule hvp": rule_hvp,
+            "rule ggn": rule_ggn,
+            "fallback hvp": fallback_hvp,
+        }
+        # agreement check, before any timing
+        try:
+            want = fallback_hvp()[1] if declined is None else None
+            if want is not None:
+                row["rel_err_rule_vs_fallback"] = rel_err(rule_hvp()[1], want, active)
+        except Exception as e:
+            row["check_error"] = _error(e)
+        want = None
+        _free(dev)
+        for name, fn in fns.items():
+            entry = {}
+            if name.startswith("rule") and declined is not None:
+                entry["error"] = f"declined: {declined}"
+            else:
+                try:
+                    t, peak, _ = measure(fn, dev, repeats)
+                    entry.update(seconds=t, peak_bytes=peak)
+                except Exception as e:  # a failing method is a result, not a crash
+                    entry["error"] = _error(e)
+            row["methods"][name] = entry
+            _free(dev)
+    base = row["methods"]["primal"].get("seconds")
+    for entry in row["methods"].values():
+        if base and "seconds" in entry:
+            entry["ratio_to_primal"] = entry["seconds"] / base
+    r, f = row["methods"]["rule hvp"].get("seconds"), row["methods"]["fallback hvp"].get("seconds")
+    if r and f:
+        row["speedup_rule_over_fallback"] = f / r
+    return row
+
+
+def _ms(s):
+    return f"{s * 1e3:.3f} ms" if s < 0.01 else f"{s * 1e3:.1f} ms"
+
+
+def _mem(b):
+    return "n/a" if b is None else f"{b / 2**20:.0f} MiB" if b < 2**30 else f"{b / 2**30:.2f} GiB"
+
+
+def render(family, rows, k):
+    """A markdown table, one row per case, failures listed beneath it."""
+    lines = [
+        f"\n### {family} (K = {k}: rule and fallback times are for K tangent vectors in one call)\n",
+        "| case | primal | rule hvp (× primal) | rule ggn (× primal) | fallback hvp (× primal) "
+        "| rule speed-up over fallback | peak memory: rule hvp / ggn / fallback | rel. err rule vs fallback |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['case']} | **fails**: {r['error']} | | | | | | |")
+            continue
+        cells, mems = [], []
+        for name in METHODS:
+            m = r["methods"][name]
+            if "error" in m:
+                notes.append(f"- {r['case']}, {name}: {m['error']}")
+                cells.append(f"**fails** ({len(notes)})" if name != "primal" else "**fails**")
+            elif name == "primal":
+                cells.append(_ms(m["seconds"]))
+            else:
+                cells.append(f"{_ms(m['seconds'])} ({m['ratio_to_primal']:.1f}×)")
+            if name != "primal":
+                mems.append(_mem(m.get("peak_bytes")) if "error" not in m else "—")
+        speed = r.get("speedup_rule_over_fallback")
+        err = r.get("rel_err_rule_vs_fallback")
+        if "check_error" in r and r["check_error"] != r["methods"]["fallback hvp"].get("error"):
+            notes.append(f"- {r['case']}, agreement check: {r['check_error']}")
+        lines.append(
+            f"| {r['case']} | {' | '.join(cells)} | "
+            f"{f'**{speed:.1f}×**' if speed else 'n/a'} | {' / '.join(mems)} | "
+            f"{f'{err:.1e}' if err is not None else 'n/a'} |"
+        )
+    if notes:
+        lines += ["", "Failures:", *[f"{i + 1}. {n[2:]}" for i, n in enumerate(notes)]]
+    return "\n".join(lines)
+
+
+def _write_json(path, family, prov, rows):
+    """Merge this family's results into ``path`` (one file holds every ``bench_<op>.py`` of a run;
+    each family keeps the provenance of the run that produced it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {}
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            data = {}
+    if "families" not in data:
+        data = {"families": {}}
+    data["provenance"] = prov
+    data["families"][family] = {"provenance": prov, "cases": rows}
+    path.write_text(json.dumps(data, indent=1))
+
+
+def main(family, cases, doc, argv=None):
+    """Entry point of every ``bench_<op>.py``: ``cases`` maps ``"small"`` / ``"large"`` to lists of
+    ``(label, op, build, active[, context])``."""
+    ap = argparse.ArgumentParser(description=(doc or family).strip().splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    ap.add_argument("--size", choices=["small", "large"], default=None)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (torch.set_num_threads); default: torch's own choice",
+    )
+    ap.add_argument(
+        "--cases", default=None, help="comma-separated case labels to run (default all)"
+    )
+    ap.add_argument("--json", default=None, help="merge results and provenance into this file")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    size = args.size or ("large" if dev.type == "cuda" else "small")
+    repeats = args.repeats or (3 if size == "large" else 5)
+    dtype = DTYPES[args.dtype]
+    chosen = cases[size]
+    if args.cases:
+        want = set(args.cases.split(","))
+        unknown = want - {c[0] for c in chosen}
+        if unknown:
+            ap.error(f"unknown case(s) {sorted(unknown)}; {size} cases: {[c[0] for c in chosen]}")
+        chosen = [c for c in chosen if c[0] in want]
+    rows = [run_case(c, dev, dtype, args.k, repeats) for c in chosen]
+    prov = provenance(dev)
+    prov.update(
+        dtype=args.dtype, size=size, k=args.k, repeats=repeats, benchmark=f"bench_{family}.py"
+    )
+    print(
+        f"hessfast {hessfast.__version__} (commit {prov['commit']}) on {prov['device']} "
+        f"({prov['cpu_threads']} CPU threads), torch {prov['torch']}, CUDA {prov['cuda']}, "
+        f"Triton {prov['triton']}, {prov['date']}; {args.dtype}, {size} shapes, K = {args.k}, "
+        f"median of {repeats}"
+    )
+    print(render(family, rows, args.k))
+    if args.json:
+        _write_json(args.json, family, prov, rows)
+    return rows
