@@ -17,6 +17,7 @@ from .errors import (
     NonFiniteError,
     UnsupportedOpError,
 )
+from .operators import CurvatureOperator, DenseOperator, GGNOperator, HessianOperator
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,10 @@ __all__ = [
     "ggn_vp",
     "grad",
     "clear_cache",
+    "CurvatureOperator",
+    "DenseOperator",
+    "HessianOperator",
+    "GGNOperator",
     "HessfastError",
     "CaptureError",
     "DropoutError",

@@ -24,6 +24,10 @@ class BCEWithLogitsLoss:
         self.reduction = reduction
         self.pos_weight = pos_weight
 
+    def denominator(self) -> float | None:
+        """What ``mean`` divides by (the number of elements); ``None`` for ``sum``."""
+        return float(self.target.numel()) if self.reduction == "mean" else None
+
     def evaluate(self, z: Tensor, zdot: Tensor | None, mode: str):
         t = self.target.to(z.dtype)
         loss = F.binary_cross_entropy_with_logits(

@@ -112,6 +112,15 @@ def coefficients(
     return a
 
 
+def _target_weight(target: Tensor, weight: Tensor | None, ignore_index: int) -> Tensor:
+    """``Σ_{valid n} w_{y_n}``: the denominator of a ``mean`` over hard targets."""
+    valid = target != ignore_index
+    if weight is None:
+        return valid.sum()
+    y = torch.where(valid, target, torch.zeros_like(target))
+    return (weight[y] * valid).sum()
+
+
 class CrossEntropyLoss:
     """Softmax cross-entropy at the model output (see the module docstring for the math)."""
 
@@ -126,6 +135,16 @@ class CrossEntropyLoss:
         self.reduction = reduction
         self.label_smoothing = label_smoothing
         self.soft = target.is_floating_point()
+
+    def denominator(self) -> float | None:
+        """What ``mean`` divides by (the summed weights of the counted targets, or the number of
+        rows for soft targets); ``None`` for ``sum``. Datasets weight batches by it."""
+        if self.reduction != "mean":
+            return None
+        t = self.target
+        if self.soft:
+            return t.numel() / (t.shape[1] if t.dim() >= 2 else t.shape[0])
+        return float(_target_weight(t, self.weight, self.ignore_index))
 
     def evaluate(self, z: Tensor, zdot: Tensor | None, mode: str):
         zr, t, rows_of, unrows = to_rows(z, self.target, self.soft)
@@ -155,6 +174,12 @@ class NLLLoss:
         self.weight = weight
         self.ignore_index = ignore_index
         self.reduction = reduction
+
+    def denominator(self) -> float | None:
+        """What ``mean`` divides by; ``None`` for ``sum``."""
+        if self.reduction != "mean":
+            return None
+        return float(_target_weight(self.target, self.weight, self.ignore_index))
 
     def evaluate(self, z: Tensor, zdot: Tensor | None, mode: str):
         zr, t, rows_of, unrows = to_rows(z, self.target, False)

@@ -19,6 +19,10 @@ class MSELoss:
         self.target = target
         self.reduction = reduction
 
+    def denominator(self) -> float | None:
+        """What ``mean`` divides by (the number of elements); ``None`` for ``sum``."""
+        return float(self.target.numel()) if self.reduction == "mean" else None
+
     def evaluate(self, z: Tensor, zdot: Tensor | None, mode: str):
         s = 1.0 / z.numel() if self.reduction == "mean" else 1.0
         r = z - self.target.to(z.dtype)

@@ -1,0 +1,322 @@
+"""Curvature operators: the Hessian or GGN of a model's loss over a whole dataset, as a ``(P, P)``
+linear operator that algorithms see only through ``matmat(V) -> H @ V``.
+
+The dataset loss is the mean over all loss terms of all batches (the terms ``mean`` divides by:
+samples, or tokens not ignored, weighted by class weights — see each loss rule's
+``denominator``), so ``H = Σ_b (n_b / Σ n) H_b`` and a ragged last batch is exact. With
+``reduction="sum"`` the dataset loss is the plain sum over batches. ``max_batch_size`` splits
+batches into micro-batches weighted the same way: it bounds memory and changes nothing beyond
+round-off.
+
+Example:
+    >>> import torch, torch.nn.functional as F, hessfast
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    >>> data = [(torch.randn(5, 3), torch.randint(0, 2, (5,))) for _ in range(3)]
+    >>> H = hessfast.HessianOperator(model, F.cross_entropy, data)
+    >>> H.shape
+    (26, 26)
+    >>> (H @ torch.randn(26, 4)).shape
+    torch.Size([26, 4])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import api, losses
+from .errors import NonFiniteError
+from .vectors import Vectors, first_non_finite, parse, select_params
+
+Tensor = torch.Tensor
+
+
+class CurvatureOperator:
+    """A symmetric ``(P, P)`` operator: ``shape``, ``dtype``, ``device`` and ``matmat``.
+
+    ``op @ v`` takes a flat ``[P]`` vector or a ``[P, K]`` block and returns the same shape.
+    """
+
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    device: torch.device
+
+    def matmat(self, V: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def matvec(self, v: Tensor) -> Tensor:
+        return self.matmat(v[:, None])[:, 0]
+
+    def __matmul__(self, v):
+        if isinstance(v, torch.Tensor):
+            if v.dim() == 1:
+                return self.matvec(v)
+            if v.dim() == 2:
+                return self.matmat(v)
+            raise ValueError(f"operator @ v: v must be [P] or [P, K], got {list(v.shape)}")
+        return NotImplemented
+
+    def to_scipy(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` (float64 NumPy in and out) over this operator."""
+        import numpy as np
+        from scipy.sparse.linalg import LinearOperator
+
+        def mm(X):
+            X = np.asarray(X)
+            one = X.ndim == 1
+            T = torch.as_tensor(X.reshape(X.shape[0], -1)).to(self.device, self.dtype)
+            out = self.matmat(T).to("cpu", torch.float64).numpy()
+            return out[:, 0] if one else out
+
+        return LinearOperator(self.shape, matvec=mm, matmat=mm, rmatvec=mm, dtype=np.float64)
+
+    def check_symmetric(self, num_probes: int = 2, seed: int = 0, rtol: float | None = None):
+        """Raise ``ValueError`` unless ``⟨u, H v⟩ = ⟨H u, v⟩`` on random probes (two products)."""
+        P = self.shape[0]
+        if self.shape[0] != self.shape[1]:
+            raise ValueError(f"operator is not square: shape {self.shape}")
+        g = torch.Generator().manual_seed(seed)
+        U = torch.randn(P, 2 * num_probes, generator=g).to(self.device, self.dtype)
+        HU = self.matmat(U)
+        u, v = U[:, :num_probes], U[:, num_probes:]
+        hu, hv = HU[:, :num_probes], HU[:, num_probes:]
+        a = (u * hv).sum(0).double()
+        b = (hu * v).sum(0).double()
+        tol = rtol if rtol is not None else (1e-10 if self.dtype == torch.float64 else 1e-4)
+        scale = (hu.double().norm(dim=0) * v.double().norm(dim=0)).clamp_min(1e-300)
+        if ((a - b).abs() > tol * scale).any():
+            raise ValueError(
+                f"operator is not symmetric: <u, Hv> - <Hu, v> = {(a - b).abs().max():.3g} on "
+                f"random probes (tolerance {tol:g} relative)"
+            )
+
+
+class DenseOperator(CurvatureOperator):
+    """A dense symmetric matrix as an operator (tests, small problems, and known spectra).
+
+    >>> import torch
+    >>> A = DenseOperator(torch.diag(torch.tensor([3.0, 1.0])))
+    >>> A @ torch.ones(2)
+    tensor([3., 1.])
+    """
+
+    def __init__(self, matrix: Tensor):
+        if matrix.dim() != 2:
+            raise ValueError(f"DenseOperator needs a matrix, got shape {list(matrix.shape)}")
+        self.matrix = matrix
+        self.shape = tuple(matrix.shape)
+        self.dtype = matrix.dtype
+        self.device = matrix.device
+        self.products = 0  # columns multiplied so far (tests count products with it)
+
+    def matmat(self, V: Tensor) -> Tensor:
+        self.products += V.shape[1]
+        return self.matrix @ V
+
+
+def _is_single_batch(data: Any) -> bool:
+    """One ``(inputs, targets)`` pair (targets a tensor) rather than an iterable of pairs."""
+    return isinstance(data, tuple) and len(data) == 2 and isinstance(data[1], torch.Tensor)
+
+
+def _split(x: Any, size: int) -> list:
+    """Split a tensor (or a tuple of tensors, along their first axis) into chunks of ``size``."""
+    if isinstance(x, torch.Tensor):
+        return list(torch.split(x, size))
+    parts = [_split(t, size) if isinstance(t, torch.Tensor) else None for t in x]
+    n = max(len(p) for p in parts if p is not None)
+    return [tuple(p[i] if p is not None else t for p, t in zip(parts, x)) for i in range(n)]
+
+
+def _has_train_batchnorm(model: nn.Module) -> bool:
+    return any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()
+    )
+
+
+class _ModelOperator(CurvatureOperator):
+    mode = "hvp"
+    kind = "Hessian"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable,
+        data: Any,
+        params: str | Sequence[str] | None = None,
+        max_batch_size: int | None = None,
+        progress: bool = False,
+    ):
+        self.model = model
+        self.loss_fn = loss_fn
+        self.single = _is_single_batch(data)
+        self.data = data
+        if not self.single and not isinstance(data, Iterable):
+            raise ValueError(
+                "data must be one (inputs, targets) batch or an iterable of such batches "
+                f"(a DataLoader), not {type(data).__name__}"
+            )
+        self.params = params
+        self.selected = select_params(model, params)
+        self.names = [n for n, _ in self.selected]
+        self.sizes = [p.numel() for _, p in self.selected]
+        P = sum(self.sizes)
+        self.shape = (P, P)
+        first = self.selected[0][1]
+        self.dtype, self.device = first.dtype, first.device
+        if max_batch_size is not None:
+            if max_batch_size < 1:
+                raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size}")
+            if _has_train_batchnorm(model):
+                raise ValueError(
+                    "max_batch_size would change the batch statistics of BatchNorm in training "
+                    "mode, and with them the curvature: call model.eval() or drop max_batch_size"
+                )
+        self.max_batch_size = max_batch_size
+        self.progress = progress
+
+    def block(self, params: str | Sequence[str]) -> _ModelOperator:
+        """The diagonal block of a parameter subset (names or glob patterns), itself an operator."""
+        sub = select_params(self.model, params)
+        outside = [n for n, _ in sub if n not in self.names]
+        if outside:
+            raise ValueError(
+                f"block {params!r} selects parameters outside this operator: {outside}"
+            )
+        return type(self)(
+            self.model,
+            self.loss_fn,
+            self.data,
+            [n for n, _ in sub],
+            self.max_batch_size,
+            self.progress,
+        )
+
+    def groups(self, by: str | Sequence[str] = "module") -> dict[str, list[tuple[int, int]]]:
+        """Partition of the flat parameter vector into labelled groups of ``(start, stop)`` ranges.
+
+        ``by="module"`` groups parameters by the module that owns them (``blocks.0.fc.weight`` and
+        ``blocks.0.fc.bias`` → ``blocks.0.fc``); ``"parameter"`` gives each tensor its own group;
+        a list of names/glob patterns gives one group per pattern (each parameter in the first
+        pattern that matches it).
+        """
+        import fnmatch
+
+        offsets, off = {}, 0
+        for n, size in zip(self.names, self.sizes):
+            offsets[n] = (off, off + size)
+            off += size
+        out: dict[str, list[tuple[int, int]]] = {}
+        if isinstance(by, str) and by in ("module", "parameter"):
+            for n in self.names:
+                label = n.rsplit(".", 1)[0] if by == "module" and "." in n else n
+                out.setdefault(label, []).append(offsets[n])
+            return out
+        patterns = [by] if isinstance(by, str) else list(by)
+        taken = set()
+        for pat in patterns:
+            hits = [n for n in self.names if n not in taken and fnmatch.fnmatchcase(n, pat)]
+            if not hits:
+                raise ValueError(f"group pattern {pat!r} matches no parameter of this operator")
+            taken.update(hits)
+            out[pat] = [offsets[n] for n in hits]
+        return out
+
+    def batches(self):
+        it = [self.data] if self.single else self.data
+        if self.progress:
+            try:
+                from tqdm.auto import tqdm
+
+                it = tqdm(it, desc=f"{self.kind} product", leave=False)
+            except ImportError:
+                pass
+        for batch in it:
+            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+                raise ValueError("each batch must be an (inputs, targets) pair")
+            inputs, targets = batch
+            if self.max_batch_size is None:
+                yield inputs, targets
+                continue
+            n = len(targets) if isinstance(targets, torch.Tensor) else None
+            if n is None or n <= self.max_batch_size:
+                yield inputs, targets
+                continue
+            ins = _split(inputs if isinstance(inputs, tuple) else (inputs,), self.max_batch_size)
+            yield from zip(ins, torch.split(targets, self.max_batch_size))
+
+    def _vectors(self, V: Tensor) -> Vectors:
+        if V.dim() != 2 or V.shape[0] != self.shape[0]:
+            raise ValueError(f"V must be [P, K] with P={self.shape[0]}, got {list(V.shape)}")
+        return parse(V.T, self.selected)
+
+    def matmat(self, V: Tensor) -> Tensor:
+        vec = self._vectors(V)
+        total = None
+        weight_sum = 0.0
+        seen = False
+        for inputs, targets in self.batches():
+            seen = True
+            _, _, prods = api._compute(
+                self.model, self.loss_fn, inputs, targets, self.selected, vec, self.mode, False
+            )
+            w = losses.resolve(self.loss_fn, targets).denominator()
+            flat = torch.cat([prods[n].reshape(vec.k, -1) for n in self.names], dim=1)
+            if w is not None:
+                weight_sum += w
+                flat = flat * w
+            total = flat if total is None else total + flat
+        if not seen:
+            raise ValueError("data is empty: the operator needs at least one batch")
+        if weight_sum:
+            total = total / weight_sum
+        bad = first_non_finite({"product": total})
+        if bad is not None:
+            raise NonFiniteError(
+                f"a {self.kind}-vector product over the data contains NaN or Inf: check the data, "
+                "the loss scale and the dtype"
+            )
+        return total.T
+
+    def __matmul__(self, v):
+        if isinstance(v, dict):
+            vec = parse(v, self.selected)
+            flat = torch.cat([vec.tangents[n].reshape(vec.k, -1) for n in self.names], dim=1)
+            out = self.matmat(flat.T).T
+            res, off = {}, 0
+            for n, size in zip(self.names, self.sizes):
+                shape = vec.tangents[n].shape[1:]
+                piece = out[:, off : off + size].reshape(vec.k, *shape)
+                res[n] = piece if vec.batched else piece[0]
+                off += size
+            return res
+        return super().__matmul__(v)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(P={self.shape[0]:,}, params={len(self.names)} tensors, "
+            f"dtype={self.dtype}, device={self.device})"
+        )
+
+
+class HessianOperator(_ModelOperator):
+    """The exact Hessian of the dataset loss (see the module docstring)."""
+
+    mode = "hvp"
+    kind = "Hessian"
+
+
+class GGNOperator(_ModelOperator):
+    """The generalised Gauss-Newton ``Jᵀ H_L J`` of the dataset loss (positive semidefinite for
+    convex losses)."""
+
+    mode = "ggn"
+    kind = "GGN"
+
+
+def bytes_needed(P: int, columns: int, dtype: torch.dtype) -> int:
+    """Bytes of a ``[P, columns]`` basis in ``dtype`` (for memory errors in algorithms)."""
+    return P * columns * torch.empty(0, dtype=dtype).element_size()
