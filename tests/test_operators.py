@@ -1,0 +1,153 @@
+"""Curvature operators over datasets: exact batch weighting, micro-batching, blocks, SciPy."""
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from models import zoo
+from torch import nn
+
+import hessfast
+
+D = torch.float64
+
+
+def _data(n=11, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g, dtype=D), torch.randint(0, 4, (n,), generator=g)
+
+
+def _batches(x, y, size):
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(y), size)]
+
+
+@pytest.mark.parametrize("cls", [hessfast.HessianOperator, hessfast.GGNOperator])
+def test_ragged_batches_equal_the_concatenated_batch(cls):
+    model, lf, _, _ = zoo.mlp()
+    x, y = _data()
+    full = cls(model, lf, (x, y))
+    split = cls(model, lf, _batches(x, y, 4))  # 4 + 4 + 3
+    V = torch.randn(full.shape[0], 3, dtype=D)
+    torch.testing.assert_close(split @ V, full @ V, rtol=1e-12, atol=1e-14)
+
+
+def test_micro_batching_changes_nothing():
+    model, lf, _, _ = zoo.mlp()
+    x, y = _data()
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 2, dtype=D)
+    ref = hessfast.HessianOperator(model, lf, (x, y)) @ V
+    micro = hessfast.HessianOperator(model, lf, (x, y), max_batch_size=3) @ V
+    torch.testing.assert_close(micro, ref, rtol=1e-12, atol=1e-14)
+
+
+def test_token_weighting_is_exact_with_ignore_index():
+    """Batches with different numbers of counted tokens: weighted by tokens, not by samples."""
+    model, lf, (idx,), y = zoo.gpt()
+    y = y.clone()
+    y[0, :4] = -100  # batch 0 counts 2 tokens, batch 1 counts 6
+    full = hessfast.HessianOperator(model, lf, ((idx,), y))
+    split = hessfast.HessianOperator(model, lf, [((idx[:1],), y[:1]), ((idx[1:],), y[1:])])
+    V = torch.randn(full.shape[0], 2, dtype=D)
+    torch.testing.assert_close(split @ V, full @ V, rtol=1e-10, atol=1e-13)
+
+
+def test_sum_reduction_sums_batches():
+    model, _, _, _ = zoo.mlp()
+    lf = functools.partial(F.cross_entropy, reduction="sum")
+    x, y = _data()
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 2, dtype=D)
+    full = hessfast.HessianOperator(model, lf, (x, y)) @ V
+    split = hessfast.HessianOperator(model, lf, _batches(x, y, 5)) @ V
+    torch.testing.assert_close(split, full, rtol=1e-12, atol=1e-13)
+
+
+def test_vector_layouts_and_matches_hvp():
+    model, lf, (x,), y = zoo.mlp()
+    H = hessfast.HessianOperator(model, lf, (x, y))
+    P = H.shape[0]
+    v = torch.randn(P, dtype=D)
+    ref = hessfast.hvp(model, lf, x, y, v)
+    torch.testing.assert_close(H @ v, ref)
+    torch.testing.assert_close((H @ v[:, None])[:, 0], ref)
+    d = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    hd = H @ d
+    ref_d = hessfast.hvp(model, lf, x, y, d)
+    for n in d:
+        torch.testing.assert_close(hd[n], ref_d[n])
+    dk = {n: torch.randn(3, *p.shape, dtype=D) for n, p in model.named_parameters()}
+    assert all((H @ dk)[n].shape == dk[n].shape for n in dk)
+
+
+def test_block_is_the_diagonal_block():
+    model, lf, (x,), y = zoo.mlp()
+    H = hessfast.HessianOperator(model, lf, (x, y))
+    B = H.block("2.*")
+    assert B.names == ["2.weight", "2.bias"]
+    v = torch.randn(B.shape[0], dtype=D)
+    ref = hessfast.hvp(model, lf, x, y, v, params="2.*")
+    torch.testing.assert_close(B @ v, ref)
+    with pytest.raises(ValueError, match="outside"):
+        H.block("2.*").block("0.*")
+
+
+def test_to_scipy_matches():
+    model, lf, (x,), y = zoo.mlp()
+    H = hessfast.HessianOperator(model, lf, (x, y))
+    S = H.to_scipy()
+    v = torch.randn(H.shape[0], dtype=D)
+    torch.testing.assert_close(torch.as_tensor(S.matvec(v.numpy())), H @ v)
+    assert S.shape == H.shape
+
+
+def test_symmetry_check_passes_for_hessian():
+    model, lf, (x,), y = zoo.gpt()
+    hessfast.HessianOperator(model, lf, ((x,), y)).check_symmetric()
+    with pytest.raises(ValueError, match="not symmetric"):
+        hessfast.DenseOperator(torch.tensor([[1.0, 2.0], [0.0, 1.0]], dtype=D)).check_symmetric()
+
+
+def test_empty_data_and_bad_options():
+    model, lf, _, _ = zoo.mlp()
+    H = hessfast.HessianOperator(model, lf, [])
+    with pytest.raises(ValueError, match="empty"):
+        H @ torch.zeros(H.shape[0], dtype=D)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        hessfast.HessianOperator(model, lf, [], max_batch_size=0)
+    bn, lf2, _, _ = zoo.cnn_bn(train=True)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        hessfast.HessianOperator(bn, lf2, [], max_batch_size=2)
+    with pytest.raises(ValueError, match="\\[P, K\\]"):
+        hessfast.HessianOperator(model, lf, _data()).matmat(torch.zeros(3, 1, dtype=D))
+
+
+def test_nan_product_is_an_error():
+    model, lf, _, _ = zoo.mlp()
+    x, y = _data()
+    x[0, 0] = float("nan")
+    H = hessfast.HessianOperator(model, lf, _batches(x, y, 4))
+    with pytest.raises(hessfast.NonFiniteError):
+        H @ torch.randn(H.shape[0], dtype=D)
+
+
+def test_dataloader_input():
+    model, lf, _, _ = zoo.mlp()
+    x, y = _data()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 2, dtype=D)
+    ref = hessfast.GGNOperator(model, lf, (x, y)) @ V
+    torch.testing.assert_close(hessfast.GGNOperator(model, lf, loader) @ V, ref)
+
+
+def test_groups_partition_the_vector():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(D)
+    H = hessfast.HessianOperator(
+        model, F.cross_entropy, (torch.randn(5, 3, dtype=D), torch.randint(0, 2, (5,)))
+    )
+    groups = H.groups()
+    assert list(groups) == ["0", "2"]
+    covered = sorted(r for rs in groups.values() for r in rs)
+    assert covered[0][0] == 0 and covered[-1][1] == H.shape[0]
+    assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
+    with pytest.raises(ValueError, match="matches no parameter"):
+        H.groups(["nope*"])
