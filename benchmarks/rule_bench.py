@@ -31,17 +31,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_engine import measure, provenance  # noqa: E402
-
-import hessfast  # noqa: E402
-from hessfast.rules import fallback_for, registered_rule  # noqa: E402
-from hessfast.rules.base import Call, invoke  # noqa: E402
+import hessfast
+from hessfast.bench import measure, provenance
+from hessfast.rules import fallback_for, registered_rule
+from hessfast.rules.base import Call, invoke
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 METHODS = ("primal", "rule hvp", "rule ggn", "fallback hvp")

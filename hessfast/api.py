@@ -27,7 +27,9 @@ def _as_tuple(inputs: Any) -> tuple:
     )
 
 
-def _compute(model, loss_fn, inputs, targets, selected, vec: Vectors | None, mode, strict):
+def _compute(
+    model, loss_fn, inputs, targets, selected, vec: Vectors | None, mode, strict, profiler=None
+):
     inputs = _as_tuple(inputs)
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, not {type(model).__name__}")
@@ -58,7 +60,7 @@ def _compute(model, loss_fn, inputs, targets, selected, vec: Vectors | None, mod
         values[ph] = x.detach() if isinstance(x, torch.Tensor) else x
     out_meta = prog.output.meta.get("val")
     rule = losses.resolve(loss_fn, targets, tuple(out_meta.shape) if out_meta is not None else None)
-    res = engine.run(prog, names, values, tangents, k, rule, mode)
+    res = engine.run(prog, names, values, tangents, k, rule, mode, profiler=profiler)
     return res.loss, res.grads, res.products
 
 

@@ -16,7 +16,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--k", type=int, default=1, help="number of vectors at once (default: 1)")
     demo.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     demo.add_argument("--batch-size", type=int, default=512)
+    from . import bench, profile
+
+    bench.add_parser(sub)
+    profile.add_parser(sub)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.command == "demo":
         from .demo import run
 
@@ -26,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
             if not torch.cuda.is_available():
                 parser.error(f"--device {args.device}: torch sees no CUDA device")
         return run(args.device, args.k, args.dtype, args.batch_size)
+    if args.command == "bench":
+        return bench.main(args)
+    if args.command == "profile":
+        return profile.main(args)
     return 2
 
 

@@ -11,6 +11,7 @@ Modes: ``"hvp"`` (ḡ and ġ), ``"ggn"`` (ġ only, no primal backward), ``"grad"
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -81,11 +82,20 @@ def run(
     k: int,
     loss_rule: Any,
     mode: str,
+    profiler: Any = None,
 ) -> Result:
     """Run one forward-over-reverse pass.
 
     ``values`` maps placeholder names to tensors (parameters, buffers, constants, user inputs);
     ``tangents`` maps canonical parameter names to ``[K, *shape]`` tangents (``None`` in grad mode).
+
+    ``profiler`` (``None``: no instrumentation, no extra work) is called around every node's
+    evaluation: ``profiler.sync()`` before and after it (a device synchronisation, so that the
+    time is the node's own) and then ``profiler.record(step, rule, phase, seconds, nbytes)`` with
+    ``phase`` one of ``"constant"`` (a parameter-independent node; ``rule`` is ``None``),
+    ``"forward"`` (``fwd_jvp``), ``"loss"`` (the loss rule; ``step`` is ``None``) and
+    ``"backward"`` (``bwd_jvp``), and ``nbytes`` from :func:`produced_bytes`. ``hessfast
+    profile`` (``hessfast/profile.py``) is the user of this hook.
     """
     plan = program.plan(param_names)
     gm = program.graph_module
@@ -128,7 +138,10 @@ def run(
             name = step.node.name
             args = val(step.args)
             if not plan[name]:
-                env[name] = _const_eval(step, args, val(dict(step.node.kwargs)))
+                kwargs = val(dict(step.node.kwargs))
+                env[name] = _timed(
+                    profiler, step, None, "constant", args, _const_eval, step, args, kwargs
+                )
             else:
                 call = Call(
                     step.op,
@@ -139,7 +152,15 @@ def run(
                 )
                 rule = rule_for(step.op, call)
                 try:
-                    y, ydot, res = rule.fwd_jvp(call)
+                    y, ydot, res = _timed(
+                        profiler,
+                        step,
+                        rule,
+                        "forward",
+                        (call.args, call.tangents),
+                        rule.fwd_jvp,
+                        call,
+                    )
                 except Exception as e:
                     if isinstance(rule, FuncFallback):
                         raise _unsupported(step, e) from e
@@ -162,7 +183,9 @@ def run(
                 "the model output does not depend on the differentiated parameters; "
                 "check `params=` (every selected parameter is unused by this forward)"
             )
-        loss, gz, gdz = loss_rule.evaluate(z, zdot, mode)
+        loss, gz, gdz = _timed(
+            profiler, None, loss_rule, "loss", (z, zdot), loss_rule.evaluate, z, zdot, mode
+        )
         env.clear()
         tan.clear()
 
@@ -176,7 +199,9 @@ def run(
                 continue
             rule, res = entry
             try:
-                gargs, gdargs = rule.bwd_jvp(res, c[0], c[1])
+                gargs, gdargs = _timed(
+                    profiler, step, rule, "backward", (c, res), rule.bwd_jvp, res, c[0], c[1]
+                )
             except Exception as e:
                 if isinstance(rule, FuncFallback):
                     raise _unsupported(step, e) from e
@@ -209,6 +234,52 @@ def run(
             gd = p.new_zeros((k, *p.shape)) if gd is None else gd.contiguous()
             prods[name] = prods[name] + gd if name in prods else gd
     return Result(loss, grads, prods, fell_back)
+
+
+def _timed(profiler, step, rule, phase, inputs, fn, *args):
+    """``fn(*args)``; with a profiler, timed between device synchronisations and recorded with
+    the bytes it produced beyond ``inputs``."""
+    if profiler is None:
+        return fn(*args)
+    t0 = _tick(profiler)
+    out = fn(*args)
+    dt = _tick(profiler) - t0
+    profiler.record(step, rule, phase, dt, produced_bytes(out, inputs))
+    return out
+
+
+def _tick(profiler: Any) -> float:
+    """Profiling only: wait for the device, then read the clock."""
+    profiler.sync()
+    return time.perf_counter()
+
+
+def _storages(x: Any, seen: dict, depth: int = 0) -> None:
+    if isinstance(x, torch.Tensor):
+        try:
+            s = x.untyped_storage()
+            seen.setdefault(s.data_ptr(), s.nbytes())
+        except (RuntimeError, NotImplementedError):  # tensors without storage (sparse, fake)
+            seen.setdefault(id(x), x.numel() * x.element_size())
+    elif depth < 4 and isinstance(x, (tuple, list)):
+        for a in x:
+            _storages(a, seen, depth + 1)
+    elif depth < 4 and isinstance(x, dict):
+        for a in x.values():
+            _storages(a, seen, depth + 1)
+
+
+def produced_bytes(out: Any, inputs: Any) -> int:
+    """Bytes of the distinct tensor storages in ``out`` (walking tuples, lists and dicts) that are
+    not storages of ``inputs``: memory a rule allocated for its results (values, tangents and the
+    residuals it keeps for the backward pass; cotangents and their tangents in the backward pass).
+    Views and pass-throughs of its inputs count zero; a view of a new storage counts the storage.
+    """
+    got: dict = {}
+    _storages(out, got)
+    have: dict = {}
+    _storages(inputs, have)
+    return int(sum(n for ptr, n in got.items() if ptr not in have))
 
 
 def _unsupported(step: Step, err: Exception) -> UnsupportedOpError:
