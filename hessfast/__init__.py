@@ -8,6 +8,14 @@
 torch.Size([67])
 """
 
+from .algorithms import (
+    condition_number,
+    eigsh,
+    layerwise,
+    newton_step,
+    spectral_density,
+    trace,
+)
 from .api import ggn_vp, grad, hvp
 from .capture import clear_cache
 from .errors import (
@@ -30,6 +38,12 @@ __all__ = [
     "DenseOperator",
     "HessianOperator",
     "GGNOperator",
+    "eigsh",
+    "condition_number",
+    "spectral_density",
+    "trace",
+    "layerwise",
+    "newton_step",
     "HessfastError",
     "CaptureError",
     "DropoutError",

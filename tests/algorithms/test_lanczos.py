@@ -1,0 +1,318 @@
+"""Block Lanczos (eigsh) and condition_number against dense float64 eigendecompositions of
+matrices with known spectra, plus one small MLP Hessian."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hessfast
+from hessfast.algorithms import condition_number, eigsh, newton_step
+from hessfast.algorithms import lanczos as L
+
+D = torch.float64
+
+
+def dense(lam, seed=1):
+    """``Q diag(lam) Qᵀ`` with a random orthogonal ``Q`` (float64), and ``Q``."""
+    lam = torch.as_tensor(lam, dtype=D)
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(lam.numel(), lam.numel(), generator=g, dtype=D))
+    A = (Q * lam) @ Q.T
+    return (A + A.T) / 2, Q
+
+
+def _bulk(n, scale, seed):
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=D) * scale
+
+
+def _cat(*parts):
+    return torch.cat([torch.as_tensor(p, dtype=D) for p in parts])
+
+
+# name: (spectrum, k, block_size)
+SPECTRA = {
+    "clustered": (
+        _cat(
+            [10, 10 + 1e-3, 10 + 2e-3, 9.5, 9.5 + 5e-4],
+            torch.linspace(-1, 1, 290),
+            [-5, -5 + 1e-3, -5 + 2e-3, -4.0, -3.9],
+        ),
+        3,
+        3,
+    ),
+    "degenerate": (_cat([7.0] * 4, [3.0] * 3, torch.linspace(-0.5, 0.5, 190), [-4.0] * 3), 6, 4),
+    "indefinite": (torch.linspace(-3, 2, 250, dtype=D) + _bulk(250, 1e-3, 5), 4, 2),
+    "bulk_outliers": (
+        _cat(_bulk(487, 0.05, 2), [30, 20, 15, 12, 10, 8, 7, 6, 5.5, 5, -2, -1.5, -1]),
+        4,
+        None,
+    ),
+    "low_rank": (_cat([5.0, 2.0, 1.0], torch.zeros(117)), 6, 4),
+    "tiny": (_cat([2.0, -1.0, 0.5]), 2, None),
+    "k_equals_P": (_cat(torch.linspace(-2, 3, 12)), 12, 4),
+}
+
+
+def reference(lam, k, which):
+    lam = torch.as_tensor(lam, dtype=D)
+    asc = torch.sort(lam).values
+    if which == "LA":
+        return asc[-k:]
+    if which == "SA":
+        return asc[:k]
+    if which == "LM":
+        return torch.sort(lam[torch.argsort(lam.abs(), descending=True, stable=True)[:k]]).values
+    return torch.cat([asc[: k // 2], asc[len(asc) - (k - k // 2) :]])
+
+
+def check_pairs(evals, evecs, lam, Q, k, which, A, atol=1e-8):
+    lam = torch.as_tensor(lam, dtype=D)
+    scale = float(lam.abs().max()) or 1.0
+    assert evals.dtype == D and evals.shape == (k,)
+    assert evecs.shape == (A.shape[0], k)
+    assert torch.all(evals[1:] >= evals[:-1]), "eigenvalues not ascending"
+    assert torch.isfinite(evals).all() and torch.isfinite(evecs).all()
+    torch.testing.assert_close(evals, reference(lam, k, which), rtol=0, atol=atol * scale)
+    torch.testing.assert_close(evecs.T @ evecs, torch.eye(k, dtype=D), rtol=0, atol=1e-10)
+    # each vector lies in the eigenspace of its eigenvalue (only that is defined for repeated ones)
+    for i in range(k):
+        U = Q[:, (lam - evals[i]).abs() <= 1e-6 * scale]
+        y = evecs[:, i]
+        assert (y - U @ (U.T @ y)).norm() <= 1e-6, f"vector {i} outside its eigenspace"
+
+
+CASES = [(name, which) for name in SPECTRA for which in ("LA", "SA", "LM", "BE")]
+
+
+@pytest.mark.parametrize("name,which", CASES, ids=[f"{n}-{w}" for n, w in CASES])
+def test_known_spectra(name, which):
+    lam, k, b = SPECTRA[name]
+    A, Q = dense(lam)
+    H = hessfast.DenseOperator(A)
+    evals, evecs, info = eigsh(H, k=k, which=which, block_size=b, tol=1e-10, return_info=True)
+    assert info.converged
+    check_pairs(evals, evecs, lam, Q, k, which, A)
+    assert info.products == H.products
+    assert info.residuals.shape == (k,) and info.converged_mask.all()
+    true_res = (A @ evecs - evecs * evals).norm(dim=0)
+    assert (true_res <= 1e-8 * float(torch.as_tensor(lam).abs().max())).all()
+
+
+def test_same_seed_same_numbers():
+    lam = SPECTRA["bulk_outliers"][0]
+    A, _ = dense(lam)
+    runs = [eigsh(hessfast.DenseOperator(A), k=5, seed=s, ncv=22) for s in (3, 3, 4)]
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert not torch.equal(runs[0][1], runs[2][1])  # another start block...
+    torch.testing.assert_close(runs[0][0], runs[2][0], rtol=1e-9, atol=0)  # ...the same answer
+
+
+def test_restarts_keep_accuracy_and_max_iter_bounds_products():
+    lam = _cat(_bulk(590, 0.05, 2), torch.linspace(4, 5, 10))
+    A, Q = dense(lam)
+    H = hessfast.DenseOperator(A)
+    evals, evecs, info = eigsh(H, k=5, block_size=2, ncv=14, tol=1e-10, return_info=True)
+    assert info.restarts > 0 and info.converged
+    check_pairs(evals, evecs, lam, Q, 5, "LA", A)
+
+    H = hessfast.DenseOperator(A)
+    with pytest.warns(RuntimeWarning, match="did not reach tol"):
+        evals, evecs, info = eigsh(H, k=5, which="SA", block_size=3, max_iter=7, return_info=True)
+    assert info.iterations == 7 and info.products == H.products == 21
+    assert not info.converged and evals.shape == (5,) and torch.isfinite(evecs).all()
+    with pytest.raises(ValueError, match="max_iter"):
+        eigsh(H, k=5, block_size=2, max_iter=2)
+
+
+@pytest.mark.parametrize("max_iter", range(5, 13))
+def test_stopping_at_any_step_returns_consistent_ritz_pairs(max_iter):
+    """max_iter may end the run right after a restart, or in the middle of a cycle: the pairs
+    returned are Ritz pairs of the basis, and their residual estimates are the true residuals."""
+    lam = _cat(_bulk(290, 0.05, 2), torch.linspace(3, 5, 10))
+    A, _ = dense(lam)
+    evals, evecs, info = eigsh(
+        hessfast.DenseOperator(A),
+        k=3,
+        block_size=2,
+        ncv=10,
+        max_iter=max_iter,
+        warn=False,
+        return_info=True,
+    )
+    assert info.restarts >= 1 and info.iterations == max_iter
+    torch.testing.assert_close(evecs.T @ evecs, torch.eye(3, dtype=D), rtol=0, atol=1e-12)
+    torch.testing.assert_close(evals, torch.diag(evecs.T @ A @ evecs), rtol=1e-12, atol=1e-14)
+    true = (A @ evecs - evecs * evals).norm(dim=0)
+    torch.testing.assert_close(info.residuals, true, rtol=1e-6, atol=1e-12)
+
+
+def test_breakdown_low_rank_zero_operator_and_invariant_start():
+    A, Q = dense(_cat([5.0, 2.0, 1.0], torch.zeros(57)))
+    H = hessfast.DenseOperator(A)
+    evals, evecs, info = eigsh(H, k=8, block_size=8, tol=1e-10, return_info=True)
+    assert info.deflations > 0 and info.converged and info.products <= 32
+    torch.testing.assert_close(evals, _cat(torch.zeros(5), [1.0, 2.0, 5.0]), rtol=0, atol=1e-12)
+    torch.testing.assert_close(evecs.T @ evecs, torch.eye(8, dtype=D), rtol=0, atol=1e-10)
+
+    Z = hessfast.DenseOperator(torch.zeros(30, 30, dtype=D))
+    evals, evecs = eigsh(Z, k=4, which="LM")
+    assert torch.equal(evals, torch.zeros(4, dtype=D)) and torch.isfinite(evecs).all()
+
+    # a start block inside an invariant subspace (two eigenvectors): breakdown at the first step
+    lam = torch.linspace(1, 40, 40, dtype=D)
+    A, Q = dense(lam)
+    evals, evecs, info = eigsh(
+        hessfast.DenseOperator(A), k=3, block_size=2, v0=Q[:, :2], tol=1e-10, return_info=True
+    )
+    assert info.deflations >= 2
+    check_pairs(evals, evecs, lam, Q, 3, "LA", A)
+
+
+def test_tiny_and_full_space():
+    A = torch.tensor([[2.0]], dtype=D)
+    evals, evecs = eigsh(hessfast.DenseOperator(A), k=1)
+    assert evals.tolist() == [2.0] and evecs.abs().tolist() == [[1.0]]
+    lam = _cat([1.0, 1.0, -3.0, 2.0, 0.0])
+    A, Q = dense(lam)
+    for which in ("LA", "SA", "LM", "BE"):
+        H = hessfast.DenseOperator(A)
+        evals, evecs, info = eigsh(H, k=5, which=which, block_size=2, return_info=True)
+        check_pairs(evals, evecs, lam, Q, 5, which, A)
+        assert info.products <= 6  # the whole space, one block at a time
+
+
+def test_errors():
+    H = hessfast.DenseOperator(torch.eye(4, dtype=D))
+    with pytest.raises(ValueError, match="k must be"):
+        eigsh(H, k=5)
+    with pytest.raises(ValueError, match="k must be"):
+        eigsh(H, k=0)
+    with pytest.raises(ValueError, match="which"):
+        eigsh(H, k=1, which="XX")
+    with pytest.raises(ValueError, match="not square"):
+        eigsh(hessfast.DenseOperator(torch.ones(3, 4, dtype=D)), k=1)
+
+    class Duck:  # a plain duck-typed operator, not a CurvatureOperator
+        def __init__(self, M):
+            self.M, self.shape, self.dtype, self.device = M, tuple(M.shape), M.dtype, M.device
+
+        def matmat(self, V):
+            return self.M @ V
+
+    asym = torch.diag(torch.arange(1.0, 7.0, dtype=D))
+    asym[0, 5] = 1.0
+    with pytest.raises(ValueError, match="not symmetric"):
+        eigsh(Duck(asym), k=1, check_symmetric=True)
+    with pytest.raises(ValueError, match="not symmetric"):
+        eigsh(hessfast.DenseOperator(asym), k=1, check_symmetric=True)
+    ev, _ = eigsh(Duck(torch.diag(torch.arange(1.0, 7.0, dtype=D))), k=2, check_symmetric=True)
+    torch.testing.assert_close(ev, _cat([5.0, 6.0]))
+
+    bad = torch.eye(6, dtype=D)
+    bad[2, 3] = bad[3, 2] = float("nan")
+    with pytest.raises(hessfast.NonFiniteError, match="NaN"):
+        eigsh(hessfast.DenseOperator(bad), k=2)
+    with pytest.raises(FloatingPointError):
+        eigsh(hessfast.DenseOperator(bad), k=2)
+
+
+def test_memory_error_says_how_much(monkeypatch):
+    monkeypatch.setattr(L, "free_bytes", lambda device: 1000)
+    with pytest.raises(MemoryError, match=r"needs [\d,]+ bytes.*ncv or block_size"):
+        eigsh(hessfast.DenseOperator(torch.eye(50, dtype=D)), k=2)
+
+
+def test_info_verify_basis_options_and_float32():
+    lam = SPECTRA["bulk_outliers"][0]
+    A, Q = dense(lam)
+    H = hessfast.DenseOperator(A)
+    evals, evecs, info = eigsh(H, k=4, tol=1e-8, verify=True, basis_device="cpu", return_info=True)
+    assert info.verified and info.products == H.products
+    true = (A @ evecs - evecs * evals).norm(dim=0)
+    torch.testing.assert_close(info.residuals, true, rtol=1e-6, atol=1e-14)
+    assert 0 <= info.seconds_in_products <= info.seconds_total
+    assert info.seconds_elsewhere >= 0 and info.block_size == 4 and info.basis_bytes > 0
+
+    H32 = hessfast.DenseOperator(A.float())
+    ev32, vec32 = eigsh(H32, k=4, tol=1e-5)
+    assert ev32.dtype == D and vec32.dtype == torch.float32
+    torch.testing.assert_close(ev32, reference(lam, 4, "LA"), rtol=1e-5, atol=0)
+    ev, _ = eigsh(H, k=4, basis_dtype=torch.float32, tol=1e-5)
+    torch.testing.assert_close(ev, reference(lam, 4, "LA"), rtol=1e-5, atol=0)
+
+
+def test_condition_number():
+    lam = _cat(torch.linspace(0.5, 3, 60), [40.0])
+    A, Q = dense(lam)
+    c = condition_number(hessfast.DenseOperator(A), tol=1e-10)
+    assert c.which == "algebraic" and c.note == ""
+    assert math.isclose(c.value, 80.0, rel_tol=1e-9)
+    assert math.isclose(c.lambda_min, 0.5, rel_tol=1e-9) and math.isclose(
+        c.lambda_max, 40, rel_tol=1e-9
+    )
+    assert c.eigenvectors.shape == (61, 2)
+    assert abs(float(c.eigenvectors[:, 1] @ Q[:, -1])) > 1 - 1e-8
+
+    lam = _cat(torch.linspace(-2, -0.25, 30), torch.linspace(0.5, 3, 30), [-6.0])
+    A, _ = dense(lam)
+    c = condition_number(hessfast.DenseOperator(A), tol=1e-10)
+    assert c.value == math.inf and "not positive definite" in c.note
+    assert math.isclose(c.lambda_min, -6.0, rel_tol=1e-9)
+    H = hessfast.DenseOperator(A)
+    c = condition_number(H, tol=1e-10, which="magnitude")
+    assert math.isclose(c.value, 6.0 / 0.25, rel_tol=1e-7), c.value
+    assert math.isclose(c.lambda_min, 0.25, rel_tol=1e-7) and c.info.products == H.products
+
+    c = condition_number(
+        hessfast.DenseOperator(dense(_cat([1.0, 2.0], torch.zeros(20)))[0]), which="magnitude"
+    )
+    assert c.value == math.inf and "singular" in c.note
+    with pytest.raises(ValueError, match="sets 'k'"):
+        condition_number(hessfast.DenseOperator(A), k=3)
+
+
+def _mlp_problem():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(12, 32),
+        torch.nn.Tanh(),
+        torch.nn.Linear(32, 24),
+        torch.nn.Tanh(),
+        torch.nn.Linear(24, 5),
+    ).to(D)
+    x, y = torch.randn(64, 12, dtype=D), torch.randint(0, 5, (64,))
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    flat0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def loss(flat):
+        params, off = {}, 0
+        for n, s in zip(names, shapes):
+            params[n] = flat[off : off + s.numel()].view(s)
+            off += s.numel()
+        return F.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
+
+    Hd = torch.autograd.functional.hessian(loss, flat0)  # double backward, column by column
+    return model, x, y, (Hd + Hd.T) / 2
+
+
+def test_mlp_hessian_both_ends_and_newton_cg():
+    model, x, y, Hd = _mlp_problem()
+    P = Hd.shape[0]
+    assert 1000 <= P <= 2000
+    lam = torch.linalg.eigvalsh(Hd)
+    H = hessfast.HessianOperator(model, F.cross_entropy, (x, y))
+    for which, ref in (("LA", lam[-4:]), ("SA", lam[:4])):
+        evals, evecs, info = eigsh(H, k=4, which=which, tol=1e-10, return_info=True)
+        assert info.converged
+        torch.testing.assert_close(evals, ref, rtol=0, atol=1e-8)
+        assert ((Hd @ evecs - evecs * evals).norm(dim=0) <= 1e-8).all()
+
+    g = torch.randn(P, dtype=D)
+    damping = 0.5  # above -λ_min ≈ 0.29: H + damping·I is positive definite
+    r = newton_step(H, g, damping=damping, tol=1e-10)
+    assert r.converged and not r.negative_curvature and r.products == r.iterations
+    ref = torch.linalg.solve(Hd + damping * torch.eye(P, dtype=D), -g)
+    torch.testing.assert_close(r.step, ref, rtol=0, atol=1e-8 * float(ref.norm()))
