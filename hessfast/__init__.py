@@ -18,6 +18,7 @@ from .algorithms import (
 )
 from .api import ggn_vp, grad, hvp
 from .capture import clear_cache
+from .distributed import DistributedError
 from .errors import (
     CaptureError,
     DropoutError,
@@ -25,6 +26,7 @@ from .errors import (
     NonFiniteError,
     UnsupportedOpError,
 )
+from .monitor import HessianMonitor
 from .operators import CurvatureOperator, DenseOperator, GGNOperator, HessianOperator
 
 __version__ = "0.1.0"
@@ -44,10 +46,12 @@ __all__ = [
     "trace",
     "layerwise",
     "newton_step",
+    "HessianMonitor",
     "HessfastError",
     "CaptureError",
     "DropoutError",
     "NonFiniteError",
     "UnsupportedOpError",
+    "DistributedError",
     "__version__",
 ]

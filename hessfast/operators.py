@@ -8,6 +8,12 @@ samples, or tokens not ignored, weighted by class weights — see each loss rule
 batches into micro-batches weighted the same way: it bounds memory and changes nothing beyond
 round-off.
 
+Data-parallel: with ``process_group`` (by default the default group whenever
+``torch.distributed`` is initialised) every rank holds the model and its shard of the data, and a
+product sums the ranks' weighted partial products and loss-term counts in one all-reduce, so
+``H`` is exactly the curvature over the union of the shards, and every rank gets the same
+result; see :mod:`hessfast.distributed`.
+
 Example:
     >>> import torch, torch.nn.functional as F, hessfast
     >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
@@ -28,6 +34,7 @@ import torch
 from torch import nn
 
 from . import api, losses
+from . import distributed as _dist
 from .errors import NonFiniteError
 from .vectors import Vectors, first_non_finite, parse, select_params
 
@@ -149,6 +156,8 @@ class _ModelOperator(CurvatureOperator):
         params: str | Sequence[str] | None = None,
         max_batch_size: int | None = None,
         progress: bool = False,
+        *,
+        process_group: Any = None,
     ):
         self.model = model
         self.loss_fn = loss_fn
@@ -177,6 +186,27 @@ class _ModelOperator(CurvatureOperator):
                 )
         self.max_batch_size = max_batch_size
         self.progress = progress
+        self.process_group = _dist.resolve_group(process_group)
+        if self.process_group is not None:
+            backend = str(torch.distributed.get_backend(self.process_group))
+            if backend == "nccl" and self.device.type != "cuda":
+                raise ValueError(
+                    f"process_group uses NCCL, which needs the model on a CUDA device, but its "
+                    f"parameters are on {self.device}: move the model to the GPU of this rank, "
+                    "or use a gloo group for a CPU model"
+                )
+
+    @property
+    def world_size(self) -> int:
+        """Processes whose shards this operator sums (1 for a local operator)."""
+        pg = self.process_group
+        return 1 if pg is None else torch.distributed.get_world_size(pg)
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in the operator's process group (0 for a local operator)."""
+        pg = self.process_group
+        return 0 if pg is None else torch.distributed.get_rank(pg)
 
     def block(self, params: str | Sequence[str]) -> _ModelOperator:
         """The diagonal block of a parameter subset (names or glob patterns), itself an operator."""
@@ -193,6 +223,7 @@ class _ModelOperator(CurvatureOperator):
             [n for n, _ in sub],
             self.max_batch_size,
             self.progress,
+            process_group=self.process_group if self.process_group is not None else False,
         )
 
     def groups(self, by: str | Sequence[str] = "module") -> dict[str, list[tuple[int, int]]]:
@@ -253,13 +284,13 @@ class _ModelOperator(CurvatureOperator):
             raise ValueError(f"V must be [P, K] with P={self.shape[0]}, got {list(V.shape)}")
         return parse(V.T, self.selected)
 
-    def matmat(self, V: Tensor) -> Tensor:
-        vec = self._vectors(V)
+    def _partial(self, vec: Vectors) -> tuple[Tensor | None, float, int]:
+        """This process's ``(Σ_b w_b · H_b V [K, P] or None, Σ_b w_b, number of batches)``."""
         total = None
         weight_sum = 0.0
-        seen = False
+        seen = 0
         for inputs, targets in self.batches():
-            seen = True
+            seen += 1
             _, _, prods = api._compute(
                 self.model, self.loss_fn, inputs, targets, self.selected, vec, self.mode, False
             )
@@ -269,10 +300,28 @@ class _ModelOperator(CurvatureOperator):
                 weight_sum += w
                 flat = flat * w
             total = flat if total is None else total + flat
+        return total, weight_sum, seen
+
+    def matmat(self, V: Tensor) -> Tensor:
+        vec = self._vectors(V)
+        if self.process_group is None:
+            total, weight_sum, seen = self._partial(vec)
+        else:
+            total, weight_sum, seen = _dist.all_reduce_product(
+                self.process_group,
+                V,
+                lambda: self._partial(vec),
+                self.kind,
+                params=self.model.parameters(),
+            )
         if not seen:
-            raise ValueError("data is empty: the operator needs at least one batch")
+            raise ValueError(
+                "data is empty: the operator needs at least one batch"
+                + (" (no rank has a batch)" if self.process_group is not None else "")
+            )
         if weight_sum:
             total = total / weight_sum
+        total = total.to(self.dtype)
         bad = first_non_finite({"product": total})
         if bad is not None:
             raise NonFiniteError(
@@ -298,12 +347,22 @@ class _ModelOperator(CurvatureOperator):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(P={self.shape[0]:,}, params={len(self.names)} tensors, "
-            f"dtype={self.dtype}, device={self.device})"
+            f"dtype={self.dtype}, device={self.device}"
+            + (f", rank={self.rank} of {self.world_size}" if self.process_group is not None else "")
+            + ")"
         )
 
 
 class HessianOperator(_ModelOperator):
-    """The exact Hessian of the dataset loss (see the module docstring)."""
+    """The exact Hessian of the dataset loss (see the module docstring).
+
+    ``HessianOperator(model, loss_fn, data, params=None, max_batch_size=None, progress=False,
+    process_group=None)``: ``process_group=None`` sums the shards of all ranks of the default
+    group when ``torch.distributed`` is initialised (``data`` is then this rank's shard, see
+    :func:`hessfast.distributed.shard`) and is local otherwise; ``False`` is local even inside a
+    distributed job; a ``ProcessGroup`` sums over that group. The same holds for
+    :class:`GGNOperator`.
+    """
 
     mode = "hvp"
     kind = "Hessian"

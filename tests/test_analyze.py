@@ -1,0 +1,281 @@
+"""``hessfast analyze`` on entry points defined here: the report against a dense Hessian, with and
+without ``--params``, and exit code 2 with a clear message for bad input."""
+
+import json
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from hessfast.cli import main
+
+ENTRY = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 4))
+
+
+    def loader():
+        g = torch.Generator().manual_seed(1)
+        return [
+            (torch.randn(32, 6, generator=g), torch.randint(0, 4, (32,), generator=g))
+            for _ in range(3)
+        ]
+
+
+    def loader_once():  # a generator: hessfast reads it once
+        yield from loader()
+
+
+    def wrong_inputs():
+        return [(torch.randn(32, 5), torch.randint(0, 4, (32,)))]
+
+
+    def wrong_targets():
+        return [(torch.randn(32, 6), torch.randint(0, 4, (31,)))]
+
+
+    def nan_inputs():
+        x = torch.randn(32, 6)
+        x[0, 0] = float("nan")
+        return [(x, torch.randint(0, 4, (32,)))]
+
+
+    def my_loss(output, targets):
+        return torch.nn.functional.cross_entropy(output, targets)
+
+
+    def not_a_model():
+        return 3
+
+
+    def broken():
+        raise RuntimeError("boom")
+    """
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one torch thread is as fast, and much faster on a busy machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def entry(tmp_path_factory):
+    d = tmp_path_factory.mktemp("entry")
+    path = d / "hf_analyze_entry.py"
+    path.write_text(ENTRY)
+    return path
+
+
+def _load(entry):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hf_analyze_entry_ref", entry)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _dense(entry):
+    """float64 Hessian of the mean loss over the loader's batches (equal sizes) and the parameter
+    offsets."""
+    mod = _load(entry)
+    model = mod.build().double().eval()
+    batches = mod.loader()
+    x = torch.cat([b[0] for b in batches]).double()
+    y = torch.cat([b[1] for b in batches])
+    named = list(model.named_parameters())
+    theta = torch.cat([p.detach().reshape(-1) for _, p in named])
+
+    def loss(t):
+        ps, off = {}, 0
+        for n, p in named:
+            ps[n] = t[off : off + p.numel()].reshape(p.shape)
+            off += p.numel()
+        return F.cross_entropy(functional_call(model, ps, (x,)), y)
+
+    H = torch.autograd.functional.hessian(loss, theta)
+    offsets, off = {}, 0
+    for n, p in named:
+        offsets[n] = (off, off + p.numel())
+        off += p.numel()
+    return H, offsets
+
+
+def _run(args, capsys):
+    code = main(["analyze", "--no-progress", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_analyze_full_report_matches_dense(entry, tmp_path, capsys):
+    out = tmp_path / "res"
+    code, stdout, err = _run(
+        [
+            "--model", f"{entry}:build",
+            "--data", f"{entry}:loader",
+            "--dtype", "float64",
+            "--top-k", "6",
+            "--density", "--trace", "--layerwise",
+            "--out", str(out),
+        ],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "separate" in stdout and "(4 classes)" in stdout and "per layer" in stdout
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "spectrum.png").read_bytes()[:4] == b"\x89PNG"
+    H, _ = _dense(entry)
+    evals = torch.linalg.eigvalsh(H)
+    assert report["operator"]["size"] == H.shape[0]
+    ref = evals.flip(0)[:6]
+    assert torch.allclose(
+        torch.tensor(report["eigenvalues"]["values"], dtype=torch.float64),
+        ref,
+        rtol=1e-8,
+        atol=1e-10,
+    )
+    assert abs(report["lambda_min"]["value"] - float(evals[0])) < 1e-8
+    tr = report["trace"]
+    assert abs(tr["estimate"] - float(H.trace())) <= 5 * tr["stderr"] + 1e-8
+    assert set(report["layerwise"]) == {"0", "2"}
+    assert report["model"]["mode"] == "eval" and report["loss"] == "cross_entropy"
+    assert report["data"]["batches"] == 3
+
+
+def test_analyze_params_subset_module_entry_point(entry, tmp_path, capsys, monkeypatch):
+    # module:function, importable from the current directory like `python -m`
+    monkeypatch.chdir(entry.parent)
+    out = tmp_path / "res"
+    code, _, err = _run(
+        [
+            "--model", "hf_analyze_entry:build",
+            "--data", "hf_analyze_entry:loader_once",
+            "--params", "2.*",
+            "--dtype", "float64",
+            "--top-k", "5",
+            "--out", str(out),
+        ],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    H, offsets = _dense(entry)
+    idx = torch.cat([torch.arange(*offsets["2.weight"]), torch.arange(*offsets["2.bias"])])
+    block = H[idx][:, idx]
+    assert report["operator"]["size"] == idx.numel() == report["model"]["analysed_parameters"]
+    assert report["model"]["params"] == ["2.*"]
+    ref = torch.linalg.eigvalsh(block).flip(0)[:5]
+    assert torch.allclose(
+        torch.tensor(report["eigenvalues"]["values"], dtype=torch.float64),
+        ref,
+        rtol=1e-8,
+        atol=1e-10,
+    )
+    assert "density" not in report and "trace" not in report
+
+
+def test_analyze_ggn_custom_loss_micro_batches(entry, tmp_path, capsys):
+    common = ["--model", f"{entry}:build", "--data", f"{entry}:loader", "--dtype", "float64"]
+    common += ["--curvature", "ggn", "--top-k", "3", "--no-lambda-min"]
+    code, stdout, err = _run([*common, "--out", str(tmp_path / "a")], capsys)
+    assert code == 0, err
+    assert "GGN of the loss" in stdout
+    code, _, err = _run(
+        [
+            *common,
+            "--loss",
+            f"{entry}:my_loss",
+            "--max-batch-size",
+            "10",
+            "--out",
+            str(tmp_path / "b"),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    a = json.loads((tmp_path / "a" / "report.json").read_text())
+    b = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert a["operator"]["kind"] == "GGN" and "lambda_min" not in a
+    assert b["loss"] == f"{entry}:my_loss" and "classes" not in b
+    # the closed-form cross-entropy rule and torch.func on a custom loss, whole and micro-batched
+    assert a["eigenvalues"]["values"] == pytest.approx(b["eigenvalues"]["values"], rel=1e-9)
+    assert min(a["eigenvalues"]["values"]) > 0
+
+
+def test_analyze_checkpoint(entry, tmp_path, capsys):
+    mod = _load(entry)
+    model = mod.build()
+    with torch.no_grad():
+        model[2].weight.mul_(2.0)
+    good = tmp_path / "good.pt"
+    torch.save({"state_dict": model.state_dict()}, good)
+    common = ["--model", f"{entry}:build", "--data", f"{entry}:loader", "--top-k", "2"]
+    code, _, err = _run([*common, "--checkpoint", str(good), "--out", str(tmp_path / "a")], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["model"]["checkpoint"] == str(good)
+
+    bad = tmp_path / "bad.pt"
+    torch.save(torch.nn.Linear(6, 4).state_dict(), bad)
+    code, _, err = _run([*common, "--checkpoint", str(bad)], capsys)
+    assert code == 2
+    assert "does not match the model" in err and "missing keys: 0.weight" in err
+    assert "unexpected keys: weight, bias" in err
+
+    code, _, err = _run([*common, "--checkpoint", str(tmp_path / "nope.pt")], capsys)
+    assert code == 2 and "no such file" in err
+
+
+@pytest.mark.parametrize(
+    "model, data, message",
+    [
+        ("no_such_module_xyz:build", "{e}:loader", "cannot import no_such_module_xyz"),
+        ("{e}:no_such_function", "{e}:loader", "has no function no_such_function"),
+        ("{e}", "{e}:loader", "give module:function"),
+        ("{e}:not_a_model", "{e}:loader", "not a torch.nn.Module"),
+        ("{e}:broken", "{e}:loader", "broken() raised RuntimeError: boom"),
+        (
+            "{e}:build",
+            "{e}:wrong_inputs",
+            "the model does not accept the data's inputs of shape [32, 5]",
+        ),
+        ("{e}:build", "{e}:wrong_targets", "output of shape [32, 4] with targets of shape [31]"),
+    ],
+)
+def test_analyze_bad_input_exit_code_2(entry, capsys, model, data, message):
+    code, _, err = _run(["--model", model.format(e=entry), "--data", data.format(e=entry)], capsys)
+    assert code == 2
+    assert err.startswith("hessfast analyze: error:")
+    assert message in err
+
+
+def test_analyze_missing_device_exit_code_2(entry, capsys):
+    dev = "cuda:99" if torch.cuda.is_available() else "cuda"
+    code, _, err = _run(
+        ["--model", f"{entry}:build", "--data", f"{entry}:loader", "--device", dev], capsys
+    )
+    assert code == 2
+    assert f"--device {dev}: torch sees" in err
+
+
+def test_analyze_failure_exit_code_1(entry, capsys, tmp_path):
+    code, _, err = _run(
+        ["--model", f"{entry}:build", "--data", f"{entry}:nan_inputs", "--out", str(tmp_path)],
+        capsys,
+    )
+    assert code == 1
+    assert "the analysis failed" in err and "NaN" in err
+    assert not (tmp_path / "report.json").exists()

@@ -1,0 +1,160 @@
+"""``hessfast demo --quick`` end to end: the summary, a valid report.json and a PNG, and the
+report's numbers against a dense eigendecomposition of the same model's Hessian."""
+
+import contextlib
+import copy
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from hessfast.analyze import count_outliers
+from hessfast.cli import main
+from hessfast.demo import setup
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one torch thread is as fast, and much faster on a busy machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _strict(s: str):
+    def bad(c):
+        raise ValueError(f"non-standard JSON constant {c}")
+
+    return json.loads(s, parse_constant=bad)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "hessfast-demo"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(["demo", "--quick", "--out", str(out)])
+    return code, buf.getvalue(), out
+
+
+@pytest.fixture(scope="module")
+def dense():
+    """The float64 Hessian of the quick demo's trained model over its data, from
+    ``torch.autograd.functional.hessian``."""
+    s = setup(quick=True, seed=0)
+    model = copy.deepcopy(s.model).double()
+    x = torch.cat([b[0] for b in s.data]).double()
+    y = torch.cat([b[1] for b in s.data])
+    named = list(model.named_parameters())
+    theta = torch.cat([p.detach().reshape(-1) for _, p in named])
+
+    def loss(t):
+        ps, off = {}, 0
+        for n, p in named:
+            ps[n] = t[off : off + p.numel()].reshape(p.shape)
+            off += p.numel()
+        return F.cross_entropy(functional_call(model, ps, (x,)), y)
+
+    H = torch.autograd.functional.hessian(loss, theta)
+    offsets, off = {}, 0
+    for n, p in named:
+        offsets[n] = (off, off + p.numel())
+        off += p.numel()
+    return H, offsets
+
+
+def test_demo_quick_runs_and_writes_the_report(demo_run):
+    code, out, folder = demo_run
+    assert code == 0, out
+    assert "relative error" in out
+    assert "separate from the bulk (10 classes)" in out
+    assert f"wrote {folder / 'report.json'} and {folder / 'spectrum.png'}" in out
+    report = _strict((folder / "report.json").read_text())
+    for key in (
+        "eigenvalues",
+        "lambda_max",
+        "lambda_min",
+        "condition_number",
+        "trace",
+        "density",
+        "outliers",
+        "layerwise",
+        "hvp_check",
+        "training",
+    ):
+        assert key in report, key
+    assert report["hvp_check"]["ok"]
+    assert report["classes"] == 10 and report["outliers"]["classes"] == 10
+    assert report["eigenvalues"]["converged"]
+    png = (folder / "spectrum.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_demo_report_matches_dense_eigendecomposition(demo_run, dense):
+    code, _, folder = demo_run
+    assert code == 0
+    report = json.loads((folder / "report.json").read_text())
+    H, offsets = dense
+    P = H.shape[0]
+    assert report["operator"]["size"] == P
+    evals = torch.linalg.eigvalsh(H)
+    lam_max = float(evals[-1])
+    fp32 = 1e-4 * lam_max  # the demo's HVPs are float32
+
+    top = report["eigenvalues"]["values"]
+    res = report["eigenvalues"]["residuals"]
+    ref = evals.flip(0)[: len(top)].tolist()
+    for got, want, r in zip(top, ref, res):
+        assert abs(got - want) <= r + fp32, (got, want, r)
+
+    lmin = report["lambda_min"]
+    assert lmin["converged"]
+    assert abs(lmin["value"] - float(evals[0])) <= lmin["residual"] + fp32
+
+    cond = report["condition_number"]
+    if float(evals[0]) <= 0:
+        assert cond["value"] is None and cond["note"]
+    else:
+        assert math.isclose(cond["value"], lam_max / float(evals[0]), rel_tol=1e-3)
+
+    tr = report["trace"]
+    exact = float(H.trace())
+    assert abs(tr["estimate"] - exact) <= 5 * tr["stderr"] + 1e-3 * abs(exact), (tr, exact)
+
+    d = report["density"]
+    assert d["lambda_max"] <= lam_max + fp32 and d["lambda_min"] >= float(evals[0]) - fp32
+    assert abs(np.trapezoid(d["values"], d["grid"]) - 1.0) < 1e-6
+
+    # the outlier count follows from the eigenvalues by the rule the report names
+    dense_count = count_outliers(ref, d)["count"]
+    assert report["outliers"]["count"] == dense_count
+    assert report["outliers"]["method"] == "density"
+
+    # per layer: each module's diagonal block
+    groups = {}
+    for name, (a, b) in offsets.items():
+        groups.setdefault(name.rsplit(".", 1)[0], []).append((a, b))
+    assert set(report["layerwise"]) == set(groups)
+    for label, ranges in groups.items():
+        idx = torch.cat([torch.arange(a, b) for a, b in ranges])
+        block = H[idx][:, idx]
+        r = report["layerwise"][label]
+        want = float(torch.linalg.eigvalsh(block)[-1])
+        assert abs(r["lambda_max"] - want) <= r["residual_max"] + fp32, (label, r, want)
+        exact_tr = float(block.trace())
+        assert abs(r["trace"] - exact_tr) <= 5 * r["trace_stderr"] + 1e-3 * abs(exact_tr)
+
+
+def test_demo_missing_device_is_a_usage_error(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--quick", "--device", "cuda"])
+    assert e.value.code == 2
+    assert "torch sees no CUDA device" in capsys.readouterr().err
