@@ -69,7 +69,11 @@ class CurvatureOperator:
     def to_scipy(self):
         """A ``scipy.sparse.linalg.LinearOperator`` (float64 NumPy in and out) over this operator."""
         import numpy as np
-        from scipy.sparse.linalg import LinearOperator
+
+        try:
+            from scipy.sparse.linalg import LinearOperator
+        except ImportError as e:
+            raise ImportError("to_scipy() needs SciPy: pip install scipy") from e
 
         def mm(X):
             X = np.asarray(X)
