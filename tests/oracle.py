@@ -112,6 +112,38 @@ def double_backward_hvp(model, loss_fn, inputs, targets, v: dict) -> dict:
     return {n: torch.stack(t) for n, t in out.items()}
 
 
+def dense_hessian(model, loss_fn, inputs, targets) -> torch.Tensor:
+    """The dense float64 Hessian over all parameters (``named_parameters()`` order), by double
+    backward column by column (``torch.autograd.functional.hessian``) on a float64 copy of the
+    model. Not ``torch.func.hessian``: its ``jacfwd(jacrev)`` gets training-mode BatchNorm wrong
+    on torch 2.14."""
+    model = without_running_stats(model).double()
+    loss_fn = torch_loss(loss_fn)
+    inputs = tuple(x.double() if x.is_floating_point() else x for x in inputs)
+    named = list(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    theta = torch.cat([p.detach().reshape(-1) for _, p in named])
+
+    def loss(t):
+        ps, off = {}, 0
+        for n, p in named:
+            ps[n] = t[off : off + p.numel()].view_as(p)
+            off += p.numel()
+        with math_attention():
+            return loss_fn(functional_call(model, {**ps, **buffers}, inputs), targets)
+
+    return torch.autograd.functional.hessian(loss, theta)
+
+
+def param_offsets(model) -> dict[str, tuple[int, int]]:
+    """``name -> (start, stop)`` of each parameter in the flat vector."""
+    out, off = {}, 0
+    for n, p in model.named_parameters():
+        out[n] = (off, off + p.numel())
+        off += p.numel()
+    return out
+
+
 def rel_err(a: dict, b: dict) -> float:
     num = sum(((a[n] - b[n]) ** 2).sum() for n in b) ** 0.5
     den = sum((b[n] ** 2).sum() for n in b) ** 0.5

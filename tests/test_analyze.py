@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
+from oracle import dense_hessian, param_offsets
 
 from hessfast.cli import main
 
@@ -96,22 +96,7 @@ def _dense(entry):
     batches = mod.loader()
     x = torch.cat([b[0] for b in batches]).double()
     y = torch.cat([b[1] for b in batches])
-    named = list(model.named_parameters())
-    theta = torch.cat([p.detach().reshape(-1) for _, p in named])
-
-    def loss(t):
-        ps, off = {}, 0
-        for n, p in named:
-            ps[n] = t[off : off + p.numel()].reshape(p.shape)
-            off += p.numel()
-        return F.cross_entropy(functional_call(model, ps, (x,)), y)
-
-    H = torch.autograd.functional.hessian(loss, theta)
-    offsets, off = {}, 0
-    for n, p in named:
-        offsets[n] = (off, off + p.numel())
-        off += p.numel()
-    return H, offsets
+    return dense_hessian(model, F.cross_entropy, (x,), y), param_offsets(model)
 
 
 def _run(args, capsys):

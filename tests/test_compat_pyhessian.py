@@ -7,6 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from oracle import dense_hessian
 from torch import nn
 
 from hessfast.compat.pyhessian import hessian
@@ -34,20 +35,7 @@ def _problem():
 
 
 def _dense_eigvals(model, criterion, x, y):
-    from torch.func import functional_call
-
-    m = copy.deepcopy(model).double()
-    named = list(m.named_parameters())
-    theta = torch.cat([p.detach().reshape(-1) for _, p in named])
-
-    def loss(t):
-        ps, off = {}, 0
-        for n, p in named:
-            ps[n] = t[off : off + p.numel()].reshape(p.shape)
-            off += p.numel()
-        return criterion(functional_call(m, ps, (x.double(),)), y)
-
-    H = torch.autograd.functional.hessian(loss, theta)
+    H = dense_hessian(model, criterion, (x,), y)
     return torch.linalg.eigvalsh(H), float(H.trace())
 
 

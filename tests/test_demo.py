@@ -2,7 +2,6 @@
 report's numbers against a dense eigendecomposition of the same model's Hessian."""
 
 import contextlib
-import copy
 import io
 import json
 import math
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
+from oracle import dense_hessian, param_offsets
 
 from hessfast.analyze import count_outliers
 from hessfast.cli import main
@@ -48,25 +47,9 @@ def dense():
     """The float64 Hessian of the quick demo's trained model over its data, from
     ``torch.autograd.functional.hessian``."""
     s = setup(quick=True, seed=0)
-    model = copy.deepcopy(s.model).double()
-    x = torch.cat([b[0] for b in s.data]).double()
+    x = torch.cat([b[0] for b in s.data])
     y = torch.cat([b[1] for b in s.data])
-    named = list(model.named_parameters())
-    theta = torch.cat([p.detach().reshape(-1) for _, p in named])
-
-    def loss(t):
-        ps, off = {}, 0
-        for n, p in named:
-            ps[n] = t[off : off + p.numel()].reshape(p.shape)
-            off += p.numel()
-        return F.cross_entropy(functional_call(model, ps, (x,)), y)
-
-    H = torch.autograd.functional.hessian(loss, theta)
-    offsets, off = {}, 0
-    for n, p in named:
-        offsets[n] = (off, off + p.numel())
-        off += p.numel()
-    return H, offsets
+    return dense_hessian(s.model, F.cross_entropy, (x,), y), param_offsets(s.model)
 
 
 def test_demo_quick_runs_and_writes_the_report(demo_run):
