@@ -39,6 +39,7 @@ import torch
 
 from ..errors import NonFiniteError
 from ..operators import DenseOperator, bytes_needed
+from .lanczos import free_bytes
 
 Tensor = torch.Tensor
 Rows = slice | Tensor
@@ -121,14 +122,13 @@ def _fmt_bytes(n: int) -> str:
 
 
 def _check_memory(nbytes: int, device: torch.device, what: str, hint: str) -> None:
-    """Raise ``MemoryError`` when ``nbytes`` cannot fit in the free memory of a CUDA device."""
-    if device.type != "cuda":
-        return
-    free, _total = torch.cuda.mem_get_info(device)
-    if nbytes > free:
+    """Raise ``MemoryError`` when ``nbytes`` cannot fit in the free memory of ``device`` (read
+    the same way as for ``eigsh``: :func:`hessfast.algorithms.lanczos.free_bytes`)."""
+    free = free_bytes(device)
+    if free is not None and nbytes > free:
         raise MemoryError(
-            f"{what} needs {_fmt_bytes(nbytes)} on {device}, but only {_fmt_bytes(free)} are free "
-            f"(torch.cuda.mem_get_info); {hint}"
+            f"{what} needs {_fmt_bytes(nbytes)} on {device}, but only {_fmt_bytes(free)} are "
+            f"free; {hint}"
         )
 
 
