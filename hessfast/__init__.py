@@ -17,6 +17,7 @@ from .algorithms import (
     trace,
 )
 from .api import ggn_vp, grad, hvp
+from .backends import BackendError, backends, use_backend
 from .capture import clear_cache
 from .distributed import DistributedError
 from .errors import (
@@ -36,6 +37,9 @@ __all__ = [
     "ggn_vp",
     "grad",
     "clear_cache",
+    "backends",
+    "use_backend",
+    "BackendError",
     "CurvatureOperator",
     "DenseOperator",
     "HessianOperator",

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import autograd_fallback, capture, engine, losses
+from .backends import use_backend
 from .errors import CaptureError, NonFiniteError
 from .vectors import Vectors, first_non_finite, format_like, parse, select_params
 
@@ -28,8 +29,22 @@ def _as_tuple(inputs: Any) -> tuple:
 
 
 def _compute(
-    model, loss_fn, inputs, targets, selected, vec: Vectors | None, mode, strict, profiler=None
+    model,
+    loss_fn,
+    inputs,
+    targets,
+    selected,
+    vec: Vectors | None,
+    mode,
+    strict,
+    profiler=None,
+    backend=None,
 ):
+    with use_backend(backend):
+        return _compute_on(model, loss_fn, inputs, targets, selected, vec, mode, strict, profiler)
+
+
+def _compute_on(model, loss_fn, inputs, targets, selected, vec, mode, strict, profiler):
     inputs = _as_tuple(inputs)
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, not {type(model).__name__}")
@@ -87,13 +102,16 @@ def hvp(
     return_grad: bool = False,
     strict: bool = False,
     check_finite: bool = True,
+    backend: str | None = None,
 ):
     """Exact Hessian of ``loss_fn(model(*inputs), targets)`` w.r.t. the parameters, times ``v``.
 
     ``v`` is a dict ``{name: tensor}`` over the differentiated parameters or a flat tensor in
     ``named_parameters()`` order, optionally with a leading K axis for K vectors at once; the
     result has the same structure. With ``return_grad=True`` returns ``(Hv, ∇L)``, the gradient in
-    ``v``'s structure without the K axis.
+    ``v``'s structure without the K axis. ``backend`` (``"auto"``, ``"cuda"``, ``"triton"``,
+    ``"torch"``; ``None``: the current :func:`hessfast.use_backend` / ``HESSFAST_BACKEND`` choice)
+    picks the rule implementations, see :mod:`hessfast.backends`.
 
     Example:
         >>> import torch, torch.nn.functional as F, hessfast
@@ -106,7 +124,9 @@ def hvp(
     """
     selected = select_params(model, params)
     vec = parse(v, selected)
-    _, grads, prods = _compute(model, loss_fn, inputs, targets, selected, vec, "hvp", strict)
+    _, grads, prods = _compute(
+        model, loss_fn, inputs, targets, selected, vec, "hvp", strict, backend=backend
+    )
     _finite("Hessian-vector product", prods, check_finite)
     out = (
         format_like(prods, vec)
@@ -129,6 +149,7 @@ def ggn_vp(
     params: Params = None,
     strict: bool = False,
     check_finite: bool = True,
+    backend: str | None = None,
 ):
     """Generalised Gauss-Newton ``Jᵀ H_L J`` times ``v`` (J: the model's Jacobian w.r.t. the
     parameters, H_L: the loss Hessian at the output). Positive semidefinite for convex losses.
@@ -144,7 +165,9 @@ def ggn_vp(
     """
     selected = select_params(model, params)
     vec = parse(v, selected)
-    _, _, prods = _compute(model, loss_fn, inputs, targets, selected, vec, "ggn", strict)
+    _, _, prods = _compute(
+        model, loss_fn, inputs, targets, selected, vec, "ggn", strict, backend=backend
+    )
     _finite("GGN-vector product", prods, check_finite)
     if vec.batched:
         return format_like(prods, vec)
@@ -161,6 +184,7 @@ def grad(
     flat: bool = False,
     strict: bool = False,
     check_finite: bool = True,
+    backend: str | None = None,
 ):
     """Gradient of ``loss_fn(model(*inputs), targets)`` through the same engine: a dict
     ``{name: tensor}``, or a flat tensor in ``named_parameters()`` order with ``flat=True``.
@@ -173,7 +197,9 @@ def grad(
         ['bias', 'weight']
     """
     selected = select_params(model, params)
-    _, grads, _ = _compute(model, loss_fn, inputs, targets, selected, None, "grad", strict)
+    _, grads, _ = _compute(
+        model, loss_fn, inputs, targets, selected, None, "grad", strict, backend=backend
+    )
     _finite("gradient", grads, check_finite)
     if flat:
         return torch.cat([grads[n].flatten() for n, _ in selected])

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .backends import requested
 from .capture import Program, Step
 from .errors import UnsupportedOpError
 from .rules import rule_for
@@ -97,6 +98,7 @@ def run(
     ``"backward"`` (``bwd_jvp``), and ``nbytes`` from :func:`produced_bytes`. ``hessfast
     profile`` (``hessfast/profile.py``) is the user of this hook.
     """
+    backend = requested()
     plan = program.plan(param_names)
     gm = program.graph_module
     env: dict[str, Any] = dict(values)
@@ -150,7 +152,7 @@ def run(
                     tuple(tng(a) for a in step.args) if k else (None,) * len(args),
                     k,
                 )
-                rule = rule_for(step.op, call)
+                rule = rule_for(step.op, call, backend)
                 try:
                     y, ydot, res = _timed(
                         profiler,

@@ -14,6 +14,9 @@ product sums the ranks' weighted partial products and loss-term counts in one al
 ``H`` is exactly the curvature over the union of the shards, and every rank gets the same
 result; see :mod:`hessfast.distributed`.
 
+``backend=`` (``"auto"``, ``"cuda"``, ``"triton"``, ``"torch"``) picks the rule implementations of
+every product this operator computes, as on :func:`hessfast.hvp` (see :mod:`hessfast.backends`).
+
 Example:
     >>> import torch, torch.nn.functional as F, hessfast
     >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
@@ -35,6 +38,7 @@ from torch import nn
 
 from . import api, losses
 from . import distributed as _dist
+from .backends import _check_choice
 from .errors import NonFiniteError
 from .vectors import Vectors, first_non_finite, parse, select_params
 
@@ -162,7 +166,11 @@ class _ModelOperator(CurvatureOperator):
         progress: bool = False,
         *,
         process_group: Any = None,
+        backend: str | None = None,
     ):
+        if backend is not None:
+            _check_choice(backend, f"{type(self).__name__}(backend=...)")
+        self.backend = backend
         self.model = model
         self.loss_fn = loss_fn
         self.single = _is_single_batch(data)
@@ -228,6 +236,7 @@ class _ModelOperator(CurvatureOperator):
             self.max_batch_size,
             self.progress,
             process_group=self.process_group if self.process_group is not None else False,
+            backend=self.backend,
         )
 
     def groups(self, by: str | Sequence[str] = "module") -> dict[str, list[tuple[int, int]]]:
@@ -296,7 +305,15 @@ class _ModelOperator(CurvatureOperator):
         for inputs, targets in self.batches():
             seen += 1
             _, _, prods = api._compute(
-                self.model, self.loss_fn, inputs, targets, self.selected, vec, self.mode, False
+                self.model,
+                self.loss_fn,
+                inputs,
+                targets,
+                self.selected,
+                vec,
+                self.mode,
+                False,
+                backend=self.backend,
             )
             w = losses.resolve(self.loss_fn, targets).denominator()
             flat = torch.cat([prods[n].reshape(vec.k, -1) for n in self.names], dim=1)

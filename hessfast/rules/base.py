@@ -55,19 +55,53 @@ class Call:
         return any(a) if isinstance(a, list) else bool(a)
 
 
+#: Default ``(rtol, atol)`` against the float64 oracle, per dtype, of a plain-torch rule.
+TORCH_TOLERANCES = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-4, 1e-5),
+    torch.bfloat16: (5e-2, 5e-2),
+    torch.float16: (1e-2, 1e-2),
+}
+
+
 class Rule:
-    """Base class: one op family's plain-torch forward-over-reverse rule.
+    """Base class: one implementation of one op family's forward-over-reverse rule.
 
     Subclasses set ``ops`` (the aten overloads they handle) and implement :meth:`fwd_jvp` and
-    :meth:`bwd_jvp`. :meth:`declines` returns a reason string when this rule cannot take a call
-    (the engine then uses the ``torch.func`` fallback), ``None`` when it can.
+    :meth:`bwd_jvp`. The same object that ran ``fwd_jvp`` for a node runs its ``bwd_jvp``.
+
+    Declarations read by the dispatch (:mod:`hessfast.backends`):
+
+    - ``backend``: ``"torch"`` (the plain-torch reference, the default), ``"triton"`` or ``"cuda"``;
+    - ``devices`` / ``dtypes``: the device types and dtypes taken (``None``: any);
+    - ``tolerances``: ``{dtype: (rtol, atol)}`` promised against the float64 oracle;
+    - :meth:`unavailable`: why the implementation cannot run in this process at all (``None``: it
+      can), e.g. an extension that was not built;
+    - :meth:`not_supported_reasons`: why it declines this call (empty: it takes it). Plain-torch
+      rules usually override :meth:`declines` (one reason or ``None``) instead; when the torch
+      reference declines, the engine uses the ``torch.func`` fallback.
     """
 
     ops: tuple = ()
     name: str = "rule"
+    backend: str = "torch"
+    devices: tuple[str, ...] | None = None
+    dtypes: tuple[torch.dtype, ...] | None = None
+    tolerances: dict = TORCH_TOLERANCES
+
+    def unavailable(self) -> str | None:
+        return None
+
+    def interpretable(self) -> bool:
+        """Whether this implementation can run CPU tensors through Triton's interpreter."""
+        return False
 
     def declines(self, call: Call) -> str | None:
         return None
+
+    def not_supported_reasons(self, call: Call) -> list[str]:
+        why = self.declines(call)
+        return [why] if why else []
 
     def fwd_jvp(self, call: Call) -> tuple[Any, Any, Any]:
         raise NotImplementedError
