@@ -17,8 +17,8 @@ from .algorithms import (
     trace,
 )
 from .api import ggn_vp, grad, hvp
-from .backends import BackendError, backends, use_backend
 from .capture import clear_cache
+from .dispatch import BackendError, backends, use_backend
 from .distributed import DistributedError
 from .errors import (
     CaptureError,

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import autograd_fallback, capture, engine, losses
-from .backends import use_backend
+from .dispatch import use_backend
 from .errors import CaptureError, NonFiniteError
 from .vectors import Vectors, first_non_finite, format_like, parse, select_params
 

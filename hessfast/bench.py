@@ -4,8 +4,10 @@ For a workload (:mod:`hessfast.bench_models`: a built-in ``mlp`` / ``resnet18`` 
 size preset, or a user's ``module:function``) it runs, on one device:
 
 - ``gradient (autograd)``: the reference every time is divided by (``× gradient``);
-- hessfast, for each available backend (:data:`BACKENDS`, for now only ``torch``): ``grad``,
-  exact ``hvp``, ``ggn_vp`` and ``hvp`` with K vectors at once;
+- hessfast, for each backend that can run on the device (:func:`available_backends`: ``torch``
+  everywhere; on a GPU also ``auto`` — the per-call dispatch — and ``triton`` / ``cuda`` where
+  :func:`hessfast.backends` says they are available): ``grad``, exact ``hvp``, ``ggn_vp`` and
+  ``hvp`` with K vectors at once, each run inside :func:`hessfast.use_backend`;
 - ``torch.func jvp(grad)`` (forward-over-reverse), ``double backward``, ``torch.func`` GGN-VP
   (``jvp`` + ``vjp``) and ``torch.func vmap`` over K vectors; on a model that calls
   ``F.scaled_dot_product_attention`` these fail with the fused kernels (no forward-mode derivative,
@@ -55,17 +57,26 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from . import losses
 from .bench_models import BUILTIN, SIZES, Workload
 from .bench_models import build as build_workload
+from .dispatch import backends as _backends
+from .dispatch import use_backend
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
-#: hessfast backends: name -> factory of the context under which hessfast runs with it. Only the
-#: plain-torch rules exist today; Triton and CUDA kernels will add entries here.
-BACKENDS: dict[str, Callable[[], Any]] = {"torch": contextlib.nullcontext}
-
 
 def available_backends(device: torch.device | None = None) -> list[str]:
-    """The hessfast backends that can run on ``device`` (today: ``["torch"]``)."""
-    return list(BACKENDS)
+    """The hessfast backends worth timing on ``device``: ``torch`` always; on a CUDA device also
+    ``auto`` and every accelerated backend :func:`hessfast.backends` reports available."""
+    out = ["torch"]
+    if device is not None and torch.device(device).type == "cuda":
+        out.append("auto")
+        info = _backends()
+        out += [b for b in ("triton", "cuda") if info[b].available]
+    return out
+
+
+def backend_context(name: str) -> Callable[[], Any]:
+    """Factory of the context under which hessfast runs on backend ``name``."""
+    return lambda: use_backend(name)
 
 
 def default_tolerance(dtype: torch.dtype, tf32: bool = False) -> float:
@@ -399,7 +410,7 @@ def build_methods(
 
     methods = [Method("gradient (autograd)", "autograd", "grad", 1, autograd_grad)]
     for b in backends if backends is not None else available_backends(dev):
-        ctx = BACKENDS[b]
+        ctx = backend_context(b)
 
         def h_grad(i):
             x, y = batches[i]

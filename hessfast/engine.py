@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from .backends import requested
 from .capture import Program, Step
+from .dispatch import requested
 from .errors import UnsupportedOpError
 from .rules import rule_for
 from .rules.base import Call, invoke

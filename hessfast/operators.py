@@ -38,7 +38,7 @@ from torch import nn
 
 from . import api, losses
 from . import distributed as _dist
-from .backends import _check_choice
+from .dispatch import _check_choice
 from .errors import NonFiniteError
 from .vectors import Vectors, first_non_finite, parse, select_params
 

@@ -33,11 +33,11 @@ import torch
 
 from . import api
 from .bench import (
-    BACKENDS,
     DTYPES,
     _finite,
     add_common_arguments,
     available_backends,
+    backend_context,
     provenance,
     resolve_device,
     tf32,
@@ -67,7 +67,9 @@ class Profiler:
 def rule_name(rule: Any, phase: str) -> str:
     if rule is None:
         return "constant (no derivative)" if phase == "constant" else "?"
-    return getattr(rule, "name", None) or type(rule).__name__
+    name = getattr(rule, "name", None) or type(rule).__name__
+    backend = getattr(rule, "backend", "torch")
+    return name if backend == "torch" else f"{name} [{backend}]"
 
 
 def op_name(step: Any, rule: Any, phase: str) -> str:
@@ -111,7 +113,7 @@ def profile_workload(w, dev, *, mode="hvp", k=1, repeats=3, backends=None) -> di
         "backends": {},
     }
     for b in backends if backends is not None else available_backends(dev):
-        with BACKENDS[b]():
+        with backend_context(b)():
             compute()  # capture, warm-up
             _sync(dev)
             plain = []

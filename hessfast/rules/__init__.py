@@ -12,7 +12,7 @@ import importlib
 import pkgutil
 from typing import Any
 
-from ..backends import ORDER, call_device, choose
+from ..dispatch import ORDER, call_device, choose
 from .base import Call, Rule
 from .fallback import FuncFallback
 
