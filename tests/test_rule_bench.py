@@ -1,0 +1,51 @@
+"""The per-rule benchmark harness (benchmarks/rule_bench.py) runs, checks agreement and reports
+every implementation with its compulsory bandwidth."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+from hessfast import rules
+from hessfast.rules import activation
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+import bench_activation  # noqa: E402
+import rule_bench  # noqa: E402
+
+TANH = torch.ops.aten.tanh.default
+
+
+class FakeTriton(activation.ElementwiseUnary):
+    backend = "triton"
+
+    def __init__(self):
+        super().__init__(TANH, "fake_tanh", activation.tanh_derivs, from_result=True)
+
+
+def test_rule_bench_reports_each_implementation(monkeypatch, capsys):
+    monkeypatch.setattr(rules, "_ACCELERATED", {TANH: [FakeTriton()]})
+    argv = ["--size", "small", "--k", "2", "--repeats", "1", "--threads", "1"]
+    rows = bench_activation.main([*argv, "--cases", "tanh 256×512,relu 256×512"])
+    out = capsys.readouterr().out
+    tanh = next(r for r in rows if r["case"].startswith("tanh"))
+    m = tanh["methods"]["triton hvp"]
+    assert m["rel_err_vs_rule"] == 0.0 and m["seconds"] > 0
+    # forward: x, ẋ read, y, ẏ written; backward: the residuals y and ẋ, then ḡ, ġ read and
+    # ḡ_x, ġ_x written (K = 2)
+    n = 256 * 512 * 4
+    assert m["bytes"] == n * (1 + 2 + 1 + 2) + n * (1 + 2 + 1 + 2 + 1 + 2)
+    assert "| tanh 256×512 | triton hvp |" in out and "copy ceiling" in out
+    relu = next(r for r in rows if r["case"].startswith("relu"))
+    assert "triton hvp" not in relu["methods"]
+
+
+def test_compulsory_bytes_counts_new_residuals_once():
+    rule = rules.registered_rule(torch.ops.aten.gelu.default)
+    x = torch.randn(8, 4)
+    call = rule_bench.make_call(torch.ops.aten.gelu.default, (x, "none"), (True, False), 3)
+    g, gdot = rule_bench.make_cotangents(x, 3)
+    n = x.numel() * 4
+    # forward: x, ẋ read; y, ẏ written. backward: residuals x and ẋ, ḡ, ġ read; ḡ_x, ġ_x written
+    got = rule_bench.compulsory_bytes(rule, call, g, gdot)
+    assert got == n * (1 + 3 + 1 + 3) + n * (1 + 3 + 1 + 3 + 1 + 3)
