@@ -29,6 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: 1 on the CPU)"
     )
+    backends = sub.add_parser(
+        "backends",
+        help="list the rule backends (cuda, triton, torch), whether they can run here and why not",
+        description="List hessfast's rule backends in dispatch order, whether each can run in "
+        "this process (and why not), and the ops each implements.",
+    )
+    backends.add_argument("--ops", action="store_true", help="also list every implemented op")
     from . import analyze, bench, profile
 
     analyze.add_parser(sub)
@@ -60,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads is not None and args.threads < 1:
             parser.error(f"--threads must be at least 1, got {args.threads}")
         return run(args.out, args.device, args.quick, args.seed, args.dtype, threads=args.threads)
+    if args.command == "backends":
+        return _backends(args.ops)
     if args.command == "analyze":
         return analyze.main(args)
     if args.command == "bench":
@@ -67,6 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "profile":
         return profile.main(args)
     return 2
+
+
+def _backends(list_ops: bool) -> int:
+    from .dispatch import backends, requested
+
+    print(f"requested: {requested()} (HESSFAST_BACKEND / use_backend / backend=)")
+    for info in backends().values():
+        print(info)
+        if list_ops:
+            for op in info.ops:
+                print(f"    {op}")
+    return 0
 
 
 if __name__ == "__main__":

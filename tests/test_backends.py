@@ -192,3 +192,12 @@ def test_profile_names_the_backend_that_ran():
 
     assert rule_name(Fake("triton"), "forward") == "fake_triton_tanh [triton]"
     assert rule_name(rules.registered_rule(TANH), "forward") == "tanh"
+
+
+def test_cli_lists_backends(capsys):
+    from hessfast.cli import main
+
+    assert main(["backends", "--ops"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("requested: auto")
+    assert "torch: available" in out and "aten.tanh.default" in out
