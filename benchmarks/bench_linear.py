@@ -54,7 +54,14 @@ CASES = {
             linear(8192, 4096, 4096),
             (F, T, T),
         ),
+        (
+            "linear 8192×4096→4096, input only",
+            aten.linear.default,
+            linear(8192, 4096, 4096),
+            (T, F, F),
+        ),
         ("linear 8192×4096→11008", aten.linear.default, linear(8192, 4096, 11008, F), (T, T, F)),
+        ("linear 1024×1024→1024", aten.linear.default, linear(1024, 1024, 1024), (T, T, T)),
         ("addmm 8192×4096→4096", aten.addmm.default, addmm(8192, 4096, 4096), (T, T, T, F, F)),
     ],
 }

@@ -130,8 +130,9 @@ def call_dtype(call: Any) -> torch.dtype | None:
 
 
 def reasons(impl: Any, call: Any, explicit: bool) -> list[str]:
-    """Why ``impl`` cannot take ``call`` (empty: it can): availability, device, dtype, and then the
-    implementation's own :meth:`not_supported_reasons`."""
+    """Why ``impl`` cannot take ``call`` (empty: it can): availability, device, dtype, then the
+    implementation's own :meth:`not_supported_reasons`, and under automatic dispatch
+    (``explicit=False``) its :meth:`auto_reasons`."""
     why = impl.unavailable()
     if why:
         return [why]
@@ -167,7 +168,10 @@ def reasons(impl: Any, call: Any, explicit: bool) -> list[str]:
         out.append(f"dtype {str(dt).replace('torch.', '')} is not supported (takes {names})")
     if out:
         return out
-    return list(impl.not_supported_reasons(call))
+    out = list(impl.not_supported_reasons(call))
+    if not out and not explicit:
+        out = list(impl.auto_reasons(call))
+    return out
 
 
 def choose(op: Any, impls: list[Any], call: Any, backend: str) -> Any | None:

@@ -201,3 +201,17 @@ def test_cli_lists_backends(capsys):
     out = capsys.readouterr().out
     assert out.startswith("requested: auto")
     assert "torch: available" in out and "aten.tanh.default" in out
+
+
+def test_auto_reasons_apply_only_to_automatic_dispatch(fakes):
+    class Cautious(Fake):
+        def auto_reasons(self, call):
+            return ["a library kernel is faster here"]
+
+    (cuda,) = fakes(Cautious("cuda"))
+    call = _call(torch.randn(3))
+    assert B.reasons(cuda, call, explicit=False) == ["a library kernel is faster here"]
+    assert B.reasons(cuda, call, explicit=True) == []
+    ref = rules.registered_rule(TANH)
+    assert B.choose(TANH, [cuda, ref], call, "auto") is ref
+    assert B.choose(TANH, [cuda, ref], call, "cuda") is cuda

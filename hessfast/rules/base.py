@@ -79,7 +79,8 @@ class Rule:
       can), e.g. an extension that was not built;
     - :meth:`not_supported_reasons`: why it declines this call (empty: it takes it). Plain-torch
       rules usually override :meth:`declines` (one reason or ``None``) instead; when the torch
-      reference declines, the engine uses the ``torch.func`` fallback.
+      reference declines, the engine uses the ``torch.func`` fallback;
+    - :meth:`auto_reasons`: why automatic dispatch skips a call the implementation could run.
     """
 
     ops: tuple = ()
@@ -102,6 +103,12 @@ class Rule:
     def not_supported_reasons(self, call: Call) -> list[str]:
         why = self.declines(call)
         return [why] if why else []
+
+    def auto_reasons(self, call: Call) -> list[str]:
+        """Why automatic dispatch should pass this call on to the next implementation although
+        this one could run it (e.g. a library kernel is faster there); explicit requests ignore
+        these."""
+        return []
 
     def fwd_jvp(self, call: Call) -> tuple[Any, Any, Any]:
         raise NotImplementedError

@@ -70,7 +70,7 @@ def oracle(op, args, active, tans, gbar, gdot, mode):
     if mode != "grad":
         tv = [tans[i] for i in slots]
         ydots = vmap(
-            lambda *ts: jvp(lambda *zs: tuple(_floats(f(*zs))[j] for j in keep), xs, ts)[1]
+            lambda *ts: jvp(lambda *zs: tuple(_floats(f(*zs))[j] for j in keep), tuple(xs), ts)[1]
         )(*tv)
         ydots = list(ydots)
     xr = [x.detach().clone().requires_grad_(True) for x in xs]
