@@ -4,7 +4,11 @@ import sys
 import pytest
 import torch
 
+# Test helpers import by name: ``oracle``, ``models.zoo``, ``kernels.harness`` from here and the
+# rule tests' ``harness`` from ``rules/`` (pytest runs with --import-mode=importlib, so test files
+# in different folders may share a basename: rules/, triton/ and cuda/ each have test_<op>.py).
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(1, os.path.join(os.path.dirname(__file__), "rules"))
 
 
 def pytest_configure(config):
