@@ -7,6 +7,13 @@ turns the output and its tangent into ``(ḡ_z, ġ_z)``. Backward pass in revers
 never formed and every second-order term drops out) and ``ḡ_θ = ∇L``.
 
 Modes: ``"hvp"`` (ḡ and ġ), ``"ggn"`` (ġ only, no primal backward), ``"grad"`` (ḡ only, no tangents).
+
+The fused head: when the loss is softmax cross-entropy with hard targets and the model output is a
+linear layer's (``aten.linear``, possibly followed by views and reshapes that keep the class axis
+last), the layer and the loss run together, a chunk of rows at a time
+(:class:`~hessfast.rules.cross_entropy.LinearCrossEntropy`), so the logits ``[N, V]`` and their
+tangents ``[K, N, V]`` never exist for the whole batch; the backward pass continues from the
+layer's inputs. :data:`FUSE_HEAD` chooses when.
 """
 
 from __future__ import annotations
@@ -21,11 +28,21 @@ import torch
 from .capture import Program, Step
 from .dispatch import requested
 from .errors import UnsupportedOpError
-from .rules import rule_for
+from .rules import cross_entropy, rule_for
 from .rules.base import Call, invoke
 from .rules.fallback import FuncFallback
 
 aten = torch.ops.aten
+
+#: When to fuse a cross-entropy head with the linear layer before it: ``None`` (the default) when
+#: the head's logits and their K tangents, ``[K+1, N, V]``, would not fit in the chunk budget
+#: (``hessfast.rules.cross_entropy.HEAD_CHUNK_BYTES``), i.e. when fusing saves memory; ``True``
+#: whenever the pattern applies; ``False`` never. Products are the same either way (up to
+#: round-off in float32 and below).
+FUSE_HEAD: bool | None = None
+
+#: Shape-only ops allowed between the head's linear layer and the model output.
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 
 
 @dataclass
@@ -55,6 +72,76 @@ def _add(a: Any, b: Any) -> Any:
     if isinstance(a, tuple):
         return tuple(_add(x, y) for x, y in zip(a, b))
     return a + b
+
+
+@dataclass
+class _Head:
+    """A fused head found in a program: the linear step and the step indices it replaces."""
+
+    linear: Step
+    skip: frozenset[int]
+
+
+def _classes_last(shape: tuple, target: torch.Tensor) -> bool:
+    """Whether the cross-entropy rule reads logits of ``shape`` as rows ``[M, C]`` with the classes
+    on the last axis, in row-major order (see ``cross_entropy.to_rows``)."""
+    lead = tuple(target.shape)
+    if len(shape) == 1:
+        return lead == ()
+    if lead != tuple(shape[:-1]):
+        return False
+    return len(shape) == 2 or lead != (shape[0], *shape[2:])  # else ambiguous: not fused
+
+
+def _find_head(program: Program, plan: dict, loss_rule: Any, k: int) -> _Head | None:
+    """The fused head of ``program`` for ``loss_rule`` (see :data:`FUSE_HEAD`), or ``None``."""
+    if (
+        FUSE_HEAD is False
+        or not isinstance(loss_rule, cross_entropy.CrossEntropyLoss)
+        or loss_rule.soft
+    ):
+        return None
+    node = program.output
+    chain = []
+    while node.op == "call_function" and node.target in _VIEWS and len(node.users) == 1:
+        chain.append(node)
+        node = node.args[0]
+    if node.op != "call_function" or node.target is not aten.linear.default:
+        return None
+    if len(node.users) != 1 or not plan.get(node.name, False):
+        return None
+    lin_val = node.meta.get("val")
+    out_val = program.output.meta.get("val")
+    if lin_val is None or out_val is None or lin_val.dim() < 1 or out_val.dim() < 1:
+        return None
+    if lin_val.shape[-1] != out_val.shape[-1]:
+        return None
+    if not _classes_last(tuple(out_val.shape), loss_rule.target):
+        return None
+    if FUSE_HEAD is None:
+        if (k + 1) * lin_val.numel() * lin_val.element_size() <= cross_entropy.HEAD_CHUNK_BYTES:
+            return None
+    names = {n.name for n in (node, *chain)}
+    skip = frozenset(i for i, s in enumerate(program.steps) if s.node.name in names)
+    linear = next(s for s in program.steps if s.node is node)
+    return _Head(linear, skip)
+
+
+def _scatter(cot: dict, plan: dict, args: tuple, gargs: Any, gdargs: Any) -> None:
+    """Accumulate the cotangents ``(ḡ, ġ)`` of a node's ``args`` into ``cot`` (active args only)."""
+    for a, ga, gda in zip(args, gargs, gdargs):
+        if isinstance(a, torch.fx.Node):
+            if plan.get(a.name, False):
+                _accumulate(cot, a.name, ga, gda)
+        elif isinstance(a, (list, tuple)):
+            for j, aj in enumerate(a):
+                if isinstance(aj, torch.fx.Node) and plan.get(aj.name, False):
+                    _accumulate(
+                        cot,
+                        aj.name,
+                        ga[j] if ga is not None else None,
+                        gda[j] if gda is not None else None,
+                    )
 
 
 def _const_eval(step: Step, args: tuple, kwargs: dict) -> Any:
@@ -96,10 +183,18 @@ def run(
     ``phase`` one of ``"constant"`` (a parameter-independent node; ``rule`` is ``None``),
     ``"forward"`` (``fwd_jvp``), ``"loss"`` (the loss rule; ``step`` is ``None``) and
     ``"backward"`` (``bwd_jvp``), and ``nbytes`` from :func:`produced_bytes`. ``hessfast
-    profile`` (``hessfast/profile.py``) is the user of this hook.
+    profile`` (``hessfast/profile.py``) is the user of this hook. A fused head is one ``"loss"``
+    record whose rule is the :class:`~hessfast.rules.cross_entropy.LinearCrossEntropy` (named
+    ``linear_cross_entropy``); its linear layer has no records of its own.
     """
     backend = requested()
     plan = program.plan(param_names)
+    if not plan.get(program.output.name, False):
+        raise UnsupportedOpError(
+            "the model output does not depend on the differentiated parameters; "
+            "check `params=` (every selected parameter is unused by this forward)"
+        )
+    head = _find_head(program, plan, loss_rule, k)
     gm = program.graph_module
     env: dict[str, Any] = dict(values)
     tan: dict[str, Any] = {}
@@ -137,6 +232,8 @@ def run(
 
     with torch.no_grad():
         for i, step in enumerate(program.steps):
+            if head is not None and i in head.skip:
+                continue  # evaluated by the fused head; its inputs stay alive until then
             name = step.node.name
             args = val(step.args)
             if not plan[name]:
@@ -176,23 +273,42 @@ def run(
             for dead in last.get(i, ()):
                 env.pop(dead, None)
                 tan.pop(dead, None)
-
-        out = program.output.name
-        z = env[out]
-        zdot = tan.get(out)
-        if not plan.get(out, False):
-            raise UnsupportedOpError(
-                "the model output does not depend on the differentiated parameters; "
-                "check `params=` (every selected parameter is unused by this forward)"
-            )
-        loss, gz, gdz = _timed(
-            profiler, None, loss_rule, "loss", (z, zdot), loss_rule.evaluate, z, zdot, mode
-        )
-        env.clear()
-        tan.clear()
+        # the loop's last values (the output and its tangents, unfused) must not outlive their use
+        args = call = y = ydot = res = None
 
         cot: dict[str, list] = {}
-        _accumulate(cot, out, gz, gdz)
+        if head is not None:
+            fused = cross_entropy.LinearCrossEntropy(loss_rule, backend)
+            largs = head.linear.args
+            inputs = (val(largs), tuple(tng(a) for a in largs))
+            active = tuple(act(a) for a in largs)
+            loss, gargs, gdargs = _timed(
+                profiler,
+                None,
+                fused,
+                "loss",
+                inputs,
+                fused.evaluate,
+                *inputs[0],
+                *inputs[1],
+                active,
+                mode,
+            )
+            env.clear()
+            tan.clear()
+            _scatter(cot, plan, largs, gargs, gdargs)
+            del inputs, gargs, gdargs  # the backward pass frees them once consumed
+        else:
+            out = program.output.name
+            z = env[out]
+            zdot = tan.get(out)
+            loss, gz, gdz = _timed(
+                profiler, None, loss_rule, "loss", (z, zdot), loss_rule.evaluate, z, zdot, mode
+            )
+            env.clear()
+            tan.clear()
+            _accumulate(cot, out, gz, gdz)
+            del z, zdot, gz, gdz  # the backward pass frees them once consumed
         for step in reversed(program.steps):
             name = step.node.name
             entry = saved.pop(name, None)
@@ -208,19 +324,7 @@ def run(
                 if isinstance(rule, FuncFallback):
                     raise _unsupported(step, e) from e
                 raise
-            for a, ga, gda in zip(step.args, gargs, gdargs):
-                if isinstance(a, torch.fx.Node):
-                    if plan.get(a.name, False):
-                        _accumulate(cot, a.name, ga, gda)
-                elif isinstance(a, (list, tuple)):
-                    for j, aj in enumerate(a):
-                        if isinstance(aj, torch.fx.Node) and plan.get(aj.name, False):
-                            _accumulate(
-                                cot,
-                                aj.name,
-                                ga[j] if ga is not None else None,
-                                gda[j] if gda is not None else None,
-                            )
+            _scatter(cot, plan, step.args, gargs, gdargs)
 
     grads: dict[str, torch.Tensor] | None = {} if mode in ("hvp", "grad") else None
     prods: dict[str, torch.Tensor] | None = {} if mode in ("hvp", "ggn") else None

@@ -31,6 +31,7 @@ _MODULES = (
     "elementwise",
     "shape",
     "reduction",
+    "cross_entropy",
 )
 
 _REGISTRY: dict[Any, Rule] | None = None

@@ -20,11 +20,22 @@ With ``A_n = Σ_c a_{n,c}``: gradient ``∂L/∂z_n = A_n p_n − a_n`` and Hess
 
 NLL takes log-probabilities ``x`` and is linear: ``L = −Σ a_{n,c} x_{n,c}`` (hard targets, no
 smoothing), gradient ``−a``, Hessian zero.
+
+The fused model head. When the logits come from a linear layer, ``z = h Wᵀ + b``, the engine
+evaluates the layer and the loss together (:class:`LinearCrossEntropy`), a chunk of rows at a time,
+so that neither ``z [N, V]`` nor its tangents ``ż [K, N, V]`` exist for the whole batch. The
+per-row work is the pseudo-op ``hessfast::cross_entropy_rows`` (:func:`cross_entropy_rows_ref`;
+Triton and CUDA implementations declare the same op), dispatched per chunk like any rule.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from . import rule_for
+from .base import Call, Rule
 
 Tensor = torch.Tensor
 
@@ -164,6 +175,285 @@ class CrossEntropyLoss:
         return loss, g, gd
 
 
+ROWS_OP = "hessfast::cross_entropy_rows"
+
+
+def cross_entropy_rows_ref(
+    z: Tensor,
+    zdot: Tensor | None,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    scale: float,
+    want_grad: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Softmax cross-entropy on rows of logits: loss rows, gradient and loss-Hessian products.
+
+    The specification of the pseudo-op ``hessfast::cross_entropy_rows`` (every implementation has
+    this signature, as a ``rows`` method).
+
+    Arguments: logits ``z [M, V]``; tangents ``zdot [K, M, V]`` or ``None``; hard targets
+    ``target [M]`` (integers); class weights ``weight [V]`` or ``None`` (all ones); ``ignore_index``;
+    label smoothing ``ε``; ``scale`` (``1 / Σ_{valid n} w_{y_n}`` over the *whole batch* for a
+    ``mean``, 1 for a ``sum``); ``want_grad``.
+
+    With ``p_n = softmax(z_n)`` and, on rows with ``y_n ≠ ignore_index`` (all zero on the others),
+    coefficients ``a_{n,c} = (1−ε) w_{y_n} δ_{c,y_n} + (ε/V) w_c``, ``A_n = Σ_c a_{n,c}``:
+
+    - ``loss_rows [M] = −scale Σ_c a_{n,c} log p_{n,c}``, float32 (float64 for float64 logits);
+    - ``gz [M, V] = scale (A_n p_n − a_n)`` (``∂L/∂z``), in ``z``'s dtype; ``None`` unless
+      ``want_grad``;
+    - ``gdz [K, M, V] = scale A_n (p_n ⊙ u − p_n ⟨p_n, u⟩)`` with ``u = zdot[k, n]`` (``∇²_z L · u``),
+      in ``z``'s dtype; ``None`` when ``zdot`` is ``None``.
+
+    Computed in float32 (float64 for float64 logits) whatever the input dtype.
+    """
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    V = z.shape[-1]
+    logp = torch.log_softmax(z.to(acc), dim=-1)
+    p = logp.exp()
+    valid = target != ignore_index
+    y = torch.where(valid, target, torch.zeros_like(target)).long()
+    vf = valid.to(acc)
+    eps = float(label_smoothing)
+    w = weight.to(device=z.device, dtype=acc) if weight is not None else None
+    c_y = (1 - eps) * (w[y] * vf if w is not None else vf)  # coefficient of the target class
+    c_s = (eps / V) * vf  # the smoothing coefficient, times w_c
+    loss_rows = c_y * logp.gather(1, y[:, None])[:, 0]
+    A = c_y
+    if eps:
+        loss_rows = loss_rows + c_s * (logp @ w if w is not None else logp.sum(-1))
+        A = A + c_s * (w.sum() if w is not None else V)
+    loss_rows = -scale * loss_rows
+    gz = None
+    if want_grad:
+        g = p * (scale * A)[:, None]
+        if eps:
+            g -= (scale * c_s)[:, None] * (w if w is not None else 1.0)
+        g.scatter_add_(1, y[:, None], -(scale * c_y)[:, None])
+        gz = g.to(z.dtype)
+    gdz = None
+    if zdot is not None:
+        pu = p * zdot  # in the accumulation dtype (type promotion)
+        pu.addcmul_(p, pu.sum(-1, keepdim=True), value=-1.0)
+        gdz = pu.mul_((scale * A)[:, None]).to(z.dtype)
+    return loss_rows, gz, gdz
+
+
+def rows_call(
+    z: Tensor,
+    zdot: Tensor | None,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    scale: float,
+    want_grad: bool,
+) -> Call:
+    """The :class:`~hessfast.rules.base.Call` that the dispatch (and ``not_supported_reasons``)
+    sees for one ``hessfast::cross_entropy_rows`` evaluation: the arguments in signature order."""
+    args = (z, zdot, target, weight, ignore_index, label_smoothing, scale, want_grad)
+    return Call(ROWS_OP, args, (), (), 0 if zdot is None else zdot.shape[0])
+
+
+class CrossEntropyRows(Rule):
+    """``hessfast::cross_entropy_rows`` in plain torch (:func:`cross_entropy_rows_ref`): the
+    reference every other implementation is tested against, and the CPU path. Not a graph op: it
+    has ``rows`` instead of ``fwd_jvp`` / ``bwd_jvp``."""
+
+    ops = (ROWS_OP,)
+    name = "cross_entropy_rows"
+
+    def rows(
+        self,
+        z: Tensor,
+        zdot: Tensor | None,
+        target: Tensor,
+        weight: Tensor | None,
+        ignore_index: int,
+        label_smoothing: float,
+        scale: float,
+        want_grad: bool,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        return cross_entropy_rows_ref(
+            z, zdot, target, weight, ignore_index, label_smoothing, scale, want_grad
+        )
+
+
+#: Memory budget of one chunk of the fused head: the chunk's logits and their K tangents,
+#: ``[K+1, rows, V]`` in the logits' dtype, take at most this many bytes (the row op's outputs
+#: ``gz``, ``gdz`` as much again).
+HEAD_CHUNK_BYTES = 256 * 2**20
+
+#: Rows per chunk of the fused head, overriding :data:`HEAD_CHUNK_BYTES` (``None``: from the
+#: budget). Tests set it to force several chunks on small models.
+HEAD_CHUNK_ROWS: int | None = None
+
+
+def head_chunk_rows(k: int, v: int, dtype: torch.dtype) -> int:
+    """Rows per chunk for K tangents and V classes: :data:`HEAD_CHUNK_ROWS` if set, else the most
+    rows whose ``[K+1, rows, V]`` fit in :data:`HEAD_CHUNK_BYTES` (at least one)."""
+    if HEAD_CHUNK_ROWS is not None:
+        return max(1, int(HEAD_CHUNK_ROWS))
+    per_row = (k + 1) * v * dtype.itemsize
+    return max(1, HEAD_CHUNK_BYTES // per_row)
+
+
+def _add_matmul(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """``out += a @ b`` (``a``, ``b`` 2-D or ``[K, ...]`` batched, ``out`` 2-D or ``[K, ...]``):
+    in place when the dtypes agree, else through a temporary in the operands' dtype (half-precision
+    operands accumulating into a float32 ``out``)."""
+    if out.dtype != a.dtype:
+        out.add_(torch.matmul(a, b))
+    elif out.dim() == 2:
+        out.addmm_(a, b)
+    else:
+        k = out.shape[0]
+        out.baddbmm_(a.expand(k, *a.shape[-2:]), b.expand(k, *b.shape[-2:]))
+
+
+class LinearCrossEntropy:
+    """The model head ``L = CE(h Wᵀ + b, y)`` evaluated in chunks of rows (the fused head).
+
+    Index conventions: ``h [..., D]`` (its rows ``N`` = all leading axes, in the order of the
+    targets' rows), ``W [V, D]``, ``b [V]``; tangents ``[K, *shape]``. Per chunk of rows:
+
+    - forward: ``z = h Wᵀ + b``, ``ż = ḣ Wᵀ + h Ẇᵀ + ḃ``;
+    - the row op (``hessfast::cross_entropy_rows``, dispatched per chunk on ``backend``):
+      ``gz = ∂L/∂z``, ``gdz = ∇²_z L · ż``, and the loss rows;
+    - backward, accumulated over chunks: ``ḡ_h = gz W``, ``ḡ_W = gzᵀ h``, ``ḡ_b = Σ_rows gz``;
+      ``ġ_h = gdz W + gz Ẇ``, ``ġ_W = gdzᵀ h + gzᵀ ḣ``, ``ġ_b = Σ_rows gdz``. The ``gz`` terms of
+      ``ġ`` are the head's second-order terms: GGN mode (``gz`` absent) drops them.
+
+    ``ḡ_h``, ``ġ_h`` are written per chunk (the rows are disjoint); ``ḡ_W``, ``ġ_W``, ``ḡ_b``,
+    ``ġ_b`` accumulate in place (in float32 for half-precision models). Memory beyond the inputs
+    and the cotangents: one chunk's ``z``, ``ż``, ``gz``, ``gdz`` (:func:`head_chunk_rows`).
+    A ``mean`` divides by the counted targets of the whole batch, not of the chunk.
+    """
+
+    name = "linear_cross_entropy"
+
+    def __init__(self, loss: CrossEntropyLoss, backend: str = "auto"):
+        if loss.soft:
+            raise ValueError("the fused head takes hard (class-index) targets only")
+        self.loss = loss
+        self.backend = backend
+
+    def scale(self, target: Tensor) -> float:
+        """``1 / Σ_{valid n} w_{y_n}`` for a ``mean`` (NaN when no target counts, as in torch), 1
+        for a ``sum``."""
+        if self.loss.reduction != "mean":
+            return 1.0
+        den = float(_target_weight(target, self.loss.weight, self.loss.ignore_index))
+        return 1.0 / den if den else math.nan
+
+    def evaluate(
+        self,
+        h: Tensor,
+        w: Tensor,
+        b: Tensor | None,
+        th: Tensor | None,
+        tw: Tensor | None,
+        tb: Tensor | None,
+        active: tuple,
+        mode: str,
+    ) -> tuple[Tensor, tuple, tuple]:
+        """``(loss, (ḡ_h, ḡ_W, ḡ_b), (ġ_h, ġ_W, ġ_b))`` for the engine's ``mode`` (``"hvp"``,
+        ``"ggn"``, ``"grad"``); ``active`` says which of ``h``, ``W``, ``b`` need cotangents, and
+        ``None`` stands for a zero."""
+        V, D = w.shape
+        need_h, need_w, need_b = (bool(a) for a in active)
+        need_b = need_b and b is not None
+        h2 = h.reshape(-1, D)
+        N = h2.shape[0]
+        tan = next((t for t in (th, tw, tb) if t is not None), None)
+        k = 0 if tan is None or mode == "grad" else tan.shape[0]
+        if not k:
+            th = tw = tb = None
+        th2 = th.reshape(k, N, D) if th is not None else None
+        lo = self.loss
+        target = lo.target.reshape(-1)
+        if target.numel() != N:
+            raise ValueError(
+                f"cross-entropy: {target.numel()} targets for {N} rows of logits {[*h.shape[:-1], V]}"
+            )
+        bad = (target != lo.ignore_index) & ((target < 0) | (target >= V))
+        if bool(bad.any()):
+            raise IndexError(
+                f"cross-entropy target {int(target[bad][0])} is out of bounds for {V} classes"
+            )
+        scale = self.scale(target)
+        want_grad = mode in ("hvp", "grad")
+        acc = torch.float32 if h.dtype in (torch.float16, torch.bfloat16) else h.dtype
+        gh = h2.new_empty((N, D)) if want_grad and need_h else None
+        gdh = h2.new_zeros((k, N, D)) if k and need_h else None
+        gw = w.new_zeros((V, D), dtype=acc) if want_grad and need_w else None
+        gdw = w.new_zeros((k, V, D), dtype=acc) if k and need_w else None
+        gb = w.new_zeros((V,), dtype=acc) if want_grad and need_b else None
+        gdb = w.new_zeros((k, V), dtype=acc) if k and need_b else None
+        total = None
+        rows = head_chunk_rows(k, V, h.dtype)
+        for r0 in range(0, N, rows):
+            r1 = min(N, r0 + rows)
+            hc = h2[r0:r1]
+            thc = th2[:, r0:r1] if th2 is not None else None
+            z = torch.nn.functional.linear(hc, w, b)
+            zd = None
+            if thc is not None:
+                zd = torch.matmul(thc, w.t())
+            if tw is not None:
+                if zd is None:
+                    zd = torch.matmul(hc, tw.transpose(1, 2))
+                else:
+                    zd.baddbmm_(hc.expand(k, -1, -1), tw.transpose(1, 2))
+            if tb is not None:
+                zd = tb[:, None, :].expand(k, r1 - r0, V) if zd is None else zd.add_(tb[:, None])
+            call = rows_call(
+                z,
+                zd,
+                target[r0:r1],
+                lo.weight,
+                lo.ignore_index,
+                lo.label_smoothing,
+                scale,
+                want_grad,
+            )
+            impl = rule_for(ROWS_OP, call, self.backend)
+            loss_rows, gz, gdz = impl.rows(*call.args)
+            part = loss_rows.sum()
+            total = part if total is None else total + part
+            del z, zd
+            if gdz is not None:
+                if need_h:
+                    _add_matmul(gdh[:, r0:r1], gdz, w)
+                if need_w:
+                    _add_matmul(gdw, gdz.transpose(1, 2), hc)
+                if need_b:
+                    gdb += gdz.sum(1)
+            if gz is not None:
+                if need_h:
+                    gh[r0:r1] = gz @ w
+                    if tw is not None:
+                        _add_matmul(gdh[:, r0:r1], gz, tw)
+                if need_w:
+                    _add_matmul(gw, gz.t(), hc)
+                    if thc is not None:
+                        _add_matmul(gdw, gz.t(), thc)
+                if need_b:
+                    gb += gz.sum(0)
+        loss = total.to(h.dtype) if total is not None else h.new_zeros(())
+
+        def out(t, shape):
+            return None if t is None else t.to(h.dtype).reshape(shape)
+
+        return (
+            loss,
+            (out(gh, h.shape), out(gw, (V, D)), out(gb, (V,))),
+            (out(gdh, (k, *h.shape)), out(gdw, (k, V, D)), out(gdb, (k, V))),
+        )
+
+
 class NLLLoss:
     """Negative log-likelihood of log-probabilities: linear, so its Hessian is zero."""
 
@@ -187,3 +477,6 @@ class NLLLoss:
         loss = -(a * zr).sum()
         g = unrows(-a) if mode in ("hvp", "grad") else None
         return loss, g, None
+
+
+RULES = [CrossEntropyRows()]

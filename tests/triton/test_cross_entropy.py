@@ -1,0 +1,197 @@
+"""The Triton kernel of ``hessfast::cross_entropy_rows`` against the float64 reference, and the
+fused head run end to end on the Triton backend (on the CPU through ``TRITON_INTERPRET=1``)."""
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from oracle import ggn_vp, hvp, rel_err
+from torch import nn
+
+import hessfast
+from hessfast import engine
+from hessfast.dispatch import reasons
+from hessfast.rules import cross_entropy as ce
+from hessfast.rules import registered_rule, rule_for
+
+tce = pytest.importorskip("hessfast.triton.cross_entropy")
+
+pytestmark = pytest.mark.triton
+
+D = torch.float64
+IMPL = tce.IMPLEMENTATIONS[0]
+
+# M rows, V classes, K tangents; block sizes forced where the case needs several tiles of the
+# row (ragged last tile) or several tangent blocks (ragged last block)
+CASES = {
+    "one-row-k1": dict(M=1, V=37, K=1),
+    "tiles-k7-weights-smoothing": dict(
+        M=5, V=300, K=7, block_v=128, weight=True, smoothing=0.1, ignore=[1]
+    ),
+    "grad-only": dict(M=4, V=100, K=0, weight=True, smoothing=0.2, ignore=[0]),
+    "ggn-k2-custom-ignore": dict(
+        M=6, V=50, K=2, want_grad=False, block_v=16, block_k=1, ignore_index=3, ignore=[2, 5]
+    ),
+    "sum-smoothing": dict(M=3, V=129, K=3, smoothing=0.3, scale=1.0),
+}
+
+
+def make(case, seed=0):
+    c = {"weight": False, "smoothing": 0.0, "ignore_index": -100, "ignore": [], "scale": None}
+    c.update(CASES[case])
+    g = torch.Generator().manual_seed(seed)
+    M, V, K = c["M"], c["V"], c["K"]
+    z = torch.randn(M, V, generator=g, dtype=D) * 3
+    u = torch.randn(K, M, V, generator=g, dtype=D) if K else None
+    y = torch.randint(0, V, (M,), generator=g)
+    y[c["ignore"]] = c["ignore_index"]
+    w = torch.rand(V, generator=g, dtype=D) + 0.5 if c["weight"] else None
+    scale = c["scale"] if c["scale"] is not None else 1 / max(M - len(c["ignore"]), 1)
+    args = (z, u, y, w, c["ignore_index"], c["smoothing"], scale, c.get("want_grad", True))
+    blocks = {"block_v": c.get("block_v"), "block_k": c.get("block_k")}
+    return args, blocks
+
+
+def cast(args, dtype, device):
+    return tuple(
+        a.to(device=device, dtype=dtype)
+        if isinstance(a, torch.Tensor) and a.is_floating_point()
+        else (a.to(device) if isinstance(a, torch.Tensor) else a)
+        for a in args
+    )
+
+
+def run_kernel(args, blocks):
+    return tce.cross_entropy_rows_triton(*args, **blocks)
+
+
+def back(outs):
+    return [None if t is None else t.detach().to("cpu", D) for t in outs]
+
+
+def err(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_float32_matches_the_reference_at_the_declared_tolerance(case, kernel_device):
+    args, blocks = make(case)
+    want = ce.cross_entropy_rows_ref(*args)
+    got = back(run_kernel(cast(args, torch.float32, kernel_device), blocks))
+    rtol, atol = IMPL.tolerances[torch.float32]
+    for what, a, b in zip(("loss rows", "gz", "gdz"), got, want):
+        if b is None:
+            assert a is None, what
+            continue
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m, w=what: f"{w}: {m}")
+    ignored = args[2] == args[4]
+    if ignored.any():
+        assert (got[0][ignored] == 0).all()
+        for t in got[1:]:
+            if t is not None:
+                assert (t[..., ignored, :] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ["tiles-k7-weights-smoothing", "ggn-k2-custom-ignore"])
+def test_half_precision_within_twice_plain_torch(case, dtype, kernel_device):
+    args, blocks = make(case)
+    want = ce.cross_entropy_rows_ref(*args)
+    low = cast(args, dtype, kernel_device)
+    got = back(run_kernel(low, blocks))
+    ref = back(ce.cross_entropy_rows_ref(*cast(args, dtype, "cpu")))
+    for what, a, r, b in zip(("loss rows", "gz", "gdz"), got, ref, want):
+        if b is None:
+            continue
+        assert err(a, b) <= max(2 * err(r, b), IMPL.tolerances[dtype][1]), what
+
+
+def test_non_contiguous_inputs_give_the_contiguous_result(kernel_device):
+    args, blocks = make("tiles-k7-weights-smoothing")
+    z, u = args[0], args[1]
+    dev = cast(args, torch.float32, kernel_device)
+    want = run_kernel(dev, blocks)
+    zn = torch.cat([z, z], 1).to(kernel_device, torch.float32)[:, ::2]
+    zn.copy_(dev[0])
+    un = u.transpose(0, 1).contiguous().transpose(0, 1).to(kernel_device, torch.float32)
+    assert not zn.is_contiguous() and not un.is_contiguous()
+    got = run_kernel((zn, un, *dev[2:]), blocks)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_deterministic_and_k_batched_equals_one_at_a_time(kernel_device):
+    args, blocks = make("tiles-k7-weights-smoothing")
+    dev = cast(args, torch.float32, kernel_device)
+    first = run_kernel(dev, blocks)
+    again = run_kernel(dev, blocks)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    for k in (0, 6):
+        one = run_kernel((dev[0], dev[1][k : k + 1], *dev[2:]), blocks)
+        torch.testing.assert_close(one[2][0], first[2][k], rtol=1e-6, atol=1e-9)
+        assert torch.equal(one[0], first[0]) and torch.equal(one[1], first[1])
+
+
+def test_dispatch_runs_the_kernel_or_says_why_not(kernel_device):
+    args, _ = make("one-row-k1")
+    call = ce.rows_call(*cast(args, torch.float32, kernel_device))
+    assert rule_for(ce.ROWS_OP, call, "triton") is IMPL
+    assert rule_for(ce.ROWS_OP, call, "torch") is registered_rule(ce.ROWS_OP)
+    call64 = ce.rows_call(*cast(args, D, kernel_device))
+    assert any("float64" in r for r in reasons(IMPL, call64, explicit=True))
+    bad = ce.rows_call(args[0].float(), args[1][:, :, :5].float(), *args[2:])
+    assert any("tangents" in r for r in IMPL.not_supported_reasons(bad))
+    assert any(
+        "class weights" in r
+        for r in IMPL.not_supported_reasons(ce.rows_call(*args[:3], torch.ones(3), *args[4:]))
+    )
+
+
+class TritonSpy:
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        original = tce.CrossEntropyRowsTriton.rows
+
+        def rows(impl, *a):
+            self.calls += 1
+            return original(impl, *a)
+
+        monkeypatch.setattr(tce.CrossEntropyRowsTriton, "rows", rows)
+
+
+def test_fused_head_on_the_triton_backend_matches_the_oracle(kernel_device, monkeypatch):
+    """A linear head on ``[B, T, D]`` features, float32, rows in 3 chunks (ragged), weights,
+    ignore_index and smoothing: HVP, GGN-VP and gradient against the float64 oracle."""
+    monkeypatch.setattr(engine, "FUSE_HEAD", True)
+    monkeypatch.setattr(ce, "HEAD_CHUNK_ROWS", 3)
+    spy = TritonSpy(monkeypatch)
+    torch.manual_seed(0)
+    model = nn.Linear(6, 37).to(D)
+    x = torch.randn(2, 4, 6, dtype=D)
+    y = torch.randint(0, 37, (2, 4))
+    y[0, 1] = -100
+    w = torch.rand(37, dtype=D) + 0.5
+    loss64 = functools.partial(F.cross_entropy, weight=w, label_smoothing=0.1)
+    v = {n: torch.randn(2, *p.shape, dtype=D) for n, p in model.named_parameters()}
+    m32 = nn.Linear(6, 37).to(kernel_device)
+    m32.load_state_dict(model.state_dict())
+    loss32 = functools.partial(
+        F.cross_entropy, weight=w.to(kernel_device, torch.float32), label_smoothing=0.1
+    )
+    x32, y32 = x.to(kernel_device, torch.float32), y.to(kernel_device)
+    v32 = {n: t.to(kernel_device, torch.float32) for n, t in v.items()}
+
+    def back32(d):
+        return {n: t.to("cpu", D) for n, t in d.items()}
+
+    got, g = hessfast.hvp(m32, loss32, x32, y32, v32, backend="triton", return_grad=True)
+    assert spy.calls == 3
+    assert rel_err(back32(got), hvp(model, loss64, (x,), y, v)) < 1e-5
+    gv = hessfast.ggn_vp(m32, loss32, x32, y32, v32, backend="triton")
+    assert rel_err(back32(gv), ggn_vp(model, loss64, (x,), y, v)) < 1e-5
+    with torch.enable_grad():
+        loss = loss64(model(x).flatten(0, 1), y.flatten())
+        want = dict(zip(v, torch.autograd.grad(loss, list(model.parameters()))))
+    assert rel_err(back32(g), want) < 1e-5
+    assert spy.calls == 6
