@@ -51,6 +51,7 @@ CASES = {
         ("layer_norm 8192×4096", LN, ln(8192, 4096), (T, F, T, T, F, F)),
         ("layer_norm 8192×768", LN, ln(8192, 768), (T, F, T, T, F, F)),
         ("rms_norm 8192×4096", RMS, rms(8192, 4096), (T, F, T, F)),
+        ("rms_norm 8192×5120 (row not a power of two)", RMS, rms(8192, 5120), (T, F, T, F)),
     ],
 }
 

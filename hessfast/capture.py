@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .errors import CaptureError, DropoutError
+from .fusion import fuse_rms_norm
 from .rules.base import normalize_args
 
 aten = torch.ops.aten
@@ -152,6 +153,7 @@ def _build(ep: torch.export.ExportedProgram, model: nn.Module) -> Program:
         ph: ep.constants[name] for ph, name in sig.inputs_to_lifted_tensor_constants.items()
     }
     gm = ep.graph_module
+    fuse_rms_norm(gm)  # decomposed RMSNorm chains -> aten.rms_norm (hessfast/fusion.py)
     steps = []
     output_node = None
     user_outputs = list(sig.user_outputs)

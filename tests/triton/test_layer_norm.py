@@ -1,0 +1,260 @@
+"""The Triton layer/RMS norm rules (``hessfast/triton/layer_norm.py``) against the float64 oracle
+and torch.
+
+Rows of 37 (not a power of two: masked tail of the 64-wide block) and of 1, several rows per tile,
+3-D inputs, a normalized_shape over two dims, non-contiguous (transposed) inputs, with and
+without weight/bias, with only the affine parameters active; every engine mode, K = 1 and K = 7.
+The backward's row-group split (partial sums over several programs and several tiles per
+program) is forced at small sizes by shrinking the kernel's tile and program targets.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kernels.harness import check_impl
+from torch import nn
+
+import hessfast
+from hessfast.dispatch import reasons
+from hessfast.rules import implementations
+from hessfast.rules.base import Call
+from hessfast.triton import layer_norm as tln
+
+pytestmark = pytest.mark.triton
+
+aten = torch.ops.aten
+LN, RMS = aten.layer_norm.default, aten.rms_norm.default
+LN_IMPL, RMS_IMPL = tln.IMPLEMENTATIONS
+D = torch.float64
+T, F_ = True, False
+
+
+def r(*s):
+    return torch.randn(s, dtype=D)
+
+
+def w_(*s):
+    return 1 + 0.3 * r(*s)
+
+
+#: name -> (op, build args, active); built lazily so that each test gets the autouse seed.
+CASES = {
+    "ln-affine": (LN, lambda: (r(6, 37), [37], w_(37), r(37), 1e-5, True), (T, F_, T, T, F_, F_)),
+    "ln-plain": (LN, lambda: (r(6, 37), [37], None, None, 1e-5, True), (T, F_, F_, F_, F_, F_)),
+    "ln-params-only": (
+        LN,
+        lambda: (r(6, 37), [37], w_(37), r(37), 1e-5, True),
+        (F_, F_, T, T, F_, F_),
+    ),
+    "ln-2d-shape": (
+        LN,
+        lambda: (r(2, 3, 4, 5), [4, 5], w_(4, 5), r(4, 5), 1e-5, True),
+        (T, F_, T, T, F_, F_),
+    ),
+    "ln-d1": (LN, lambda: (r(5, 1), [1], w_(1), r(1), 1e-5, True), (T, F_, T, T, F_, F_)),
+    "ln-transposed": (
+        LN,
+        lambda: (r(37, 6).t(), [37], w_(37), r(37), 1e-5, True),
+        (T, F_, T, T, F_, F_),
+    ),
+    "rms-weight": (RMS, lambda: (r(2, 3, 37), [37], w_(37), 1e-6), (T, F_, T, F_)),
+    "rms-plain": (RMS, lambda: (r(6, 37), [37], None, None), (T, F_, F_, F_)),
+    "rms-weight-only": (RMS, lambda: (r(6, 37), [37], w_(37), 1e-6), (F_, F_, T, F_)),
+    "rms-d1": (RMS, lambda: (r(5, 1), [1], w_(1), 1e-6), (T, F_, T, F_)),
+    "rms-transposed": (
+        RMS,
+        lambda: (r(2, 37, 3).transpose(1, 2), [37], w_(37), 1e-6),
+        (T, F_, T, F_),
+    ),
+}
+
+
+def _impl(op):
+    return LN_IMPL if op is LN else RMS_IMPL
+
+
+# seed=1: the harness's seed-0 tangents would repeat the autouse seed-0 draw of x, and ẋ = x is
+# a zero tangent direction of a scale-invariant norm
+@pytest.mark.parametrize("k", [1, 7])
+@pytest.mark.parametrize("case", list(CASES))
+def test_float32_matches_oracle(case, k, kernel_device):
+    op, build, active = CASES[case]
+    check_impl(
+        _impl(op), op, build(), active, dtype=torch.float32, device=kernel_device, k=k, seed=1
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ["ln-affine", "ln-transposed", "rms-weight", "rms-plain"])
+def test_half_within_twice_torch(case, dtype, kernel_device):
+    op, build, active = CASES[case]
+    check_impl(_impl(op), op, build(), active, dtype=dtype, device=kernel_device, k=3, seed=1)
+
+
+@pytest.mark.parametrize("case", ["ln-affine", "rms-weight"])
+def test_row_groups_and_tiles_split(case, kernel_device):
+    """Rows of 37 one per tile (TILE = 64) and at most 8 programs: each program loops over several
+    tiles, several programs write partial sums of ġ_γ, ġ_β, and the masked last group is short."""
+    op, build, active = CASES[case]
+    with mock.patch.object(tln, "TILE", 64), mock.patch.object(tln, "BWD_PROGRAMS", 8):
+        check_impl(
+            _impl(op), op, build(), active, dtype=torch.float32, device=kernel_device, k=3, seed=1
+        )
+
+
+def _call(op, args, active, k, dev):
+    args = tuple(a.to(dev, torch.float32) if isinstance(a, torch.Tensor) else a for a in args)
+    tans = tuple(
+        torch.randn(k, *a.shape, device=dev) if act else None for a, act in zip(args, active)
+    )
+    return Call(op, args, active, tans, k)
+
+
+def _hvp(impl, call, g, gdot):
+    y, ydot, res = impl.fwd_jvp(call)
+    return [ydot, *impl.bwd_jvp(res, g, gdot)[1]]
+
+
+def _cotangents(call, k, dev):
+    shape = call.args[0].shape
+    return torch.randn(shape, device=dev), torch.randn(k, *shape, device=dev)
+
+
+@pytest.mark.parametrize("case", ["ln-affine", "rms-weight"])
+def test_k_batched_equals_loop_over_k(case, kernel_device):
+    """Tangent k's results do not depend on the other K − 1 (the same row groups: bitwise)."""
+    op, build, active = CASES[case]
+    call = _call(op, build(), active, 4, kernel_device)
+    g, gdot = _cotangents(call, 4, kernel_device)
+    impl = _impl(op)
+    batched = _hvp(impl, call, g, gdot)
+    for kk in range(4):
+        one_t = tuple(None if t is None else t[kk : kk + 1] for t in call.tangents)
+        one = _hvp(impl, Call(op, call.args, active, one_t, 1), g, gdot[kk : kk + 1])
+        for a, b in zip(batched, one):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert torch.equal(a[kk], b[0])
+
+
+def test_deterministic(kernel_device):
+    """Two identical calls agree bitwise, partial sums over several row groups included."""
+    op, build, active = CASES["ln-affine"]
+    call = _call(op, build(), active, 3, kernel_device)
+    g, gdot = _cotangents(call, 3, kernel_device)
+    with mock.patch.object(tln, "TILE", 64), mock.patch.object(tln, "BWD_PROGRAMS", 8):
+        first, second = _hvp(LN_IMPL, call, g, gdot), _hvp(LN_IMPL, call, g, gdot)
+    for a, b in zip(first, second):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_declines_with_reasons():
+    x = torch.randn(2, tln.MAX_D + 1)
+    long_rows = Call(RMS, (x, [x.shape[1]], None, 1e-6), (T, F_, F_, F_), (None,) * 4, 0)
+    assert any(
+        "exceed the kernel's maximum" in w for w in RMS_IMPL.not_supported_reasons(long_rows)
+    )
+    empty = Call(RMS, (torch.randn(0, 8), [8], None, 1e-6), (T, F_, F_, F_), (None,) * 4, 0)
+    assert any("empty input" in w for w in RMS_IMPL.not_supported_reasons(empty))
+    bad = Call(
+        LN, (torch.randn(3, 8), [4], None, None, 1e-5, True), (T,) + (F_,) * 5, (None,) * 6, 0
+    )
+    assert any("normalized_shape [4]" in w for w in LN_IMPL.not_supported_reasons(bad))
+    f64 = Call(LN, (r(3, 8), [8], r(8), r(8), 1e-5, True), (T, F_, T, T, F_, F_), (None,) * 6, 0)
+    assert any("float64" in w for w in reasons(LN_IMPL, f64, explicit=True))
+    ok = Call(
+        LN, (torch.randn(3, 8), [8], None, None, 1e-5, True), (T,) + (F_,) * 5, (None,) * 6, 0
+    )
+    assert LN_IMPL.not_supported_reasons(ok) == []
+
+
+#: Compiles both kernels for sm_90 (H100/H200) with every feature switched on, in a process
+#: without TRITON_INTERPRET: Triton's GPU front end type-checks what the interpreter lets pass.
+_COMPILE_SM90 = textwrap.dedent(
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from hessfast.triton import layer_norm as tln
+
+    SCALARS = {"N": "i32", "D": "i32", "ND": "i64", "K": "i32", "NG": "i32", "G": "i32",
+               "ROWS_PER_GROUP": "i32", "eps": "fp32"}
+    STATS = {"mean_ptr", "rstd_ptr", "a_ptr", "t_ptr", "pw_ptr", "pb_ptr"}
+    for kernel in (tln._norm_fwd_kernel, tln._norm_bwd_kernel):
+        names = kernel.arg_names
+        flags = [n for n in names if n.isupper() and n not in SCALARS]
+        sig = {n: "constexpr" if n in flags else SCALARS.get(n) or
+               ("*fp32" if n in STATS else "*bf16") for n in names}
+        consts = {(names.index(n),): True for n in flags}
+        consts[(names.index("BLOCK_R"),)] = 2
+        consts[(names.index("BLOCK_D"),)] = 2048
+        out = triton.compile(ASTSource(kernel, sig, consts), target=GPUTarget("cuda", 90, 32),
+                             options={"num_warps": 16})
+        assert out.asm["cubin"], kernel
+    print("compiled")
+    """
+)
+
+
+def test_kernels_compile_for_hopper():
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SM90], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+def test_registered_for_the_norm_ops():
+    assert LN_IMPL in implementations(LN) and RMS_IMPL in implementations(RMS)
+
+
+class LlamaRMSNorm(nn.Module):
+    """RMSNorm written out as Llama does (no upcast): fused into aten.rms_norm at capture."""
+
+    def __init__(self, d, eps=1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.1 * torch.randn(d))
+        self.eps = eps
+
+    def forward(self, h):
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+def _compare_backends(model, x, y, impl, calls):
+    """hvp and ggn_vp with backend='triton' equal backend='torch'; ``impl`` ran ``calls`` times
+    (its backward, in the two products)."""
+    v = {n: torch.randn(2, *p.shape, device=x.device) for n, p in model.named_parameters()}
+    with mock.patch.object(impl, "bwd_jvp", wraps=impl.bwd_jvp) as spy:
+        got = hessfast.hvp(model, F.cross_entropy, x, y, v, backend="triton")
+        ggn = hessfast.ggn_vp(model, F.cross_entropy, x, y, v, backend="triton")
+    assert spy.call_count == calls
+    want = hessfast.hvp(model, F.cross_entropy, x, y, v, backend="torch")
+    ggn_want = hessfast.ggn_vp(model, F.cross_entropy, x, y, v, backend="torch")
+    for n in v:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ggn[n], ggn_want[n], rtol=1e-4, atol=1e-5)
+
+
+def test_layer_norm_model_matches_torch_backend(kernel_device):
+    dev = kernel_device
+    model = nn.Sequential(nn.Linear(5, 11), nn.LayerNorm(11), nn.Tanh(), nn.Linear(11, 3)).to(dev)
+    x, y = torch.randn(2, 4, 5, device=dev), torch.randint(0, 3, (2, 4), device=dev)
+    _compare_backends(model, x, y, LN_IMPL, 2)
+
+
+def test_rms_norm_model_matches_torch_backend(kernel_device):
+    """nn.RMSNorm (aten.rms_norm, eps=None) and a Llama-style written-out RMSNorm, which capture
+    fuses into aten.rms_norm: both run the Triton kernel."""
+    dev = kernel_device
+    model = nn.Sequential(
+        nn.Linear(5, 11), LlamaRMSNorm(11), nn.Tanh(), nn.Linear(11, 7), nn.RMSNorm(7)
+    ).to(dev)
+    x, y = torch.randn(2, 4, 5, device=dev), torch.randint(0, 7, (2, 4), device=dev)
+    _compare_backends(model, x, y, RMS_IMPL, 4)
