@@ -1,69 +1,153 @@
 """Build script: the Python package, plus ``hessfast._C`` from ``csrc/`` when it can be built.
 
-The extension is built when ``csrc/`` holds sources, a CUDA toolkit is found (``CUDA_HOME``, or the
-real location of ``nvcc`` on ``PATH``) and the installed torch is a CUDA build.
-``HESSFAST_BUILD_CUDA=0`` skips it; ``=1`` makes a missing toolkit an error. Without it the package
-installs cleanly and the CUDA backend reports how to build it.
+The extension (CUDA kernels and their CPU counterparts, registered as ``torch.ops.hessfast.*``) is
+built with ninja when a CUDA toolkit is found and the installed torch is a CUDA build. torch must be
+importable at build time, so build without isolation::
+
+    pip install -e . --no-build-isolation
+
+Environment:
+
+- ``HESSFAST_BUILD_CUDA``: ``0`` skips the extension; ``1`` makes a missing toolkit (or torch) an
+  error instead of a silent skip; unset: build when possible.
+- ``CUDA_HOME`` (or ``CUDA_PATH``): the toolkit. Unset, it is found from ``nvcc`` on ``PATH`` — the
+  real toolkit directory, also when that ``nvcc`` is a wrapper script elsewhere — or
+  ``/usr/local/cuda``.
+- ``TORCH_CUDA_ARCH_LIST``: the GPU architectures (default ``8.0;9.0+PTX``: A100, H100/H200 and,
+  through the PTX, newer GPUs).
+- ``MAX_JOBS``: parallel compile jobs (default: from the CPU cores and the available memory, about
+  3 GiB per nvcc job).
+
+Without the extension the package installs and runs on its torch (and Triton) backends; the CUDA
+backend reports that the extension was not built and how to build it.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from setuptools import setup
 
 HERE = Path(__file__).parent
+CSRC = HERE / "csrc"
+DEFAULT_ARCHS = "8.0;9.0+PTX"
+GIB_PER_JOB = 3
 
 
-def _cuda_home() -> str | None:
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home:
-        return home
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        return None
-    # the nvcc on PATH may be a wrapper script: follow links to the real binary
+def _is_toolkit(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / "bin" / "nvcc").is_file() and (p / "include" / "cuda_runtime.h").is_file()
+
+
+def _nvcc_home(nvcc: str) -> str | None:
+    """The toolkit of an ``nvcc`` on ``PATH``: its real location, or (for a wrapper script) the
+    directory that nvcc itself reports (``_HERE_`` in its ``-dryrun`` output)."""
     real = Path(os.path.realpath(nvcc))
-    if real.parent.name == "bin" and (real.parent.parent / "include").is_dir():
+    if _is_toolkit(real.parent.parent):
         return str(real.parent.parent)
-    if Path("/usr/local/cuda/bin/nvcc").exists():
-        return "/usr/local/cuda"
+    try:
+        out = subprocess.run(
+            [nvcc, "-dryrun", "-E", "-x", "cu", os.devnull],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"^#\$ _HERE_=(.+)$", out.stdout + out.stderr, re.M)
+    if m and _is_toolkit(Path(m.group(1).strip()).parent):
+        return str(Path(os.path.realpath(m.group(1).strip())).parent)
     return None
 
 
-def _extensions():
-    sources = sorted(str(p) for p in (HERE / "csrc").glob("*.c[pu]*"))
-    want = os.environ.get("HESSFAST_BUILD_CUDA", "auto")
-    if want == "0" or not sources:
+def cuda_home() -> str | None:
+    """The CUDA toolkit directory (the one holding ``bin/nvcc``), or ``None``."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home:
+            return home if _is_toolkit(home) else None
+    nvcc = shutil.which("nvcc")
+    if nvcc is not None:
+        home = _nvcc_home(nvcc)
+        if home is not None:
+            return home
+    return "/usr/local/cuda" if _is_toolkit("/usr/local/cuda") else None
+
+
+def max_jobs() -> int:
+    """Parallel compile jobs: one per core, at most one per ``GIB_PER_JOB`` of available memory."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    avail_gib = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail_gib = int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    jobs = cores or 1
+    if avail_gib is not None:
+        jobs = min(jobs, int(avail_gib // GIB_PER_JOB))
+    return max(1, jobs)
+
+
+def _skip(why: str, want: str) -> tuple[list, dict]:
+    if want == "1":
+        raise RuntimeError(
+            f"HESSFAST_BUILD_CUDA=1 but the extension cannot be built: {why}. Install a CUDA "
+            "toolkit (or set CUDA_HOME to the directory holding bin/nvcc) and a CUDA build of "
+            "torch, then build with `pip install -e . --no-build-isolation`."
+        )
+    print(f"hessfast: not building the CUDA extension hessfast._C: {why}", file=sys.stderr)
+    return [], {}
+
+
+def extensions() -> tuple[list, dict]:
+    """``(ext_modules, cmdclass)`` for ``setup``: ``hessfast._C`` when it can be built."""
+    want = os.environ.get("HESSFAST_BUILD_CUDA", "").strip()
+    sources = sorted(str(p.relative_to(HERE)) for p in (*CSRC.glob("*.cpp"), *CSRC.glob("*.cu")))
+    if want == "0":
         return [], {}
-    home = _cuda_home()
+    if not sources:
+        return _skip("csrc/ holds no sources", want)
+    home = cuda_home()
+    if home is None:
+        return _skip(
+            "no CUDA toolkit found (none at CUDA_HOME / CUDA_PATH, behind nvcc on PATH or at "
+            "/usr/local/cuda)",
+            want,
+        )
+    # torch.utils.cpp_extension reads CUDA_HOME when first imported
+    os.environ.setdefault("CUDA_HOME", home)
     try:
         import torch
         from torch.utils import cpp_extension
     except ImportError:
-        torch = None
-    ok = home is not None and torch is not None and torch.version.cuda is not None
-    if not ok:
-        if want == "1":
-            raise RuntimeError(
-                "HESSFAST_BUILD_CUDA=1 but no CUDA toolkit / CUDA-enabled torch was found: set "
-                "CUDA_HOME to the toolkit (the directory holding bin/nvcc) and install a CUDA "
-                "build of torch, then build with `pip install -e . --no-build-isolation`."
-            )
-        return [], {}
-    os.environ.setdefault("CUDA_HOME", home)
-    cpp_extension.CUDA_HOME = home
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        return _skip(
+            "torch is not importable at build time (build with --no-build-isolation, torch "
+            "installed first)",
+            want,
+        )
+    if torch.version.cuda is None:
+        return _skip(f"torch {torch.__version__} is not a CUDA build", want)
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+    os.environ.setdefault("MAX_JOBS", str(max_jobs()))
     ext = cpp_extension.CUDAExtension(
         "hessfast._C",
         sources,
-        include_dirs=[str(HERE / "csrc")],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]},
+        include_dirs=[str(CSRC)],
+        extra_compile_args={
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "--expt-relaxed-constexpr"],
+        },
     )
-    return [ext], {"build_ext": cpp_extension.BuildExtension}
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # as pip, setuptools' build backend and `python setup.py` run it
+    ext_modules, cmdclass = extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

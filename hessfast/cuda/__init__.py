@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 
+import torch
+
 from ..rules.base import Rule
 
 _LOADED: str | None | bool = False
@@ -37,6 +39,14 @@ def unavailable() -> str | None:
         except OSError as e:
             _LOADED = f"extension hessfast._C failed to load ({e}): {BUILD_HINT}"
     return _LOADED
+
+
+def ops():
+    """``torch.ops.hessfast``, after loading ``hessfast._C`` (a clear error when it cannot be)."""
+    why = unavailable()
+    if why:
+        raise RuntimeError(f"hessfast's CUDA backend cannot run: {why}")
+    return torch.ops.hessfast
 
 
 class CudaRule(Rule):

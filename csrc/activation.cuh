@@ -1,0 +1,155 @@
+// Elementwise activations: values and first and second derivatives, for the host and the device.
+//
+// For y = f(x) the rule needs f'(x) (forward tangent ẏ = f' ẋ, cotangent ḡ_x = f' ḡ) and f''(x)
+// (second-order term of the cotangent's tangent, ġ_x = f' ġ + f'' ẋ ḡ). As in
+// hessfast/rules/activation.py, the derivatives of relu, tanh and sigmoid are functions of the
+// result y (the residual the backward keeps); those of gelu and silu are functions of x:
+//
+//   relu        f' = [y > 0]                         f'' = 0
+//   gelu (erf)  f' = Φ(x) + x φ(x)                   f'' = φ(x) (2 − x²)
+//   gelu (tanh) f' = ½(1+t) + ½ x (1−t²) u'          f'' = (1−t²) (u' + ½ x (u'' − 2 t u'²))
+//               t = tanh u, u = c (x + κ x³), u' = c (1 + 3κ x²), u'' = 6 c κ x,
+//               c = √(2/π), κ = 0.044715
+//   silu        f' = s (1 + x (1−s)), s = σ(x)       f'' = s (1−s) (2 + x (1−2s))
+//   tanh        f' = 1 − y²                          f'' = −2 y (1 − y²)
+//   sigmoid     f' = y (1 − y)                       f'' = y (1 − y) (1 − 2y)
+//
+// Evaluated without cancellation where the plain formulas lose relative accuracy: Φ(x) =
+// ½ erfc(−x/√2) (not ½ (1 + erf(x/√2)), which cancels for x ≪ 0); for gelu (tanh)
+// ½ (1 + t) = σ(2u) and 1 − t² = 4 σ(2u) σ(−2u); for silu 1 − s = σ(−x) and 1 − 2s = σ(−x) − σ(x).
+#pragma once
+
+#include <type_traits>
+
+#include "common.cuh"
+
+namespace hessfast {
+
+enum class Act : int { Relu = 0, Gelu = 1, GeluTanh = 2, Silu = 3, Tanh = 4, Sigmoid = 5 };
+
+// from_result: the derivatives are functions of y (the backward's residual is y, else x);
+// curved: f'' is not identically zero (the backward then needs the input tangent ẋ).
+template <Act A>
+struct ActInfo {
+  static constexpr bool from_result = A == Act::Relu || A == Act::Tanh || A == Act::Sigmoid;
+  static constexpr bool curved = A != Act::Relu;
+};
+
+template <typename T>
+HF_HD T sigmoid(T x) {
+  return T(1) / (T(1) + hf_exp(-x));
+}
+
+// The constants of gelu: 1/√2, 1/√(2π), c = √(2/π), κ.
+template <typename T>
+struct GeluConst {
+  static constexpr T inv_sqrt2 = T(0.70710678118654752440);
+  static constexpr T inv_sqrt_2pi = T(0.39894228040143267794);
+  static constexpr T c = T(0.79788456080286535588);
+  static constexpr T kappa = T(0.044715);
+};
+
+// Exact gelu: Φ(x) and φ(x).
+template <typename T>
+HF_HD void gelu_cdf_pdf(T x, T& cdf, T& pdf) {
+  using G = GeluConst<T>;
+  cdf = T(0.5) * hf_erfc(-x * G::inv_sqrt2);
+  pdf = G::inv_sqrt_2pi * hf_exp(T(-0.5) * x * x);
+}
+
+// Tanh gelu: sp = σ(2u) = ½ (1 + tanh u), sm = σ(−2u) = ½ (1 − tanh u), and u'.
+template <typename T>
+HF_HD void gelu_tanh_parts(T x, T& sp, T& sm, T& du) {
+  using G = GeluConst<T>;
+  const T x2 = x * x;
+  const T u = G::c * (x + G::kappa * x2 * x);
+  sp = sigmoid(T(2) * u);
+  sm = sigmoid(T(-2) * u);
+  du = G::c * (T(1) + T(3) * G::kappa * x2);
+}
+
+// y = f(x) and f'(x) (for from_result activations f' is computed from the unrounded y).
+template <Act A, typename T>
+HF_HD void act_value_d1(T x, T& y, T& d1) {
+  if constexpr (A == Act::Relu) {
+    y = x < T(0) ? T(0) : x;  // NaN propagates, as in torch
+    d1 = y > T(0) ? T(1) : T(0);
+  } else if constexpr (A == Act::Gelu) {
+    T cdf, pdf;
+    gelu_cdf_pdf(x, cdf, pdf);
+    y = x * cdf;
+    d1 = cdf + x * pdf;
+  } else if constexpr (A == Act::GeluTanh) {
+    T sp, sm, du;
+    gelu_tanh_parts(x, sp, sm, du);
+    y = x * sp;
+    d1 = sp + T(2) * x * sp * sm * du;
+  } else if constexpr (A == Act::Silu) {
+    const T s = sigmoid(x), sn = sigmoid(-x);
+    y = x * s;
+    d1 = s * (T(1) + x * sn);
+  } else if constexpr (A == Act::Tanh) {
+    y = hf_tanh(x);
+    d1 = T(1) - y * y;
+  } else {
+    y = sigmoid(x);
+    d1 = y * (T(1) - y);
+  }
+}
+
+// f' and f'' from the residual src (y for from_result activations, else x).
+template <Act A, typename T>
+HF_HD void act_d1_d2(T src, T& d1, T& d2) {
+  if constexpr (A == Act::Relu) {
+    d1 = src > T(0) ? T(1) : T(0);
+    d2 = T(0);
+  } else if constexpr (A == Act::Gelu) {
+    const T x = src;
+    T cdf, pdf;
+    gelu_cdf_pdf(x, cdf, pdf);
+    d1 = cdf + x * pdf;
+    d2 = pdf * (T(2) - x * x);
+  } else if constexpr (A == Act::GeluTanh) {
+    const T x = src;
+    T sp, sm, du;
+    gelu_tanh_parts(x, sp, sm, du);
+    const T sech2 = T(4) * sp * sm, t = sp - sm;
+    const T ddu = T(6) * GeluConst<T>::c * GeluConst<T>::kappa * x;
+    d1 = sp + T(0.5) * x * sech2 * du;
+    d2 = sech2 * (du + T(0.5) * x * (ddu - T(2) * t * du * du));
+  } else if constexpr (A == Act::Silu) {
+    const T x = src, s = sigmoid(x), sn = sigmoid(-x);
+    d1 = s * (T(1) + x * sn);
+    d2 = s * sn * (T(2) + x * (sn - s));
+  } else if constexpr (A == Act::Tanh) {
+    const T y = src;
+    d1 = T(1) - y * y;
+    d2 = T(-2) * y * d1;
+  } else {
+    const T y = src;
+    d1 = y * (T(1) - y);
+    d2 = d1 * (T(1) - T(2) * y);
+  }
+}
+
+// Call fn(std::integral_constant<Act, A>{}) with the activation A named by a runtime Act, so that
+// a generic lambda can instantiate a kernel per activation (C++17).
+template <typename Fn>
+void dispatch_act(Act a, Fn&& fn) {
+  switch (a) {
+    case Act::Relu:
+      return fn(std::integral_constant<Act, Act::Relu>{});
+    case Act::Gelu:
+      return fn(std::integral_constant<Act, Act::Gelu>{});
+    case Act::GeluTanh:
+      return fn(std::integral_constant<Act, Act::GeluTanh>{});
+    case Act::Silu:
+      return fn(std::integral_constant<Act, Act::Silu>{});
+    case Act::Tanh:
+      return fn(std::integral_constant<Act, Act::Tanh>{});
+    case Act::Sigmoid:
+      return fn(std::integral_constant<Act, Act::Sigmoid>{});
+  }
+}
+
+}  // namespace hessfast
