@@ -1,0 +1,1125 @@
+"""Flash-style Triton implementation of the attention rule (``aten.scaled_dot_product_attention``).
+
+Exact HVPs and GGN-VPs through SDPA without any ``T × T`` tensor in memory: the forward tangent
+and the backward with its tangents are tiled like flash-attention 2 (online softmax forward, one
+backward kernel over key/value blocks and one over query blocks), recomputing the attention tiles
+from ``q, k, v``, their tangents and ``O(T)`` per-row statistics saved by the forward.
+
+Index conventions (as in :mod:`hessfast.rules.attention`): ``q [..., H, Tq, D]``,
+``k [..., Hkv, Tk, D]``, ``v [..., Hkv, Tk, Dv]``, ``O [..., H, Tq, Dv]``; the leading axes are
+flattened to ``Z`` (``Z = 1`` for 2-D/3-D inputs, ``H = 1`` for 2-D ones). With GQA
+(``enable_gqa``, ``Hkv | H``) query head ``h`` reads key/value head ``h // (H / Hkv)``. Tangents and
+cotangent tangents carry a leading ``K`` (``q̇ [K, ..., H, Tq, D]``, ``ġ [K, ..., H, Tq, Dv]``).
+Per ``(z, h)`` write ``Q, K, V`` for the matrices, ``s`` for the scale (``1/√D`` by default) and
+``M`` for the additive mask (a float mask as is; a boolean mask and ``is_causal`` — top-left
+aligned, ``j ≤ i`` — as ``0 / −∞``).
+
+Forward (one tiled pass per query block and tangent ``k``)::
+
+    S = s Q Kᵀ + M,  P = softmax_rows(S),  O = P V
+    Ṡ = s (Q̇ Kᵀ + Q K̇ᵀ),  μ̇_i = Σ_j P_ij Ṡ_ij,  Ṗ = P ⊙ (Ṡ − μ̇)
+    Ȯ = Ṗ V + P V̇ = Σ_j P_ij Ṡ_ij V_j − μ̇ O + P V̇
+
+Online softmax: per query row the running maximum ``m``, the running normaliser
+``l = Σ_j e^(S_ij − m)``, and the unnormalised accumulators ``Σ_j e^(S_ij − m) V_j``,
+``Σ_j e^(S_ij − m) Ṡ_ij`` (the tangent of the normaliser) and
+``Σ_j e^(S_ij − m) (Ṡ_ij V_j + V̇_j)``, all rescaled by ``α = e^(m_old − m_new)`` when the
+maximum moves. At the end ``O = acc/l``, ``μ̇ = μ̃/l`` and ``Ȯ = acc_t/l − μ̇ O``; the backward
+recomputes ``P = e^(S − m) · (1/l)`` from the saved ``m`` and ``1/l`` (``+∞`` and ``0`` for a fully
+masked row, so that ``P = 0`` there, torch's safe-softmax convention). Hugging Face masks with
+``finfo.min``, and torch gives a row masked that way everywhere uniform weights; two choices keep
+that: natural exponentials (base 2 with ``log₂e`` folded into the scale overflows
+``finfo.min · log₂e`` to ``−∞`` and kills the row), and ``(m, 1/l)`` rather than
+``lse = m + log l`` (``m ≈ −3.4e38`` absorbs ``log l`` in fp32). Saved: ``(m, 1/l) [2, Z·H, Tq]``
+and ``μ̇ [K, Z·H, Tq]`` (fp32), ``O``, ``Ȯ``.
+
+Backward, with ``ḡ`` the output cotangent (``dO``) and ``ġ`` its tangents::
+
+    dP = ḡ Vᵀ,  D_i = rowsum(ḡ ⊙ O) = Σ_j P_ij dP_ij,  dS = P ⊙ (dP − D)
+    ḡ_Q = s dS K,  ḡ_K = s dSᵀ Q,  ḡ_V = Pᵀ ḡ
+    dṖ = ġ Vᵀ + ḡ V̇ᵀ,  Ḋ_i = rowsum(ġ ⊙ O + ḡ ⊙ Ȯ)
+    dṠ = P ⊙ (dṖ − Ḋ) + Ṗ ⊙ (dP − D)
+    ġ_Q = s (dṠ K + dS K̇),  ġ_K = s (dṠᵀ Q + dSᵀ Q̇),  ġ_V = Pᵀ ġ + Ṗᵀ ḡ
+
+(``Ḋ`` is the tangent of ``D = Σ_j P_ij dP_ij``; these equal the torch rule's formulas with
+``σ(X) = P ⊙ (X − rowsum(P ⊙ X))``.) Every term is one of two kinds, and the kernels take them as
+compile-time switches:
+
+- *first order* (``FIRST``): the flash-attention backward of one output cotangent ``c``:
+  ``dS₁ = P ⊙ (c Vᵀ − rowsum(c ⊙ O))``, contributing ``s dS₁ K``, ``s dS₁ᵀ Q``, ``Pᵀ c``.
+  The primal cotangents are this with ``c = ḡ``; the ``ġ`` terms of the tangents are this with
+  ``c = ġ_k``;
+- *second order* (``SECOND``, needs ``ḡ`` and the input tangents): ``P ⊙ (ḡ V̇ᵀ − rowsum(ḡ ⊙ Ȯ))
+  + Ṗ ⊙ (dP − D)`` added to ``dṠ``, and ``s dS K̇``, ``s dSᵀ Q̇``, ``Ṗᵀ ḡ``.
+
+So the GGN mode (no ``ḡ``) is the plain flash backward batched over the K vectors ``ġ_k``: no
+``Ṗ``, no ``Ṡ``, no input tangents read. A gradient-only run (K = 0) is one flash backward of
+``ḡ``. The HVP runs the primal backward (one launch per kernel) and a tangent launch with both
+kinds. The per-row ``D``, ``Ḋ`` are computed in torch (fp32, ``O(T·Dv)``) before the launches.
+
+Kernel layout and its cost. The K tangent vectors are the third grid axis: each program handles
+one query block (forward, ``dQ`` kernel) or one key/value block (``dK dV`` kernel) for one
+``(z, h)`` and one ``k``, and recomputes ``QKᵀ`` (and ``PV`` in the forward) for its ``k``. Per
+tile of ``[BLOCK_M × BLOCK_N]`` scores, counting ``[BM × BN × D]`` matrix products:
+
+- forward: 2 without tangents; 6 per tangent (``QKᵀ``, ``Q̇Kᵀ``, ``QK̇ᵀ``, ``PV``, ``(P⊙Ṡ)V``,
+  ``PV̇``) against ``2 + 4K`` for one program looping over ``k`` — equal at K = 1, and the grid axis
+  buys parallelism and bounded registers (a loop would need K accumulators);
+- backward, first order only (gradient, GGN, per ``k``): 4 in the ``dK dV`` kernel, 3 in the
+  ``dQ`` kernel (flash-attention 2's count with ``QKᵀ`` recomputed in both);
+- backward, tangent launch of the HVP: 10 + 8 per ``k``.
+
+The ``dK dV`` kernel accumulates, for GQA, over the ``H/Hkv`` query heads of its key/value head,
+so ``dK``, ``dV`` and their tangents are summed in fp32 registers without atomics: every result
+is deterministic. Causal attention skips the tiles above the diagonal in all three kernels.
+
+Precision: every product accumulates in fp32; ``P``, ``dS`` … are rounded to the input dtype only
+as ``tl.dot`` operands (as flash attention does for ``P``). The forward's tangent operand is
+centred before that rounding: each tile adds ``Σ_j P_ij (Ṡ_ij − c_i) V_j + c_i Σ_j P_ij V_j`` with
+``c_i`` the tile's own ``P``-weighted mean of ``Ṡ_i·``, so the rounded values are deviations, as
+``Ṗ`` is (rounding ``P ⊙ Ṡ`` itself and subtracting ``μ̇ O`` at the end loses ``Ȯ`` to
+cancellation: 2–3× the error of the plain-torch rule in bfloat16). Float32 operands multiply in
+3×TF32 (``input_precision="tf32x3"``: fp32-level accuracy on tensor cores; IEEE fp32 ``tl.dot``
+falls back to FMA and spills its registers at every tile size) under torch's default
+``torch.get_float32_matmul_precision() == "highest"``, which the float32 tolerance assumes, and in
+plain TF32 otherwise.
+
+In Triton's interpreter two bfloat16 shortcuts are worked around so that the CPU tests measure
+what the GPU computes: its ``tl.dot`` multiplies bfloat16 bit patterns (triton-lang/triton#11584),
+so bfloat16 operands are multiplied as fp32 (``DT``); and its fp32 → bfloat16 cast truncates, so
+rounding to nearest even is done by hand (``RNE``, :func:`_round`). Compiled kernels take neither
+branch.
+
+Declines (with a reason), beyond the torch rule's own (dropout, an active mask, ``attn_mask`` with
+``is_causal``, …): float64; ``q, k, v`` of mixed dtypes or devices; batch axes that differ between
+``q``, ``k``, ``v`` (the kernels do not broadcast them) or key/value heads that differ from the
+query heads without ``enable_gqa``; head dims above 128; empty inputs; a mask that is not
+broadcastable to ``[..., H, Tq, Tk]`` or lives on another device. Inputs need not be contiguous:
+any strides with a unit last stride are read in place (others are copied once).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..rules.attention import ScaledDotProductAttention
+from ..rules.base import Call, nones
+from . import INTERPRETED, TritonRule
+
+Tensor = torch.Tensor
+aten = torch.ops.aten
+
+_REFERENCE = ScaledDotProductAttention()
+_MAX_HEAD_DIM = 128
+_NO_MASK, _BOOL_MASK, _FLOAT_MASK = 0, 1, 2
+
+
+# ---- device code ---------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile(base, rows, cols, stride_r, n_rows, n_cols, DT: tl.constexpr):
+    """Load ``base[rows, cols]`` (row stride ``stride_r``, unit column stride) as a ``tl.dot``
+    operand of type ``DT``; zeros outside ``[n_rows, n_cols]``."""
+    ptrs = base + rows[:, None] * stride_r + cols[None, :]
+    tile = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+    return tile.to(DT)
+
+
+@triton.jit
+def _round(x, ET: tl.constexpr, RNE: tl.constexpr):
+    """``x`` (fp32) rounded to the input dtype ``ET``. ``RNE``: in the interpreter, whose fp32 →
+    bfloat16 cast truncates, round to nearest even by hand and keep the bfloat16 value in fp32 (a
+    store then converts it exactly)."""
+    if RNE:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        return bits.to(tl.float32, bitcast=True)
+    return x.to(ET)
+
+
+@triton.jit
+def _masked(
+    s, mask_base, rows, cols, Tq, Tk, msk_m, msk_n, CAUSAL: tl.constexpr, MASK: tl.constexpr
+):
+    """Scores ``s`` (already × ``scale``) plus the mask, ``−∞`` where not attended or out of range.
+    ``rows`` (query index) and ``cols`` (key index) broadcast to ``s``'s shape, so the same helper
+    serves ``S`` and ``Sᵀ`` tiles; ``msk_m``, ``msk_n`` are the mask's strides."""
+    valid = (rows < Tq) & (cols < Tk)
+    if CAUSAL:
+        valid = valid & (cols <= rows)
+    if MASK == 1:
+        keep = tl.load(mask_base + rows * msk_m + cols * msk_n, mask=valid, other=0)
+        valid = valid & (keep != 0)
+    if MASK == 2:
+        add = tl.load(mask_base + rows * msk_m + cols * msk_n, mask=valid, other=0.0)
+        s = s + add.to(tl.float32)
+    return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def _sdpa_fwd_kernel(
+    Q,
+    Kp,
+    V,
+    TQ,
+    TK,
+    TV,
+    Mask,
+    O,
+    OD,
+    STATS,
+    MU,
+    sq_z,
+    sq_h,
+    sq_t,
+    sk_z,
+    sk_h,
+    sk_t,
+    sv_z,
+    sv_h,
+    sv_t,
+    stq_k,
+    stq_z,
+    stq_h,
+    stq_t,
+    stk_k,
+    stk_z,
+    stk_h,
+    stk_t,
+    stv_k,
+    stv_z,
+    stv_h,
+    stv_t,
+    msk_z,
+    msk_h,
+    msk_m,
+    msk_n,
+    sm_scale,
+    Tq,
+    Tk,
+    H,
+    GROUPS,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    MASK: tl.constexpr,
+    HAS_TQ: tl.constexpr,
+    HAS_TK: tl.constexpr,
+    HAS_TV: tl.constexpr,
+    SDOT: tl.constexpr,
+    TANGENT: tl.constexpr,
+    PREC: tl.constexpr,
+    DT: tl.constexpr,
+    RNE: tl.constexpr,
+):
+    """One query block of one ``(z, h)`` for tangent ``k = program_id(2)``: ``O`` and ``(m, 1/l)``
+    (stored by ``k = 0`` only), ``Ȯ_k`` and ``μ̇_k``. Grid ``(⌈Tq/BLOCK_M⌉, Z·H, max(K, 1))``."""
+    ET = Q.dtype.element_ty
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    t = tl.program_id(2).to(tl.int64)
+    n_bh = tl.num_programs(1)
+    z = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    hk = h // GROUPS
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k_base = Kp + z * sk_z + hk * sk_h
+    v_base = V + z * sv_z + hk * sv_h
+    tk_base = TK + t * stk_k + z * stk_z + hk * stk_h
+    tv_base = TV + t * stv_k + z * stv_z + hk * stv_h
+    mask_base = Mask + z * msk_z + h * msk_h
+    q = _tile(Q + z * sq_z + h * sq_h, offs_m, offs_d, sq_t, Tq, D, DT)
+    if HAS_TQ:
+        tq = _tile(TQ + t * stq_k + z * stq_z + h * stq_h, offs_m, offs_d, stq_t, Tq, D, DT)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    mu = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    acc_t = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    hi = Tk
+    if CAUSAL:
+        hi = tl.minimum(Tk, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        kt = _tile(k_base, offs_n, offs_d, sk_t, Tk, D, DT)
+        s = tl.dot(q, tl.trans(kt), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), input_precision=PREC)
+        s = _masked(
+            s * sm_scale,
+            mask_base,
+            offs_m[:, None],
+            offs_n[None, :],
+            Tq,
+            Tk,
+            msk_m,
+            msk_n,
+            CAUSAL,
+            MASK,
+        )
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_ref)
+        p = tl.exp(s - m_ref[:, None])
+        p_sum = tl.sum(p, 1)
+        l_i = l_i * alpha + p_sum
+        vt = _tile(v_base, offs_n, offs_dv, sv_t, Tk, DV, DT)
+        p_op = _round(p, ET, RNE).to(DT)
+        if SDOT:
+            pv = tl.dot(p_op, vt, tl.zeros([BLOCK_M, BLOCK_DV], tl.float32), input_precision=PREC)
+            acc = acc * alpha[:, None] + pv
+        else:
+            acc = tl.dot(p_op, vt, acc * alpha[:, None], input_precision=PREC)
+        if TANGENT:
+            acc_t = acc_t * alpha[:, None]
+            if SDOT:
+                sd = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                if HAS_TQ:
+                    sd = tl.dot(tq, tl.trans(kt), sd, input_precision=PREC)
+                if HAS_TK:
+                    tkt = _tile(tk_base, offs_n, offs_d, stk_t, Tk, D, DT)
+                    sd = tl.dot(q, tl.trans(tkt), sd, input_precision=PREC)
+                sd = sd * sm_scale
+                psd_sum = tl.sum(p * sd, 1)
+                mu = mu * alpha + psd_sum
+                # Σ_j p (Ṡ − c) V + c Σ_j p V with the tile's own weighted mean c of Ṡ: the
+                # rounded operand is centred, as Ṗ is (P ⊙ Ṡ alone loses Ȯ to cancellation).
+                c = psd_sum / tl.where(p_sum > 0.0, p_sum, 1.0)
+                centred = _round(p * (sd - c[:, None]), ET, RNE).to(DT)
+                acc_t = tl.dot(centred, vt, acc_t + c[:, None] * pv, input_precision=PREC)
+            if HAS_TV:
+                tvt = _tile(tv_base, offs_n, offs_dv, stv_t, Tk, DV, DT)
+                acc_t = tl.dot(_round(p, ET, RNE).to(DT), tvt, acc_t, input_precision=PREC)
+        m_i = m_new
+
+    dead = l_i == 0.0
+    l_safe = tl.where(dead, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    row_max = tl.where(dead, float("inf"), m_i)
+    inv_l = tl.where(dead, 0.0, 1.0 / l_safe)
+    row_ok = offs_m < Tq
+    o_mask = row_ok[:, None] & (offs_dv[None, :] < DV)
+    first = t == 0
+    row0 = bh.to(tl.int64) * Tq
+    o_off = (row0 + offs_m[:, None]) * DV + offs_dv[None, :]
+    tl.store(O + o_off, _round(o, ET, RNE), mask=o_mask & first)
+    tl.store(STATS + row0 + offs_m, row_max, mask=row_ok & first)
+    tl.store(STATS + n_bh.to(tl.int64) * Tq + row0 + offs_m, inv_l, mask=row_ok & first)
+    if TANGENT:
+        od = acc_t / l_safe[:, None]
+        trow0 = (t * n_bh + bh) * Tq
+        if SDOT:
+            mu = mu / l_safe
+            od = od - mu[:, None] * o
+            tl.store(MU + trow0 + offs_m, mu, mask=row_ok)
+        od_off = (trow0 + offs_m[:, None]) * DV + offs_dv[None, :]
+        tl.store(OD + od_off, _round(od, ET, RNE), mask=o_mask)
+
+
+@triton.jit
+def _sdpa_bwd_kv_kernel(
+    Q,
+    Kp,
+    V,
+    TQ,
+    TK,
+    TV,
+    Mask,
+    G,
+    DOF,
+    STATS,
+    MU,
+    DELTA,
+    D0,
+    DK,
+    DVo,
+    sq_z,
+    sq_h,
+    sq_t,
+    sk_z,
+    sk_h,
+    sk_t,
+    sv_z,
+    sv_h,
+    sv_t,
+    stq_k,
+    stq_z,
+    stq_h,
+    stq_t,
+    stk_k,
+    stk_z,
+    stk_h,
+    stk_t,
+    stv_k,
+    stv_z,
+    stv_h,
+    stv_t,
+    sg_z,
+    sg_h,
+    sg_t,
+    sc_k,
+    sc_z,
+    sc_h,
+    sc_t,
+    msk_z,
+    msk_h,
+    msk_m,
+    msk_n,
+    sm_scale,
+    Tq,
+    Tk,
+    H,
+    HKV,
+    GROUPS,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    MASK: tl.constexpr,
+    FIRST: tl.constexpr,
+    SECOND: tl.constexpr,
+    HAS_TQ: tl.constexpr,
+    HAS_TK: tl.constexpr,
+    HAS_TV: tl.constexpr,
+    SDOT: tl.constexpr,
+    NEED_DK: tl.constexpr,
+    NEED_DV: tl.constexpr,
+    PREC: tl.constexpr,
+    DT: tl.constexpr,
+    RNE: tl.constexpr,
+):
+    """``dK``, ``dV`` (or their tangents) of one key/value block of one ``(z, hk)`` for cotangent
+    ``c = program_id(2)``, looping over the ``GROUPS`` query heads of ``hk`` and their query blocks.
+    Works on transposed tiles ``Sᵀ [BLOCK_N, BLOCK_M]`` so no accumulator is transposed.
+    ``DOF [C, Z, H, Tq, Dv]`` is the first-order cotangent ``c`` (``ḡ`` or ``ġ_c``), ``G`` is ``ḡ``
+    for the second-order terms, ``DELTA [C, Z·H, Tq]`` the matching ``rowsum`` (``D`` or ``Ḋ_c``),
+    ``D0 [Z·H, Tq]`` the primal ``D``. Grid ``(⌈Tk/BLOCK_N⌉, Z·Hkv, C)``."""
+    ET = Q.dtype.element_ty
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    c = tl.program_id(2).to(tl.int64)
+    n_bhk = tl.num_programs(1)
+    n_bh = n_bhk * GROUPS
+    z = (bhk // HKV).to(tl.int64)
+    hk = (bhk % HKV).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    kt = _tile(Kp + z * sk_z + hk * sk_h, offs_n, offs_d, sk_t, Tk, D, DT)
+    vt = _tile(V + z * sv_z + hk * sv_h, offs_n, offs_dv, sv_t, Tk, DV, DT)
+    if HAS_TK:
+        tkt = _tile(TK + c * stk_k + z * stk_z + hk * stk_h, offs_n, offs_d, stk_t, Tk, D, DT)
+    if HAS_TV:
+        tvt = _tile(TV + c * stv_k + z * stv_z + hk * stv_h, offs_n, offs_dv, stv_t, Tk, DV, DT)
+    zeros = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    dk_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv_acc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    lo = 0
+    if CAUSAL:
+        lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+    for grp in range(0, GROUPS):
+        h = hk * GROUPS + grp
+        bh = z * H + h
+        q_base = Q + z * sq_z + h * sq_h
+        tq_base = TQ + c * stq_k + z * stq_z + h * stq_h
+        g_base = G + z * sg_z + h * sg_h
+        do_base = DOF + c * sc_k + z * sc_z + h * sc_h
+        mask_base = Mask + z * msk_z + h * msk_h
+        row0 = bh * Tq
+        crow0 = (c * n_bh + bh) * Tq
+        for start_m in range(lo, Tq, BLOCK_M):
+            offs_m = start_m + offs_m0
+            row_ok = offs_m < Tq
+            q = _tile(q_base, offs_m, offs_d, sq_t, Tq, D, DT)
+            row_max = tl.load(STATS + row0 + offs_m, mask=row_ok, other=float("inf"))
+            inv_l = tl.load(STATS + n_bh.to(tl.int64) * Tq + row0 + offs_m, mask=row_ok, other=0.0)
+            st = tl.dot(kt, tl.trans(q), zeros, input_precision=PREC) * sm_scale
+            st = _masked(
+                st, mask_base, offs_m[None, :], offs_n[:, None], Tq, Tk, msk_m, msk_n, CAUSAL, MASK
+            )
+            pt = tl.exp(st - row_max[None, :]) * inv_l[None, :]
+            if FIRST:
+                do = _tile(do_base, offs_m, offs_dv, sc_t, Tq, DV, DT)
+                if NEED_DV:
+                    dv_acc = tl.dot(_round(pt, ET, RNE).to(DT), do, dv_acc, input_precision=PREC)
+            if SECOND:
+                g = _tile(g_base, offs_m, offs_dv, sg_t, Tq, DV, DT)
+            if NEED_DK:
+                dpt = zeros
+                if FIRST:
+                    dpt = tl.dot(vt, tl.trans(do), dpt, input_precision=PREC)
+                if HAS_TV:
+                    dpt = tl.dot(tvt, tl.trans(g), dpt, input_precision=PREC)
+                dt = tl.load(DELTA + crow0 + offs_m, mask=row_ok, other=0.0)
+                dst = pt * (dpt - dt[None, :])
+            if SDOT:
+                sdt = zeros
+                if HAS_TQ:
+                    tq = _tile(tq_base, offs_m, offs_d, stq_t, Tq, D, DT)
+                    sdt = tl.dot(kt, tl.trans(tq), sdt, input_precision=PREC)
+                if HAS_TK:
+                    sdt = tl.dot(tkt, tl.trans(q), sdt, input_precision=PREC)
+                mu = tl.load(MU + crow0 + offs_m, mask=row_ok, other=0.0)
+                pdt = pt * (sdt * sm_scale - mu[None, :])
+                if NEED_DV:
+                    dv_acc = tl.dot(_round(pdt, ET, RNE).to(DT), g, dv_acc, input_precision=PREC)
+                if NEED_DK:
+                    d0 = tl.load(D0 + row0 + offs_m, mask=row_ok, other=0.0)
+                    dp0t = tl.dot(vt, tl.trans(g), zeros, input_precision=PREC) - d0[None, :]
+                    dst += pdt * dp0t
+                    if HAS_TQ:
+                        dk_acc = tl.dot(
+                            _round(pt * dp0t, ET, RNE).to(DT), tq, dk_acc, input_precision=PREC
+                        )
+            if NEED_DK:
+                dk_acc = tl.dot(_round(dst, ET, RNE).to(DT), q, dk_acc, input_precision=PREC)
+
+    col_ok = offs_n < Tk
+    krow0 = (c * n_bhk + bhk) * Tk
+    if NEED_DK:
+        dk_off = (krow0 + offs_n[:, None]) * D + offs_d[None, :]
+        dk_mask = col_ok[:, None] & (offs_d[None, :] < D)
+        tl.store(DK + dk_off, _round(dk_acc * sm_scale, ET, RNE), mask=dk_mask)
+    if NEED_DV:
+        dv_off = (krow0 + offs_n[:, None]) * DV + offs_dv[None, :]
+        dv_mask = col_ok[:, None] & (offs_dv[None, :] < DV)
+        tl.store(DVo + dv_off, _round(dv_acc, ET, RNE), mask=dv_mask)
+
+
+@triton.jit
+def _sdpa_bwd_q_kernel(
+    Q,
+    Kp,
+    V,
+    TQ,
+    TK,
+    TV,
+    Mask,
+    G,
+    DOF,
+    STATS,
+    MU,
+    DELTA,
+    D0,
+    DQ,
+    sq_z,
+    sq_h,
+    sq_t,
+    sk_z,
+    sk_h,
+    sk_t,
+    sv_z,
+    sv_h,
+    sv_t,
+    stq_k,
+    stq_z,
+    stq_h,
+    stq_t,
+    stk_k,
+    stk_z,
+    stk_h,
+    stk_t,
+    stv_k,
+    stv_z,
+    stv_h,
+    stv_t,
+    sg_z,
+    sg_h,
+    sg_t,
+    sc_k,
+    sc_z,
+    sc_h,
+    sc_t,
+    msk_z,
+    msk_h,
+    msk_m,
+    msk_n,
+    sm_scale,
+    Tq,
+    Tk,
+    H,
+    GROUPS,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    MASK: tl.constexpr,
+    FIRST: tl.constexpr,
+    SECOND: tl.constexpr,
+    HAS_TQ: tl.constexpr,
+    HAS_TK: tl.constexpr,
+    HAS_TV: tl.constexpr,
+    SDOT: tl.constexpr,
+    PREC: tl.constexpr,
+    DT: tl.constexpr,
+    RNE: tl.constexpr,
+):
+    """``dQ`` (or its tangent) of one query block of one ``(z, h)`` for cotangent
+    ``c = program_id(2)``, looping over key/value blocks; arguments as in
+    :func:`_sdpa_bwd_kv_kernel`. Grid ``(⌈Tq/BLOCK_M⌉, Z·H, C)``."""
+    ET = Q.dtype.element_ty
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    c = tl.program_id(2).to(tl.int64)
+    n_bh = tl.num_programs(1)
+    z = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    hk = h // GROUPS
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < Tq
+    row0 = bh.to(tl.int64) * Tq
+    crow0 = (c * n_bh + bh) * Tq
+    k_base = Kp + z * sk_z + hk * sk_h
+    v_base = V + z * sv_z + hk * sv_h
+    tk_base = TK + c * stk_k + z * stk_z + hk * stk_h
+    tv_base = TV + c * stv_k + z * stv_z + hk * stv_h
+    mask_base = Mask + z * msk_z + h * msk_h
+    q = _tile(Q + z * sq_z + h * sq_h, offs_m, offs_d, sq_t, Tq, D, DT)
+    row_max = tl.load(STATS + row0 + offs_m, mask=row_ok, other=float("inf"))
+    inv_l = tl.load(STATS + n_bh.to(tl.int64) * Tq + row0 + offs_m, mask=row_ok, other=0.0)
+    dt = tl.load(DELTA + crow0 + offs_m, mask=row_ok, other=0.0)
+    if FIRST:
+        do = _tile(DOF + c * sc_k + z * sc_z + h * sc_h, offs_m, offs_dv, sc_t, Tq, DV, DT)
+    if SECOND:
+        g = _tile(G + z * sg_z + h * sg_h, offs_m, offs_dv, sg_t, Tq, DV, DT)
+    if HAS_TQ:
+        tq = _tile(TQ + c * stq_k + z * stq_z + h * stq_h, offs_m, offs_d, stq_t, Tq, D, DT)
+    if SDOT:
+        mu = tl.load(MU + crow0 + offs_m, mask=row_ok, other=0.0)
+        d0 = tl.load(D0 + row0 + offs_m, mask=row_ok, other=0.0)
+    zeros = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    dq_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = Tk
+    if CAUSAL:
+        hi = tl.minimum(Tk, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        kt = _tile(k_base, offs_n, offs_d, sk_t, Tk, D, DT)
+        vt = _tile(v_base, offs_n, offs_dv, sv_t, Tk, DV, DT)
+        s = tl.dot(q, tl.trans(kt), zeros, input_precision=PREC) * sm_scale
+        s = _masked(
+            s, mask_base, offs_m[:, None], offs_n[None, :], Tq, Tk, msk_m, msk_n, CAUSAL, MASK
+        )
+        p = tl.exp(s - row_max[:, None]) * inv_l[:, None]
+        dp = zeros
+        if FIRST:
+            dp = tl.dot(do, tl.trans(vt), dp, input_precision=PREC)
+        if HAS_TV:
+            tvt = _tile(tv_base, offs_n, offs_dv, stv_t, Tk, DV, DT)
+            dp = tl.dot(g, tl.trans(tvt), dp, input_precision=PREC)
+        ds = p * (dp - dt[:, None])
+        if SDOT:
+            sd = zeros
+            if HAS_TQ:
+                sd = tl.dot(tq, tl.trans(kt), sd, input_precision=PREC)
+            if HAS_TK:
+                tkt = _tile(tk_base, offs_n, offs_d, stk_t, Tk, D, DT)
+                sd = tl.dot(q, tl.trans(tkt), sd, input_precision=PREC)
+            pd = p * (sd * sm_scale - mu[:, None])
+            dp0 = tl.dot(g, tl.trans(vt), zeros, input_precision=PREC) - d0[:, None]
+            ds += pd * dp0
+            if HAS_TK:
+                dq_acc = tl.dot(_round(p * dp0, ET, RNE).to(DT), tkt, dq_acc, input_precision=PREC)
+        dq_acc = tl.dot(_round(ds, ET, RNE).to(DT), kt, dq_acc, input_precision=PREC)
+
+    dq_off = (crow0 + offs_m[:, None]) * D + offs_d[None, :]
+    dq_mask = row_ok[:, None] & (offs_d[None, :] < D)
+    tl.store(DQ + dq_off, _round(dq_acc * sm_scale, ET, RNE), mask=dq_mask)
+
+
+# ---- host side -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    """Tile sizes and launch shape of one kernel."""
+
+    m: int
+    n: int
+    warps: int
+    stages: int
+
+
+#: GPU tiles ``(BLOCK_M, BLOCK_N, num_warps)`` per kernel, per ``(16-bit operands, wide head dim
+#: > 64, heavy)``: "heavy" is a program carrying tangent state (the forward with tangents, the HVP's
+#: tangent launch of the backward); the others run flash attention 2's work. Chosen from the
+#: register and shared-memory use of the sm_90 compilation (``triton.compile`` for
+#: ``GPUTarget("cuda", 90, 32)``, ``cuobjdump --dump-resource-usage``), not from timings (none were
+#: possible while writing this): for 16-bit operands the largest tiles whose unmasked kernels
+#: compile without register spills (masked ones spill a few bytes), flash attention 2's shapes
+#: where they fit. Float32 operands (3×TF32 products) need more registers: their heavy kernels
+#: spill at every tile size (bytes at head dim 64, kilobytes at 128, where the tiles are those
+#: that stay under the 227 KiB of shared memory an H100 block may use); bf16/fp16 is the fast path.
+_GPU_TILES = {
+    ("fwd", True, False, False): (128, 64, 8),
+    ("fwd", True, False, True): (128, 64, 8),
+    ("fwd", True, True, False): (128, 64, 8),
+    ("fwd", True, True, True): (128, 32, 8),
+    ("kv", True, False, False): (32, 128, 8),
+    ("kv", True, False, True): (32, 128, 8),
+    ("kv", True, True, False): (64, 64, 8),
+    ("kv", True, True, True): (32, 32, 8),
+    ("q", True, False, False): (128, 64, 8),
+    ("q", True, False, True): (128, 32, 8),
+    ("q", True, True, False): (128, 32, 8),
+    ("q", True, True, True): (64, 32, 8),
+    ("fwd", False, False, False): (64, 32, 4),
+    ("fwd", False, False, True): (64, 16, 4),
+    ("fwd", False, True, False): (64, 32, 4),
+    ("fwd", False, True, True): (64, 16, 4),
+    ("kv", False, False, False): (32, 32, 8),
+    ("kv", False, False, True): (16, 16, 4),
+    ("kv", False, True, False): (32, 32, 8),
+    ("kv", False, True, True): (16, 16, 8),
+    ("q", False, False, False): (64, 16, 4),
+    ("q", False, False, True): (64, 16, 4),
+    ("q", False, True, False): (64, 16, 4),
+    ("q", False, True, True): (16, 16, 4),
+}
+
+#: Interpreter tiles: ``tl.dot`` needs ≥ 16, and small tiles make the small test shapes span
+#: several tiles, masked tails and (``BLOCK_M ≠ BLOCK_N`` in the backward) the causal bounds.
+_INTERPRETER_TILES = {"fwd": (16, 16, 4), "kv": (16, 32, 4), "q": (32, 16, 4)}
+
+
+def _blocks(kind: str, dtype: torch.dtype, d: int, dv: int, heavy: bool) -> _Blocks:
+    """Tiles of kernel ``kind`` (``"fwd"``, ``"kv"``: the ``dK dV`` kernel, ``"q"``: the ``dQ``
+    kernel) for head dims ``d``, ``dv`` (see :data:`_GPU_TILES`)."""
+    if INTERPRETED:
+        return _Blocks(*_INTERPRETER_TILES[kind], stages=1)
+    half = dtype != torch.float32
+    wide = max(d, dv) > 64
+    return _Blocks(*_GPU_TILES[(kind, half, wide, heavy)], stages=2)
+
+
+def _precision() -> str:
+    """``tl.dot`` input precision for fp32 operands, following torch's float32 matmul setting:
+    3×TF32 (fp32-level accuracy on tensor cores) under ``"highest"``, TF32 otherwise. Ignored for
+    16-bit operands."""
+    if torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "tf32x3"
+
+
+def _dot_dtype(dtype: torch.dtype) -> tl.dtype:
+    """The ``tl.dot`` operand type: the input dtype, except bfloat16 in the interpreter (fp32, see
+    the module docstring; operands are first rounded to bfloat16, so the values are the GPU's)."""
+    if INTERPRETED and dtype == torch.bfloat16:
+        return tl.float32
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[
+        dtype
+    ]
+
+
+def _pad(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+@dataclass
+class _Geometry:
+    """Shapes of one call, the mask as a ``[Z, H, Tq, Tk]`` strided view, the launch switches."""
+
+    out_shape: tuple
+    z: int
+    h: int
+    hkv: int
+    tq: int
+    tk: int
+    d: int
+    dv: int
+    scale: float
+    causal: bool
+    mask: Tensor | None
+    mask_kind: int
+    prec: str
+    dot_dtype: tl.dtype
+    rne: bool
+
+    @property
+    def groups(self) -> int:
+        return self.h // self.hkv
+
+    def mask_args(self, like: Tensor) -> tuple:
+        if self.mask is None:
+            return (like, 0, 0, 0, 0)
+        return (self.mask, *self.mask.stride())
+
+    def common(self) -> dict:
+        return dict(
+            sm_scale=self.scale,
+            Tq=self.tq,
+            Tk=self.tk,
+            H=self.h,
+            GROUPS=self.groups,
+            D=self.d,
+            DV=self.dv,
+            BLOCK_D=_pad(self.d),
+            BLOCK_DV=_pad(self.dv),
+            CAUSAL=self.causal,
+            MASK=self.mask_kind,
+            PREC=self.prec,
+            DT=self.dot_dtype,
+            RNE=self.rne,
+        )
+
+
+def _heads(x: Tensor) -> tuple[tuple, int]:
+    """Leading (batch) axes and head count of ``x [..., H, T, D]`` (``H = 1`` for 2-D)."""
+    if x.dim() == 2:
+        return (), 1
+    return tuple(x.shape[:-3]), x.shape[-3]
+
+
+def _geometry(call: Call) -> _Geometry:
+    q, k, v, mask, _dropout_p, is_causal, scale, _gqa = call.args
+    lead, h = _heads(q)
+    hkv = _heads(k)[1]
+    tq, d = q.shape[-2:]
+    tk, dv = v.shape[-2:]
+    z = math.prod(lead)
+    out_shape = (*q.shape[:-1], dv)
+    kind, m4 = _NO_MASK, None
+    if mask is not None:
+        m4 = mask.expand(*q.shape[:-1], tk).reshape(z, h, tq, tk)
+        if mask.dtype == torch.bool:
+            kind, m4 = _BOOL_MASK, m4.view(torch.uint8)
+        else:
+            kind = _FLOAT_MASK
+    return _Geometry(
+        out_shape=out_shape,
+        z=z,
+        h=h,
+        hkv=hkv,
+        tq=tq,
+        tk=tk,
+        d=d,
+        dv=dv,
+        scale=float(scale) if scale is not None else 1.0 / math.sqrt(d),
+        causal=bool(is_causal),
+        mask=m4,
+        mask_kind=kind,
+        prec=_precision(),
+        dot_dtype=_dot_dtype(q.dtype),
+        rne=INTERPRETED and q.dtype == torch.bfloat16,
+    )
+
+
+def _unit_last(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+def _view4(x: Tensor, z: int, h: int) -> Tensor:
+    """``x [..., H, T, D]`` as ``[Z, H, T, D]`` (a view where the strides allow)."""
+    return _unit_last(x.reshape(z, h, *x.shape[-2:]))
+
+
+def _view5(x: Tensor | None, z: int, h: int, dtype: torch.dtype) -> Tensor | None:
+    """A tangent ``[K, ..., H, T, D]`` as ``[K, Z, H, T, D]`` in ``dtype``."""
+    if x is None:
+        return None
+    return _unit_last(x.to(dtype).reshape(x.shape[0], z, h, *x.shape[-2:]))
+
+
+def _strides(x: Tensor | None, n: int) -> tuple:
+    """The first ``n`` strides of ``x`` (zeros for an absent operand)."""
+    return tuple(x.stride()[:n]) if x is not None else (0,) * n
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """``Σ_d a ⊙ b`` over the last axis in fp32, broadcasting ``[.., Z, H, T, Dv]`` operands, as
+    ``[..., Z·H, T]``."""
+    r = (a.float() * b.float()).sum(-1)
+    return r.reshape(*r.shape[:-3], -1, r.shape[-1])
+
+
+@dataclass
+class _Saved:
+    """Residuals of one call: everything ``O(T)``."""
+
+    geo: _Geometry
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    tq: Tensor | None
+    tk: Tensor | None
+    tv: Tensor | None
+    o: Tensor
+    od: Tensor | None
+    stats: Tensor
+    mu: Tensor | None
+    active: tuple
+    shapes: tuple
+    k_count: int
+
+
+class TritonScaledDotProductAttention(TritonRule):
+    """Flash-style forward-over-reverse rule for SDPA (see the module docstring)."""
+
+    ops = (aten.scaled_dot_product_attention.default,)
+    name = "scaled_dot_product_attention"
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    tolerances = {
+        torch.float32: (1e-4, 1e-5),
+        torch.bfloat16: (1e-2, 1e-2),
+        torch.float16: (2e-3, 2e-3),
+    }
+
+    def not_supported_reasons(self, call: Call) -> list[str]:
+        why = _REFERENCE.declines(call)
+        if why:
+            return [why]
+        q, k, v, mask, _dropout_p, _causal, _scale, enable_gqa = call.args
+        out = []
+        if len({q.dtype, k.dtype, v.dtype}) > 1:
+            out.append("q, k, v of mixed dtypes")
+        if len({q.device, k.device, v.device}) > 1:
+            out.append("q, k, v on different devices")
+        if q.dim() != k.dim() or q.dim() != v.dim():
+            out.append("q, k, v of different ranks (the kernels do not broadcast batch axes)")
+        else:
+            (lq, hq), (lk, hk), (lv, hv) = _heads(q), _heads(k), _heads(v)
+            if not lq == lk == lv:
+                out.append(
+                    f"batch axes differ between q {list(lq)}, k {list(lk)}, v {list(lv)} "
+                    "(the kernels do not broadcast them)"
+                )
+            if hk != hv or (hk != hq and not enable_gqa):
+                out.append(
+                    f"key/value heads ({hk}, {hv}) differ from the query heads ({hq}) without "
+                    "enable_gqa (the kernels do not broadcast heads)"
+                )
+        d, dv = q.shape[-1], v.shape[-1]
+        if max(d, dv) > _MAX_HEAD_DIM:
+            out.append(f"head dim {max(d, dv)} > {_MAX_HEAD_DIM} (the tiles would not fit)")
+        if 0 in (*q.shape, *k.shape, *v.shape):
+            out.append("empty q, k or v")
+        if mask is not None:
+            want = (*q.shape[:-1], k.shape[-2])
+            try:
+                fits = torch.broadcast_shapes(mask.shape, want) == torch.Size(want)
+            except RuntimeError:
+                fits = False
+            if not fits:
+                out.append(
+                    f"attention mask {list(mask.shape)} is not broadcastable to [..., H, Tq, Tk] "
+                    f"= {list(want)}"
+                )
+            if mask.device != q.device:
+                out.append("attention mask on another device than q")
+        return out
+
+    def fwd_jvp(self, call: Call):
+        q, k, v = call.args[:3]
+        geo = _geometry(call)
+        n = call.k
+        q4, k4, v4 = _view4(q, geo.z, geo.h), _view4(k, geo.z, geo.hkv), _view4(v, geo.z, geo.hkv)
+        tq, tk, tv = (
+            _view5(call.tangents[i], geo.z, hh, q.dtype)
+            if n and call.is_active(i) and call.tangents[i] is not None
+            else None
+            for i, hh in ((0, geo.h), (1, geo.hkv), (2, geo.hkv))
+        )
+        sdot = tq is not None or tk is not None
+        tangent = sdot or tv is not None
+        bh = geo.z * geo.h
+        o = torch.empty(geo.z, geo.h, geo.tq, geo.dv, dtype=q.dtype, device=q.device)
+        stats = torch.empty(2, bh, geo.tq, dtype=torch.float32, device=q.device)
+        od = torch.empty(n, *o.shape, dtype=q.dtype, device=q.device) if tangent else None
+        mu = torch.empty(n, bh, geo.tq, dtype=torch.float32, device=q.device) if sdot else None
+        blk = _blocks("fwd", q.dtype, geo.d, geo.dv, tangent)
+        grid = (triton.cdiv(geo.tq, blk.m), bh, n if tangent else 1)
+        _sdpa_fwd_kernel[grid](
+            q4,
+            k4,
+            v4,
+            tq if tq is not None else q4,
+            tk if tk is not None else k4,
+            tv if tv is not None else v4,
+            geo.mask_args(q4)[0],
+            o,
+            od if od is not None else o,
+            stats,
+            mu if mu is not None else stats,
+            *_strides(q4, 3),
+            *_strides(k4, 3),
+            *_strides(v4, 3),
+            *_strides(tq, 4),
+            *_strides(tk, 4),
+            *_strides(tv, 4),
+            *geo.mask_args(q4)[1:],
+            **geo.common(),
+            BLOCK_M=blk.m,
+            BLOCK_N=blk.n,
+            HAS_TQ=tq is not None,
+            HAS_TK=tk is not None,
+            HAS_TV=tv is not None,
+            SDOT=sdot,
+            TANGENT=tangent,
+            num_warps=blk.warps,
+            num_stages=blk.stages,
+        )
+        active = tuple(call.is_active(i) for i in range(3))
+        saved = _Saved(
+            geo, q4, k4, v4, tq, tk, tv, o, od, stats, mu, active, (q.shape, k.shape, v.shape), n
+        )
+        y = o.view(geo.out_shape)
+        ydot = od.view(n, *geo.out_shape) if od is not None else None
+        return y, ydot, saved
+
+    def bwd_jvp(self, res: _Saved, g, gdot):
+        geo = res.geo
+        need_q, need_k, need_v = res.active
+        g4 = _view4(g, geo.z, geo.h) if g is not None else None
+        gd5 = _view5(gdot, geo.z, geo.h, res.q.dtype) if gdot is not None else None
+        grads, tangents = [None] * 3, [None] * 3
+        d0 = _rowdot(g4, res.o) if g4 is not None else None
+        if g4 is not None:
+            grads = self._backward(
+                res, first=g4.unsqueeze(0), dt=d0.unsqueeze(0), second=None, d0=None
+            )
+        has_tan = res.od is not None
+        second = g4 is not None and has_tan
+        if res.k_count and (gd5 is not None or second):
+            dt = _rowdot(gd5, res.o) if gd5 is not None else None
+            if second:
+                extra = _rowdot(g4, res.od)
+                dt = extra if dt is None else dt + extra
+            tangents = self._backward(
+                res, first=gd5, dt=dt, second=g4 if second else None, d0=d0 if second else None
+            )
+        q_shape, k_shape, v_shape = res.shapes
+        gq, gk, gv = grads
+        tq_, tk_, tv_ = tangents
+        n = res.k_count
+        return (
+            (
+                _shape(gq, q_shape, need_q),
+                _shape(gk, k_shape, need_k),
+                _shape(gv, v_shape, need_v),
+                *nones(5),
+            ),
+            (
+                _shape(tq_, (n, *q_shape), need_q),
+                _shape(tk_, (n, *k_shape), need_k),
+                _shape(tv_, (n, *v_shape), need_v),
+                *nones(5),
+            ),
+        )
+
+    def _backward(self, res: _Saved, first, dt, second, d0):
+        """One launch of each backward kernel for ``C`` cotangents: ``first [C, Z, H, Tq, Dv]``
+        (``ḡ`` as ``C = 1``, or the ``ġ_k``) with its row sums ``dt [C, Z·H, Tq]``, and, for the
+        tangent launch of an HVP, the second-order terms from ``second = ḡ [Z, H, Tq, Dv]`` and
+        the saved input tangents. Returns ``(dQ, dK, dV)`` as ``[C, Z·…]`` tensors or ``None``."""
+        geo = res.geo
+        need_q, need_k, need_v = res.active
+        q = res.q
+        c = first.shape[0] if first is not None else res.k_count
+        tq, tk, tv = (res.tq, res.tk, res.tv) if second is not None else (None, None, None)
+        sdot = tq is not None or tk is not None
+        flags = dict(
+            FIRST=first is not None,
+            SECOND=second is not None,
+            HAS_TQ=tq is not None,
+            HAS_TK=tk is not None,
+            HAS_TV=tv is not None,
+            SDOT=sdot,
+        )
+        operands = (
+            res.q,
+            res.k,
+            res.v,
+            tq if tq is not None else q,
+            tk if tk is not None else q,
+            tv if tv is not None else q,
+            geo.mask_args(q)[0],
+            second if second is not None else q,
+            first if first is not None else q,
+            res.stats,
+            res.mu if sdot else res.stats,
+            dt,
+            d0 if d0 is not None else res.stats,
+        )
+        strides = (
+            *_strides(res.q, 3),
+            *_strides(res.k, 3),
+            *_strides(res.v, 3),
+            *_strides(tq, 4),
+            *_strides(tk, 4),
+            *_strides(tv, 4),
+            *_strides(second, 3),
+            *_strides(first, 4),
+            *geo.mask_args(q)[1:],
+        )
+        bh, bhk = geo.z * geo.h, geo.z * geo.hkv
+        dq = dk = dv = None
+        need_dv = need_v and (first is not None or sdot)
+        if need_k or need_dv:
+            dk = torch.empty(c, bhk, geo.tk, geo.d, dtype=q.dtype, device=q.device)
+            dv = torch.empty(c, bhk, geo.tk, geo.dv, dtype=q.dtype, device=q.device)
+            blk = _blocks("kv", q.dtype, geo.d, geo.dv, second is not None)
+            common = geo.common()
+            _sdpa_bwd_kv_kernel[(triton.cdiv(geo.tk, blk.n), bhk, c)](
+                *operands,
+                dk,
+                dv,
+                *strides,
+                HKV=geo.hkv,
+                **common,
+                **flags,
+                NEED_DK=need_k,
+                NEED_DV=need_dv,
+                BLOCK_M=blk.m,
+                BLOCK_N=blk.n,
+                num_warps=blk.warps,
+                num_stages=blk.stages,
+            )
+            dk = dk if need_k else None
+            dv = dv if need_dv else None
+        if need_q:
+            dq = torch.empty(c, bh, geo.tq, geo.d, dtype=q.dtype, device=q.device)
+            blk = _blocks("q", q.dtype, geo.d, geo.dv, second is not None)
+            _sdpa_bwd_q_kernel[(triton.cdiv(geo.tq, blk.m), bh, c)](
+                *operands,
+                dq,
+                *strides,
+                **geo.common(),
+                **flags,
+                BLOCK_M=blk.m,
+                BLOCK_N=blk.n,
+                num_warps=blk.warps,
+                num_stages=blk.stages,
+            )
+        return dq, dk, dv
+
+
+def _shape(x: Tensor | None, shape: tuple, needed: bool) -> Tensor | None:
+    """A kernel result ``[C, Z·H, T, D]`` as ``shape`` (``C = 1`` dropped for primal cotangents)."""
+    if x is None or not needed:
+        return None
+    return x.reshape(shape)
+
+
+IMPLEMENTATIONS = [TritonScaledDotProductAttention()]
