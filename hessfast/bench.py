@@ -960,6 +960,28 @@ def add_common_arguments(p, *, several_models: bool, k: int, repeats: int) -> No
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--repeats", type=int, default=None, help=f"timed calls (default: {repeats})")
     p.add_argument("--json", default=None, help="write the results with provenance here")
+    p.add_argument(
+        "--backends",
+        default=None,
+        help="comma-separated hessfast backends to time: auto, cuda, triton, torch (default: "
+        "torch on the CPU; on a GPU torch, auto and every available accelerated backend)",
+    )
+
+
+def parse_backends(text: str | None, dev: torch.device) -> list[str] | None:
+    """``--backends`` as a list (``None``: :func:`available_backends`); unknown names and
+    backends that cannot run on ``dev`` are usage errors."""
+    if text is None:
+        return None
+    names = [b.strip().lower() for b in text.split(",") if b.strip()]
+    info = _backends()
+    can = {"torch", "auto"} | {b for b in ("triton", "cuda") if info[b].available}
+    for b in names:
+        if b not in ("auto", "cuda", "triton", "torch"):
+            raise SystemExit(f"--backends: unknown backend {b!r} (auto, cuda, triton, torch)")
+        if b not in can:
+            raise SystemExit(f"--backends: {b} cannot run here: {info[b].reason}")
+    return names
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -986,6 +1008,7 @@ def main(args) -> int:
     dev = resolve_device(args.device)
     size = args.size or ("full" if dev.type == "cuda" else "tiny")
     models = (args.model or ",".join(BUILTIN)).split(",")
+    backends = parse_backends(args.backends, dev)
     dtype = DTYPES[args.dtype]
     k = args.k or 8
     repeats = args.repeats or 5
@@ -1027,6 +1050,7 @@ def main(args) -> int:
                     compile=args.compile,
                     tol=args.tol,
                     use_tf32=args.tf32,
+                    backends=backends,
                     peers=not args.no_peers,
                     log=log,
                 )

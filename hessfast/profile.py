@@ -38,6 +38,7 @@ from .bench import (
     add_common_arguments,
     available_backends,
     backend_context,
+    parse_backends,
     provenance,
     resolve_device,
     tf32,
@@ -277,7 +278,14 @@ def main(args) -> int:
             seq_len=args.seq_len,
             n_batches=1,
         )
-        res = profile_workload(w, dev, mode=args.mode, k=k, repeats=repeats)
+        res = profile_workload(
+            w,
+            dev,
+            mode=args.mode,
+            k=k,
+            repeats=repeats,
+            backends=parse_backends(args.backends, dev),
+        )
     text = render(res, prov)
     print(text)
     if args.json:

@@ -240,3 +240,16 @@ def test_bench_engine_wrapper(tmp_path, monkeypatch):
     assert e.value.code == 0
     data = json.loads(path.read_text())
     assert data["results"][0]["model"] == "mlp"
+
+
+def test_backends_option_is_checked(monkeypatch):
+    from hessfast.bench import parse_backends
+
+    cpu = torch.device("cpu")
+    assert parse_backends(None, cpu) is None
+    assert parse_backends("torch, AUTO", cpu) == ["torch", "auto"]
+    with pytest.raises(SystemExit, match="unknown backend 'xla'"):
+        parse_backends("torch,xla", cpu)
+    monkeypatch.setattr("hessfast.cuda._LOADED", "extension not built (simulated)")
+    with pytest.raises(SystemExit, match="cuda cannot run here: extension not built"):
+        parse_backends("cuda", cpu)
