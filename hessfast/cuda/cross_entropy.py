@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from ..rules.base import TORCH_TOLERANCES, Call
+from ..rules.cross_entropy import rows_arg_reasons
 from . import CudaRule, ops
 
 Tensor = torch.Tensor
@@ -45,29 +46,7 @@ class CudaCrossEntropyRows(CudaRule):
     tolerances = dict(TORCH_TOLERANCES)
 
     def not_supported_reasons(self, call: Call) -> list[str]:
-        z, zdot, target, weight, _, label_smoothing = call.args[:6]
-        if not isinstance(z, Tensor) or not z.is_floating_point() or z.dim() != 2:
-            return [f"{self.name}: logits must be a floating-point [M, V] tensor"]
-        m, v = z.shape
-        why = []
-        if v == 0:
-            why.append(f"{self.name}: no classes (V = 0)")
-        if zdot is not None and (tuple(zdot.shape[1:]) != (m, v) or zdot.dim() != 3):
-            why.append(f"{self.name}: tangents have shape {list(zdot.shape)}, want [K, {m}, {v}]")
-        elif zdot is not None and (zdot.dtype != z.dtype or zdot.device != z.device):
-            why.append(
-                f"{self.name}: tangents are {zdot.dtype} on {zdot.device}, the logits {z.dtype} "
-                f"on {z.device}"
-            )
-        if not isinstance(target, Tensor) or target.is_floating_point() or target.shape != (m,):
-            why.append(f"{self.name}: targets must be [M] = [{m}] class indices")
-        elif target.device != z.device:
-            why.append(f"{self.name}: targets are on {target.device}, the logits on {z.device}")
-        if weight is not None and (weight.shape != (v,) or weight.device != z.device):
-            why.append(f"{self.name}: class weights must be [V] = [{v}] on {z.device}")
-        if not 0.0 <= float(label_smoothing) <= 1.0:
-            why.append(f"{self.name}: label_smoothing {label_smoothing} is not in [0, 1]")
-        return why
+        return rows_arg_reasons(call)
 
     def rows(
         self,

@@ -257,6 +257,33 @@ def rows_call(
     return Call(ROWS_OP, args, (), (), 0 if zdot is None else zdot.shape[0])
 
 
+def rows_arg_reasons(call: Call) -> list[str]:
+    """What is wrong with a ``hessfast::cross_entropy_rows`` call's arguments (empty: nothing):
+    the shape, dtype and device checks every kernel implementation of the row op shares."""
+    z, zdot, target, weight, _, label_smoothing = call.args[:6]
+    if not isinstance(z, Tensor) or not z.is_floating_point() or z.dim() != 2:
+        return ["logits must be a floating-point [M, V] tensor"]
+    m, v = z.shape
+    out = []
+    if v == 0:
+        out.append("no classes (V = 0)")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        out.append(f"label_smoothing {label_smoothing} is not in [0, 1]")
+    if zdot is not None and (zdot.dim() != 3 or tuple(zdot.shape[1:]) != (m, v)):
+        out.append(f"tangents {list(zdot.shape)} are not [K, {m}, {v}]")
+    elif zdot is not None and zdot.dtype != z.dtype:
+        out.append(f"tangents in {zdot.dtype}, logits in {z.dtype}: one dtype expected")
+    if not isinstance(target, Tensor) or target.is_floating_point() or target.shape != (m,):
+        out.append(f"targets must be [{m}] class indices")
+    if weight is not None and tuple(weight.shape) != (v,):
+        out.append(f"class weights {list(weight.shape)} are not [{v}]")
+    tensors = (z, zdot, target, weight)
+    devices = {t.device for t in tensors if isinstance(t, Tensor)}
+    if len(devices) > 1:
+        out.append(f"inputs on several devices: {sorted(map(str, devices))}")
+    return out
+
+
 class CrossEntropyRows(Rule):
     """``hessfast::cross_entropy_rows`` in plain torch (:func:`cross_entropy_rows_ref`): the
     reference every other implementation is tested against, and the CPU path. Not a graph op: it

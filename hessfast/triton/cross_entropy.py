@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ..rules.base import Call
-from ..rules.cross_entropy import ROWS_OP
+from ..rules.cross_entropy import ROWS_OP, rows_arg_reasons
 from . import TritonRule
 
 Tensor = torch.Tensor
@@ -223,30 +223,7 @@ class CrossEntropyRowsTriton(TritonRule):
     }
 
     def not_supported_reasons(self, call: Call) -> list[str]:
-        z, zdot, target, weight = call.args[:4]
-        out = []
-        if z.dim() != 2:
-            out.append(f"logits must be [M, V] rows, got {list(z.shape)}")
-            return out
-        M, V = z.shape
-        if V == 0:
-            out.append("no classes (V = 0)")
-        if not 0.0 <= float(call.args[5]) <= 1.0:
-            out.append(f"label_smoothing {call.args[5]} is not in [0, 1]")
-        if zdot is not None and (zdot.dim() != 3 or tuple(zdot.shape[1:]) != (M, V)):
-            out.append(f"tangents {list(zdot.shape)} are not [K, {M}, {V}]")
-        if zdot is not None and zdot.dtype != z.dtype:
-            out.append(f"tangents in {zdot.dtype}, logits in {z.dtype}: one dtype expected")
-        if target.is_floating_point() or tuple(target.shape) != (M,):
-            out.append(
-                f"targets must be [{M}] class indices, got {target.dtype} {list(target.shape)}"
-            )
-        if weight is not None and tuple(weight.shape) != (V,):
-            out.append(f"class weights {list(weight.shape)} are not [{V}]")
-        devices = {t.device for t in (z, zdot, target, weight) if t is not None}
-        if len(devices) > 1:
-            out.append(f"inputs on several devices: {sorted(map(str, devices))}")
-        return out
+        return rows_arg_reasons(call)
 
     def rows(
         self,
