@@ -11,7 +11,6 @@ determinism, the vectorised and scalar paths agreeing, mixed-dtype cotangents, t
 on a GPU an MLP's HVP with ``backend="cuda"``.
 """
 
-import collections
 import shutil
 import subprocess
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from kernels.harness import check_impl
+from kernels.harness import check_impl, count_calls
 from torch import nn
 
 import hessfast
@@ -340,18 +339,7 @@ def test_mlp_hvp_runs_cuda_activations_and_matches_torch(gpu, monkeypatch):
     v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     call = Call(aten.gelu.default, (x, "none"), (True, False), (None, None), 0)
     assert rule_for(aten.gelu.default, call, "auto") is IMPLS[aten.gelu.default]
-    ran = collections.Counter()
-
-    def counting(key, f):
-        def wrapper(*args):
-            ran[key] += 1
-            return f(*args)
-
-        return wrapper
-
-    for impl in IMPLEMENTATIONS:
-        for phase in ("fwd_jvp", "bwd_jvp"):
-            monkeypatch.setattr(impl, phase, counting((impl.name, phase), getattr(impl, phase)))
+    ran = count_calls(monkeypatch, IMPLEMENTATIONS)
     hv = hessfast.hvp(model, F.cross_entropy, x, y, v, backend="cuda")
     assert dict(ran) == {
         (name, phase): 1 for name in ("gelu", "silu", "tanh") for phase in ("fwd_jvp", "bwd_jvp")

@@ -18,6 +18,8 @@ Cases are data: ``(op, args, active)`` with float64 CPU tensors, as in ``tests/r
 
 from __future__ import annotations
 
+import collections
+
 import torch
 from torch.func import jvp, vmap
 
@@ -239,3 +241,21 @@ def check_impl(
                 )
         report[mode] = errs
     return report
+
+
+def count_calls(monkeypatch, impls) -> collections.Counter:
+    """Count ``(impl.name, "fwd_jvp" | "bwd_jvp")`` calls of ``impls`` from now on (a spy that
+    proves which implementation a product ran)."""
+    ran: collections.Counter = collections.Counter()
+
+    def counting(key, f):
+        def wrapper(*args):
+            ran[key] += 1
+            return f(*args)
+
+        return wrapper
+
+    for impl in impls:
+        for phase in ("fwd_jvp", "bwd_jvp"):
+            monkeypatch.setattr(impl, phase, counting((impl.name, phase), getattr(impl, phase)))
+    return ran

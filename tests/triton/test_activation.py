@@ -12,7 +12,6 @@ HVP with ``backend="triton"`` runs these kernels for its activations and equals 
 On a machine without a GPU these run in Triton's interpreter (``tests/conftest.py``).
 """
 
-import collections
 import math
 
 import pytest
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from kernels.harness import check_impl
+from kernels.harness import check_impl, count_calls
 from torch import nn
 
 import hessfast
@@ -292,18 +291,7 @@ def test_mlp_hvp_runs_triton_activations_and_matches_torch(kernel_device, monkey
     call = Call(aten.gelu.default, (x, "none"), (True, False), (None, None), 0)
     assert rule_for(aten.gelu.default, call, "triton") is IMPLS[aten.gelu.default]
 
-    ran = collections.Counter()
-
-    def counting(key, f):
-        def wrapper(*args):
-            ran[key] += 1
-            return f(*args)
-
-        return wrapper
-
-    for impl in IMPLEMENTATIONS:
-        for phase in ("fwd_jvp", "bwd_jvp"):
-            monkeypatch.setattr(impl, phase, counting((impl.name, phase), getattr(impl, phase)))
+    ran = count_calls(monkeypatch, IMPLEMENTATIONS)
     hv = hessfast.hvp(model, F.cross_entropy, x, y, v, backend="triton")
     assert {key: ran[key] for key in ran} == {
         (name, phase): 1 for name in ("gelu", "silu", "tanh") for phase in ("fwd_jvp", "bwd_jvp")
