@@ -9,23 +9,17 @@ autograd through SDPA's math backend.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from kernels.harness import check_impl
+from models.zoo import gpt
+from oracle import math_attention
 
 import hessfast
 from hessfast.dispatch import reasons
 from hessfast.rules import rule_for
 from hessfast.rules.base import Call
 from hessfast.triton.attention import IMPLEMENTATIONS
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
-from harness import check_impl  # noqa: E402
-from oracle import math_attention  # noqa: E402
-from zoo import gpt  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
