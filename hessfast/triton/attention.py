@@ -120,6 +120,17 @@ _NO_MASK, _BOOL_MASK, _FLOAT_MASK = 0, 1, 2
 
 
 # ---- device code ---------------------------------------------------------------------------------
+#
+# Strides travel as tuples: ``sq``, ``sk``, ``sv``, ``sg`` are ``(z, h, t)`` of ``q, k, v, ḡ``
+# (``[Z, H, T, ·]``), ``stq``, ``stk``, ``stv``, ``sc`` are ``(k, z, h, t)`` of the input tangents
+# and of the first-order cotangents (``[K, Z, H, T, ·]``), ``msk`` is ``(z, h, query, key)`` of the
+# mask. Score tiles come in two orientations: ``S [BLOCK_M, BLOCK_N]`` (query rows, key columns: the
+# forward and the ``dQ`` kernel) and, with the switch ``TRANS``, ``Sᵀ [BLOCK_N, BLOCK_M]`` (the
+# ``dK dV`` kernel, whose accumulators then need no transpose); the tile helpers serve both. A
+# program keeps the operands of its own block in registers and streams the other side's blocks;
+# a streamed operand is passed to the helpers as a *source* (the arguments of :func:`_tile` or
+# :func:`_rows`) and loaded where it is first used, and an operand that a switch turns off is the
+# constant ``0``.
 
 
 @triton.jit
@@ -132,6 +143,47 @@ def _tile(base, rows, cols, stride_r, n_rows, n_cols, DT: tl.constexpr):
 
 
 @triton.jit
+def _rows(base, row0, offs, row_ok):
+    """The fp32 row vector ``base[row0 + offs]``, zero outside ``row_ok``."""
+    return tl.load(base + row0 + offs, mask=row_ok, other=0.0)
+
+
+@triton.jit
+def _fetch(x, LOAD: tl.constexpr, DT: tl.constexpr):
+    """The tile ``x``, or with ``LOAD`` the tile that the source ``x`` (the arguments of
+    :func:`_tile` but ``DT``) names."""
+    out = x
+    if LOAD:
+        base, rows, cols, stride_r, n_rows, n_cols = x
+        out = _tile(base, rows, cols, stride_r, n_rows, n_cols, DT)
+    return out
+
+
+@triton.jit
+def _fetch_rows(x, LOAD: tl.constexpr):
+    """The row vector ``x``, or with ``LOAD`` the one that the source ``x`` (the arguments of
+    :func:`_rows`) names."""
+    out = x
+    if LOAD:
+        base, row0, offs, row_ok = x
+        out = _rows(base, row0, offs, row_ok)
+    return out
+
+
+@triton.jit
+def _head(X, st, z, h):
+    """Head ``(z, h)`` of ``X [Z, H, T, ·]`` with strides ``st = (z, h, t)``."""
+    return X + z * st[0] + h * st[1]
+
+
+@triton.jit
+def _tangent_head(X, st, k, z, h):
+    """Head ``(z, h)`` of tangent ``k`` of ``X [K, Z, H, T, ·]`` with strides
+    ``st = (k, z, h, t)``."""
+    return X + k * st[0] + z * st[1] + h * st[2]
+
+
+@triton.jit
 def _round(x, ET: tl.constexpr, RNE: tl.constexpr):
     """``x`` (fp32) rounded to the input dtype ``ET``. ``RNE``: in the interpreter, whose fp32 →
     bfloat16 cast truncates, round to nearest even by hand and keep the bfloat16 value in fp32 (a
@@ -141,6 +193,35 @@ def _round(x, ET: tl.constexpr, RNE: tl.constexpr):
         bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
         return bits.to(tl.float32, bitcast=True)
     return x.to(ET)
+
+
+@triton.jit
+def _dot_rounded(x, b, acc, ET: tl.constexpr, RNE: tl.constexpr, DT, PREC: tl.constexpr):
+    """``acc + x b`` with the fp32 tile ``x`` (``P``, ``dS`` …) rounded to the input dtype ``ET``
+    as a ``DT`` operand."""
+    return tl.dot(_round(x, ET, RNE).to(DT), b, acc, input_precision=PREC)
+
+
+@triton.jit
+def _per_query(x, TRANS: tl.constexpr):
+    """A per-query vector ``x [BLOCK_M]`` broadcast over a score tile: a column of ``S``, a row of
+    ``Sᵀ`` (``TRANS``)."""
+    if TRANS:
+        out = x[None, :]
+    else:
+        out = x[:, None]
+    return out
+
+
+@triton.jit
+def _dot_qk(a, b, acc, TRANS: tl.constexpr, PREC: tl.constexpr):
+    """``acc + a bᵀ`` for a query-side operand ``a [BLOCK_M, ·]`` and a key-side one
+    ``b [BLOCK_N, ·]``, a score tile; ``acc + b aᵀ`` with ``TRANS`` (``acc = None``: zero)."""
+    if TRANS:
+        out = tl.dot(b, tl.trans(a), acc, input_precision=PREC)
+    else:
+        out = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
+    return out
 
 
 @triton.jit
@@ -163,6 +244,129 @@ def _masked(
 
 
 @triton.jit
+def _scores(q, kt, sm_scale, mask_base, offs_m, offs_n, Tq, Tk, msk, CAUSAL, MASK, TRANS, PREC):
+    """``S = s Q Kᵀ + M`` for query rows ``offs_m`` (tile ``q``) and keys ``offs_n`` (``kt``),
+    ``Sᵀ`` with ``TRANS`` (:func:`_masked`); ``mask_base`` is the mask of this ``(z, h)``."""
+    s = _dot_qk(q, kt, None, TRANS, PREC) * sm_scale
+    rows = _per_query(offs_m, TRANS)
+    if TRANS:
+        cols = offs_n[:, None]
+    else:
+        cols = offs_n[None, :]
+    return _masked(s, mask_base, rows, cols, Tq, Tk, msk[2], msk[3], CAUSAL, MASK)
+
+
+@triton.jit
+def _tangent_scores(q, tq, kt, tkt, acc, HAS_TQ, HAS_TK, TRANS: tl.constexpr, DT, PREC):
+    """``acc + Ṡ/s = acc + Q̇ Kᵀ + Q K̇ᵀ`` (``Ṡᵀ/s`` with ``TRANS``), a term left out where its
+    switch is off; the streamed one of ``q̇``, ``k̇`` is a source. Returns ``(Ṡ/s, q̇, k̇)`` with the
+    tangents as loaded."""
+    if HAS_TQ:
+        tq = _fetch(tq, TRANS, DT)
+        acc = _dot_qk(tq, kt, acc, TRANS, PREC)
+    if HAS_TK:
+        tkt = _fetch(tkt, not TRANS, DT)
+        acc = _dot_qk(q, tkt, acc, TRANS, PREC)
+    return acc, tq, tkt
+
+
+@triton.jit
+def _bwd_step(
+    s, qs, ks, rs, zeros, acc, acc_v, sm_scale, FIRST, SECOND, HAS_TQ, HAS_TK, HAS_TV, SDOT,
+    NEED_DS, NEED_DV, TRANS: tl.constexpr, ET, RNE, DT, PREC,
+):  # fmt: skip
+    """One query block against one key block of the backward, from their scores ``s``
+    (:func:`_scores`, ``Sᵀ`` with ``TRANS``)::
+
+        P = e^(S − m) · (1/l),  dS = P ⊙ (c Vᵀ + ḡ V̇ᵀ − Δ) + Ṗ ⊙ dP₀
+        Ṗ = P ⊙ (Ṡ − μ̇),  dP₀ = ḡ Vᵀ − D
+
+    (terms whose switch is off left out), adding ``dS K + (P ⊙ dP₀) K̇`` to ``acc`` (``dQ / s``) or
+    with ``TRANS`` ``dSᵀ Q + (P ⊙ dP₀)ᵀ Q̇`` (``dK / s``, needs ``NEED_DS``), and with ``NEED_DV``
+    ``Pᵀ c + Ṗᵀ ḡ`` to ``acc_v`` (``dV``). ``qs = (q, q̇, c, ḡ)`` (``c`` the first-order
+    cotangent), ``ks = (k, v, k̇, v̇)``, ``rs = (m, 1/l, Δ, μ̇, D)``: the streamed side's operands
+    (the query side with ``TRANS``, else the key side) may be sources, loaded here where first
+    used. Returns ``(acc, acc_v)``."""
+    q, tq, do, g = qs
+    kt, vt, tkt, tvt = ks
+    row_max, inv_l, dt, mu, d0 = rs
+    p = tl.exp(s - _per_query(row_max, TRANS)) * _per_query(inv_l, TRANS)
+    if FIRST:
+        do = _fetch(do, TRANS, DT)
+        if NEED_DV:
+            acc_v = _dot_rounded(p, do, acc_v, ET, RNE, DT, PREC)
+    if SECOND:
+        g = _fetch(g, TRANS, DT)
+    if NEED_DS:
+        dp = zeros
+        if FIRST:
+            dp = _dot_qk(do, vt, dp, TRANS, PREC)
+        if HAS_TV:
+            tvt = _fetch(tvt, not TRANS, DT)
+            dp = _dot_qk(g, tvt, dp, TRANS, PREC)
+        dt = _fetch_rows(dt, TRANS)
+        ds = p * (dp - _per_query(dt, TRANS))
+    if SDOT:
+        sd, tq, tkt = _tangent_scores(q, tq, kt, tkt, zeros, HAS_TQ, HAS_TK, TRANS, DT, PREC)
+        mu = _fetch_rows(mu, TRANS)
+        pd = p * (sd * sm_scale - _per_query(mu, TRANS))
+        if NEED_DV:
+            acc_v = _dot_rounded(pd, g, acc_v, ET, RNE, DT, PREC)
+        if NEED_DS:
+            d0 = _fetch_rows(d0, TRANS)
+            dp0 = _dot_qk(g, vt, zeros, TRANS, PREC) - _per_query(d0, TRANS)
+            ds += pd * dp0
+            if TRANS:
+                if HAS_TQ:
+                    acc = _dot_rounded(p * dp0, tq, acc, ET, RNE, DT, PREC)
+            elif HAS_TK:
+                acc = _dot_rounded(p * dp0, tkt, acc, ET, RNE, DT, PREC)
+    if NEED_DS:
+        acc = _dot_rounded(ds, q if TRANS else kt, acc, ET, RNE, DT, PREC)
+    return acc, acc_v
+
+
+@triton.jit
+def _query_program(H, GROUPS, BLOCK_M: tl.constexpr):
+    """Indices of a program of a kernel over query blocks (grid ``(⌈Tq/BLOCK_M⌉, Z·H, C)``):
+    ``(pid_m, bh, c, Z·H, z, h, hk, offs_m)``, ``hk`` the key/value head of query head ``h``."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    c = tl.program_id(2).to(tl.int64)
+    n_bh = tl.num_programs(1)
+    z = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    hk = h // GROUPS
+    return pid_m, bh, c, n_bh, z, h, hk, pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+
+
+@triton.jit
+def _key_heads(Kp, V, TK, TV, sk, sv, stk, stv, c, z, hk):
+    """Heads ``(z, hk)`` of ``k``, ``v`` and of their tangents ``c``."""
+    k_base = _head(Kp, sk, z, hk)
+    v_base = _head(V, sv, z, hk)
+    return k_base, v_base, _tangent_head(TK, stk, c, z, hk), _tangent_head(TV, stv, c, z, hk)
+
+
+@triton.jit
+def _row_stats(STATS, n_bh, Tq, row0, offs_m, row_ok):
+    """The saved ``(m, 1/l)`` of rows ``row0 + offs_m`` from ``STATS [2, Z·H, Tq]``; ``(+∞, 0)``
+    outside ``row_ok`` (``P = 0`` there)."""
+    row_max = tl.load(STATS + row0 + offs_m, mask=row_ok, other=float("inf"))
+    return row_max, _rows(STATS + n_bh.to(tl.int64) * Tq, row0, offs_m, row_ok)
+
+
+@triton.jit
+def _key_end(pid_m, Tk, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """End of the key loop of query block ``pid_m``: ``Tk``, or with ``CAUSAL`` the end of the
+    block's diagonal (the tiles beyond are masked everywhere)."""
+    end = Tk
+    if CAUSAL:
+        end = tl.minimum(Tk, (pid_m + 1) * BLOCK_M)
+    return end
+
+
+@triton.jit
 def _sdpa_fwd_kernel(
     Q,
     Kp,
@@ -175,31 +379,13 @@ def _sdpa_fwd_kernel(
     OD,
     STATS,
     MU,
-    sq_z,
-    sq_h,
-    sq_t,
-    sk_z,
-    sk_h,
-    sk_t,
-    sv_z,
-    sv_h,
-    sv_t,
-    stq_k,
-    stq_z,
-    stq_h,
-    stq_t,
-    stk_k,
-    stk_z,
-    stk_h,
-    stk_t,
-    stv_k,
-    stv_z,
-    stv_h,
-    stv_t,
-    msk_z,
-    msk_h,
-    msk_m,
-    msk_n,
+    sq,
+    sk,
+    sv,
+    stq,
+    stk,
+    stv,
+    msk,
     sm_scale,
     Tq,
     Tk,
@@ -225,49 +411,24 @@ def _sdpa_fwd_kernel(
     """One query block of one ``(z, h)`` for tangent ``k = program_id(2)``: ``O`` and ``(m, 1/l)``
     (stored by ``k = 0`` only), ``Ȯ_k`` and ``μ̇_k``. Grid ``(⌈Tq/BLOCK_M⌉, Z·H, max(K, 1))``."""
     ET = Q.dtype.element_ty
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    t = tl.program_id(2).to(tl.int64)
-    n_bh = tl.num_programs(1)
-    z = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    hk = h // GROUPS
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m, bh, t, n_bh, z, h, hk, offs_m = _query_program(H, GROUPS, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k_base = Kp + z * sk_z + hk * sk_h
-    v_base = V + z * sv_z + hk * sv_h
-    tk_base = TK + t * stk_k + z * stk_z + hk * stk_h
-    tv_base = TV + t * stv_k + z * stv_z + hk * stv_h
-    mask_base = Mask + z * msk_z + h * msk_h
-    q = _tile(Q + z * sq_z + h * sq_h, offs_m, offs_d, sq_t, Tq, D, DT)
-    if HAS_TQ:
-        tq = _tile(TQ + t * stq_k + z * stq_z + h * stq_h, offs_m, offs_d, stq_t, Tq, D, DT)
-
+    k_base, v_base, tk_base, tv_base = _key_heads(Kp, V, TK, TV, sk, sv, stk, stv, t, z, hk)
+    mask_base = _head(Mask, msk, z, h)
+    q = _tile(_head(Q, sq, z, h), offs_m, offs_d, sq[2], Tq, D, DT)
+    tq = _tile(_tangent_head(TQ, stq, t, z, h), offs_m, offs_d, stq[3], Tq, D, DT) if HAS_TQ else 0
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     mu = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     acc_t = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    hi = Tk
-    if CAUSAL:
-        hi = tl.minimum(Tk, (pid_m + 1) * BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
+    for start_n in range(0, _key_end(pid_m, Tk, BLOCK_M, CAUSAL), BLOCK_N):
         offs_n = start_n + offs_n0
-        kt = _tile(k_base, offs_n, offs_d, sk_t, Tk, D, DT)
-        s = tl.dot(q, tl.trans(kt), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), input_precision=PREC)
-        s = _masked(
-            s * sm_scale,
-            mask_base,
-            offs_m[:, None],
-            offs_n[None, :],
-            Tq,
-            Tk,
-            msk_m,
-            msk_n,
-            CAUSAL,
-            MASK,
+        kt = _tile(k_base, offs_n, offs_d, sk[2], Tk, D, DT)
+        s = _scores(
+            q, kt, sm_scale, mask_base, offs_m, offs_n, Tq, Tk, msk, CAUSAL, MASK, False, PREC
         )
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -275,7 +436,7 @@ def _sdpa_fwd_kernel(
         p = tl.exp(s - m_ref[:, None])
         p_sum = tl.sum(p, 1)
         l_i = l_i * alpha + p_sum
-        vt = _tile(v_base, offs_n, offs_dv, sv_t, Tk, DV, DT)
+        vt = _tile(v_base, offs_n, offs_dv, sv[2], Tk, DV, DT)
         p_op = _round(p, ET, RNE).to(DT)
         if SDOT:
             pv = tl.dot(p_op, vt, tl.zeros([BLOCK_M, BLOCK_DV], tl.float32), input_precision=PREC)
@@ -285,12 +446,9 @@ def _sdpa_fwd_kernel(
         if TANGENT:
             acc_t = acc_t * alpha[:, None]
             if SDOT:
-                sd = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-                if HAS_TQ:
-                    sd = tl.dot(tq, tl.trans(kt), sd, input_precision=PREC)
-                if HAS_TK:
-                    tkt = _tile(tk_base, offs_n, offs_d, stk_t, Tk, D, DT)
-                    sd = tl.dot(q, tl.trans(tkt), sd, input_precision=PREC)
+                tkt = (tk_base, offs_n, offs_d, stk[3], Tk, D)
+                zeros = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                sd, _, _ = _tangent_scores(q, tq, kt, tkt, zeros, HAS_TQ, HAS_TK, False, DT, PREC)
                 sd = sd * sm_scale
                 psd_sum = tl.sum(p * sd, 1)
                 mu = mu * alpha + psd_sum
@@ -300,8 +458,8 @@ def _sdpa_fwd_kernel(
                 centred = _round(p * (sd - c[:, None]), ET, RNE).to(DT)
                 acc_t = tl.dot(centred, vt, acc_t + c[:, None] * pv, input_precision=PREC)
             if HAS_TV:
-                tvt = _tile(tv_base, offs_n, offs_dv, stv_t, Tk, DV, DT)
-                acc_t = tl.dot(_round(p, ET, RNE).to(DT), tvt, acc_t, input_precision=PREC)
+                tvt = _tile(tv_base, offs_n, offs_dv, stv[3], Tk, DV, DT)
+                acc_t = _dot_rounded(p, tvt, acc_t, ET, RNE, DT, PREC)
         m_i = m_new
 
     dead = l_i == 0.0
@@ -345,38 +503,15 @@ def _sdpa_bwd_kv_kernel(
     D0,
     DK,
     DVo,
-    sq_z,
-    sq_h,
-    sq_t,
-    sk_z,
-    sk_h,
-    sk_t,
-    sv_z,
-    sv_h,
-    sv_t,
-    stq_k,
-    stq_z,
-    stq_h,
-    stq_t,
-    stk_k,
-    stk_z,
-    stk_h,
-    stk_t,
-    stv_k,
-    stv_z,
-    stv_h,
-    stv_t,
-    sg_z,
-    sg_h,
-    sg_t,
-    sc_k,
-    sc_z,
-    sc_h,
-    sc_t,
-    msk_z,
-    msk_h,
-    msk_m,
-    msk_n,
+    sq,
+    sk,
+    sv,
+    stq,
+    stk,
+    stv,
+    sg,
+    sc,
+    msk,
     sm_scale,
     Tq,
     Tk,
@@ -404,11 +539,11 @@ def _sdpa_bwd_kv_kernel(
     RNE: tl.constexpr,
 ):
     """``dK``, ``dV`` (or their tangents) of one key/value block of one ``(z, hk)`` for cotangent
-    ``c = program_id(2)``, looping over the ``GROUPS`` query heads of ``hk`` and their query blocks.
-    Works on transposed tiles ``Sᵀ [BLOCK_N, BLOCK_M]`` so no accumulator is transposed.
-    ``DOF [C, Z, H, Tq, Dv]`` is the first-order cotangent ``c`` (``ḡ`` or ``ġ_c``), ``G`` is ``ḡ``
-    for the second-order terms, ``DELTA [C, Z·H, Tq]`` the matching ``rowsum`` (``D`` or ``Ḋ_c``),
-    ``D0 [Z·H, Tq]`` the primal ``D``. Grid ``(⌈Tk/BLOCK_N⌉, Z·Hkv, C)``."""
+    ``c = program_id(2)``, looping over the ``GROUPS`` query heads of ``hk`` and their query blocks,
+    on transposed tiles ``Sᵀ [BLOCK_N, BLOCK_M]``. ``DOF [C, Z, H, Tq, Dv]`` is the first-order
+    cotangent ``c`` (``ḡ`` or ``ġ_c``), ``G`` is ``ḡ`` for the second-order terms,
+    ``DELTA [C, Z·H, Tq]`` the matching ``rowsum`` (``D`` or ``Ḋ_c``), ``D0 [Z·H, Tq]`` the primal
+    ``D``. Grid ``(⌈Tk/BLOCK_N⌉, Z·Hkv, C)``."""
     ET = Q.dtype.element_ty
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -421,12 +556,15 @@ def _sdpa_bwd_kv_kernel(
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    kt = _tile(Kp + z * sk_z + hk * sk_h, offs_n, offs_d, sk_t, Tk, D, DT)
-    vt = _tile(V + z * sv_z + hk * sv_h, offs_n, offs_dv, sv_t, Tk, DV, DT)
+    kt = _tile(_head(Kp, sk, z, hk), offs_n, offs_d, sk[2], Tk, D, DT)
+    vt = _tile(_head(V, sv, z, hk), offs_n, offs_dv, sv[2], Tk, DV, DT)
+    tkt = 0
     if HAS_TK:
-        tkt = _tile(TK + c * stk_k + z * stk_z + hk * stk_h, offs_n, offs_d, stk_t, Tk, D, DT)
+        tkt = _tile(_tangent_head(TK, stk, c, z, hk), offs_n, offs_d, stk[3], Tk, D, DT)
+    tvt = 0
     if HAS_TV:
-        tvt = _tile(TV + c * stv_k + z * stv_z + hk * stv_h, offs_n, offs_dv, stv_t, Tk, DV, DT)
+        tvt = _tile(_tangent_head(TV, stv, c, z, hk), offs_n, offs_dv, stv[3], Tk, DV, DT)
+    ks = (kt, vt, tkt, tvt)
     zeros = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     dk_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv_acc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
@@ -436,59 +574,32 @@ def _sdpa_bwd_kv_kernel(
     for grp in range(0, GROUPS):
         h = hk * GROUPS + grp
         bh = z * H + h
-        q_base = Q + z * sq_z + h * sq_h
-        tq_base = TQ + c * stq_k + z * stq_z + h * stq_h
-        g_base = G + z * sg_z + h * sg_h
-        do_base = DOF + c * sc_k + z * sc_z + h * sc_h
-        mask_base = Mask + z * msk_z + h * msk_h
+        q_base = _head(Q, sq, z, h)
+        tq_base = _tangent_head(TQ, stq, c, z, h)
+        g_base = _head(G, sg, z, h)
+        do_base = _tangent_head(DOF, sc, c, z, h)
+        mask_base = _head(Mask, msk, z, h)
         row0 = bh * Tq
         crow0 = (c * n_bh + bh) * Tq
         for start_m in range(lo, Tq, BLOCK_M):
             offs_m = start_m + offs_m0
             row_ok = offs_m < Tq
-            q = _tile(q_base, offs_m, offs_d, sq_t, Tq, D, DT)
-            row_max = tl.load(STATS + row0 + offs_m, mask=row_ok, other=float("inf"))
-            inv_l = tl.load(STATS + n_bh.to(tl.int64) * Tq + row0 + offs_m, mask=row_ok, other=0.0)
-            st = tl.dot(kt, tl.trans(q), zeros, input_precision=PREC) * sm_scale
-            st = _masked(
-                st, mask_base, offs_m[None, :], offs_n[:, None], Tq, Tk, msk_m, msk_n, CAUSAL, MASK
+            q = _tile(q_base, offs_m, offs_d, sq[2], Tq, D, DT)
+            row_max, inv_l = _row_stats(STATS, n_bh, Tq, row0, offs_m, row_ok)
+            st = _scores(
+                q, kt, sm_scale, mask_base, offs_m, offs_n, Tq, Tk, msk, CAUSAL, MASK, True, PREC
             )
-            pt = tl.exp(st - row_max[None, :]) * inv_l[None, :]
-            if FIRST:
-                do = _tile(do_base, offs_m, offs_dv, sc_t, Tq, DV, DT)
-                if NEED_DV:
-                    dv_acc = tl.dot(_round(pt, ET, RNE).to(DT), do, dv_acc, input_precision=PREC)
-            if SECOND:
-                g = _tile(g_base, offs_m, offs_dv, sg_t, Tq, DV, DT)
-            if NEED_DK:
-                dpt = zeros
-                if FIRST:
-                    dpt = tl.dot(vt, tl.trans(do), dpt, input_precision=PREC)
-                if HAS_TV:
-                    dpt = tl.dot(tvt, tl.trans(g), dpt, input_precision=PREC)
-                dt = tl.load(DELTA + crow0 + offs_m, mask=row_ok, other=0.0)
-                dst = pt * (dpt - dt[None, :])
-            if SDOT:
-                sdt = zeros
-                if HAS_TQ:
-                    tq = _tile(tq_base, offs_m, offs_d, stq_t, Tq, D, DT)
-                    sdt = tl.dot(kt, tl.trans(tq), sdt, input_precision=PREC)
-                if HAS_TK:
-                    sdt = tl.dot(tkt, tl.trans(q), sdt, input_precision=PREC)
-                mu = tl.load(MU + crow0 + offs_m, mask=row_ok, other=0.0)
-                pdt = pt * (sdt * sm_scale - mu[None, :])
-                if NEED_DV:
-                    dv_acc = tl.dot(_round(pdt, ET, RNE).to(DT), g, dv_acc, input_precision=PREC)
-                if NEED_DK:
-                    d0 = tl.load(D0 + row0 + offs_m, mask=row_ok, other=0.0)
-                    dp0t = tl.dot(vt, tl.trans(g), zeros, input_precision=PREC) - d0[None, :]
-                    dst += pdt * dp0t
-                    if HAS_TQ:
-                        dk_acc = tl.dot(
-                            _round(pt * dp0t, ET, RNE).to(DT), tq, dk_acc, input_precision=PREC
-                        )
-            if NEED_DK:
-                dk_acc = tl.dot(_round(dst, ET, RNE).to(DT), q, dk_acc, input_precision=PREC)
+            tq = (tq_base, offs_m, offs_d, stq[3], Tq, D)
+            do = (do_base, offs_m, offs_dv, sc[3], Tq, DV)
+            g = (g_base, offs_m, offs_dv, sg[2], Tq, DV)
+            dt = (DELTA, crow0, offs_m, row_ok)
+            mu = (MU, crow0, offs_m, row_ok)
+            d0 = (D0, row0, offs_m, row_ok)
+            dk_acc, dv_acc = _bwd_step(
+                st, (q, tq, do, g), ks, (row_max, inv_l, dt, mu, d0), zeros, dk_acc, dv_acc,
+                sm_scale, FIRST, SECOND, HAS_TQ, HAS_TK, HAS_TV, SDOT, NEED_DK, NEED_DV, True, ET,
+                RNE, DT, PREC,
+            )  # fmt: skip
 
     col_ok = offs_n < Tk
     krow0 = (c * n_bhk + bhk) * Tk
@@ -518,38 +629,15 @@ def _sdpa_bwd_q_kernel(
     DELTA,
     D0,
     DQ,
-    sq_z,
-    sq_h,
-    sq_t,
-    sk_z,
-    sk_h,
-    sk_t,
-    sv_z,
-    sv_h,
-    sv_t,
-    stq_k,
-    stq_z,
-    stq_h,
-    stq_t,
-    stk_k,
-    stk_z,
-    stk_h,
-    stk_t,
-    stv_k,
-    stv_z,
-    stv_h,
-    stv_t,
-    sg_z,
-    sg_h,
-    sg_t,
-    sc_k,
-    sc_z,
-    sc_h,
-    sc_t,
-    msk_z,
-    msk_h,
-    msk_m,
-    msk_n,
+    sq,
+    sk,
+    sv,
+    stq,
+    stk,
+    stv,
+    sg,
+    sc,
+    msk,
     sm_scale,
     Tq,
     Tk,
@@ -577,72 +665,40 @@ def _sdpa_bwd_q_kernel(
     ``c = program_id(2)``, looping over key/value blocks; arguments as in
     :func:`_sdpa_bwd_kv_kernel`. Grid ``(⌈Tq/BLOCK_M⌉, Z·H, C)``."""
     ET = Q.dtype.element_ty
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    c = tl.program_id(2).to(tl.int64)
-    n_bh = tl.num_programs(1)
-    z = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    hk = h // GROUPS
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m, bh, c, n_bh, z, h, hk, offs_m = _query_program(H, GROUPS, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < Tq
     row0 = bh.to(tl.int64) * Tq
     crow0 = (c * n_bh + bh) * Tq
-    k_base = Kp + z * sk_z + hk * sk_h
-    v_base = V + z * sv_z + hk * sv_h
-    tk_base = TK + c * stk_k + z * stk_z + hk * stk_h
-    tv_base = TV + c * stv_k + z * stv_z + hk * stv_h
-    mask_base = Mask + z * msk_z + h * msk_h
-    q = _tile(Q + z * sq_z + h * sq_h, offs_m, offs_d, sq_t, Tq, D, DT)
-    row_max = tl.load(STATS + row0 + offs_m, mask=row_ok, other=float("inf"))
-    inv_l = tl.load(STATS + n_bh.to(tl.int64) * Tq + row0 + offs_m, mask=row_ok, other=0.0)
-    dt = tl.load(DELTA + crow0 + offs_m, mask=row_ok, other=0.0)
-    if FIRST:
-        do = _tile(DOF + c * sc_k + z * sc_z + h * sc_h, offs_m, offs_dv, sc_t, Tq, DV, DT)
-    if SECOND:
-        g = _tile(G + z * sg_z + h * sg_h, offs_m, offs_dv, sg_t, Tq, DV, DT)
-    if HAS_TQ:
-        tq = _tile(TQ + c * stq_k + z * stq_z + h * stq_h, offs_m, offs_d, stq_t, Tq, D, DT)
-    if SDOT:
-        mu = tl.load(MU + crow0 + offs_m, mask=row_ok, other=0.0)
-        d0 = tl.load(D0 + row0 + offs_m, mask=row_ok, other=0.0)
+    k_base, v_base, tk_base, tv_base = _key_heads(Kp, V, TK, TV, sk, sv, stk, stv, c, z, hk)
+    mask_base = _head(Mask, msk, z, h)
+    q = _tile(_head(Q, sq, z, h), offs_m, offs_d, sq[2], Tq, D, DT)
+    row_max, inv_l = _row_stats(STATS, n_bh, Tq, row0, offs_m, row_ok)
+    dt = _rows(DELTA, crow0, offs_m, row_ok)
+    do = _tile(_tangent_head(DOF, sc, c, z, h), offs_m, offs_dv, sc[3], Tq, DV, DT) if FIRST else 0
+    g = _tile(_head(G, sg, z, h), offs_m, offs_dv, sg[2], Tq, DV, DT) if SECOND else 0
+    tq = _tile(_tangent_head(TQ, stq, c, z, h), offs_m, offs_d, stq[3], Tq, D, DT) if HAS_TQ else 0
+    mu = _rows(MU, crow0, offs_m, row_ok) if SDOT else 0
+    d0 = _rows(D0, row0, offs_m, row_ok) if SDOT else 0
+    qs = (q, tq, do, g)
+    rs = (row_max, inv_l, dt, mu, d0)
     zeros = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     dq_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = Tk
-    if CAUSAL:
-        hi = tl.minimum(Tk, (pid_m + 1) * BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
+    for start_n in range(0, _key_end(pid_m, Tk, BLOCK_M, CAUSAL), BLOCK_N):
         offs_n = start_n + offs_n0
-        kt = _tile(k_base, offs_n, offs_d, sk_t, Tk, D, DT)
-        vt = _tile(v_base, offs_n, offs_dv, sv_t, Tk, DV, DT)
-        s = tl.dot(q, tl.trans(kt), zeros, input_precision=PREC) * sm_scale
-        s = _masked(
-            s, mask_base, offs_m[:, None], offs_n[None, :], Tq, Tk, msk_m, msk_n, CAUSAL, MASK
+        kt = _tile(k_base, offs_n, offs_d, sk[2], Tk, D, DT)
+        vt = _tile(v_base, offs_n, offs_dv, sv[2], Tk, DV, DT)
+        s = _scores(
+            q, kt, sm_scale, mask_base, offs_m, offs_n, Tq, Tk, msk, CAUSAL, MASK, False, PREC
         )
-        p = tl.exp(s - row_max[:, None]) * inv_l[:, None]
-        dp = zeros
-        if FIRST:
-            dp = tl.dot(do, tl.trans(vt), dp, input_precision=PREC)
-        if HAS_TV:
-            tvt = _tile(tv_base, offs_n, offs_dv, stv_t, Tk, DV, DT)
-            dp = tl.dot(g, tl.trans(tvt), dp, input_precision=PREC)
-        ds = p * (dp - dt[:, None])
-        if SDOT:
-            sd = zeros
-            if HAS_TQ:
-                sd = tl.dot(tq, tl.trans(kt), sd, input_precision=PREC)
-            if HAS_TK:
-                tkt = _tile(tk_base, offs_n, offs_d, stk_t, Tk, D, DT)
-                sd = tl.dot(q, tl.trans(tkt), sd, input_precision=PREC)
-            pd = p * (sd * sm_scale - mu[:, None])
-            dp0 = tl.dot(g, tl.trans(vt), zeros, input_precision=PREC) - d0[:, None]
-            ds += pd * dp0
-            if HAS_TK:
-                dq_acc = tl.dot(_round(p * dp0, ET, RNE).to(DT), tkt, dq_acc, input_precision=PREC)
-        dq_acc = tl.dot(_round(ds, ET, RNE).to(DT), kt, dq_acc, input_precision=PREC)
+        tkt = (tk_base, offs_n, offs_d, stk[3], Tk, D)
+        tvt = (tv_base, offs_n, offs_dv, stv[3], Tk, DV)
+        dq_acc, _ = _bwd_step(
+            s, qs, (kt, vt, tkt, tvt), rs, zeros, dq_acc, 0, sm_scale, FIRST, SECOND, HAS_TQ,
+            HAS_TK, HAS_TV, SDOT, True, False, False, ET, RNE, DT, PREC,
+        )  # fmt: skip
 
     dq_off = (crow0 + offs_m[:, None]) * D + offs_d[None, :]
     dq_mask = row_ok[:, None] & (offs_d[None, :] < D)
@@ -742,6 +798,7 @@ class _Geometry:
     """Shapes of one call, the mask as a ``[Z, H, Tq, Tk]`` strided view, the launch switches."""
 
     out_shape: tuple
+    dtype: torch.dtype
     z: int
     h: int
     hkv: int
@@ -761,13 +818,22 @@ class _Geometry:
     def groups(self) -> int:
         return self.h // self.hkv
 
-    def mask_args(self, like: Tensor) -> tuple:
+    def mask_args(self, like: Tensor) -> tuple[Tensor, tuple]:
+        """The mask's pointer and strides ``(z, h, query, key)`` (``like`` and zeros without one:
+        never read)."""
         if self.mask is None:
-            return (like, 0, 0, 0, 0)
-        return (self.mask, *self.mask.stride())
+            return like, (0, 0, 0, 0)
+        return self.mask, tuple(self.mask.stride())
 
-    def common(self) -> dict:
-        return dict(
+    def launch(self, kernel, kind: str, heavy: bool, programs: tuple, *args, **flags) -> None:
+        """Launch ``kernel`` (``kind`` and ``heavy`` as in :func:`_blocks`) on the grid
+        ``(blocks of its own axis, *programs)`` (key blocks for ``"kv"``, query blocks otherwise)
+        with ``args``, ``flags`` and the arguments every kernel takes."""
+        blk = _blocks(kind, self.dtype, self.d, self.dv, heavy)
+        n_blocks = triton.cdiv(self.tk, blk.n) if kind == "kv" else triton.cdiv(self.tq, blk.m)
+        kernel[(n_blocks, *programs)](
+            *args,
+            **flags,
             sm_scale=self.scale,
             Tq=self.tq,
             Tk=self.tk,
@@ -775,6 +841,8 @@ class _Geometry:
             GROUPS=self.groups,
             D=self.d,
             DV=self.dv,
+            BLOCK_M=blk.m,
+            BLOCK_N=blk.n,
             BLOCK_D=_pad(self.d),
             BLOCK_DV=_pad(self.dv),
             CAUSAL=self.causal,
@@ -782,6 +850,8 @@ class _Geometry:
             PREC=self.prec,
             DT=self.dot_dtype,
             RNE=self.rne,
+            num_warps=blk.warps,
+            num_stages=blk.stages,
         )
 
 
@@ -809,6 +879,7 @@ def _geometry(call: Call) -> _Geometry:
             kind = _FLOAT_MASK
     return _Geometry(
         out_shape=out_shape,
+        dtype=q.dtype,
         z=z,
         h=h,
         hkv=hkv,
@@ -845,6 +916,17 @@ def _view5(x: Tensor | None, z: int, h: int, dtype: torch.dtype) -> Tensor | Non
 def _strides(x: Tensor | None, n: int) -> tuple:
     """The first ``n`` strides of ``x`` (zeros for an absent operand)."""
     return tuple(x.stride()[:n]) if x is not None else (0,) * n
+
+
+def _qkv_args(
+    q: Tensor, k: Tensor, v: Tensor, tq: Tensor | None, tk: Tensor | None, tv: Tensor | None
+) -> tuple[tuple, tuple]:
+    """The kernels' pointers ``Q, Kp, V, TQ, TK, TV`` (``q`` standing in for an absent tangent:
+    never read) and strides ``sq, sk, sv, stq, stk, stv``."""
+    tangents = (tq, tk, tv)
+    pointers = (q, k, v, *(t if t is not None else q for t in tangents))
+    strides = (*(_strides(x, 3) for x in (q, k, v)), *(_strides(t, 4) for t in tangents))
+    return pointers, strides
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
@@ -948,37 +1030,26 @@ class TritonScaledDotProductAttention(TritonRule):
         stats = torch.empty(2, bh, geo.tq, dtype=torch.float32, device=q.device)
         od = torch.empty(n, *o.shape, dtype=q.dtype, device=q.device) if tangent else None
         mu = torch.empty(n, bh, geo.tq, dtype=torch.float32, device=q.device) if sdot else None
-        blk = _blocks("fwd", q.dtype, geo.d, geo.dv, tangent)
-        grid = (triton.cdiv(geo.tq, blk.m), bh, n if tangent else 1)
-        _sdpa_fwd_kernel[grid](
-            q4,
-            k4,
-            v4,
-            tq if tq is not None else q4,
-            tk if tk is not None else k4,
-            tv if tv is not None else v4,
-            geo.mask_args(q4)[0],
+        pointers, strides = _qkv_args(q4, k4, v4, tq, tk, tv)
+        mask, msk = geo.mask_args(q4)
+        geo.launch(
+            _sdpa_fwd_kernel,
+            "fwd",
+            tangent,
+            (bh, n if tangent else 1),
+            *pointers,
+            mask,
             o,
             od if od is not None else o,
             stats,
             mu if mu is not None else stats,
-            *_strides(q4, 3),
-            *_strides(k4, 3),
-            *_strides(v4, 3),
-            *_strides(tq, 4),
-            *_strides(tk, 4),
-            *_strides(tv, 4),
-            *geo.mask_args(q4)[1:],
-            **geo.common(),
-            BLOCK_M=blk.m,
-            BLOCK_N=blk.n,
+            *strides,
+            msk,
             HAS_TQ=tq is not None,
             HAS_TK=tk is not None,
             HAS_TV=tv is not None,
             SDOT=sdot,
             TANGENT=tangent,
-            num_warps=blk.warps,
-            num_stages=blk.stages,
         )
         active = tuple(call.is_active(i) for i in range(3))
         saved = _Saved(
@@ -1047,14 +1118,11 @@ class TritonScaledDotProductAttention(TritonRule):
             HAS_TV=tv is not None,
             SDOT=sdot,
         )
-        operands = (
-            res.q,
-            res.k,
-            res.v,
-            tq if tq is not None else q,
-            tk if tk is not None else q,
-            tv if tv is not None else q,
-            geo.mask_args(q)[0],
+        pointers, strides = _qkv_args(res.q, res.k, res.v, tq, tk, tv)
+        mask, msk = geo.mask_args(q)
+        pointers = (
+            *pointers,
+            mask,
             second if second is not None else q,
             first if first is not None else q,
             res.stats,
@@ -1062,56 +1130,33 @@ class TritonScaledDotProductAttention(TritonRule):
             dt,
             d0 if d0 is not None else res.stats,
         )
-        strides = (
-            *_strides(res.q, 3),
-            *_strides(res.k, 3),
-            *_strides(res.v, 3),
-            *_strides(tq, 4),
-            *_strides(tk, 4),
-            *_strides(tv, 4),
-            *_strides(second, 3),
-            *_strides(first, 4),
-            *geo.mask_args(q)[1:],
-        )
+        strides = (*strides, _strides(second, 3), _strides(first, 4), msk)
+        heavy = second is not None
         bh, bhk = geo.z * geo.h, geo.z * geo.hkv
         dq = dk = dv = None
         need_dv = need_v and (first is not None or sdot)
         if need_k or need_dv:
             dk = torch.empty(c, bhk, geo.tk, geo.d, dtype=q.dtype, device=q.device)
             dv = torch.empty(c, bhk, geo.tk, geo.dv, dtype=q.dtype, device=q.device)
-            blk = _blocks("kv", q.dtype, geo.d, geo.dv, second is not None)
-            common = geo.common()
-            _sdpa_bwd_kv_kernel[(triton.cdiv(geo.tk, blk.n), bhk, c)](
-                *operands,
+            geo.launch(
+                _sdpa_bwd_kv_kernel,
+                "kv",
+                heavy,
+                (bhk, c),
+                *pointers,
                 dk,
                 dv,
                 *strides,
                 HKV=geo.hkv,
-                **common,
                 **flags,
                 NEED_DK=need_k,
                 NEED_DV=need_dv,
-                BLOCK_M=blk.m,
-                BLOCK_N=blk.n,
-                num_warps=blk.warps,
-                num_stages=blk.stages,
             )
             dk = dk if need_k else None
             dv = dv if need_dv else None
         if need_q:
             dq = torch.empty(c, bh, geo.tq, geo.d, dtype=q.dtype, device=q.device)
-            blk = _blocks("q", q.dtype, geo.d, geo.dv, second is not None)
-            _sdpa_bwd_q_kernel[(triton.cdiv(geo.tq, blk.m), bh, c)](
-                *operands,
-                dq,
-                *strides,
-                **geo.common(),
-                **flags,
-                BLOCK_M=blk.m,
-                BLOCK_N=blk.n,
-                num_warps=blk.warps,
-                num_stages=blk.stages,
-            )
+            geo.launch(_sdpa_bwd_q_kernel, "q", heavy, (bh, c), *pointers, dq, *strides, **flags)
         return dq, dk, dv
 
 

@@ -19,7 +19,11 @@ Cases are data: ``(op, args, active)`` with float64 CPU tensors, as in ``tests/r
 from __future__ import annotations
 
 import collections
+import os
+import subprocess
+import sys
 
+import pytest
 import torch
 from torch.func import jvp, vmap
 
@@ -259,3 +263,15 @@ def count_calls(monkeypatch, impls) -> collections.Counter:
         for phase in ("fwd_jvp", "bwd_jvp"):
             monkeypatch.setattr(impl, phase, counting((impl.name, phase), getattr(impl, phase)))
     return ran
+
+
+def compile_for_gpu_in_subprocess(script: str) -> None:
+    """Run ``script`` (which compiles Triton kernels for a GPU target with ``triton.compile`` and
+    prints ``compiled``) in a fresh interpreter without ``TRITON_INTERPRET``: catches kernel code
+    that the interpreter accepts but a GPU build rejects, on a machine without a GPU."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]

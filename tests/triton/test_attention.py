@@ -9,9 +9,11 @@ autograd through SDPA's math backend.
 
 from __future__ import annotations
 
+import textwrap
+
 import pytest
 import torch
-from kernels.harness import check_impl
+from kernels.harness import check_impl, compile_for_gpu_in_subprocess
 from models.zoo import gpt
 from oracle import math_attention
 
@@ -261,6 +263,58 @@ def test_gpt_hvp_and_ggn_with_triton_attention_equal_plain_torch(kernel_device, 
         for name in want:
             scale = want[name].abs().max()
             torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5 * scale)
+
+
+#: Compiles the three kernels for sm_90 (H100/H200) in a process without TRITON_INTERPRET: Triton's
+#: GPU front end type-checks what the interpreter lets pass (compile-time branches, the stride
+#: tuples, streamed operands passed as sources, switched-off ones as the constant 0). Each kernel
+#: with every switch on (a mask and causal) and as a first-order launch (gradient, GGN), with the
+#: GPU tiles of bfloat16 at head dim 64.
+_COMPILE_SM90 = textwrap.dedent(
+    """
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from hessfast.triton import attention as att
+
+    TUPLES = {"sq": 3, "sk": 3, "sv": 3, "sg": 3, "stq": 4, "stk": 4, "stv": 4, "sc": 4, "msk": 4}
+    SCALARS = {"sm_scale": "fp32", "Tq": "i32", "Tk": "i32", "H": "i32", "HKV": "i32",
+               "GROUPS": "i32"}
+    FP32 = {"STATS", "MU", "DELTA", "D0"}
+    FIRST_ORDER = {"FIRST", "NEED_DK", "NEED_DV"}
+    SWITCHES = {"SECOND", "HAS_TQ", "HAS_TK", "HAS_TV", "SDOT", "TANGENT"} | FIRST_ORDER
+    KERNELS = {"fwd": att._sdpa_fwd_kernel, "kv": att._sdpa_bwd_kv_kernel,
+               "q": att._sdpa_bwd_q_kernel}
+
+    def type_of(name, mask):
+        if name in TUPLES:
+            return ("i32",) * TUPLES[name]
+        if name in SCALARS:
+            return SCALARS[name]
+        if name == "Mask":
+            return "*u8" if mask == 1 else "*fp32"
+        return "*fp32" if name in FP32 else "*bf16"
+
+    for kind, kernel in KERNELS.items():
+        for heavy, mask, causal in ((True, 1, True), (False, 2, False)):
+            block_m, block_n, warps = att._GPU_TILES[(kind, True, False, heavy)]
+            consts = dict(D=64, DV=64, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=64, BLOCK_DV=64,
+                          CAUSAL=causal, MASK=mask, PREC="tf32x3", DT=tl.bfloat16, RNE=False)
+            consts.update({s: heavy or s in FIRST_ORDER for s in SWITCHES})
+            names = kernel.arg_names
+            sig = {n: "constexpr" if n in consts else type_of(n, mask) for n in names}
+            constexprs = {(names.index(n),): v for n, v in consts.items() if n in names}
+            out = triton.compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", 90, 32),
+                                 options={"num_warps": warps, "num_stages": 2})
+            assert out.asm["cubin"], (kind, heavy)
+    print("compiled")
+    """
+)
+
+
+def test_kernels_compile_for_hopper():
+    compile_for_gpu_in_subprocess(_COMPILE_SM90)
 
 
 # ---- GPU only: realistic sizes ------------------------------------------------------------------

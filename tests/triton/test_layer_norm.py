@@ -8,16 +8,13 @@ The backward's row-group split (partial sums over several programs and several t
 program) is forced at small sizes by shrinking the kernel's tile and program targets.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
-from kernels.harness import check_impl
+from kernels.harness import check_impl, compile_for_gpu_in_subprocess
 from torch import nn
 
 import hessfast
@@ -203,12 +200,7 @@ _COMPILE_SM90 = textwrap.dedent(
 
 
 def test_kernels_compile_for_hopper():
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SM90], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+    compile_for_gpu_in_subprocess(_COMPILE_SM90)
 
 
 def test_registered_for_the_norm_ops():
