@@ -375,6 +375,25 @@ class LinearCrossEntropy:
         den = float(_target_weight(target, self.loss.weight, self.loss.ignore_index))
         return 1.0 / den if den else math.nan
 
+    def _checked_scale(self, target: Tensor, V: int) -> float:
+        """:meth:`scale`, after checking that every counted target is a class in ``[0, V)``
+        (``IndexError`` otherwise): one host synchronisation for both."""
+        bad = (target != self.loss.ignore_index) & ((target < 0) | (target >= V))
+        safe = torch.where(bad, torch.zeros_like(target), target)
+        counted = None
+        if self.loss.reduction == "mean":
+            counted = _target_weight(safe, self.loss.weight, self.loss.ignore_index)
+        n_bad, den = torch.stack(
+            [bad.sum().double(), (counted if counted is not None else bad.sum()).double()]
+        ).tolist()
+        if n_bad:
+            raise IndexError(
+                f"cross-entropy target {int(target[bad][0])} is out of bounds for {V} classes"
+            )
+        if counted is None:
+            return 1.0
+        return 1.0 / den if den else math.nan
+
     def evaluate(
         self,
         h: Tensor,
@@ -405,12 +424,7 @@ class LinearCrossEntropy:
             raise ValueError(
                 f"cross-entropy: {target.numel()} targets for {N} rows of logits {[*h.shape[:-1], V]}"
             )
-        bad = (target != lo.ignore_index) & ((target < 0) | (target >= V))
-        if bool(bad.any()):
-            raise IndexError(
-                f"cross-entropy target {int(target[bad][0])} is out of bounds for {V} classes"
-            )
-        scale = self.scale(target)
+        scale = self._checked_scale(target, V)
         want_grad = mode in ("hvp", "grad")
         acc = torch.float32 if h.dtype in (torch.float16, torch.bfloat16) else h.dtype
         gh = h2.new_empty((N, D)) if want_grad and need_h else None
