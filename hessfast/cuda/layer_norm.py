@@ -26,7 +26,7 @@ import math
 import torch
 
 from ..rules.base import TORCH_TOLERANCES, Call
-from ..rules.layer_norm import compute_dtype
+from ..rules.layer_norm import LayerNormSchema, RMSNormSchema, compute_dtype
 from . import CudaRule, ops
 
 Tensor = torch.Tensor
@@ -59,11 +59,6 @@ class _CudaNorm(CudaRule):
 
     dtypes = DTYPES
     tolerances = TOLERANCES
-    center = True
-    slots: tuple = (0, 2, 3)
-
-    def _unpack(self, call: Call):
-        raise NotImplementedError
 
     def not_supported_reasons(self, call: Call) -> list[str]:
         x, ns, w, b, _ = self._unpack(call)
@@ -181,39 +176,12 @@ class _CudaNorm(CudaRule):
         return (out[0], out[2], out[4]), (out[1], out[3], out[5])
 
 
-class CudaLayerNorm(_CudaNorm):
-    """``layer_norm(input, normalized_shape, weight, bias, eps, cudnn_enable)``."""
-
-    ops = (aten.layer_norm.default,)
-    name = "layer_norm"
-    center = True
-    slots = (0, 2, 3)
-
-    def _unpack(self, call: Call):
-        x, ns, w, b, eps, _ = call.args
-        return x, ns, w, b, eps
-
-    def bwd_jvp(self, res, g, gdot):
-        (gx, gw, gb), (gdx, gdw, gdb) = self._bwd(res, g, gdot)
-        return (gx, None, gw, gb, None, None), (gdx, None, gdw, gdb, None, None)
+class CudaLayerNorm(LayerNormSchema, _CudaNorm):
+    """``layer_norm`` on the CUDA kernels."""
 
 
-class CudaRMSNorm(_CudaNorm):
-    """``rms_norm(input, normalized_shape, weight, eps)``; ``eps=None`` is the machine epsilon of
-    the computation dtype (float32 for half inputs), as in torch."""
-
-    ops = (aten.rms_norm.default,)
-    name = "rms_norm"
-    center = False
-    slots = (0, 2, None)
-
-    def _unpack(self, call: Call):
-        x, ns, w, eps = call.args
-        return x, ns, w, None, eps
-
-    def bwd_jvp(self, res, g, gdot):
-        (gx, gw, _), (gdx, gdw, _) = self._bwd(res, g, gdot)
-        return (gx, None, gw, None), (gdx, None, gdw, None)
+class CudaRMSNorm(RMSNormSchema, _CudaNorm):
+    """``rms_norm`` on the CUDA kernels."""
 
 
 IMPLEMENTATIONS = [CudaLayerNorm(), CudaRMSNorm()]

@@ -251,15 +251,9 @@ def _check_affine(t: Tensor | None, shape: tuple) -> bool:
 
 
 class _NormRule(Rule):
-    """Shared body of the layer/RMS norm rules; subclasses map ``call.args`` to
-    ``(x, normalized_shape, w, b, eps)`` and tangents to ``(ẋ, γ̇, β̇)``."""
-
-    center = True
-    #: positions of x, γ, β in the schema (β = None for RMS norm)
-    slots: tuple = (0, 2, 3)
-
-    def _unpack(self, call: Call):
-        raise NotImplementedError
+    """Shared body of the layer/RMS norm rules; the schema mixins (:class:`LayerNormSchema`,
+    :class:`RMSNormSchema`) map ``call.args`` to ``(x, normalized_shape, w, b, eps)`` and name the
+    slots of ``x, γ, β``."""
 
     def declines(self, call: Call) -> str | None:
         x, ns, w, b, _ = self._unpack(call)
@@ -302,12 +296,14 @@ class _NormRule(Rule):
         return _cast_pair(ga, dtypes), _cast_pair(gda, dtypes)
 
 
-class LayerNorm(_NormRule):
-    """``layer_norm(input, normalized_shape, weight, bias, eps, cudnn_enable)``."""
+class LayerNormSchema:
+    """``layer_norm(input, normalized_shape, weight, bias, eps, cudnn_enable)``: where its
+    arguments sit, shared by every implementation (torch, Triton, CUDA) of the norm rules."""
 
     ops = (aten.layer_norm.default,)
     name = "layer_norm"
     center = True
+    #: positions of x, γ, β in the schema
     slots = (0, 2, 3)
 
     def _unpack(self, call: Call):
@@ -319,13 +315,14 @@ class LayerNorm(_NormRule):
         return (gx, None, gw, gb, None, None), (gdx, None, gdw, gdb, None, None)
 
 
-class RMSNorm(_NormRule):
+class RMSNormSchema:
     """``rms_norm(input, normalized_shape, weight, eps)``; ``eps=None`` means the machine epsilon
     of the computation dtype (float32 for half inputs), as in torch."""
 
     ops = (aten.rms_norm.default,)
     name = "rms_norm"
     center = False
+    #: positions of x, γ (and no β) in the schema
     slots = (0, 2, None)
 
     def _unpack(self, call: Call):
@@ -335,6 +332,14 @@ class RMSNorm(_NormRule):
     def bwd_jvp(self, res, g, gdot):
         (gx, gw, _), (gdx, gdw, _) = self._bwd(res, g, gdot)
         return (gx, None, gw, None), (gdx, None, gdw, None)
+
+
+class LayerNorm(LayerNormSchema, _NormRule):
+    """The plain-torch layer norm rule."""
+
+
+class RMSNorm(RMSNormSchema, _NormRule):
+    """The plain-torch RMS norm rule."""
 
 
 RULES = [LayerNorm(), RMSNorm()]

@@ -65,6 +65,7 @@ import triton
 import triton.language as tl
 
 from ..rules.base import Call
+from ..rules.layer_norm import LayerNormSchema, RMSNormSchema
 from . import TritonRule
 
 Tensor = torch.Tensor
@@ -471,8 +472,8 @@ def norm_bwd_jvp(
 
 
 class _TritonNorm(TritonRule):
-    """Shared body of the Triton layer/RMS norm rules; subclasses map ``call.args`` to
-    ``(x, normalized_shape, γ, β, eps)`` and name the schema slots of ``x, γ, β``."""
+    """Shared body of the Triton layer/RMS norm rules (the argument layout comes from the schema
+    mixins of ``hessfast/rules/layer_norm.py``)."""
 
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
     tolerances = {
@@ -480,12 +481,6 @@ class _TritonNorm(TritonRule):
         torch.bfloat16: (5e-2, 5e-2),
         torch.float16: (1e-2, 1e-2),
     }
-    center = True
-    #: positions of x, γ, β in the schema (β = None for RMS norm)
-    slots: tuple = (0, 2, 3)
-
-    def _unpack(self, call: Call) -> tuple:
-        raise NotImplementedError
 
     def not_supported_reasons(self, call: Call) -> list[str]:
         x, ns, w, b, _ = self._unpack(call)
@@ -534,39 +529,12 @@ class _TritonNorm(TritonRule):
         return norm_bwd_jvp(saved, g, gdot, need, dtypes)
 
 
-class TritonLayerNorm(_TritonNorm):
-    """``layer_norm(input, normalized_shape, weight, bias, eps, cudnn_enable)`` fused in Triton."""
-
-    ops = (aten.layer_norm.default,)
-    name = "layer_norm"
-    center = True
-    slots = (0, 2, 3)
-
-    def _unpack(self, call: Call) -> tuple:
-        x, ns, w, b, eps, _ = call.args
-        return x, ns, w, b, eps
-
-    def bwd_jvp(self, res, g, gdot):
-        (gx, gw, gb), (gdx, gdw, gdb) = self._bwd(res, g, gdot)
-        return (gx, None, gw, gb, None, None), (gdx, None, gdw, gdb, None, None)
+class TritonLayerNorm(LayerNormSchema, _TritonNorm):
+    """``layer_norm`` fused in Triton."""
 
 
-class TritonRMSNorm(_TritonNorm):
-    """``rms_norm(input, normalized_shape, weight, eps)`` fused in Triton; ``eps=None`` is the
-    float32 machine epsilon (the computation dtype), as in torch."""
-
-    ops = (aten.rms_norm.default,)
-    name = "rms_norm"
-    center = False
-    slots = (0, 2, None)
-
-    def _unpack(self, call: Call) -> tuple:
-        x, ns, w, eps = call.args
-        return x, ns, w, None, eps
-
-    def bwd_jvp(self, res, g, gdot):
-        (gx, gw, _), (gdx, gdw, _) = self._bwd(res, g, gdot)
-        return (gx, None, gw, None), (gdx, None, gdw, None)
+class TritonRMSNorm(RMSNormSchema, _TritonNorm):
+    """``rms_norm`` fused in Triton."""
 
 
 IMPLEMENTATIONS = [TritonLayerNorm(), TritonRMSNorm()]
