@@ -21,6 +21,8 @@ Batching over K (each product is one convolution call whatever K is, groups incl
 - ``conv(ẋ, W)``: K folded into the batch, ``ẋ [K·N, C, *S]``;
 - ``conv(x, Ẇ)``: K folded into the output channels, within each group: ``Ẇ`` laid out as
   ``[G, K, O/G, C/G, *R]`` gives ``[N, G·K·O/G, *T]``;
+- the gradient alone (no ``ġ``): one ``convolution_backward`` with the combined output mask,
+  autograd's call;
 - ``dgrad`` of ``ḡ`` and ``ġ`` stacked (``[1+K]``) and folded into the batch;
 - ``wgrad`` of ``ḡ`` and ``ġ`` stacked and folded into the output channels (laid out per group as
   above), giving ``[G·(1+K)·O/G, C/G, *R]``;
@@ -28,7 +30,11 @@ Batching over K (each product is one convolution call whatever K is, groups incl
   the weight ``Ẇ`` laid out as ``[O, K·C/G, *R]`` is ``Σ_k conv(·_k, Ẇ_k)``, whose ``dgrad`` of ``ḡ``
   holds ``dgrad(ḡ, Ẇ_k)`` in its k-th channel block (of each group);
 - ``wgrad(ḡ, ẋ)``: the same convolution seen as a function of its weight: ``wgrad`` of ``ḡ`` with
-  ``ẋ`` laid out as ``[N, G·K·C/G, *S]`` is ``[O, K·C/G, *R]``, block k being ``wgrad(ḡ, ẋ_k)``.
+  ``ẋ`` laid out as ``[N, G·K·C/G, *S]`` is ``[O, K·C/G, *R]``, block k being ``wgrad(ḡ, ẋ_k)``;
+  both from one ``convolution_backward`` call.
+
+Inputs that only lend their size to a ``convolution_backward`` call are uninitialised tensors
+(``new_empty``), never ``expand``-ed dummies (which a backend may copy into dense tensors).
 """
 
 from __future__ import annotations
@@ -55,24 +61,28 @@ def _conv(x: Tensor, w: Tensor, b: Tensor | None, p: tuple) -> Tensor:
     return aten.convolution(x, w, b, stride, padding, dilation, False, [0] * d, groups)
 
 
-def _dgrad(g: Tensor, w: Tensor, x_size, p: tuple) -> Tensor:
-    """``conv_xᵀ g`` for an input of size ``x_size``: only the size of the input matters."""
+def _bwd(g: Tensor, x: Tensor, w: Tensor, bias_size, p: tuple, mask) -> tuple:
+    """``aten.convolution_backward`` (autograd's kernel) of ``g`` for input ``x`` and weight ``w``:
+    ``(dgrad(g, W), wgrad(g, x), Σ g)`` for the entries of ``mask``, ``None`` for the others."""
     stride, padding, dilation, groups = p
     d = w.dim() - 2
-    x = g.new_empty(1).expand(x_size)
-    return aten.convolution_backward(
-        g, x, w, None, stride, padding, dilation, False, [0] * d, groups, [True, False, False]
-    )[0]
+    out = aten.convolution_backward(
+        g, x, w, bias_size, stride, padding, dilation, False, [0] * d, groups, list(mask)
+    )
+    return tuple(o if m else None for o, m in zip(out, mask))
+
+
+def _dgrad(g: Tensor, w: Tensor, x_size, p: tuple) -> Tensor:
+    """``conv_xᵀ g`` for an input of size ``x_size``: only the input's size matters, so an
+    uninitialised tensor of that size stands in for it (an ``expand``-ed dummy would be densified
+    inside a backend)."""
+    return _bwd(g, g.new_empty(x_size), w, None, p, (True, False, False))[0]
 
 
 def _wgrad(g: Tensor, x: Tensor, w_size, p: tuple) -> Tensor:
-    """``conv_Wᵀ g`` for a weight of size ``w_size``: only the size of the weight matters."""
-    stride, padding, dilation, groups = p
-    d = len(w_size) - 2
-    w = g.new_empty(1).expand(w_size)
-    return aten.convolution_backward(
-        g, x, w, None, stride, padding, dilation, False, [0] * d, groups, [False, True, False]
-    )[1]
+    """``conv_Wᵀ g`` for a weight of size ``w_size`` (an uninitialised stand-in, see
+    :func:`_dgrad`)."""
+    return _bwd(g, x, g.new_empty(w_size), None, p, (False, True, False))[1]
 
 
 def _in_groups(t: Tensor, groups: int) -> Tensor:
@@ -143,11 +153,19 @@ def conv_bwd_jvp_ref(
 
     ``g [N, O, *T]`` or ``None`` (GGN mode), ``gdot [K, N, O, *T]`` or ``None``; ``x``, ``W``,
     ``tx``, ``tw`` as in :func:`conv_fwd_jvp_ref`. Returns ``((ḡ_x, ḡ_W, ḡ_b), (ġ_x, ġ_W, ġ_b))``.
+
+    Calls: the gradient alone (no ``ġ``) is autograd's single ``convolution_backward`` with the
+    combined output mask; with ``ġ``, ``ḡ`` and ``ġ`` are stacked into one ``dgrad`` and one
+    ``wgrad`` call; the two second-order terms share one ``convolution_backward`` call.
     """
     p = (stride, padding, dilation, groups)
     gx = gw = gb = gdx = gdw = gdb = None
-    s, n_g = stack_k(g, gdot)  # [M, N, O, *T], M = n_g + K
-    if s is not None:
+    if gdot is None:
+        if g is not None:
+            mask = (bool(need_x), bool(need_w), bool(need_b))
+            gx, gw, gb = _bwd(g, x, w, [w.shape[0]] if need_b else None, p, mask)
+    else:
+        s, n_g = stack_k(g, gdot)  # [M, N, O, *T], M = n_g + K
         m = s.shape[0]
         if need_x:
             sx = _dgrad(
@@ -159,18 +177,21 @@ def conv_bwd_jvp_ref(
             gw, gdw = unstack_k(_w_unstack_out(sw, m, groups), n_g)
         if need_b:
             gb, gdb = unstack_k(s.sum(dim=(1, *range(3, s.dim()))), n_g)
-    if g is not None:
-        if need_x and tw is not None:
-            k = tw.shape[0]
-            # Ẇ as [O, K·C/G, *R]: the weight of Σ_k conv(·_k, Ẇ_k) on K-stacked input channels.
-            wk = tw.transpose(0, 1).reshape(w.shape[0], k * w.shape[1], *w.shape[2:])
-            cross = _dgrad(g, wk, (x.shape[0], k * x.shape[1], *x.shape[2:]), p)
-            gdx = add(gdx, _out_groups(cross, k, groups))
-        if need_w and tx is not None:
-            k = tx.shape[0]
-            cross = _wgrad(g, _in_groups(tx, groups), (w.shape[0], k * w.shape[1], *w.shape[2:]), p)
-            cross = cross.reshape(w.shape[0], k, *w.shape[1:]).transpose(0, 1)
-            gdw = add(gdw, cross)
+    want_x = bool(need_x) and tw is not None
+    want_w = bool(need_w) and tx is not None
+    if g is not None and (want_x or want_w):
+        # Σ_k conv(·_k, Ẇ_k) on K-stacked input channels: its dgrad holds dgrad(ḡ, Ẇ_k) and its
+        # wgrad at ẋ (laid out as [N, G·K·C/G, *S]) holds wgrad(ḡ, ẋ_k), block k of each group.
+        k = (tw if tw is not None else tx).shape[0]
+        wk_size = (w.shape[0], k * w.shape[1], *w.shape[2:])
+        xk_size = (x.shape[0], k * x.shape[1], *x.shape[2:])
+        wk = tw.transpose(0, 1).reshape(wk_size) if want_x else g.new_empty(wk_size)
+        xk = _in_groups(tx, groups) if want_w else g.new_empty(xk_size)
+        cx, cw, _ = _bwd(g, xk, wk, None, p, (want_x, want_w, False))
+        if cx is not None:
+            gdx = add(gdx, _out_groups(cx, k, groups))
+        if cw is not None:
+            gdw = add(gdw, cw.reshape(w.shape[0], k, *w.shape[1:]).transpose(0, 1))
     return (gx, gw, gb), (gdx, gdw, gdb)
 
 
