@@ -121,10 +121,16 @@ def parse(v, selected: list[tuple[str, nn.Parameter]]) -> Vectors:
     for n, t in out.items():
         if t.shape[0] != k:
             raise ValueError(f"v[{n!r}] has K={t.shape[0]} vectors, others have K={k}")
-    _check_finite(out)
     if k == 0:
-        raise ValueError("v has K=0 vectors")
+        raise ValueError(_NO_VECTORS)
+    _check_finite(out)
     return Vectors(out, k, bool(batched), False)
+
+
+_NO_VECTORS = (
+    "v has K=0 vectors (a leading axis of length 0): pass at least one vector, [P] or [K, P] "
+    "with K >= 1"
+)
 
 
 def _check_like(name: str, t: torch.Tensor, p: torch.Tensor) -> None:
@@ -152,6 +158,8 @@ def _parse_flat(v: torch.Tensor, selected) -> Vectors:
         raise ValueError(
             f"flat v is {v.dtype} on {v.device}; the parameters are {first.dtype} on {first.device}"
         )
+    if vv.shape[0] == 0:
+        raise ValueError(_NO_VECTORS)
     out, off = {}, 0
     for n, p in selected:
         _check_like(n, v, p)

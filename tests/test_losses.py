@@ -139,5 +139,21 @@ def test_ambiguous_sequence_layout_is_refused():
         rule.evaluate(r(2, 4, 4), None, "grad")
 
 
-def test_broadcasting_mse_goes_through_autograd():
-    assert isinstance(resolve(F.mse_loss, r(4, 1), (4, 3)), FuncLoss)
+def test_broadcasting_mse_follows_torch_with_its_warning():
+    from hessfast.losses import Broadcast
+
+    t = r(4, 1)
+    with pytest.warns(UserWarning, match="different to the input size"):
+        rule = resolve(F.mse_loss, t, (4, 3))
+    assert isinstance(rule, Broadcast)
+    z, zdot = r(4, 3), r(2, 4, 3)
+    with pytest.warns(UserWarning):
+        f = torch_loss(F.mse_loss)
+        want_g = grad(lambda x: f(x, t))(z)
+        want_gd = torch.stack(
+            [torch.autograd.functional.hvp(lambda x: f(x, t), z, u)[1] for u in zdot]
+        )
+    loss, gz, gd = rule.evaluate(z, zdot, "hvp")
+    torch.testing.assert_close(loss, F.mse_loss(z, t.expand(4, 3)))
+    torch.testing.assert_close(gz, want_g)
+    torch.testing.assert_close(gd, want_gd)
