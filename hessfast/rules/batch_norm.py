@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import torch
 
-from .base import Call, Rule
+from .base import Call, Rule, add
 from .layer_norm import (
     Normalized,
     affine_bwd,
-    affine_fwd,
+    affine_tangent,
     compute_dtype,
     neg_dims,
-    norm_stats,
+    sum_dims,
     to,
 )
 
@@ -37,27 +37,75 @@ aten = torch.ops.aten
 
 def batch_norm_fwd_jvp_ref(x, w, b, mean, var, training, eps, tx, tw, tb):
     """``y = γ x̂ + β`` and ``ẏ = γ ẋ̂ + γ̇ x̂ + β̇`` for ``x [N, C, *spatial]``; ``mean``/``var``
-    (``[C]``) are used only when not ``training``. Returns ``(y, ẏ, (norm, ẋ̂, a, view, sdims))``."""
+    (``[C]``) are used only when not ``training``. Returns ``(y, ẏ, saved)`` for
+    :func:`batch_norm_bwd_jvp_ref`.
+
+    The primal is ``aten.native_batch_norm`` (autograd's kernel; it also returns the batch
+    statistics ``m``, ``r`` in training). ``x̂`` is formed only when a tangent needs it.
+    """
     nd = x.dim()
     c = x.shape[1]
     dims = neg_dims([0, *range(2, nd)], nd)
     view = (1, c) + (1,) * (nd - 2)
-    if training:
-        xhat, r = norm_stats(x, dims, eps, center=True)
-        norm = Normalized(xhat, r, dims, center=True)
-    else:
-        r = torch.rsqrt(var.reshape(view) + eps)
-        norm = Normalized((x - mean.reshape(view)) * r, r, dims, center=True, const=True)
-    txhat, a = norm.tangent(tx)
     k = next((t.shape[0] for t in (tx, tw, tb) if t is not None), 0)
-    y, ydot = affine_fwd(norm, txhat, w, b, tw, tb, view, k)
-    return y, ydot, (norm, txhat, a, view, dims)
+    if training:
+        y, m, r = aten.native_batch_norm(x, w, b, None, None, True, 0.0, eps)
+        m, r = m.reshape(view), r.reshape(view)
+    else:
+        y = aten.native_batch_norm(x, w, b, mean, var, False, 0.0, eps)[0]
+        m, r = mean.reshape(view), torch.rsqrt(var.reshape(view) + eps)
+    norm = txhat = a = ydot = None
+    if k:
+        norm = Normalized((x - m) * r, r, dims, center=True, const=not training)
+        txhat, a = norm.tangent(tx)
+        ydot = affine_tangent(norm.xhat, txhat, w, tw, tb, view, k, y.shape)
+    saved = (x, m, r, mean, var, training, eps, norm, txhat, a, view, dims)
+    return y, ydot, saved
 
 
 def batch_norm_bwd_jvp_ref(saved, w, tw, g, gdot, need):
-    """``((ḡ_x, ḡ_γ, ḡ_β), (ġ_x, ġ_γ, ġ_β))`` for :func:`batch_norm_fwd_jvp_ref`'s forward."""
-    norm, txhat, a, view, sdims = saved
-    return affine_bwd(norm, txhat, a, w, tw, g, gdot, view, sdims, need)
+    """``((ḡ_x, ḡ_γ, ḡ_β), (ġ_x, ġ_γ, ġ_β))`` for :func:`batch_norm_fwd_jvp_ref`'s forward.
+
+    The gradient alone (no ``ġ``, no second-order term) is one ``aten.native_batch_norm_backward``
+    call, as in autograd. Eval mode is affine in ``x`` with ``s = γ r``: ``ḡ_x`` (and ``ḡ_γ``,
+    ``ḡ_β``) from the same kernel, ``ġ_x = s ġ + γ̇ r ḡ``, ``ġ_γ = Σ_S (ġ x̂ + r ḡ ẋ)``,
+    ``ġ_β = Σ_S ġ``. Training mode with tangents uses the shared normalisation math
+    (:func:`~hessfast.rules.layer_norm.affine_bwd`).
+    """
+    x, m, r, mean, var, training, eps, norm, txhat, a, view, sdims = saved
+    need_x, need_w, need_b = need
+    second = g is not None and (txhat is not None or tw is not None)
+    if training and (gdot is not None or second):
+        return affine_bwd(norm, txhat, a, w, tw, g, gdot, view, sdims, need)
+    gx = gw = gb = gdx = gdw = gdb = None
+    if g is not None:
+        if training:
+            sm, sr = m.reshape(-1), r.reshape(-1)
+            gx, gw, gb = aten.native_batch_norm_backward(
+                g, x, w, None, None, sm, sr, True, eps, [need_x, need_w, need_b]
+            )
+        else:
+            gx, gw, gb = aten.native_batch_norm_backward(
+                g, x, w, mean, var, None, None, False, eps, [need_x, need_w, need_b]
+            )
+    if training:
+        return (gx, gw, gb), (None, None, None)
+    # eval mode: the tangent parts
+    k = next((t.shape[0] for t in (gdot, tw, txhat) if t is not None), 0)
+    if gdot is not None:
+        if need_x:
+            gdx = gdot * (r * w.reshape(view) if w is not None else r)
+        if need_w:
+            xhat = norm.xhat if norm is not None else (x - m) * r
+            gdw = sum_dims(gdot * xhat, sdims).reshape(k, -1)
+        if need_b:
+            gdb = sum_dims(gdot, sdims).reshape(k, -1)
+    if g is not None:
+        if need_x and tw is not None:
+            gdx = add(gdx, tw.reshape(k, *view) * (r * g))
+        if need_w and txhat is not None:
+            gdw = add(gdw, sum_dims(g * txhat, sdims).reshape(k, -1))
+    return (gx, gw, gb), (gdx, gdw, gdb)
 
 
 class BatchNorm(Rule):
@@ -80,17 +128,17 @@ class BatchNorm(Rule):
 
     def fwd_jvp(self, call: Call):
         x, w, b, rm, rv, training, _momentum, eps, _ = call.args
-        tx, tw, tb = call.tangents[:3]
+        need = (
+            call.is_active(0),
+            w is not None and call.is_active(1),
+            b is not None and call.is_active(2),
+        )
+        tx, tw, tb = (t if n else None for t, n in zip(call.tangents[:3], need))
         cd = compute_dtype(x.dtype)
         wc, twc = to(w, cd), to(tw, cd)
         stats = (None, None) if training else (rm.to(cd), rv.to(cd))
         y, ydot, saved = batch_norm_fwd_jvp_ref(
             x.to(cd), wc, to(b, cd), *stats, bool(training), eps, to(tx, cd), twc, to(tb, cd)
-        )
-        need = (
-            call.is_active(0),
-            w is not None and call.is_active(1),
-            b is not None and call.is_active(2),
         )
         dtypes = (x.dtype, None if w is None else w.dtype, None if b is None else b.dtype)
         return y.to(x.dtype), to(ydot, x.dtype), (saved, wc, twc, need, dtypes, cd)

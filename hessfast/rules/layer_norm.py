@@ -140,6 +140,30 @@ class Normalized:
         return gx, gdx
 
 
+def affine_tangent(
+    xhat: Tensor,
+    txhat: Tensor | None,
+    w: Tensor | None,
+    tw: Tensor | None,
+    tb: Tensor | None,
+    view: tuple[int, ...],
+    k: int,
+    shape: tuple[int, ...],
+) -> Tensor | None:
+    """``ẏ = γ ẋ̂ + γ̇ x̂ + β̇`` of ``y = γ x̂ + β`` (``[K, *shape]``, or ``None``); ``view`` is the
+    full-rank broadcast shape of ``γ``/``β`` against ``x̂`` (``γ̇`` is viewed as ``[K, *view]``)."""
+    ydot = None
+    if txhat is not None:
+        ydot = txhat * w.reshape(view) if w is not None else txhat
+    if tw is not None:
+        ydot = add(ydot, tw.reshape(k, *view) * xhat)
+    if tb is not None:
+        ydot = add(ydot, tb.reshape(k, *view))
+    if ydot is not None and ydot.shape != (k, *shape):
+        ydot = ydot.expand(k, *shape)
+    return ydot
+
+
 def affine_fwd(
     norm: Normalized,
     txhat: Tensor | None,
@@ -158,16 +182,7 @@ def affine_fwd(
         y = y * w.reshape(view)
     if b is not None:
         y = y + b.reshape(view)
-    ydot = None
-    if txhat is not None:
-        ydot = txhat * w.reshape(view) if w is not None else txhat
-    if tw is not None:
-        ydot = add(ydot, tw.reshape(k, *view) * xhat)
-    if tb is not None:
-        ydot = add(ydot, tb.reshape(k, *view))
-    if ydot is not None and ydot.shape != (k, *y.shape):
-        ydot = ydot.expand(k, *y.shape)
-    return y, ydot
+    return y, affine_tangent(xhat, txhat, w, tw, tb, view, k, tuple(y.shape))
 
 
 def affine_bwd(
