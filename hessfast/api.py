@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import autograd_fallback, capture, engine, losses
+from . import autograd_fallback, capture, engine, losses, traced
 from .dispatch import use_backend
 from .errors import CaptureError, NonFiniteError
 from .vectors import Vectors, first_non_finite, format_like, parse, select_params
@@ -39,12 +39,16 @@ def _compute(
     strict,
     profiler=None,
     backend=None,
+    compile=None,
 ):
+    traced.check_mode(compile)
     with use_backend(backend):
-        return _compute_on(model, loss_fn, inputs, targets, selected, vec, mode, strict, profiler)
+        return _compute_on(
+            model, loss_fn, inputs, targets, selected, vec, mode, strict, profiler, compile
+        )
 
 
-def _compute_on(model, loss_fn, inputs, targets, selected, vec, mode, strict, profiler):
+def _compute_on(model, loss_fn, inputs, targets, selected, vec, mode, strict, profiler, compile):
     inputs = _as_tuple(inputs)
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, not {type(model).__name__}")
@@ -75,7 +79,10 @@ def _compute_on(model, loss_fn, inputs, targets, selected, vec, mode, strict, pr
         values[ph] = x.detach() if isinstance(x, torch.Tensor) else x
     out_meta = prog.output.meta.get("val")
     rule = losses.resolve(loss_fn, targets, tuple(out_meta.shape) if out_meta is not None else None)
-    res = engine.run(prog, names, values, tangents, k, rule, mode, profiler=profiler)
+    if profiler is not None:  # the per-rule view needs the interpreter
+        res = engine.run(prog, names, values, tangents, k, rule, mode, profiler=profiler)
+    else:
+        res = traced.run(prog, names, values, tangents, k, rule, mode, compile)
     return res.loss, res.grads, res.products
 
 
@@ -103,6 +110,7 @@ def hvp(
     strict: bool = False,
     check_finite: bool = True,
     backend: str | None = None,
+    compile: str | None = None,
 ):
     """Exact Hessian of ``loss_fn(model(*inputs), targets)`` w.r.t. the parameters, times ``v``.
 
@@ -111,7 +119,10 @@ def hvp(
     result has the same structure. With ``return_grad=True`` returns ``(Hv, ∇L)``, the gradient in
     ``v``'s structure without the K axis. ``backend`` (``"auto"``, ``"cuda"``, ``"triton"``,
     ``"torch"``; ``None``: the current :func:`hessfast.use_backend` / ``HESSFAST_BACKEND`` choice)
-    picks the rule implementations, see :mod:`hessfast.backends`.
+    picks the rule implementations, see :mod:`hessfast.backends`. ``compile`` (``None``: the
+    product's traced graph, traced on first use and replayed; ``"interpret"``: the node-by-node
+    interpreter; ``"inductor"``: the traced graph through ``torch.compile``; ``"cudagraphs"``)
+    picks how the product runs, see :mod:`hessfast.traced`.
 
     Example:
         >>> import torch, torch.nn.functional as F, hessfast
@@ -125,7 +136,16 @@ def hvp(
     selected = select_params(model, params)
     vec = parse(v, selected)
     _, grads, prods = _compute(
-        model, loss_fn, inputs, targets, selected, vec, "hvp", strict, backend=backend
+        model,
+        loss_fn,
+        inputs,
+        targets,
+        selected,
+        vec,
+        "hvp",
+        strict,
+        backend=backend,
+        compile=compile,
     )
     _finite("Hessian-vector product", prods, check_finite)
     out = (
@@ -150,6 +170,7 @@ def ggn_vp(
     strict: bool = False,
     check_finite: bool = True,
     backend: str | None = None,
+    compile: str | None = None,
 ):
     """Generalised Gauss-Newton ``Jᵀ H_L J`` times ``v`` (J: the model's Jacobian w.r.t. the
     parameters, H_L: the loss Hessian at the output). Positive semidefinite for convex losses.
@@ -166,7 +187,16 @@ def ggn_vp(
     selected = select_params(model, params)
     vec = parse(v, selected)
     _, _, prods = _compute(
-        model, loss_fn, inputs, targets, selected, vec, "ggn", strict, backend=backend
+        model,
+        loss_fn,
+        inputs,
+        targets,
+        selected,
+        vec,
+        "ggn",
+        strict,
+        backend=backend,
+        compile=compile,
     )
     _finite("GGN-vector product", prods, check_finite)
     if vec.batched:
@@ -185,6 +215,7 @@ def grad(
     strict: bool = False,
     check_finite: bool = True,
     backend: str | None = None,
+    compile: str | None = None,
 ):
     """Gradient of ``loss_fn(model(*inputs), targets)`` through the same engine: a dict
     ``{name: tensor}``, or a flat tensor in ``named_parameters()`` order with ``flat=True``.
@@ -198,7 +229,16 @@ def grad(
     """
     selected = select_params(model, params)
     _, grads, _ = _compute(
-        model, loss_fn, inputs, targets, selected, None, "grad", strict, backend=backend
+        model,
+        loss_fn,
+        inputs,
+        targets,
+        selected,
+        None,
+        "grad",
+        strict,
+        backend=backend,
+        compile=compile,
     )
     _finite("gradient", grads, check_finite)
     if flat:

@@ -1,0 +1,269 @@
+"""Traced products: each product's forward-over-reverse program traced once into one FX graph.
+
+The interpreter (:func:`hessfast.engine.run`) is the specification: per product it walks the
+captured program node by node, looks up and dispatches a rule per node and calls it. For a given
+capture signature and product kind it always does the same thing, so :func:`run` traces it once —
+``make_fx`` over ``engine.run`` with fake tensors — into one graph of aten (and ``hessfast::``) ops,
+caches the graph beside the program and replays its generated code on later products: no per-node
+Python, no rule lookup, no dispatch.
+
+What a trace is specialised on (the cache key): the product mode (``hvp``/``ggn``/``grad``), K,
+the differentiated parameters, the backend request, the fused-head setting, the shapes, strides,
+dtypes and devices of every input (parameters, buffers, constants, user inputs, tangents, the loss
+rule's tensors) and the loss rule's non-tensor settings (reduction, ``ignore_index``, the callable
+of a custom loss, ...). Everything else is a graph input: parameter and input *values*, targets,
+tangents. Tracing runs on fake tensors, so no value of the data can be baked into the graph: a rule
+that reads a tensor value on the host (``.item()``, a Python branch on data, a data-dependent
+shape) makes the trace fail, and that signature runs the interpreter instead (the reason is kept,
+:func:`explain`). Host-side checks (finiteness, target ranges) run once per product outside the
+graph, in :mod:`hessfast.api` and :mod:`hessfast.losses`.
+
+``compile=`` picks what runs (:data:`MODES`):
+
+- ``None`` (default): the traced graph, eager — falls back to the interpreter where tracing fails;
+- ``"interpret"``: the interpreter (the reference path; ``hessfast profile``'s per-rule view);
+- ``"inductor"``: the traced graph through ``torch.compile`` (Inductor fuses the elementwise
+  tangent math; hessfast's own kernels stay opaque custom ops). Compiling costs seconds to minutes
+  per signature (:func:`explain` reports it); it raises if the program cannot be traced;
+- ``"cudagraphs"``: the traced graph replayed as a CUDA graph (CUDA tensors only).
+
+Example:
+    >>> import torch, torch.nn.functional as F, hessfast
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    >>> x, y = torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1])
+    >>> v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    >>> a = hessfast.hvp(model, F.cross_entropy, x, y, v)  # traced once, then replayed
+    >>> b = hessfast.hvp(model, F.cross_entropy, x, y, v, compile="interpret")
+    >>> all(torch.allclose(a[n], b[n]) for n in a)
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from . import engine
+from .capture import Program
+from .dispatch import requested
+from .rules import cross_entropy
+
+log = logging.getLogger("hessfast")
+
+#: The values ``compile=`` takes.
+MODES = (None, "interpret", "inductor", "cudagraphs")
+
+#: How many graphs :func:`run` has traced (tests check the cache with it).
+TRACE_COUNT = 0
+
+
+def check_mode(compile: Any) -> None:
+    """Raise ``ValueError`` unless ``compile`` is one of :data:`MODES`."""
+    if compile not in MODES:
+        raise ValueError(
+            f"compile={compile!r}: expected None (the traced graph), 'interpret' (the "
+            "interpreter), 'inductor' (torch.compile of the traced graph) or 'cudagraphs'"
+        )
+
+
+@dataclass
+class Trace:
+    """One traced product: the callable on flat inputs, or why there is none."""
+
+    fn: Any = None  # flat tensors -> flat outputs
+    out_spec: Any = None
+    reason: str | None = None  # why the signature runs the interpreter
+    fallback_ops: Counter = field(default_factory=Counter)
+    nodes: int = 0
+    trace_seconds: float = 0.0
+    compile_seconds: float | None = None  # first call of a compiled graph (None: not compiled)
+    calls: int = 0
+
+
+def _meta(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return ("T", tuple(x.shape), tuple(x.stride()), x.dtype, x.device)
+    if isinstance(x, (int, float, bool, str, type(None), torch.dtype, torch.device)):
+        return ("V", type(x), x)
+    try:
+        hash(x)
+        return ("O", x)  # a callable or other hashable object: by identity or value
+    except TypeError:
+        return ("R", type(x), repr(x))
+
+
+def _split_loss(loss_rule: Any) -> tuple[list, Any, list]:
+    """The loss rule's state as pytree leaves: (leaves, spec, indices of the tensor leaves)."""
+    leaves, spec = pytree.tree_flatten(dict(vars(loss_rule)))
+    tensors = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+    return leaves, spec, tensors
+
+
+def _key(param_names, values, tangents, k, loss_rule, mode, compile, loss_parts) -> tuple:
+    leaves, spec, _ = loss_parts
+    return (
+        mode,
+        k,
+        param_names,
+        requested(),
+        engine.FUSE_HEAD,
+        cross_entropy.HEAD_CHUNK_BYTES,
+        compile,
+        type(loss_rule),
+        str(spec),
+        tuple(_meta(x) for x in leaves),
+        tuple((n, _meta(x)) for n, x in values.items()),
+        None if tangents is None else tuple((n, _meta(x)) for n, x in tangents.items()),
+    )
+
+
+def _traces(program: Program) -> dict:
+    cache = program.__dict__.get("_traces")
+    if cache is None:
+        cache = program.__dict__["_traces"] = {}
+    return cache
+
+
+def _trace(program, param_names, values, tangents, k, loss_rule, mode, compile, loss_parts):
+    global TRACE_COUNT
+    leaves, spec, tensor_idx = loss_parts
+    flat_in, in_spec = pytree.tree_flatten((values, tangents, [leaves[i] for i in tensor_idx]))
+    is_tensor = [isinstance(x, torch.Tensor) for x in flat_in]
+    statics = [None if t else x for x, t in zip(flat_in, is_tensor)]
+    fell_back: Counter = Counter()
+    out_spec: list = [None]
+
+    def product(*tensors):
+        it = iter(tensors)
+        full = [next(it) if t else s for t, s in zip(is_tensor, statics)]
+        vals, tans, loss_tensors = pytree.tree_unflatten(full, in_spec)
+        state_leaves = list(leaves)
+        for i, t in zip(tensor_idx, loss_tensors):
+            state_leaves[i] = t
+        rule = copy.copy(loss_rule)
+        rule.__dict__.update(pytree.tree_unflatten(state_leaves, spec))
+        res = engine.run(program, param_names, vals, tans, k, rule, mode)
+        fell_back.update(res.fallback_ops)
+        flat_out, out_spec[0] = pytree.tree_flatten((res.loss, res.grads, res.products))
+        return tuple(flat_out)
+
+    TRACE_COUNT += 1
+    example = [x for x, t in zip(flat_in, is_tensor) if t]
+    t0 = time.perf_counter()
+    try:
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        gm = make_fx(product, tracing_mode="fake", _allow_non_fake_inputs=True)(*example)
+    except Exception as e:  # any failure to trace means: this signature is interpreted
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        return Trace(reason=f"{type(e).__name__}: {msg}")
+    trace = Trace(
+        out_spec=out_spec[0],
+        fallback_ops=fell_back,
+        nodes=len(gm.graph.nodes),
+        trace_seconds=time.perf_counter() - t0,
+    )
+    if compile is None:
+        trace.fn = gm
+    elif compile == "inductor":
+        trace.fn = torch.compile(gm, backend="inductor", fullgraph=True, dynamic=False)
+        trace.compile_seconds = 0.0
+    elif compile == "cudagraphs":
+        trace.fn = torch.compile(gm, backend="cudagraphs", fullgraph=True, dynamic=False)
+        trace.compile_seconds = 0.0
+    return trace
+
+
+def lookup(
+    program: Program,
+    param_names: frozenset[str],
+    values: dict[str, Any],
+    tangents: dict[str, torch.Tensor] | None,
+    k: int,
+    loss_rule: Any,
+    mode: str,
+    compile: str | None = None,
+) -> Trace:
+    """The (cached) trace of this product; traced now if it is new."""
+    loss_parts = _split_loss(loss_rule)
+    cache = _traces(program)
+    key = _key(param_names, values, tangents, k, loss_rule, mode, compile, loss_parts)
+    trace = cache.get(key)
+    if trace is None:
+        trace = cache[key] = _trace(
+            program, param_names, values, tangents, k, loss_rule, mode, compile, loss_parts
+        )
+        if trace.reason is not None:
+            log.info("hessfast: this product runs the interpreter: %s", trace.reason)
+    return trace
+
+
+def run(
+    program: Program,
+    param_names: frozenset[str],
+    values: dict[str, Any],
+    tangents: dict[str, torch.Tensor] | None,
+    k: int,
+    loss_rule: Any,
+    mode: str,
+    compile: str | None = None,
+) -> engine.Result:
+    """One product like :func:`hessfast.engine.run`, through its traced graph (see the module
+    docstring for ``compile``)."""
+    check_mode(compile)
+    if compile == "interpret":
+        return engine.run(program, param_names, values, tangents, k, loss_rule, mode)
+    if compile == "cudagraphs":
+        dev = next((x.device for x in values.values() if isinstance(x, torch.Tensor)), None)
+        if dev is None or dev.type != "cuda":
+            raise ValueError(
+                "compile='cudagraphs' replays CUDA graphs and needs the model and data on a CUDA "
+                "device; use compile=None or 'inductor' on the CPU"
+            )
+    if tangents is not None:
+        plan = program.plan(param_names)
+        tangents = {n: tangents[n] for ph, n in program.params.items() if plan.get(ph, False)}
+    trace = lookup(program, param_names, values, tangents, k, loss_rule, mode, compile)
+    if trace.fn is None:
+        if compile is not None:
+            raise RuntimeError(
+                f"compile={compile!r} needs a traced product, and this one cannot be traced "
+                f"({trace.reason}); use compile=None (which interprets it) instead"
+            )
+        return engine.run(program, param_names, values, tangents, k, loss_rule, mode)
+    leaves, _, tensor_idx = _split_loss(loss_rule)
+    flat = pytree.tree_leaves((values, tangents, [leaves[i] for i in tensor_idx]))
+    flat = [x for x in flat if isinstance(x, torch.Tensor)]
+    t0 = time.perf_counter() if trace.compile_seconds == 0.0 else None
+    out = trace.fn(*flat)
+    if t0 is not None:
+        trace.compile_seconds = time.perf_counter() - t0
+    trace.calls += 1
+    loss, grads, prods = pytree.tree_unflatten(list(out), trace.out_spec)
+    return engine.Result(loss, grads, prods, Counter(trace.fallback_ops))
+
+
+def explain(program: Program) -> list[dict]:
+    """Every trace cached for ``program``: mode, K, nodes, trace and compile seconds, calls, and
+    why a signature runs the interpreter (``reason``)."""
+    return [
+        {
+            "mode": key[0],
+            "k": key[1],
+            "compile": key[6],
+            "traced": t.fn is not None,
+            "reason": t.reason,
+            "nodes": t.nodes,
+            "trace_seconds": t.trace_seconds,
+            "compile_seconds": t.compile_seconds,
+            "calls": t.calls,
+        }
+        for key, t in _traces(program).items()
+    ]

@@ -1,0 +1,159 @@
+"""Traced products (hessfast/traced.py): the replayed graph equals the interpreter and the oracles,
+is reused only where it is valid, and never bakes a data value in."""
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from models import zoo
+from oracle import double_backward_hvp, ggn_vp, rel_err
+
+import hessfast
+from hessfast import capture, traced
+
+MODELS = list(zoo.MODELS)
+
+
+def _vectors(model, k, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        n: torch.randn(k, *p.shape, generator=g, dtype=p.dtype) for n, p in model.named_parameters()
+    }
+
+
+def _traces(model):
+    progs = [p for p in capture._CACHE.get(model, {}).values() if not isinstance(p, Exception)]
+    return [t for p in progs for t in traced.explain(p)]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_traced_equals_interpreter_on_the_zoo(name):
+    if name.startswith("hf_"):
+        pytest.importorskip("transformers")
+    model, loss_fn, inputs, targets = zoo.MODELS[name]()
+    v = _vectors(model, 2)
+    for fn in (hessfast.hvp, hessfast.ggn_vp):
+        got = fn(model, loss_fn, inputs, targets, v)
+        ref = fn(model, loss_fn, inputs, targets, v, compile="interpret")
+        assert rel_err(got, ref) < 1e-10
+    g = hessfast.grad(model, loss_fn, inputs, targets)
+    g_ref = hessfast.grad(model, loss_fn, inputs, targets, compile="interpret")
+    assert rel_err(g, g_ref) < 1e-10
+    # every product of the zoo is traced: none silently runs the interpreter
+    assert {(t["mode"], t["traced"]) for t in _traces(model)} == {
+        ("hvp", True),
+        ("ggn", True),
+        ("grad", True),
+    }
+
+
+def _sequence_model():
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(7, 5)
+    return torch.nn.Sequential(emb, torch.nn.Tanh(), torch.nn.Linear(5, 7)).double()
+
+
+def test_one_graph_serves_batches_with_different_ignored_counts():
+    """The mean's denominator (tokens not ignored) is a tensor in the graph, not a constant."""
+    model = _sequence_model()
+    loss_fn = functools.partial(F.cross_entropy, ignore_index=-100)
+    g = torch.Generator().manual_seed(3)
+    x1, x2 = torch.randint(0, 7, (2, 6), generator=g), torch.randint(0, 7, (2, 6), generator=g)
+    y1, y2 = torch.randint(0, 7, (2, 6), generator=g), torch.randint(0, 7, (2, 6), generator=g)
+    y1[0, :1] = -100
+    y2[:, :4] = -100  # 4 of 12 counted instead of 11
+    v = _vectors(model, 2)
+    hessfast.hvp(model, loss_fn, x1, y1, v)
+    before = traced.TRACE_COUNT
+    got = hessfast.hvp(model, loss_fn, x2, y2, v)
+    assert traced.TRACE_COUNT == before  # replayed, not retraced
+    assert rel_err(got, double_backward_hvp(model, loss_fn, (x2,), y2, v)) < 1e-10
+    gv = hessfast.ggn_vp(model, loss_fn, x1, y1, v)
+    gv2 = hessfast.ggn_vp(model, loss_fn, x2, y2, v)
+    assert rel_err(gv, ggn_vp(model, loss_fn, (x1,), y1, v)) < 1e-10
+    assert rel_err(gv2, ggn_vp(model, loss_fn, (x2,), y2, v)) < 1e-10
+
+
+def test_new_parameter_values_and_inputs_are_graph_inputs():
+    model, loss_fn, (x,), y = zoo.mlp()
+    v = _vectors(model, 1)
+    hessfast.hvp(model, loss_fn, x, y, v)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    x2 = torch.randn_like(x)
+    before = traced.TRACE_COUNT
+    got = hessfast.hvp(model, loss_fn, x2, y, v)
+    assert traced.TRACE_COUNT == before
+    assert rel_err(got, double_backward_hvp(model, loss_fn, (x2,), y, v)) < 1e-10
+
+
+def test_signature_changes_retrace():
+    model, loss_fn, (x,), y = zoo.mlp()
+    hessfast.hvp(model, loss_fn, x, y, _vectors(model, 1))
+    n = traced.TRACE_COUNT
+    hessfast.hvp(model, loss_fn, x, y, _vectors(model, 3))  # another K
+    sub = {n: t for n, t in _vectors(model, 1).items() if n.startswith("0.")}
+    hessfast.hvp(model, loss_fn, x, y, sub, params="0.*")  # another subset
+    hessfast.hvp(
+        model, F.mse_loss, x, torch.randn(x.shape[0], 4, dtype=x.dtype), _vectors(model, 1)
+    )
+    hessfast.hvp(model, loss_fn, x[:3], y[:3], _vectors(model, 1))  # another shape
+    assert traced.TRACE_COUNT == n + 4
+    hessfast.hvp(model, loss_fn, x, y, _vectors(model, 3))
+    assert traced.TRACE_COUNT == n + 4
+
+
+def test_host_read_in_a_loss_runs_the_interpreter_with_the_reason():
+    """A loss that branches on a data value cannot be traced on fake tensors: the product is
+    interpreted (exact), ``compile='inductor'`` refuses with the reason."""
+    model, _, (x,), y = zoo.mlp()
+
+    def loss_fn(z, t):
+        scale = 2.0 if bool((t == 0).any()) else 1.0
+        return scale * F.cross_entropy(z, t)
+
+    v = _vectors(model, 2)
+    got = hessfast.hvp(model, loss_fn, x, y, v)
+    assert rel_err(got, double_backward_hvp(model, loss_fn, (x,), y, v)) < 1e-10
+    [info] = [t for t in _traces(model) if t["mode"] == "hvp"]
+    assert not info["traced"] and info["reason"]
+    with pytest.raises(RuntimeError, match="cannot be traced"):
+        hessfast.hvp(model, loss_fn, x, y, v, compile="inductor")
+
+
+def test_custom_callable_loss_is_traced_with_its_targets_as_inputs():
+    model, _, (x,), y = zoo.mlp()
+
+    def loss_fn(z, t):
+        return F.cross_entropy(z, t) + 0.1 * (z**2).mean()
+
+    v = _vectors(model, 2)
+    hessfast.hvp(model, loss_fn, x, y, v)
+    y2 = torch.roll(y, 1)
+    got = hessfast.hvp(model, loss_fn, x, y2, v)
+    assert rel_err(got, double_backward_hvp(model, loss_fn, (x,), y2, v)) < 1e-10
+    assert all(t["traced"] for t in _traces(model))
+
+
+def test_compile_argument_is_checked():
+    model, loss_fn, (x,), y = zoo.mlp()
+    with pytest.raises(ValueError, match="compile='jit'"):
+        hessfast.grad(model, loss_fn, x, y, compile="jit")
+    with pytest.raises(ValueError, match="CUDA device"):
+        hessfast.grad(model, loss_fn, x, y, compile="cudagraphs")
+
+
+def test_inductor_equals_interpreter():
+    """One small model through Inductor (compiling costs tens of seconds on the CPU)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    model = model.double()
+    x, y = torch.randn(5, 3, dtype=torch.double), torch.tensor([0, 1, 1, 0, 1])
+    v = _vectors(model, 2)
+    got = hessfast.hvp(model, F.cross_entropy, x, y, v, compile="inductor")
+    ref = hessfast.hvp(model, F.cross_entropy, x, y, v, compile="interpret")
+    assert rel_err(got, ref) < 1e-10
+    [info] = [t for t in _traces(model) if t["compile"] == "inductor"]
+    assert info["compile_seconds"] > 0 and info["calls"] == 1
