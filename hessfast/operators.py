@@ -8,6 +8,18 @@ samples, or tokens not ignored, weighted by class weights — see each loss rule
 batches into micro-batches weighted the same way: it bounds memory and changes nothing beyond
 round-off.
 
+A custom ``loss_fn`` (a lambda, any callable hessfast does not recognise) hides its reduction: the
+operator finds it once, from the loss on the model's output for the first batch and on that batch
+duplicated (a sum doubles, a mean does not; a mean must also be the row-weighted average of the
+batch's halves), and refuses with a ``ValueError`` when the values decide neither. Pass
+``reduction="sum"`` (batches added) or ``"mean"`` (batches weighted by their number of target
+elements) to state it instead.
+
+Bad data: a batch with no sample counts zero, and so does a batch whose every target is
+``ignore_index`` under a ``mean`` (both are skipped; data with nothing left is a ``ValueError``).
+``data`` must be re-iterable — a one-shot iterator such as a generator is refused at construction
+(pass ``list(...)`` or a ``DataLoader``).
+
 Data-parallel: with ``process_group`` (by default the default group whenever
 ``torch.distributed`` is initialised) every rank holds the model and its shard of the data, and a
 product sums the ranks' weighted partial products and loss-term counts in one all-reduce, so
@@ -30,7 +42,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import numbers
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -167,18 +180,35 @@ class _ModelOperator(CurvatureOperator):
         *,
         process_group: Any = None,
         backend: str | None = None,
+        reduction: str | None = None,
     ):
         if backend is not None:
             _check_choice(backend, f"{type(self).__name__}(backend=...)")
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+        losses.check_loss_fn(loss_fn)
+        if reduction not in (None, "mean", "sum"):
+            raise ValueError(
+                f"reduction={reduction!r}: 'mean' (batches weighted by their number of target "
+                "elements), 'sum' (batches added) or None (found from loss_fn)"
+            )
         self.backend = backend
         self.model = model
         self.loss_fn = loss_fn
+        self.reduction = reduction
+        self._probed: str | None = None  # how a custom loss_fn reduces, once found
         self.single = _is_single_batch(data)
         self.data = data
         if not self.single and not isinstance(data, Iterable):
             raise ValueError(
                 "data must be one (inputs, targets) batch or an iterable of such batches "
                 f"(a DataLoader), not {type(data).__name__}"
+            )
+        if not self.single and isinstance(data, Iterator):
+            raise ValueError(
+                f"data is a one-shot iterator ({type(data).__name__}): an operator reads the "
+                "data once per product, and a second product would find it exhausted. Pass "
+                "something re-iterable: a list (data=list(batches)) or a DataLoader"
             )
         self.params = params
         self.selected = select_params(model, params)
@@ -189,8 +219,15 @@ class _ModelOperator(CurvatureOperator):
         first = self.selected[0][1]
         self.dtype, self.device = first.dtype, first.device
         if max_batch_size is not None:
-            if max_batch_size < 1:
-                raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size}")
+            if (
+                isinstance(max_batch_size, bool)
+                or not isinstance(max_batch_size, numbers.Integral)
+                or max_batch_size < 1
+            ):
+                raise ValueError(
+                    f"max_batch_size must be a positive integer, got {max_batch_size!r}"
+                )
+            max_batch_size = int(max_batch_size)
             if _has_train_batchnorm(model):
                 raise ValueError(
                     "max_batch_size would change the batch statistics of BatchNorm in training "
@@ -237,6 +274,7 @@ class _ModelOperator(CurvatureOperator):
             self.progress,
             process_group=self.process_group if self.process_group is not None else False,
             backend=self.backend,
+            reduction=self.reduction or self._probed,
         )
 
     def groups(self, by: str | Sequence[str] = "module") -> dict[str, list[tuple[int, int]]]:
@@ -297,12 +335,68 @@ class _ModelOperator(CurvatureOperator):
             raise ValueError(f"V must be [P, K] with P={self.shape[0]}, got {list(V.shape)}")
         return parse(V.T, self.selected)
 
+    def _weighs_batches(self) -> bool:
+        """Whether batches may be more than one, so that their weights matter."""
+        return not self.single or self.max_batch_size is not None or self.process_group is not None
+
+    def _model_output(self, inputs: Any) -> Any:
+        """One plain forward without gradients; buffers (BatchNorm statistics) and the RNG state
+        are left as they were."""
+        ins = api._as_tuple(inputs)
+        saved = {n: b.detach().clone() for n, b in self.model.named_buffers()}
+        devices = [self.device] if self.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                return self.model(*ins)
+        finally:
+            with torch.no_grad():
+                for n, b in self.model.named_buffers():
+                    b.copy_(saved[n])
+
+    def _custom_reduction(self, inputs: Any, targets: Any) -> str | None:
+        """How a custom ``loss_fn`` reduces over a batch (``"sum"``/``"mean"``; ``None`` when it
+        does not matter): ``reduction=`` if given, else probed once on the model's output for the
+        first batch (:func:`hessfast.losses.probe_reduction`), which also refuses a model output
+        that is not one tensor."""
+        if self.reduction is not None:
+            return self.reduction
+        if self._probed is None:
+            z = self._model_output(inputs)
+            if not isinstance(z, torch.Tensor):
+                what = type(z).__name__
+                if isinstance(z, dict):
+                    what += f" with keys {list(z)}"
+                raise ValueError(
+                    f"the model returns a {what}, but hessfast differentiates one output tensor "
+                    "and gives it to loss_fn as such: wrap the model so that forward returns the "
+                    "tensor the loss reads (e.g. forward(x) = model(x)['logits'])"
+                )
+            if not self._weighs_batches():
+                return None
+            self._probed = losses.probe_reduction(self.loss_fn, z, targets)
+        return self._probed
+
     def _partial(self, vec: Vectors) -> tuple[Tensor | None, float, int]:
-        """This process's ``(Σ_b w_b · H_b V [K, P] or None, Σ_b w_b, number of batches)``."""
+        """This process's ``(Σ_b w_b · H_b V [K, P] or None, Σ_b w_b, number of batches)``.
+
+        Empty batches (targets with no sample) and, for a mean, batches with nothing to count
+        (every target ``ignore_index``) contribute nothing and are skipped."""
         total = None
         weight_sum = 0.0
         seen = 0
+        self._skipped = []
         for inputs, targets in self.batches():
+            if losses.is_empty_batch(targets):
+                self._skipped.append("empty")
+                continue
+            rule = losses.resolve(self.loss_fn, targets)
+            w = rule.denominator()
+            if w == 0:  # a mean over no counted target (all ignore_index): nothing to add
+                self._skipped.append("ignored")
+                continue
+            if isinstance(rule, losses.FuncLoss):
+                if self._custom_reduction(inputs, targets) == "sum":
+                    w = None
             seen += 1
             _, _, prods = api._compute(
                 self.model,
@@ -315,7 +409,6 @@ class _ModelOperator(CurvatureOperator):
                 False,
                 backend=self.backend,
             )
-            w = losses.resolve(self.loss_fn, targets).denominator()
             flat = torch.cat([prods[n].reshape(vec.k, -1) for n in self.names], dim=1)
             if w is not None:
                 weight_sum += w
@@ -336,10 +429,17 @@ class _ModelOperator(CurvatureOperator):
                 params=self.model.parameters(),
             )
         if not seen:
-            raise ValueError(
-                "data is empty: the operator needs at least one batch"
-                + (" (no rank has a batch)" if self.process_group is not None else "")
-            )
+            skipped = getattr(self, "_skipped", [])
+            if skipped and all(s == "empty" for s in skipped):
+                why = f"every batch is empty ({len(skipped)} batches with no sample)"
+            elif skipped:
+                why = (
+                    "no batch has a target that counts (every target equals ignore_index, or the "
+                    "batch is empty): the mean loss over the data is undefined"
+                )
+            else:
+                why = "data is empty: the operator needs at least one batch"
+            raise ValueError(why + (" (on every rank)" if self.process_group is not None else ""))
         if weight_sum:
             total = total / weight_sum
         total = total.to(self.dtype)
@@ -378,7 +478,9 @@ class HessianOperator(_ModelOperator):
     """The exact Hessian of the dataset loss (see the module docstring).
 
     ``HessianOperator(model, loss_fn, data, params=None, max_batch_size=None, progress=False,
-    process_group=None)``: ``process_group=None`` sums the shards of all ranks of the default
+    process_group=None, backend=None, reduction=None)``: ``reduction`` states how a custom
+    ``loss_fn`` reduces over a batch (``"mean"``/``"sum"``; ``None``: found from ``loss_fn``,
+    see the module docstring). ``process_group=None`` sums the shards of all ranks of the default
     group when ``torch.distributed`` is initialised (``data`` is then this rank's shard, see
     :func:`hessfast.distributed.shard`) and is local otherwise; ``False`` is local even inside a
     distributed job; a ``ProcessGroup`` sums over that group. The same holds for

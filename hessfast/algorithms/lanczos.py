@@ -718,6 +718,12 @@ def condition_number(
     for key in ("k", "which", "return_info"):
         if key in eigsh_kwargs:
             raise ValueError(f"condition_number sets {key!r} itself")
+    if op.shape[0] < 2:
+        raise ValueError(
+            f"condition_number needs an operator of size P >= 2 (it takes the two ends of the "
+            f"spectrum), got P = {op.shape[0]}: a 1x1 matrix has condition number 1 when its one "
+            "entry (op @ torch.ones(1)) is nonzero"
+        )
     target = op if which == "algebraic" else _Squared(op)
     if which == "magnitude":
         check_operator(op)
