@@ -12,6 +12,15 @@ Residuals are minimal: the one tensor the derivatives are computed from (``x``, 
 anyway) and, only for ops with ``f″ ≢ 0``, the input tangent ``ẋ``. ``f′`` and ``f″`` are recomputed
 in the backward (elementwise, cheap), ``f″`` only when the second-order term is needed.
 
+Kernels: where torch has a fused backward kernel for the op (``threshold_backward``,
+``gelu_backward``, ``silu_backward``, ``tanh_backward``, ``sigmoid_backward``,
+``leaky_relu_backward``, ``elu_backward``, ``hardtanh_backward``, ``softplus_backward``; ``log``:
+one division) the products ``f′(x) c`` that need nothing else go through it, as in autograd: the
+gradient ``ḡ_x`` alone, and ``ẏ`` / ``ġ_x`` for up to :data:`NATIVE_K` vectors (any number for
+piecewise-linear ops). With more vectors, or
+when ``f″`` is computed anyway (the second-order term), ``f′`` is formed once and multiplied.
+Nothing of ``f″`` is computed in a gradient or GGN run.
+
 Derivatives, with the conventions torch's autograd uses at kinks and region boundaries:
 
 ================  =====================================  ===========================================
@@ -202,6 +211,76 @@ def square_derivs(x, second=False):
     return 2 * x, (2.0 if second else None)
 
 
+# ---- fused ``f′(src) ⊙ c`` through torch's backward kernels ----------------------------------
+
+#: Up to this many tangent vectors, ``f′ ⊙ ẋ`` and ``f′ ⊙ ġ`` call the fused kernel once per
+#: vector (each call recomputes ``f′``); beyond it ``f′`` is formed once and multiplied. Ops with
+#: ``f″ ≡ 0`` (piecewise linear: relu, leaky_relu, hardtanh) always use the fused kernel.
+NATIVE_K = 2
+
+
+def _bc(src: Tensor, c: Tensor) -> Tensor:
+    """``src`` expanded (a view) to ``c``'s shape when ``c`` carries leading K axes: some CPU
+    kernels (oneDNN's ``gelu_backward``) reject implicit broadcasting."""
+    return src if src.shape == c.shape else src.expand(c.shape)
+
+
+def relu_vjp(c, y):
+    return aten.threshold_backward(c, _bc(y, c), 0)
+
+
+def gelu_vjp(c, x, approximate="none"):
+    return aten.gelu_backward(c, _bc(x, c), approximate=approximate)
+
+
+def silu_vjp(c, x):
+    return aten.silu_backward(c, _bc(x, c))
+
+
+def tanh_vjp(c, y):
+    return aten.tanh_backward(c, _bc(y, c))
+
+
+def sigmoid_vjp(c, y):
+    return aten.sigmoid_backward(c, _bc(y, c))
+
+
+def log_vjp(c, x):
+    return c / x
+
+
+def leaky_relu_vjp(c, x, negative_slope=0.01):
+    return aten.leaky_relu_backward(c, _bc(x, c), negative_slope, False)
+
+
+def elu_vjp(c, x, alpha=1.0, scale=1.0, input_scale=1.0):
+    return aten.elu_backward(c, alpha, scale, input_scale, False, _bc(x, c))
+
+
+def hardtanh_vjp(c, x, min_val=-1.0, max_val=1.0):
+    return aten.hardtanh_backward(c, _bc(x, c), min_val, max_val)
+
+
+def softplus_vjp(c, x, beta=1.0, threshold=20.0):
+    return aten.softplus_backward(c, _bc(x, c), beta, threshold)
+
+
+#: The fused ``f′ ⊙ c`` of each op that has one: a property of the op, so every rule built for it
+#: (whatever its ``derivs``) computes these products with the same kernel.
+FUSED_VJP = {
+    aten.relu.default: relu_vjp,
+    aten.gelu.default: gelu_vjp,
+    aten.silu.default: silu_vjp,
+    aten.tanh.default: tanh_vjp,
+    aten.sigmoid.default: sigmoid_vjp,
+    aten.log.default: log_vjp,
+    aten.leaky_relu.default: leaky_relu_vjp,
+    aten.elu.default: elu_vjp,
+    aten.hardtanh.default: hardtanh_vjp,
+    aten.softplus.default: softplus_vjp,
+}
+
+
 # ---- the generic rule ---------------------------------------------------------------------------
 
 
@@ -211,7 +290,9 @@ class ElementwiseUnary(Rule):
     ``derivs(src, *params, second=...)`` returns ``(f′, f″)`` evaluated at ``src``, which is ``x``
     (``from_result=False``) or ``y`` (``from_result=True``). ``curved=False`` marks ``f″ ≡ 0``: the
     input tangent is then not kept and the second-order term never computed. ``check(args)`` may
-    return a reason to decline.
+    return a reason to decline. ``vjp(c, src, *params)`` computes ``f′(src) ⊙ c`` with a fused
+    kernel, ``c`` of ``src``'s shape or ``[K, *src.shape]``; by default the op's entry of
+    :data:`FUSED_VJP`, ``False`` for none.
     """
 
     def __init__(
@@ -224,6 +305,7 @@ class ElementwiseUnary(Rule):
         curved: bool = True,
         f: Callable[..., Tensor] | None = None,
         check: Callable[[tuple], str | None] | None = None,
+        vjp: Callable[..., Tensor] | None | bool = None,
     ):
         self.op = op
         self.ops = (op,)
@@ -233,6 +315,9 @@ class ElementwiseUnary(Rule):
         self.curved = curved
         self.f = f
         self.check = check
+        self.vjp = FUSED_VJP.get(op) if vjp is None else (vjp or None)
+        # f′ of a piecewise-linear op is a mask no cheaper to form than the fused kernel's pass
+        self._native_k = NATIVE_K if curved else float("inf")
 
     def declines(self, call: Call) -> str | None:
         x = call.args[0]
@@ -246,13 +331,16 @@ class ElementwiseUnary(Rule):
 
     def fwd_jvp(self, call: Call):
         x, params = call.args[0], tuple(call.args[1:])
-        tx = call.tangents[0]
+        tx = call.tangents[0] if call.is_active(0) else None
         y = self.f(x, *params) if self.f is not None else invoke(self.op, call.args)
         src = y if self.from_result else x
         ydot = None
         if tx is not None:
-            d1, _ = self.derivs(src, *params, second=False)
-            ydot = d1 * tx
+            if self.vjp is not None and tx.shape[0] <= self._native_k:
+                ydot = self.vjp(tx, src, *params)
+            else:
+                d1, _ = self.derivs(src, *params, second=False)
+                ydot = d1 * tx
         keep_tx = tx if self.curved else None
         return y, ydot, (src, keep_tx, params, call.is_active(0), len(call.args))
 
@@ -261,11 +349,18 @@ class ElementwiseUnary(Rule):
         if not active or (g is None and gdot is None):
             return nones(nargs), nones(nargs)
         second = self.curved and g is not None and tx is not None
-        d1, d2 = self.derivs(src, *params, second=second)
-        gx = d1 * g if g is not None else None
-        gdx = d1 * gdot if gdot is not None else None
-        if second and d2 is not None:
-            gdx = add(gdx, (d2 * g) * tx)
+        fused = self.vjp is not None and not second
+        gx = gdx = None
+        if fused and (gdot is None or gdot.shape[0] <= self._native_k):
+            # f′ is not needed otherwise: the fused kernel, as autograd's backward
+            gx = self.vjp(g, src, *params) if g is not None else None
+            gdx = self.vjp(gdot, src, *params) if gdot is not None else None
+        else:
+            d1, d2 = self.derivs(src, *params, second=second)
+            gx = d1 * g if g is not None else None
+            gdx = d1 * gdot if gdot is not None else None
+            if second and d2 is not None:
+                gdx = add(gdx, (d2 * g) * tx)
         rest = nones(nargs - 1)
         return (gx, *rest), (gdx, *rest)
 
