@@ -38,6 +38,7 @@ from . import rule_for
 from .base import Call, Rule
 
 Tensor = torch.Tensor
+aten = torch.ops.aten
 
 
 def to_rows(z: Tensor, target: Tensor, soft: bool) -> tuple[Tensor, Tensor, callable, callable]:
@@ -158,17 +159,44 @@ class CrossEntropyLoss:
         return float(_target_weight(t, self.weight, self.ignore_index))
 
     def evaluate(self, z: Tensor, zdot: Tensor | None, mode: str):
+        """``(L, ∂L/∂z or None, ∇²_z L · ż or None)`` for the engine's ``mode``.
+
+        Hard targets without label smoothing take autograd's kernels: ``log_softmax``,
+        ``nll_loss_forward``, ``nll_loss_backward`` (which gives ``−a``) and
+        ``_log_softmax_backward_data`` (``A p − a``); the Hessian product is
+        ``A ⊙ _softmax_backward_data(u, p)`` with ``A = −Σ_c (−a)``. Other variants form the
+        coefficient matrix ``a`` (module docstring) explicitly."""
         zr, t, rows_of, unrows = to_rows(z, self.target, self.soft)
+        logp = torch.log_softmax(zr, dim=-1)
+        want_g = mode in ("hvp", "grad")
+        want_h = zdot is not None and mode in ("hvp", "ggn")
+        if not self.soft and not self.label_smoothing:
+            w = self.weight.to(zr.dtype) if self.weight is not None else None
+            red = 1 if self.reduction == "mean" else 2  # at::Reduction::Mean / Sum
+            tl = t.long()
+            loss, total = aten.nll_loss_forward(logp, tl, w, red, self.ignore_index)
+            neg_a = aten.nll_loss_backward(
+                loss.new_ones(()), logp, tl, w, red, self.ignore_index, total
+            )
+            g = None
+            if want_g:
+                g = unrows(aten._log_softmax_backward_data(neg_a, logp, 1, logp.dtype))
+            gd = None
+            if want_h:
+                A = -neg_a.sum(-1, keepdim=True)
+                u = rows_of(zdot)
+                p = logp.exp().expand(u.shape)
+                gd = unrows(A * aten._softmax_backward_data(u, p, -1, p.dtype))
+            return loss, g, gd
         a = coefficients(
             zr, t, self.weight, self.ignore_index, self.reduction, self.label_smoothing, self.soft
         )
-        logp = torch.log_softmax(zr, dim=-1)
         loss = -(a * logp).sum()
         p = logp.exp()
         A = a.sum(-1, keepdim=True)
-        g = unrows(A * p - a) if mode in ("hvp", "grad") else None
+        g = unrows(A * p - a) if want_g else None
         gd = None
-        if zdot is not None and mode in ("hvp", "ggn"):
+        if want_h:
             u = rows_of(zdot)
             pu = p * u
             gd = unrows(A * (pu - p * pu.sum(-1, keepdim=True)))
