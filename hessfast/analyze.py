@@ -436,15 +436,54 @@ def _version() -> str:
 # files
 
 
+REPORT_FILES = ("report.json", "spectrum.png")
+
+
+def check_out_folder(out: str | os.PathLike, flag: str = "--out") -> None:
+    """``UsageError`` unless :func:`write_report` can write into the folder ``out``: it is a
+    folder or can be created as one, and the first existing folder on its path takes a new file
+    (tried with a temporary file, which works as root and on read-only file systems alike). Run
+    before the analysis, so that a bad ``--out`` fails in a second rather than after it."""
+    import tempfile
+
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(
+            f"{flag} {out}: is an existing file; the report goes into a folder "
+            f"({', '.join(REPORT_FILES)}): give a folder name"
+        )
+    for name in REPORT_FILES:
+        if (folder / name).is_dir():
+            raise UsageError(f"{flag} {out}: {folder / name} is a folder; cannot write the report")
+    base = folder
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise UsageError(f"{flag} {out}: {base} is a file, so the folder cannot be created")
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag} {out}: cannot write into {base} ({e.strerror or e})") from None
+
+
 def write_report(report: dict, out: str | os.PathLike) -> tuple[Path, Path]:
     """Write ``report.json`` and ``spectrum.png`` into the folder ``out`` (created if needed);
-    record their paths in ``report["files"]`` and return them."""
+    record their paths in ``report["files"]`` and return them. Each file is written under a
+    temporary name and renamed at the end, so an interrupted run leaves no partial report."""
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     js, png = folder / "report.json", folder / "spectrum.png"
     report["files"] = {"report": str(js), "spectrum": str(png)}
-    plot_spectrum(report, png)
-    js.write_text(json.dumps(_finite(report), indent=1, allow_nan=False) + "\n")
+    tmp_js, tmp_png = folder / ".report.json.partial", folder / ".spectrum.partial.png"
+    try:
+        plot_spectrum(report, tmp_png)
+        tmp_js.write_text(json.dumps(_finite(report), indent=1, allow_nan=False) + "\n")
+        os.replace(tmp_png, png)
+        os.replace(tmp_js, js)
+    finally:
+        for t in (tmp_js, tmp_png):
+            t.unlink(missing_ok=True)
     return js, png
 
 
@@ -961,6 +1000,7 @@ def main(args) -> int:
     """``hessfast analyze`` with parsed ``args``; returns the exit code."""
     t0 = time.perf_counter()
     try:
+        check_out_folder(args.out)
         op, meta = _prepare(args)
     except UsageError as e:
         print(f"hessfast analyze: error: {e}", file=sys.stderr)

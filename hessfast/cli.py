@@ -52,9 +52,48 @@ def subcommand(name: str) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``hessfast <command>``; returns the exit code: 0 on success, 1 when a check or the
+    analysis fails, 2 for bad input (one line on stderr, checked before any long work), 130
+    after Ctrl-C (one line, no traceback, no partial report)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _dispatch(parser, args)
+    except KeyboardInterrupt:
+        print(f"hessfast {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _usage(command: str, message: str) -> int:
+    print(f"hessfast {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _check_models(spec: str | None) -> None:
+    """``UsageError`` unless every name of ``--model`` is a built-in model or an importable
+    ``module:function`` (imported here, once, as the command would import it)."""
+    from .analyze import UsageError
+    from .bench_models import BUILTIN, load_function
+
+    for name in (spec or "").split(","):
+        name = name.strip()
+        if not name or name in BUILTIN:
+            continue
+        if ":" not in name:
+            raise UsageError(
+                f"--model {name}: not a built-in model ({', '.join(BUILTIN)}); a model of your "
+                "own is module:function or path/to/file.py:function"
+            )
+        try:
+            load_function(name)
+        except ImportError as e:
+            raise UsageError(f"--model {name}: cannot import it ({e})") from None
+        except Exception as e:  # the user's module may raise anything on import
+            raise UsageError(f"--model {name}: {type(e).__name__}: {e}") from None
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from . import analyze, bench, profile
 
     if args.command == "demo":
@@ -62,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             analyze.resolve_device(args.device)
+            analyze.check_out_folder(args.out)
         except analyze.UsageError as e:
-            parser.error(str(e))
+            return _usage("demo", str(e))
         if args.threads is not None and args.threads < 1:
             parser.error(f"--threads must be at least 1, got {args.threads}")
         return run(args.out, args.device, args.quick, args.seed, args.dtype, threads=args.threads)
@@ -71,10 +111,17 @@ def main(argv: list[str] | None = None) -> int:
         return _backends(args.ops)
     if args.command == "analyze":
         return analyze.main(args)
-    if args.command == "bench":
-        return bench.main(args)
-    if args.command == "profile":
-        return profile.main(args)
+    if args.command in ("bench", "profile"):
+        try:
+            _check_models(args.model)
+        except analyze.UsageError as e:
+            return _usage(args.command, str(e))
+        try:
+            return (bench if args.command == "bench" else profile).main(args)
+        except SystemExit as e:  # raise SystemExit("message"): a usage error, exit 2
+            if isinstance(e.code, str):
+                return _usage(args.command, e.code)
+            raise
     return 2
 
 

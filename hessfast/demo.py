@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp
 
-from .analyze import _version, analyze, format_summary, write_report
+from .analyze import _version, analyze, check_out_folder, format_summary, write_report
 from .api import hvp
 from .operators import HessianOperator
 
@@ -243,6 +243,7 @@ def run(
 
 def _run(out: str, device: str, quick: bool, seed: int, dtype: str, progress: bool | None) -> int:
     t0 = time.perf_counter()
+    check_out_folder(out)  # UsageError now, not after the analysis
     dev = torch.device(device)
     dt = getattr(torch, dtype)
     if progress is None:

@@ -157,6 +157,9 @@ class HessianMonitor:
         self.records: list[dict[str, Any]] = []
         self._truncate = not append
         self._v: dict[str, torch.Tensor] = {}
+        # bad input (a loss class, a generator as probe_data, a fractional max_batch_size) is an
+        # error here rather than at the first record; an empty probe batch fails at the first one
+        self._operator()
 
     # -------------------------------------------------------------------------------------
 
