@@ -101,6 +101,9 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
         try:
             analyze.resolve_device(args.device)
+        except analyze.UsageError as e:
+            parser.error(str(e))
+        try:
             analyze.check_out_folder(args.out)
         except analyze.UsageError as e:
             return _usage("demo", str(e))
