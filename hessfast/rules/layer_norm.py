@@ -35,6 +35,9 @@ not span)::
     ḡ_β = Σ_S ḡ_y,           ġ_β = Σ_S ġ_y
 
 Half-precision inputs are computed in float32 (as torch does) and cast back.
+
+Kernels: a layer norm without tangents (a gradient) runs ``aten.native_layer_norm`` and
+``aten.native_layer_norm_backward``, autograd's kernels; with tangents the math above.
 """
 
 from __future__ import annotations
@@ -292,20 +295,35 @@ class _NormRule(Rule):
         cd = compute_dtype(x.dtype)
         if eps is None:
             eps = torch.finfo(cd).eps
-        wc, bc = to(w, cd), to(b, cd)
-        twc = to(tw, cd)
-        y, ydot, saved = layer_norm_fwd_jvp_ref(
-            x.to(cd), ns, wc, bc, eps, to(tx, cd), twc, to(tb, cd), center=self.center
-        )
         need = (
             call.is_active(ix),
             w is not None and call.is_active(iw),
             ib is not None and b is not None and call.is_active(ib),
         )
         dtypes = (x.dtype, None if w is None else w.dtype, None if b is None else b.dtype)
+        if self.center and tx is None and tw is None and tb is None and x.dtype == cd:
+            # no tangents (a gradient): autograd's kernels, native_layer_norm and its backward
+            ns = [int(v) for v in ns]
+            y, mean, rstd = aten.native_layer_norm(x, ns, w, b, eps)
+            return y, None, ("native", x, ns, mean, rstd, w, b, eps, need, dtypes)
+        wc, bc = to(w, cd), to(b, cd)
+        twc = to(tw, cd)
+        y, ydot, saved = layer_norm_fwd_jvp_ref(
+            x.to(cd), ns, wc, bc, eps, to(tx, cd), twc, to(tb, cd), center=self.center
+        )
         return y.to(x.dtype), to(ydot, x.dtype), (saved, wc, twc, need, dtypes, cd)
 
     def _bwd(self, res, g, gdot):
+        if res[0] == "native":
+            _, x, ns, mean, rstd, w, b, eps, need, dtypes = res
+            if gdot is None:
+                if g is None:
+                    return (None, None, None), (None, None, None)
+                out = aten.native_layer_norm_backward(g, x, ns, mean, rstd, w, b, list(need))
+                return tuple(o if n else None for o, n in zip(out, need)), (None, None, None)
+            # a cotangent tangent without input tangents: the reference math from x
+            saved = layer_norm_fwd_jvp_ref(x, ns, w, b, eps, None, None, None)[2]
+            res = (saved, w, None, need, dtypes, x.dtype)
         saved, wc, twc, need, dtypes, cd = res
         ga, gda = layer_norm_bwd_jvp_ref(saved, wc, twc, to(g, cd), to(gdot, cd), need)
         return _cast_pair(ga, dtypes), _cast_pair(gda, dtypes)
