@@ -12,17 +12,23 @@ size preset, or a user's ``module:function``) it runs, on one device:
   (``jvp`` + ``vjp``) and ``torch.func vmap`` over K vectors; on a model that calls
   ``F.scaled_dot_product_attention`` these fail with the fused kernels (no forward-mode derivative,
   no double backward), so they are repeated under the math backend (``, math attention``);
-- with ``compile=True``: ``torch.compile`` of the ``torch.func`` HVP and GGN-VP (a compile
-  failure is a result);
+- hessfast's execution modes (``modes``, :data:`hessfast.traced.MODES`): ``traced`` (the default,
+  the product's traced graph replayed), ``interpret`` (the node-by-node interpreter),
+  ``inductor`` (the traced graph through ``torch.compile``) and ``cudagraphs`` (CUDA only);
+- with ``compile=True``: hessfast with ``compile="inductor"`` (and ``"cudagraphs"`` on CUDA) and
+  ``torch.compile`` of the ``torch.func`` HVP and GGN-VP (a compile failure is a result); compile
+  time is the first call's, reported separately (``first call``), never in the median;
 - when importable: PyHessian's HVP and curvlinops' Hessian and GGN operators (else reported as
   not installed; they are not dependencies of hessfast).
 
-Protocol, per method: one call on batch 0 is checked against the reference (max over the vectors
-of ``‖result − reference‖ / ‖reference‖``, the parameters flattened into one vector) before any
-timing; then one warm-up call (which also measures peak memory: CUDA max allocated above what was
-allocated before the call); then ``repeats`` timed calls cycling through the other batches (inputs
-rotated: every call sees different data of the same shape). Times are medians, taken with CUDA
-events on GPU and ``time.perf_counter`` on CPU. The reference is ``torch.func``'s HVP / GGN-VP /
+Protocol: per method, one call on batch 0 (timed as the ``first call``: it includes tracing or
+compiling) is checked against the reference (max over the vectors of ``‖result − reference‖ /
+‖reference‖``, the parameters flattened into one vector) before any timing; then one warm-up call
+(which also measures peak memory: CUDA max allocated above what was allocated before the call).
+Then ``repeats`` rounds, **interleaved**: every method once per round, in table order, cycling
+through the other batches (inputs rotated: every call sees different data of the same shape), so
+that a slow phase of the machine hits every method alike. Times are medians over the rounds, taken
+with CUDA events on GPU and ``time.perf_counter`` on CPU. The reference is ``torch.func``'s HVP / GGN-VP /
 gradient of a float64 copy of the model on CPU (float32 on GPU, TF32 off), always under the math
 SDPA backend. A method that raises is reported with its error, not dropped; a method whose error
 exceeds the tolerance is reported as wrong (and still timed).
@@ -363,8 +369,11 @@ def build_methods(
     backends: list[str] | None = None,
     dev: torch.device | None = None,
     peers: bool = True,
+    modes: list[str] | None = None,
 ) -> list[Method]:
-    """Every method of the benchmark, in table order."""
+    """Every method of the benchmark, in table order. ``modes``: hessfast's execution modes to
+    time (``traced``, ``interpret``, ``inductor``, ``cudagraphs``; default ``traced``, plus
+    ``inductor`` — and ``cudagraphs`` on CUDA — with ``compile``)."""
     import hessfast
 
     model, loss_fn, batches = w.model, w.loss_fn, w.batches
@@ -409,36 +418,49 @@ def build_methods(
         return vmap(lambda t: jvp(grad(lambda p: L(p, i)), (params,), (t,))[1])(V)
 
     methods = [Method("gradient (autograd)", "autograd", "grad", 1, autograd_grad)]
+    if modes is None:
+        modes = ["traced"]
+        if compile:
+            modes += ["inductor"] + (["cudagraphs"] if dev.type == "cuda" else [])
     for b in backends if backends is not None else available_backends(dev):
         ctx = backend_context(b)
+        for mode in modes:
+            c = None if mode == "traced" else mode
+            tag = f"[{b}]" if mode == "traced" else f"[{b}, {mode}]"
 
-        def h_grad(i):
-            x, y = batches[i]
-            return hessfast.grad(model, loss_fn, x, y)
+            def h_grad(i, c=c):
+                x, y = batches[i]
+                return hessfast.grad(model, loss_fn, x, y, compile=c)
 
-        def h_hvp(i):
-            x, y = batches[i]
-            return hessfast.hvp(model, loss_fn, x, y, v1)
+            def h_hvp(i, c=c):
+                x, y = batches[i]
+                return hessfast.hvp(model, loss_fn, x, y, v1, compile=c)
 
-        def h_ggn(i):
-            x, y = batches[i]
-            return hessfast.ggn_vp(model, loss_fn, x, y, v1)
+            def h_ggn(i, c=c):
+                x, y = batches[i]
+                return hessfast.ggn_vp(model, loss_fn, x, y, v1, compile=c)
 
-        def h_hvp_k(i):
-            x, y = batches[i]
-            return hessfast.hvp(model, loss_fn, x, y, V)
+            def h_hvp_k(i, c=c):
+                x, y = batches[i]
+                return hessfast.hvp(model, loss_fn, x, y, V, compile=c)
 
-        for label, kind, per, fn in (
-            ("hessfast.grad", "grad", 1, h_grad),
-            ("hessfast.hvp", "hvp", 1, h_hvp),
-            ("hessfast.ggn_vp", "ggn", 1, h_ggn),
-            (f"hessfast.hvp K={k}", "hvpK", k, h_hvp_k),
-        ):
-            methods.append(
-                Method(
-                    f"{label} [{b}]", "hessfast", kind, per, _in(ctx, fn), backend=b, hessfast=True
+            for label, kind, per, fn in (
+                ("hessfast.grad", "grad", 1, h_grad),
+                ("hessfast.hvp", "hvp", 1, h_hvp),
+                ("hessfast.ggn_vp", "ggn", 1, h_ggn),
+                (f"hessfast.hvp K={k}", "hvpK", k, h_hvp_k),
+            ):
+                methods.append(
+                    Method(
+                        f"{label} {tag}",
+                        "hessfast",
+                        kind,
+                        per,
+                        _in(ctx, fn),
+                        backend=b,
+                        hessfast=True,
+                    )
                 )
-            )
 
     autograd = [
         ("torch.func jvp(grad)", "torch.func", "hvp", 1, func_hvp),
@@ -707,9 +729,12 @@ def _error(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg[0][:200] if msg else ''}".strip()
 
 
-def run_method(
-    m: Method, refs: dict, names: list[str], n_batches: int, dev, repeats: int, tol: float
+def prepare_method(
+    m: Method, refs: dict, names: list[str], n_batches: int, dev, tol: float
 ) -> dict:
+    """A method's row before timing: its first call on batch 0 (timed as ``first_call_seconds``;
+    tracing and compiling happen here), checked against the reference, then a warm-up call that
+    measures peak memory. A method that raises is a row with its error."""
     row: dict[str, Any] = {
         "method": m.label,
         "family": m.family,
@@ -722,11 +747,10 @@ def run_method(
         row.update(status="unavailable", error=m.unavailable)
         return row
     try:
-        # 1. correctness on batch 0, before any timing
-        out = m.fn(0)
-        _sync(dev)
+        first, out = timed_call(lambda: m.fn(0), dev)
         err = rel_error(out, refs[m.kind], names, m.kind == "hvpK")
         del out
+        row["first_call_seconds"] = first
         row["rel_err"] = err if math.isfinite(err) else None
         row["tolerance"] = tol
         if math.isfinite(err) and err <= tol:
@@ -738,27 +762,48 @@ def run_method(
                 if math.isfinite(err)
                 else "non-finite or missing result"
             )
-        # 2. warm-up (and peak memory) on another batch, 3. timed calls, inputs rotated
         peak, out = peak_call(lambda: m.fn(1 % n_batches), dev)
         del out
-        times = []
-        for r in range(repeats):
-            i = (r + 2) % n_batches
-            t, out = timed_call(lambda i=i: m.fn(i), dev)
-            del out
-            times.append(t)
-        med = statistics.median(times)
-        row.update(
-            seconds=med,
-            seconds_per_vector=med / m.vectors,
-            peak_bytes=peak,
-            times=times,
-        )
+        row.update(peak_bytes=peak, times=[])
     except Exception as e:  # a failing method is a result, not a crash
         row.update(status="error", error=_error(e))
         row.pop("rel_err", None)
     finally:
         _free(dev)
+    return row
+
+
+def time_rounds(methods: list[Method], rows: list[dict], n_batches: int, dev, repeats: int) -> None:
+    """``repeats`` interleaved rounds: each runnable method once per round, inputs rotated; the
+    medians go into the rows. A method that raises while timed becomes an error row."""
+    live = [i for i, r in enumerate(rows) if "times" in r]
+    for r in range(repeats):
+        b = (r + 2) % n_batches
+        for i in live:
+            row = rows[i]
+            if row["status"] == "error":
+                continue
+            try:
+                t, out = timed_call(lambda b=b: methods[i].fn(b), dev)
+                del out
+                row["times"].append(t)
+            except Exception as e:
+                row.update(status="error", error=_error(e))
+                row.pop("times", None)
+    for i in live:
+        row = rows[i]
+        if row.get("times"):
+            med = statistics.median(row["times"])
+            row.update(seconds=med, seconds_per_vector=med / methods[i].vectors)
+    _free(dev)
+
+
+def run_method(
+    m: Method, refs: dict, names: list[str], n_batches: int, dev, repeats: int, tol: float
+) -> dict:
+    """One method alone: :func:`prepare_method`, then its timed calls."""
+    row = prepare_method(m, refs, names, n_batches, dev, tol)
+    time_rounds([m], [row], n_batches, dev, repeats)
     return row
 
 
@@ -774,6 +819,7 @@ def bench_workload(
     backends: list[str] | None = None,
     peers: bool = True,
     log: Callable[[str], None] | None = None,
+    modes: list[str] | None = None,
 ) -> dict:
     """Benchmark one workload; returns its result record (``rows`` in table order)."""
     dtype = next(w.model.parameters()).dtype
@@ -810,15 +856,16 @@ def bench_workload(
         backends=backends,
         dev=dev,
         peers=peers,
+        modes=modes,
     )
     rows = []
     with tf32(use_tf32):
         for m in methods:
             t0 = time.perf_counter()
-            row = run_method(m, refs, names, len(w.batches), dev, repeats, tol)
-            rows.append(row)
+            rows.append(prepare_method(m, refs, names, len(w.batches), dev, tol))
             if log:
-                log(f"{_row_log(row)} [{time.perf_counter() - t0:.1f} s]")
+                log(f"{_row_log(rows[-1])} [{time.perf_counter() - t0:.1f} s]")
+        time_rounds(methods, rows, len(w.batches), dev, repeats)
     if compile:
         torch._dynamo.reset()
     base = next(
@@ -849,8 +896,8 @@ def bench_workload(
 
 
 def _row_log(r: dict) -> str:
-    if "seconds" in r:
-        return f"  {r['method']}: {r['seconds'] * 1e3:.2f} ms, {r['status']}"
+    if "first_call_seconds" in r:
+        return f"  {r['method']}: first call {r['first_call_seconds']:.2f} s, {r['status']}"
     return f"  {r['method']}: {r['status']} ({r.get('error', '')})"
 
 
@@ -859,6 +906,10 @@ def _row_log(r: dict) -> str:
 
 def _ms(s: float) -> str:
     return f"{s * 1e3:.3f} ms" if s < 0.01 else f"{s * 1e3:.1f} ms"
+
+
+def _first(s: float | None) -> str:
+    return "" if s is None else (f"{s:.2f} s" if s >= 0.1 else _ms(s))
 
 
 def _mem(b: int | None) -> str:
@@ -883,24 +934,26 @@ def render(results: list[dict], prov: dict | None = None) -> str:
             f"{res['dtype']})\n"
         )
         lines.append(
-            f"{res['description'].rstrip('.')}. K = {res['k']}; median of {res['repeats']} after a warm-up, "
-            f"{res['batches']} input batches rotated. Reference: {res['reference']}; "
-            f"tolerance {res['tolerance']:g}.\n"
+            f"{res['description'].rstrip('.')}. K = {res['k']}; median of {res['repeats']} "
+            f"interleaved rounds after a warm-up, {res['batches']} input batches rotated; "
+            "first call: the checked call before timing (tracing, compiling). Reference: "
+            f"{res['reference']}; tolerance {res['tolerance']:g}.\n"
         )
         lines.append(
-            "| method | vectors | time / vector | × gradient | peak memory | max rel. error | check |"
+            "| method | vectors | time / vector | × gradient | peak memory | max rel. error "
+            "| check | first call |"
         )
-        lines.append("|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|")
         notes = []
         for r in res["rows"]:
             st = r["status"]
             if st == "unavailable":
-                lines.append(f"| {r['method']} | {r['vectors']} | {r['error']} | | | | — |")
+                lines.append(f"| {r['method']} | {r['vectors']} | {r['error']} | | | | — | |")
                 continue
             if st == "error":
                 notes.append(f"{r['method']}: {r['error']}")
                 lines.append(
-                    f"| {r['method']} | {r['vectors']} | **fails** ({len(notes)}) | | | | **error** |"
+                    f"| {r['method']} | {r['vectors']} | **fails** ({len(notes)}) | | | | **error** | |"
                 )
                 continue
             err = f"{r['rel_err']:.1e}" if r.get("rel_err") is not None else "non-finite"
@@ -909,7 +962,7 @@ def render(results: list[dict], prov: dict | None = None) -> str:
             lines.append(
                 f"| {r['method']} | {r['vectors']} | {_ms(r['seconds_per_vector'])} | "
                 f"{f'{ratio:.2f}' if ratio is not None else 'n/a'} | {_mem(r.get('peak_bytes'))} | "
-                f"{err} | {check} |"
+                f"{err} | {check} | {_first(r.get('first_call_seconds'))} |"
             )
         if notes:
             lines += ["", "Failures:", *[f"{i + 1}. {n}" for i, n in enumerate(notes)]]
@@ -984,6 +1037,30 @@ def parse_backends(text: str | None, dev: torch.device) -> list[str] | None:
     return names
 
 
+#: ``--modes`` names and the ``compile=`` value each stands for.
+MODE_NAMES = {
+    "traced": None,
+    "interpret": "interpret",
+    "inductor": "inductor",
+    "cudagraphs": "cudagraphs",
+}
+
+
+def parse_modes(text: str | None, compile: bool, dev: torch.device) -> list[str] | None:
+    """``--modes`` as a list (``None``: the default of :func:`build_methods`, which adds the
+    compiled modes with ``--compile``; given explicitly, the list is what runs); unknown names and
+    ``cudagraphs`` off CUDA are usage errors."""
+    if text is None:
+        return None
+    names = [m.strip().lower() for m in text.split(",") if m.strip()]
+    for m in names:
+        if m not in MODE_NAMES:
+            raise SystemExit(f"--modes: unknown mode {m!r} ({', '.join(MODE_NAMES)})")
+        if m == "cudagraphs" and dev.type != "cuda":
+            raise SystemExit("--modes: cudagraphs needs a CUDA device")
+    return names
+
+
 def resolve_device(name: str | None) -> torch.device:
     dev = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -1025,6 +1102,7 @@ def main(args) -> int:
             seq_len=args.seq_len,
             batch_size=args.batch_size,
             compile=bool(args.compile),
+            modes=parse_modes(args.modes, args.compile, dev),
             peers=not args.no_peers,
             argv=list(getattr(args, "argv", []) or []),
         )
@@ -1053,6 +1131,7 @@ def main(args) -> int:
                     backends=backends,
                     peers=not args.no_peers,
                     log=log,
+                    modes=parse_modes(args.modes, args.compile, dev),
                 )
             )
             del w
@@ -1092,7 +1171,16 @@ def add_parser(sub) -> None:
     )
     add_common_arguments(p, several_models=True, k=8, repeats=5)
     p.add_argument(
-        "--compile", action="store_true", help="also torch.compile the torch.func HVP and GGN-VP"
+        "--compile",
+        action="store_true",
+        help="also time hessfast with compile='inductor' (and 'cudagraphs' on CUDA) and "
+        "torch.compile of the torch.func HVP and GGN-VP; compile time shows as the first call",
+    )
+    p.add_argument(
+        "--modes",
+        default=None,
+        help="comma-separated hessfast execution modes to time: traced (the default: the "
+        "product's traced graph), interpret (the node-by-node interpreter), inductor, cudagraphs",
     )
     p.add_argument(
         "--no-peers", action="store_true", help="skip PyHessian and curvlinops even if installed"

@@ -15,7 +15,9 @@ Bytes are those of the distinct tensor storages a rule returned that are not sto
 (values, tangents and residuals forward; cotangents and their tangents backward): what it allocated
 for its results, not its transient workspace. Times are means over ``repeats`` profiled runs after
 a warm-up; shares are of the profiled run's total, whose remainder is the interpreter's own
-overhead (argument lookup, activity checks, freeing).
+overhead (argument lookup, activity checks, freeing). The per-rule view needs the interpreter
+(:mod:`hessfast.traced` replays one graph with no per-node hook), so the unprofiled product is
+timed both ways, interleaved: traced (what ``hessfast.hvp`` runs) and interpreted.
 """
 
 from __future__ import annotations
@@ -98,9 +100,18 @@ def profile_workload(w, dev, *, mode="hvp", k=1, repeats=3, backends=None) -> di
     }
     vec = parse(V, selected) if mode != "grad" else None
 
-    def compute(profiler=None):
+    def compute(profiler=None, compile=None):
         return api._compute(
-            model, loss_fn, inputs, targets, selected, vec, mode, True, profiler=profiler
+            model,
+            loss_fn,
+            inputs,
+            targets,
+            selected,
+            vec,
+            mode,
+            True,
+            profiler=profiler,
+            compile=compile,
         )
 
     out = {
@@ -115,15 +126,17 @@ def profile_workload(w, dev, *, mode="hvp", k=1, repeats=3, backends=None) -> di
     }
     for b in backends if backends is not None else available_backends(dev):
         with backend_context(b)():
-            compute()  # capture, warm-up
+            compute()  # capture, trace, warm-up
+            compute(compile="interpret")
             _sync(dev)
-            plain = []
-            for _ in range(repeats):
-                _sync(dev)
-                t = time.perf_counter()
-                compute()
-                _sync(dev)
-                plain.append(time.perf_counter() - t)
+            plain, interp = [], []
+            for _ in range(repeats):  # interleaved: the traced product, then the interpreter
+                for c, times in ((None, plain), ("interpret", interp)):
+                    _sync(dev)
+                    t = time.perf_counter()
+                    compute(compile=c)
+                    _sync(dev)
+                    times.append(time.perf_counter() - t)
             prof = Profiler(dev)
             walls = []
             for _ in range(repeats):
@@ -133,6 +146,7 @@ def profile_workload(w, dev, *, mode="hvp", k=1, repeats=3, backends=None) -> di
                 _sync(dev)
                 walls.append(time.perf_counter() - t)
         out["backends"][b] = _aggregate(prof.records, repeats, statistics.median(plain), walls)
+        out["backends"][b]["seconds_interpreted"] = statistics.median(interp)
     return out
 
 
@@ -218,10 +232,13 @@ def render(res: dict, prov: dict | None = None) -> str:
             f"backend {b}\n"
         )
         lines.append(
-            f"{res['description']}. Unprofiled: {_ms(r['seconds_unprofiled'])} (median of "
-            f"{res['repeats']}); profiled (synchronised per node): {_ms(r['seconds_profiled'])}, "
-            f"of which {_ms(r['seconds_in_nodes'])} in rules and "
-            f"{_ms(r['seconds_overhead'])} interpreter overhead. Shares are of the profiled total."
+            f"{res['description']}. Unprofiled (medians of {res['repeats']}, interleaved): "
+            f"{_ms(r['seconds_unprofiled'])} traced, {_ms(r['seconds_interpreted'])} "
+            f"interpreted; profiled (the interpreter, synchronised per node): "
+            f"{_ms(r['seconds_profiled'])}, of which {_ms(r['seconds_in_nodes'])} in rules and "
+            f"{_ms(r['seconds_overhead'])} ({r['seconds_overhead'] / r['seconds_profiled']:.1%}) "
+            "interpreter overhead, which the traced product does not pay. Shares are of the "
+            "profiled total."
         )
         lines.append("\n### By rule\n")
         lines.append("| rule | calls | forward | backward | total | share | bytes |")

@@ -60,6 +60,10 @@ log = logging.getLogger("hessfast")
 #: The values ``compile=`` takes.
 MODES = (None, "interpret", "inductor", "cudagraphs")
 
+#: Relative agreement a trace's first replay must reach with the interpreter, per dtype
+#: (:func:`_first_call`; Inductor may reorder reductions).
+TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 2e-2}
+
 #: How many graphs :func:`run` has traced (tests check the cache with it).
 TRACE_COUNT = 0
 
@@ -190,9 +194,10 @@ def lookup(
     loss_rule: Any,
     mode: str,
     compile: str | None = None,
+    loss_parts: tuple | None = None,
 ) -> Trace:
     """The (cached) trace of this product; traced now if it is new."""
-    loss_parts = _split_loss(loss_rule)
+    loss_parts = loss_parts or _split_loss(loss_rule)
     cache = _traces(program)
     key = _key(param_names, values, tangents, k, loss_rule, mode, compile, loss_parts)
     trace = cache.get(key)
@@ -230,7 +235,8 @@ def run(
     if tangents is not None:
         plan = program.plan(param_names)
         tangents = {n: tangents[n] for ph, n in program.params.items() if plan.get(ph, False)}
-    trace = lookup(program, param_names, values, tangents, k, loss_rule, mode, compile)
+    loss_parts = _split_loss(loss_rule)
+    trace = lookup(program, param_names, values, tangents, k, loss_rule, mode, compile, loss_parts)
     if trace.fn is None:
         if compile is not None:
             raise RuntimeError(
@@ -238,16 +244,58 @@ def run(
                 f"({trace.reason}); use compile=None (which interprets it) instead"
             )
         return engine.run(program, param_names, values, tangents, k, loss_rule, mode)
-    leaves, _, tensor_idx = _split_loss(loss_rule)
-    flat = pytree.tree_leaves((values, tangents, [leaves[i] for i in tensor_idx]))
-    flat = [x for x in flat if isinstance(x, torch.Tensor)]
-    t0 = time.perf_counter() if trace.compile_seconds == 0.0 else None
-    out = trace.fn(*flat)
-    if t0 is not None:
-        trace.compile_seconds = time.perf_counter() - t0
+    leaves, _, tensor_idx = loss_parts
+    flat = [x for x in values.values() if isinstance(x, torch.Tensor)]
+    if tangents is not None:
+        flat += tangents.values()
+    flat += [leaves[i] for i in tensor_idx]
+    if trace.calls == 0:
+        args = (program, param_names, values, tangents, k, loss_rule, mode, compile)
+        return _first_call(trace, flat, *args)
     trace.calls += 1
-    loss, grads, prods = pytree.tree_unflatten(list(out), trace.out_spec)
+    loss, grads, prods = pytree.tree_unflatten(list(trace.fn(*flat)), trace.out_spec)
     return engine.Result(loss, grads, prods, Counter(trace.fallback_ops))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def _first_call(trace, flat, program, param_names, values, tangents, k, loss_rule, mode, compile):
+    """A trace's first replay, checked against the interpreter on the same inputs: tracing ran on
+    fake tensors, whose strides or kernels can differ from the real ones. A replay that raises or
+    disagrees beyond the dtype's tolerance retires the trace (the signature is interpreted from
+    now on, the reason kept); the interpreter's result is returned either way."""
+    ref = engine.run(program, param_names, values, tangents, k, loss_rule, mode)
+    t0 = time.perf_counter()
+    try:
+        out = list(trace.fn(*flat))
+    except Exception as e:
+        trace.fn = None
+        trace.reason = f"the traced graph failed on real tensors ({type(e).__name__}: {e})"[:400]
+        if compile is not None:
+            raise RuntimeError(f"compile={compile!r}: {trace.reason}") from e
+        log.info("hessfast: this product runs the interpreter: %s", trace.reason)
+        return ref
+    if trace.compile_seconds == 0.0:
+        trace.compile_seconds = time.perf_counter() - t0
+    want = pytree.tree_leaves((ref.loss, ref.grads, ref.products))
+    worst = max(
+        (_rel(a, b) for a, b in zip(out, want) if isinstance(b, torch.Tensor)),
+        default=0.0,
+    )
+    rtol = TOLERANCES.get(ref.loss.dtype, 1e-2)
+    if len(out) != len(want) or not worst <= rtol:
+        trace.fn = None
+        trace.reason = (
+            f"the traced graph disagreed with the interpreter (relative error {worst:.2e} > "
+            f"{rtol:g})"
+        )
+        log.warning("hessfast: this product runs the interpreter: %s", trace.reason)
+        return ref
+    trace.calls += 1
+    return ref
 
 
 def explain(program: Program) -> list[dict]:

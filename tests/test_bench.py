@@ -166,7 +166,7 @@ def test_a_failing_compile_is_reported_not_raised(tmp_path, monkeypatch):
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    code, data = _run(tmp_path, "--model", "mlp", "--compile")
+    code, data = _run(tmp_path, "--model", "mlp", "--compile", "--modes", "traced")
     assert code == 0  # hessfast itself passed
     rows, res = _rows(data)
     _check_rows(rows, res)
