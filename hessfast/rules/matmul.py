@@ -12,6 +12,10 @@ Backward: ``ḡ_a = sum_to(ḡ bᵀ)``, ``ġ_a = sum_to(ġ bᵀ + ḡ ḃᵀ)``;
 dims back to the operand's shape. The second-order terms (``ḡ ḃᵀ``, ``ȧᵀ ḡ``) exist only when both
 operands are active and ``ḡ`` is present (hvp mode).
 
+A 2-D ``b`` against a batched ``a`` (a linear layer written ``h @ W.T``) is computed as autograd
+does, with ``a``'s batch folded into rows, ``a₂ [R, I]``: ``ḡ_b = a₂ᵀ ḡ₂`` is one GEMM, not a
+batched product followed by a reduction; the K tangents likewise (``ȧ₂ᵀ ḡ₂``, ``a₂ᵀ ġ₂``, ``a₂ ḃ``).
+
 Declined: ``matmul`` with a 1-D operand (vector products; the fallback handles them).
 """
 
@@ -48,7 +52,12 @@ class MatMul(Rule):
         if ta is not None:
             ydot = torch.matmul(lift(ta, nd), b)
         if tb is not None:
-            ydot = add(ydot, torch.matmul(a, lift(tb, nd)))
+            if _folds(a.shape, b.shape):
+                k = tb.shape[0]
+                ab = torch.matmul(a.reshape(-1, a.shape[-1]), tb)  # [K, R, O]
+                ydot = add(ydot, ab.reshape(k, *y.shape))
+            else:
+                ydot = add(ydot, torch.matmul(a, lift(tb, nd)))
         res = (
             a if act_b else None,
             b if act_a else None,
@@ -64,6 +73,8 @@ class MatMul(Rule):
 
     def bwd_jvp(self, res, g, gdot):
         a, b, ta, tb, act_a, act_b, sa, sb, nd = res
+        if _folds(sa, sb):
+            return self._bwd_folded(res, g, gdot)
         ga = gb = gda = gdb = None
         if act_a:
             bt = b.mT
@@ -82,6 +93,38 @@ class MatMul(Rule):
                 gd = add(gd, torch.matmul(lift(ta, nd).mT, g))
             gdb = sum_to(gd, sb, True)
         return (ga, gb), (gda, gdb)
+
+    @staticmethod
+    def _bwd_folded(res, g, gdot):
+        """The backward for a 2-D ``b`` and a batched ``a``, rows folded (module docstring)."""
+        a, b, ta, tb, act_a, act_b, sa, sb, nd = res
+        i, o = sb
+        g2 = g.reshape(-1, o) if g is not None else None
+        gd2 = gdot.reshape(gdot.shape[0], -1, o) if gdot is not None else None
+        ga = gb = gda = gdb = None
+        if act_a:
+            bt = b.mT
+            if g2 is not None:
+                ga = (g2 @ bt).reshape(sa)
+            gd = torch.matmul(gd2, bt) if gd2 is not None else None  # [K, R, I]
+            if g2 is not None and tb is not None:
+                gd = add(gd, torch.matmul(g2, tb.mT))
+            if gd is not None:
+                gda = gd.reshape(gd.shape[0], *sa)
+        if act_b:
+            a2t = a.reshape(-1, i).mT
+            if g2 is not None:
+                gb = a2t @ g2
+            gd = torch.matmul(a2t, gd2) if gd2 is not None else None  # [K, I, O]
+            if g2 is not None and ta is not None:
+                gd = add(gd, torch.matmul(ta.reshape(ta.shape[0], -1, i).mT, g2))
+            gdb = gd
+        return (ga, gb), (gda, gdb)
+
+
+def _folds(sa, sb) -> bool:
+    """Whether ``a @ b`` is a batched ``a`` times a 2-D ``b``: rows of ``a`` fold into one GEMM."""
+    return len(sb) == 2 and len(sa) > 2
 
 
 RULES = [MatMul()]

@@ -20,6 +20,9 @@ CASES = {
     "matmul-3d-2d": (aten.matmul.default, (r(2, 4, 3), r(3, 5)), (T, T)),
     "matmul-2d-3d": (aten.matmul.default, (r(4, 3), r(2, 3, 5)), (T, T)),
     "matmul-3d-2d-weight-only": (aten.matmul.default, (r(2, 4, 3), r(3, 5)), (F, T)),
+    "matmul-3d-2d-only-a": (aten.matmul.default, (r(2, 4, 3), r(3, 5)), (T, F)),
+    # a tied head, h @ W.T: a batched a, a transposed (non-contiguous) 2-D b
+    "matmul-4d-2d-transposed-b": (aten.matmul.default, (r(2, 3, 4, 5), r(6, 5).T), (T, T)),
     "matmul-4d-4d": (aten.matmul.default, (r(2, 3, 4, 5), r(2, 3, 5, 4)), (T, T)),
     "matmul-4d-4d-bcast": (aten.matmul.default, (r(2, 1, 4, 5), r(1, 3, 5, 2)), (T, T)),
     "matmul-4d-3d-bcast-only-b": (aten.matmul.default, (r(2, 3, 4, 5), r(1, 5, 2)), (F, T)),
