@@ -5,8 +5,10 @@ Index conventions: ``W [V, D]``, integer ``idx`` of any shape ``I``, ``y = W[idx
 
 ``y`` is linear in ``W``, so there is no second-order term:
 
-- forward tangent: ``ẏ = Ẇ[:, idx]`` (``[K, *I, D]``), the padding row included, as in autograd's
-  forward mode;
+- forward tangent: ``ẏ = Ẇ[:, idx]`` (``[K, *I, D]``), zero where ``idx == padding_idx`` (when
+  ``≥ 0``). torch's backward treats the padding row as a constant, so the curvature must too, on
+  both sides: no tangent out of the row here, no cotangent into it below. (torch's forward-mode AD
+  does let a tangent through the padding row; following it would make ``H`` non-symmetric.)
 - cotangent: ``ḡ_W[v] = Σ_{i : idx_i = v} ḡ_i`` (an ``index_add`` of the rows of ``ḡ``), with the
   row ``padding_idx`` (when ``≥ 0``) set to zero as torch's embedding backward does;
 - its tangent: ``ġ_W`` is the same map applied to ``ġ``; ``ḡ`` and ``ġ`` are stacked
@@ -25,10 +27,13 @@ Tensor = torch.Tensor
 aten = torch.ops.aten
 
 
-def embedding_fwd_jvp_ref(w, idx, tw):
-    """``y = W[idx]`` and ``ẏ = Ẇ[:, idx]`` (``tw [K, V, D]`` or ``None``)."""
+def embedding_fwd_jvp_ref(w, idx, tw, padding_idx=None):
+    """``y = W[idx]`` and ``ẏ = Ẇ[:, idx]`` (``tw [K, V, D]`` or ``None``), the tangent zero at
+    positions where ``idx == padding_idx`` (when ``≥ 0``): the padding row is a constant."""
     y = w[idx]
     ydot = tw[:, idx] if tw is not None else None
+    if ydot is not None and padding_idx is not None and padding_idx >= 0:
+        ydot = ydot.masked_fill((idx == padding_idx).unsqueeze(-1), 0)
     return y, ydot
 
 
@@ -71,7 +76,7 @@ class Embedding(Rule):
         w, idx, padding_idx = call.args[:3]
         active = call.is_active(0)
         tw = call.tangents[0] if active else None
-        y, ydot = embedding_fwd_jvp_ref(w, idx, tw)
+        y, ydot = embedding_fwd_jvp_ref(w, idx, tw, padding_idx)
         return y, ydot, (tuple(w.shape), idx, padding_idx, active)
 
     def bwd_jvp(self, res, g, gdot):
