@@ -3,6 +3,10 @@
 HVP by double backward (``∇(⟨∇L, v⟩)``), GGN-VP by the double-VJP trick for ``J v`` followed by the
 loss rule's Hessian and one VJP. One backward per vector: a loop over K. Buffers (BatchNorm running
 statistics) are restored afterwards, so a call has no side effects on the model.
+
+Everything runs under SDPA's math backend: the fused attention kernels (flash, memory-efficient,
+cuDNN) have backward formulas that cannot be differentiated again, the math backend is composite
+(and exact).
 """
 
 from __future__ import annotations
@@ -11,6 +15,13 @@ import torch
 from torch import nn
 
 from .errors import DropoutError
+
+
+def _math_attention():
+    """``F.scaled_dot_product_attention`` on its composite math backend, twice differentiable."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def check_no_training_dropout(model: nn.Module) -> None:
@@ -25,6 +36,11 @@ def check_no_training_dropout(model: nn.Module) -> None:
 
 def run(model, loss_rule, inputs, selected, tangents, k, mode):
     """Return ``(loss, grads, products)`` as the engine does, computed with autograd."""
+    with _math_attention():
+        return _run(model, loss_rule, inputs, selected, tangents, k, mode)
+
+
+def _run(model, loss_rule, inputs, selected, tangents, k, mode):
     check_no_training_dropout(model)
     names = [n for n, _ in selected]
     params = [p for _, p in selected]
