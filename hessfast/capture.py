@@ -8,12 +8,15 @@ input signature; :meth:`Program.plan` adds the activity analysis for one paramet
 
 from __future__ import annotations
 
+import operator
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
+from torch.export.graph_signature import OutputKind
+from torch.nn.modules import module as _nn_module
 from torch.utils import _pytree as pytree
 
 from .errors import CaptureError, DropoutError
@@ -93,20 +96,47 @@ class Program:
         return self._last_uses
 
     def plan(self, param_names: frozenset[str]) -> dict[str, bool]:
-        """Activity analysis: node name -> whether it depends on the parameters in the subset."""
+        """Activity analysis: node name -> whether it depends on the parameters in the subset.
+
+        What autograd treats as a constant is inactive here, so it gets neither a tangent nor a
+        cotangent (DESIGN.md §3c): ``detach``, and everything computed with gradients disabled
+        (a ``torch.no_grad()`` region of ``forward``, which export wraps in a
+        ``wrap_with_set_grad_enabled(False, ...)`` call, or bare ``_set_grad_enabled`` calls).
+        """
         plan = self._plans.get(param_names)
         if plan is None:
             plan = {ph: (p in param_names) for ph, p in self.params.items()}
+            grad_on = True
             for s in self.steps:
-                if not s.is_float_out or s.op in VALUE_INDEPENDENT:
+                if s.op is torch._C._set_grad_enabled:
+                    grad_on = bool(s.args[0]) if s.args else True
+                    plan[s.node.name] = False
+                    continue
+                if not grad_on or not s.is_float_out or s.op in VALUE_INDEPENDENT:
                     plan[s.node.name] = False
                     continue
                 if getattr(s.op, "overloadpacket", None) in VALUE_INDEPENDENT:
                     plan[s.node.name] = False
                     continue
+                if _grad_disabled_region(s.node):
+                    plan[s.node.name] = False
+                    continue
                 plan[s.node.name] = any(plan.get(n.name, False) for n in s.node.all_input_nodes)
             self._plans[param_names] = plan
         return plan
+
+
+_GRAD_HOP = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
+
+
+def _grad_disabled_region(node: fx.Node) -> bool:
+    """Whether ``node`` is a ``torch.no_grad()`` region as export captures it."""
+    return (
+        _GRAD_HOP is not None
+        and node.op == "call_function"
+        and node.target is _GRAD_HOP
+        and node.args[0] is False
+    )
 
 
 def _is_float_meta(val: Any) -> bool:
@@ -140,6 +170,246 @@ def _check_dropout(step: Step) -> None:
             "curvature (BatchNorm then uses its running statistics), or set the dropout "
             "probability to 0."
         )
+
+
+# --- functionalisation (DESIGN.md §3c: mutation is functionalised, never skipped) -------------
+
+
+def _is_mutating(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and schema.is_mutable
+
+
+def _written(node: fx.Node) -> list[Any]:
+    """The arguments an in-place op writes to."""
+    schema = node.target._schema
+    out = []
+    for i, a in enumerate(schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            if i < len(node.args):
+                out.append(node.args[i])
+            elif a.name in node.kwargs:
+                out.append(node.kwargs[a.name])
+    return out
+
+
+def _called_graphs(gm: fx.GraphModule, node: fx.Node) -> list[fx.GraphModule]:
+    """The sub-graphs a higher-order op node calls (``get_attr`` arguments)."""
+    subs = []
+    for a in node.args:
+        if isinstance(a, fx.Node) and a.op == "get_attr":
+            sub = getattr(gm, a.target, None)
+            if isinstance(sub, fx.GraphModule):
+                subs.append(sub)
+    return subs
+
+
+def _mutations(gm: fx.GraphModule) -> list[fx.Node]:
+    """Every in-place op in ``gm`` and in the sub-graphs its higher-order ops call."""
+    out = []
+    for n in gm.graph.nodes:
+        if _is_mutating(n):
+            out.append(n)
+        elif n.op == "call_function" and not hasattr(n.target, "_schema"):
+            for sub in _called_graphs(gm, n):
+                out += _mutations(sub)
+    return out
+
+
+def _drop_unread_buffer_updates(gm: fx.GraphModule, buffers: set[str]) -> None:
+    """Erase in-place updates of buffers that nothing reads (``num_batches_tracked += 1`` in a
+    training-mode BatchNorm): a product never updates buffers, and no value depends on them."""
+    for n in list(gm.graph.nodes):
+        if not _is_mutating(n) or n.users:
+            continue
+        written = _written(n)
+        if written and all(
+            isinstance(a, fx.Node)
+            and a.op == "placeholder"
+            and a.name in buffers
+            and all(_is_mutating(u) and not u.users for u in a.users)
+            for a in written
+        ):
+            gm.graph.erase_node(n)
+
+
+def _detach_no_grad_outputs(gm: fx.GraphModule) -> None:
+    """Put an ``aten.detach`` after every output of a ``torch.no_grad()`` region (recursively):
+    functionalisation inlines the regions, and the detach is what keeps their values constant."""
+    graph = gm.graph
+    for n in list(graph.nodes):
+        if n.op != "call_function" or hasattr(n.target, "_schema"):
+            continue
+        for sub in _called_graphs(gm, n):
+            _detach_no_grad_outputs(sub)
+        if not _grad_disabled_region(n):
+            continue
+        for u in list(n.users):
+            if u.target is not operator.getitem or not _is_float_meta(u.meta.get("val")):
+                continue
+            with graph.inserting_after(u):
+                d = graph.call_function(aten.detach.default, (u,))
+            d.meta = dict(u.meta)
+            u.replace_all_uses_with(d, delete_user_cb=lambda user, d=d: user is not d)
+    gm.recompile()
+
+
+_BN_FUNCTIONAL = {
+    aten._native_batch_norm_legit_functional.default: "functional",
+    aten._native_batch_norm_legit_no_training.default: "no_training",
+    aten._native_batch_norm_legit.no_stats: "no_stats",
+}
+
+
+def _restore_batch_norm(graph: fx.Graph) -> None:
+    """Functionalisation lowers ``aten.batch_norm`` (it updates the running statistics in place)
+    to ``_native_batch_norm_legit*``: put the training-IR op back, which the batch-norm rule
+    handles. The updated running statistics are dropped (a product never writes buffers)."""
+    for n in list(graph.nodes):
+        kind = _BN_FUNCTIONAL.get(n.target) if n.op == "call_function" else None
+        if kind is None:
+            continue
+        outs = {u.args[1]: u for u in n.users if u.target is operator.getitem}
+        if len(outs) != len(n.users) or any(outs[i].users for i in (1, 2) if i in outs):
+            continue  # the saved statistics are read: leave the node as it is
+        args = normalize_args(n.target, n.args, n.kwargs)
+        if kind == "functional":
+            x, w, b, rm, rv, training, momentum, eps = args
+        elif kind == "no_training":
+            (x, w, b, rm, rv, momentum, eps), training = args, False
+        else:
+            (x, w, b, training, momentum, eps), rm, rv = args, None, None
+        if 0 in outs:
+            with graph.inserting_before(n):
+                bn = graph.call_function(
+                    aten.batch_norm.default, (x, w, b, rm, rv, training, momentum, eps, False)
+                )
+            bn.meta = dict(outs[0].meta)
+            outs[0].replace_all_uses_with(bn)
+        for i, u in outs.items():
+            if i in (3, 4):  # the new running statistics: the buffers keep their values
+                u.replace_all_uses_with(rm if i == 3 else rv)
+        for u in outs.values():
+            graph.erase_node(u)
+        graph.erase_node(n)
+
+
+def _rewrite_copies(graph: fx.Graph) -> None:
+    """``aten.copy(self, src)`` (a functionalised ``self.copy_(src)``, e.g. ``h[:, 0] = v``) is
+    ``src`` broadcast to ``self``'s shape, dtype and device; ``self``'s value does not matter.
+    Written that way, because torch's forward-mode AD has no formula for ``aten.copy``."""
+    for n in list(graph.nodes):
+        if n.op != "call_function" or n.target is not aten.copy.default:
+            continue
+        dst, src = n.args[0], n.args[1]
+        dv, sv = dst.meta.get("val"), _meta(src)
+        if not isinstance(dv, torch.Tensor):
+            continue
+        with graph.inserting_before(n):
+            if not isinstance(src, fx.Node):
+                new = graph.call_function(
+                    aten.full.default,
+                    (list(dv.shape), src),
+                    {"dtype": dv.dtype, "device": dv.device},
+                )
+            else:
+                new = src
+                if sv is None or tuple(sv.shape) != tuple(dv.shape):
+                    new = graph.call_function(aten.expand.default, (new, list(dv.shape)))
+                    new.meta = dict(n.meta)
+                if sv is None or sv.dtype != dv.dtype or sv.device != dv.device:
+                    new = graph.call_function(
+                        aten._to_copy.default, (new,), {"dtype": dv.dtype, "device": dv.device}
+                    )
+            if new is src:
+                new = graph.call_function(aten.clone.default, (src,))
+        new.meta = dict(n.meta)
+        n.replace_all_uses_with(new)
+        graph.erase_node(n)
+
+
+def _meta(a: Any) -> torch.Tensor | None:
+    val = a.meta.get("val") if isinstance(a, fx.Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def _renormed_embeddings(graph: fx.Graph) -> None:
+    """``nn.Embedding(max_norm=...)``: torch renormalises the looked-up rows of the weight in
+    place through a detached alias, then reads the weight. Functionalised, the lookup reads
+    ``embedding_renorm(detach(W))``, right in value but constant for autograd. Give the readers
+    ``W + (renormed − detach(W))`` instead: the renormalised values, with the tangent and the
+    cotangent of ``W`` itself, as torch's gradient has them. The weight is never written."""
+    base_of: dict[fx.Node, fx.Node] = {}
+    for n in list(graph.nodes):
+        if n.op != "call_function" or n.target is not aten.embedding_renorm.default:
+            continue
+        src = n.args[0]
+        if not (isinstance(src, fx.Node) and src.target is aten.detach.default):
+            raise CaptureError(
+                "embedding_renorm (nn.Embedding with max_norm) of a tensor that is not a "
+                "detached weight: hessfast cannot tell what it renormalises"
+            )
+        base = src.args[0]
+        base = base_of.get(base, base)
+        base_of[n] = base
+        readers = [u for u in n.users if u.op != "output" and not _is_renorm_input(u, n)]
+        if not readers:
+            continue
+        with graph.inserting_after(n):
+            d = graph.call_function(aten.detach.default, (base,))
+        with graph.inserting_after(d):
+            delta = graph.call_function(aten.sub.Tensor, (n, d))
+        with graph.inserting_after(delta):
+            eff = graph.call_function(aten.add.Tensor, (base, delta))
+        for new in (d, delta, eff):
+            new.meta = dict(n.meta)
+        for u in readers:
+            u.replace_input_with(n, eff)
+
+
+def _is_renorm_input(user: fx.Node, renorm: fx.Node) -> bool:
+    """``user`` is the ``detach`` feeding a later ``embedding_renorm`` (the next lookup)."""
+    return user.target is aten.detach.default and all(
+        u.target is aten.embedding_renorm.default for u in user.users
+    )
+
+
+def _functionalize(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """The exported program with every in-place op made out-of-place (DESIGN.md §3c).
+
+    Unread buffer updates are dropped. If other mutations remain (``relu_``, ``out += x``,
+    ``w[0] = 0`` on a tensor built in ``forward``, a buffer written and read, ...), the program
+    goes through torch's functionalisation (``run_decompositions`` with an empty table, which
+    keeps the training-IR ops), a tensor mutated in ``forward`` and read later keeps its mutated
+    value, and the results written back to buffers, parameters or inputs are dropped. Programs
+    without mutation are returned as exported."""
+    gm = ep.graph_module
+    _drop_unread_buffer_updates(gm, set(ep.graph_signature.inputs_to_buffers))
+    if not _mutations(gm):
+        gm.graph.lint()
+        gm.recompile()
+        return ep
+    _detach_no_grad_outputs(gm)
+    ep = ep.run_decompositions(decomp_table={})
+    gm = ep.graph_module
+    graph = gm.graph
+    out = next(n for n in graph.nodes if n.op == "output")
+    specs = ep.graph_signature.output_specs
+    keep = [o for o, spec in zip(out.args[0], specs) if spec.kind == OutputKind.USER_OUTPUT]
+    out.args = (tuple(keep),)  # written-back buffers, parameters and inputs: not ours to write
+    _restore_batch_norm(graph)
+    _rewrite_copies(graph)
+    _renormed_embeddings(graph)
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+    left = _mutations(gm)
+    if left:
+        raise CaptureError(
+            f"in-place op {left[0].target} could not be made out-of-place; rewrite it in "
+            "out-of-place form (e.g. y = x.relu() instead of x.relu_())"
+        )
+    return ep
 
 
 def _build(ep: torch.export.ExportedProgram, model: nn.Module) -> Program:
@@ -191,6 +461,10 @@ def _build(ep: torch.export.ExportedProgram, model: nn.Module) -> Program:
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
+#: Programs kept per model (least recently used dropped first): input signatures times the
+#: states of its Python attributes seen recently.
+MAX_PROGRAMS_PER_MODEL = 16
+
 
 def signature(inputs: tuple) -> tuple:
     leaves, spec = pytree.tree_flatten(inputs)
@@ -203,33 +477,183 @@ def signature(inputs: tuple) -> tuple:
     return (str(spec), tuple(parts))
 
 
+# --- the guard: what forward can read that export specialised on (DESIGN.md §3c) -------------
+
+#: ``nn.Module.__dict__`` entries that are not user attributes (parameters, buffers, submodules
+#: and the forward hooks are fingerprinted on their own; the rest do not change forward).
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__)
+_GLOBAL_HOOKS = tuple(
+    getattr(_nn_module, name)
+    for name in (
+        "_global_forward_hooks",
+        "_global_forward_hooks_with_kwargs",
+        "_global_forward_hooks_always_called",
+        "_global_forward_pre_hooks",
+    )
+    if hasattr(_nn_module, name)
+)
+_ATOMS = (int, float, bool, str, bytes, complex, type(None), torch.dtype, torch.device, tuple)
+_HELD = (torch.Tensor, nn.Module)
+
+
+def _contents(v: Any, depth: int = 0) -> Any:
+    """What an in-place change of a mutable attribute value would change: the items of a list,
+    dict or set (recursively, to a small depth), the ``__dict__`` of another object (a config,
+    say). Identity is compared first, so equality of the values only runs where something was
+    rebound. Type tests are exact (``isinstance`` on a Hugging Face config is slow)."""
+    t = type(v)
+    if t is list or t is dict or t is set:
+        if depth >= 3:
+            return None
+        items = v.items() if t is dict else enumerate(v) if t is list else ()
+        inner = tuple(
+            (k, _contents(x, depth + 1))
+            for k, x in items
+            if _KINDS.get(type(x)) != 0 and not isinstance(x, _ATOMS)
+        )
+        return (t(v), inner)
+    if _KINDS.get(t) in (0, 1, 2) or callable(v):
+        return None
+    d = getattr(v, "__dict__", None)
+    return dict(d) if type(d) is dict else None
+
+
+#: type -> 0 (immutable value), 1 (module), 2 (tensor), 3 (mutable: its contents are compared).
+#: Looked up by exact type: ``isinstance`` on some objects (Hugging Face configs) is slow.
+_KINDS: dict[type, int] = {}
+
+
+def _kind(t: type) -> int:
+    if issubclass(t, _ATOMS):
+        return 0
+    if issubclass(t, nn.Module):
+        return 1
+    if issubclass(t, torch.Tensor):
+        return 2
+    return 3
+
+
+class Fingerprint:
+    """What a captured program of a model specialised on (see :func:`fingerprint`). Holds
+    references to the objects it saw, so identities stay valid; compared with ``==``."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: tuple):
+        self.parts = parts
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Fingerprint):
+            return NotImplemented
+        try:
+            return self.parts == other.parts
+        except Exception:  # e.g. a rebound tensor attribute compared elementwise: a change
+            return False
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def fingerprint(model: nn.Module) -> Fingerprint:
+    """What a captured program of ``model`` specialised on: every submodule (the module objects,
+    their ``__dict__`` — training flag, plain-Python attributes, replaced methods —, parameter,
+    buffer and submodule objects, forward hooks and pre-hooks, the contents of mutable attribute
+    values such as lists, dicts and config objects) and the global forward hooks. A snapshot of
+    shallow copies: cheap to take and to compare (identity first, values only where something
+    was rebound). :func:`capture` compares it on every call, so a change re-captures, like
+    ``torch.compile``'s guards."""
+    parts: list = [tuple(dict(h) for h in _GLOBAL_HOOKS)]
+    add = parts.append
+    memo: dict = {}
+    seen: set = set()
+    stack = [model]
+    internals = _MODULE_INTERNALS
+    while stack:
+        m = stack.pop()
+        if m is None or id(m) in seen:
+            continue
+        seen.add(id(m))
+        d = m.__dict__
+        subs = d["_modules"]
+        params = d["_parameters"]
+        bufs = d["_buffers"]
+        add(d["training"])
+        if params:
+            add(tuple(params))
+            add(tuple(map(id, params.values())))
+        if bufs:
+            add(tuple(bufs))
+            add(tuple(map(id, bufs.values())))
+        add(tuple(subs))
+        add(tuple(map(id, subs.values())))
+        # (the *_with_kwargs and *_always_called dicts only flag hooks held in these two)
+        if d["_forward_hooks"] or d["_forward_pre_hooks"]:
+            add(tuple(d["_forward_hooks"].items()))
+            add(tuple(d["_forward_pre_hooks"].items()))
+        for k in d.keys() - internals:  # the user's attributes
+            v = d[k]
+            add(k)
+            add(v)
+            t = type(v)
+            kind = _KINDS.get(t)
+            if kind is None:
+                kind = _KINDS[t] = _kind(t)
+            if kind == 2:
+                add(v._version)  # an in-place change of a tensor constant
+            elif kind == 3:
+                c = memo.get(id(v), memo)
+                if c is memo:
+                    c = memo[id(v)] = _contents(v)  # a config shared by many modules: once
+                add(c)
+        stack.extend(reversed(subs.values()))
+    return Fingerprint(tuple(parts))
+
+
 def capture(model: nn.Module, inputs: tuple) -> Program:
     """Export ``model`` at the signature of ``inputs`` (cached; a second call does not re-export).
 
-    The cache key is the model object, its training flag, which parameter and buffer objects it
-    and submodule objects it holds (replacing a submodule re-captures), and the shapes, dtypes and devices of the inputs. Raises :class:`CaptureError` (carrying export's message) when export fails, and
-    :class:`DropoutError` when dropout is active in training mode.
+    A program is reused when the model object, :func:`fingerprint` of the model (its modules,
+    their training flags, parameter and buffer objects, plain-Python attributes and forward
+    hooks, and the global forward hooks: a change to any of them re-captures) and the shapes,
+    dtypes and devices of the inputs are those it was captured at. Raises :class:`CaptureError`
+    (carrying export's message) when export fails, and :class:`DropoutError` when dropout is
+    active in training mode.
     """
     global EXPORT_COUNT
-    per_model = _CACHE.setdefault(model, {})
-    state = (
-        tuple(id(m) for m in model.modules()),
-        tuple((n, id(t)) for n, t in model.state_dict(keep_vars=True).items()),
-    )
-    key = (model.training, state, signature(inputs))
-    prog = per_model.get(key)
-    if isinstance(prog, Exception):
-        raise prog
-    if prog is None:
-        EXPORT_COUNT += 1
-        try:
-            ep = torch.export.export(model, inputs, strict=False)
-        except Exception as e:  # export raises many types; all mean "could not capture"
-            err = CaptureError(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
-            per_model[key] = err
-            raise err from e
-        prog = per_model[key] = _build(ep, model)
+    per_model = _CACHE.get(model)
+    if per_model is None:
+        per_model = _CACHE[model] = []
+    sig = signature(inputs)
+    fp = fingerprint(model)
+    for i, (s, f, prog) in enumerate(per_model):
+        if s == sig and f == fp:
+            if i:
+                per_model.insert(0, per_model.pop(i))  # most recently used first
+            if isinstance(prog, Exception):
+                raise prog
+            return prog
+    EXPORT_COUNT += 1
+    try:
+        ep = torch.export.export(model, inputs, strict=False)
+        ep = _functionalize(ep)
+    except Exception as e:  # export raises many types; all mean "could not capture"
+        err = e if isinstance(e, CaptureError) else None
+        if err is None:
+            msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            err = CaptureError(f"{type(e).__name__}: {msg}")
+        _store(per_model, sig, fp, fingerprint(model), err)
+        raise err from e
+    prog = _build(ep, model)
+    # export ran forward, which may itself have changed a Python attribute (a counter): the
+    # program is also valid for the state forward left behind, which the next call sees
+    _store(per_model, sig, fp, fingerprint(model), prog)
     return prog
+
+
+def _store(per_model: list, sig: tuple, before: Fingerprint, after: Fingerprint, value) -> None:
+    per_model.insert(0, (sig, before, value))
+    if after != before:
+        per_model.insert(0, (sig, after, value))
+    del per_model[MAX_PROGRAMS_PER_MODEL:]
 
 
 def clear_cache() -> None:

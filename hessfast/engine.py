@@ -145,12 +145,14 @@ def _scatter(cot: dict, plan: dict, args: tuple, gargs: Any, gdargs: Any) -> Non
 
 
 def _const_eval(step: Step, args: tuple, kwargs: dict) -> Any:
-    """Evaluate a parameter-independent node without side effects on the model."""
+    """Evaluate a parameter-independent node without side effects on the model.
+
+    Capture functionalises programs (``capture._functionalize``), so no in-place op reaches the
+    engine. Should one do so anyway, it runs on copies of the tensors it writes, and its result
+    is the written copy; nothing is skipped, and nothing the caller passed is changed."""
     op = step.op
     schema = getattr(op, "_schema", None)
     if schema is not None and schema.is_mutable:
-        if not step.node.users:
-            return None  # a buffer update (e.g. num_batches_tracked += 1): skipped
         args = tuple(
             a.clone()
             if (isinstance(a, torch.Tensor) and s.alias_info and s.alias_info.is_write)
@@ -390,6 +392,14 @@ def produced_bytes(out: Any, inputs: Any) -> int:
 
 def _unsupported(step: Step, err: Exception) -> UnsupportedOpError:
     msg = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+    schema = getattr(step.op, "_schema", None)
+    if schema is not None and schema.is_mutable:
+        return UnsupportedOpError(
+            f"in-place op {step.op} in {step.module} lies on the parameter path and was not "
+            f"made out-of-place at capture ({type(err).__name__}: {msg}). Write it out of place "
+            "(e.g. `x = x.relu()` for `x.relu_()`, `out = out + y` for `out += y`), or exclude "
+            "the parameters before it with `params=`."
+        )
     return UnsupportedOpError(
         f"op {step.op} in {step.module} lies on the parameter path and cannot be differentiated "
         f"twice by torch.func ({type(err).__name__}: {msg}). Give it a hessfast rule, replace it "
