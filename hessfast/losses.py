@@ -403,10 +403,11 @@ def probe_reduction(loss_fn: Callable, z: Any, target: Any) -> str:
     n = rows(target)
     nz = rows(z)
     fix = (
-        "pass reduction='mean' (batches weighted by their number of target elements) or "
-        "reduction='sum' (batches added) to the operator, or use a recognised loss "
-        "(F.cross_entropy, nn.MSELoss(...), functools.partial(F.cross_entropy, reduction='sum'), "
-        "...)"
+        "use a recognised loss, which hessfast weights exactly (F.cross_entropy, "
+        "nn.CrossEntropyLoss(ignore_index=...), functools.partial(F.cross_entropy, "
+        "reduction='sum'), nn.MSELoss(), ...), or tell the operator how to weight batches: "
+        "reduction='sum' (batches added) or reduction='mean' (batches weighted by their number "
+        "of target elements)"
     )
     if n is None or nz != n:
         raise ValueError(
