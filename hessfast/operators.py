@@ -27,7 +27,9 @@ product sums the ranks' weighted partial products and loss-term counts in one al
 result; see :mod:`hessfast.distributed`.
 
 ``backend=`` (``"auto"``, ``"cuda"``, ``"triton"``, ``"torch"``) picks the rule implementations of
-every product this operator computes, as on :func:`hessfast.hvp` (see :mod:`hessfast.backends`).
+every product this operator computes, as on :func:`hessfast.hvp` (see :mod:`hessfast.backends`);
+``compile=`` (``None``: traced graphs; ``"interpret"``, ``"inductor"``, ``"cudagraphs"``) how they
+run (see :mod:`hessfast.traced`).
 
 Example:
     >>> import torch, torch.nn.functional as F, hessfast
@@ -49,7 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import api, losses
+from . import api, losses, traced
 from . import distributed as _dist
 from .dispatch import _check_choice
 from .errors import NonFiniteError
@@ -181,9 +183,12 @@ class _ModelOperator(CurvatureOperator):
         process_group: Any = None,
         backend: str | None = None,
         reduction: str | None = None,
+        compile: str | None = None,
     ):
         if backend is not None:
             _check_choice(backend, f"{type(self).__name__}(backend=...)")
+        traced.check_mode(compile)
+        self.compile = compile
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, not {type(model).__name__}")
         losses.check_loss_fn(loss_fn)
@@ -275,6 +280,7 @@ class _ModelOperator(CurvatureOperator):
             process_group=self.process_group if self.process_group is not None else False,
             backend=self.backend,
             reduction=self.reduction or self._probed,
+            compile=self.compile,
         )
 
     def groups(self, by: str | Sequence[str] = "module") -> dict[str, list[tuple[int, int]]]:
@@ -408,6 +414,7 @@ class _ModelOperator(CurvatureOperator):
                 self.mode,
                 False,
                 backend=self.backend,
+                compile=self.compile,
             )
             flat = torch.cat([prods[n].reshape(vec.k, -1) for n in self.names], dim=1)
             if w is not None:

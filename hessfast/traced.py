@@ -164,7 +164,13 @@ def _trace(program, param_names, values, tangents, k, loss_rule, mode, compile, 
     try:
         from torch.fx.experimental.proxy_tensor import make_fx
 
-        gm = make_fx(product, tracing_mode="fake", _allow_non_fake_inputs=True)(*example)
+        quiet = logging.getLogger("torch._subclasses.fake_tensor")
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)  # a failed trace is a reason, not an error log
+        try:
+            gm = make_fx(product, tracing_mode="fake", _allow_non_fake_inputs=True)(*example)
+        finally:
+            quiet.setLevel(level)
     except Exception as e:  # any failure to trace means: this signature is interpreted
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         return Trace(reason=f"{type(e).__name__}: {msg}")

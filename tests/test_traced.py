@@ -157,3 +157,15 @@ def test_inductor_equals_interpreter():
     assert rel_err(got, ref) < 1e-10
     [info] = [t for t in _traces(model, (x,)) if t["compile"] == "inductor"]
     assert info["compile_seconds"] > 0 and info["calls"] == 1
+
+
+def test_operators_take_compile():
+    model, loss_fn, (x,), y = zoo.mlp()
+    data = [(x[:6], y[:6]), (x[6:], y[6:])]
+    P = sum(p.numel() for p in model.parameters())
+    V = torch.randn(P, 3, dtype=torch.float64)
+    a = hessfast.HessianOperator(model, loss_fn, data) @ V
+    b = hessfast.HessianOperator(model, loss_fn, data, compile="interpret") @ V
+    assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="compile="):
+        hessfast.GGNOperator(model, loss_fn, data, compile="fast")
