@@ -13,10 +13,18 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import torch
+
 from ..rules.base import Rule
 
 #: Whether TRITON_INTERPRET=1 was set when this package (and so its kernels) was first imported.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def absent(like: torch.Tensor) -> torch.Tensor:
+    """What an op returns for an output it does not compute: an empty tensor (custom ops cannot
+    return ``None``)."""
+    return like.new_empty((0,))
 
 
 def importable() -> bool:

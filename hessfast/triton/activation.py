@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 
 from ..rules.base import Call, nones
-from . import TritonRule
+from . import TritonRule, absent
 
 Tensor = torch.Tensor
 aten = torch.ops.aten
@@ -310,23 +310,29 @@ def _grid(n: int) -> tuple[int]:
     return (triton.cdiv(n, BLOCK),)
 
 
-def fwd(act: int, x: Tensor, tx: Tensor | None, from_result: bool) -> tuple[Tensor, Tensor | None]:
-    """``(y, ẏ)`` for contiguous ``x`` and ``tx`` (``[K, *x.shape]`` or ``None``)."""
+def _fwd_shapes(x: Tensor, tx: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The empty outputs ``(y, ẏ)`` of :func:`fwd` (``ẏ`` :func:`absent` without ``tx``)."""
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    ydot = None
-    k = 0
-    if tx is not None:
-        ydot = torch.empty(tx.shape, dtype=_promote(x, tx), device=x.device)
-        k = tx.shape[0]
+    if tx is None:
+        return y, absent(x)
+    return y, torch.empty(tx.shape, dtype=_promote(x, tx), device=x.device)
+
+
+@torch.library.custom_op("hessfast::triton_act_fwd_jvp", mutates_args=())
+def _fwd_op(x: Tensor, tx: Tensor | None, act: int, from_result: bool) -> tuple[Tensor, Tensor]:
+    """:func:`fwd` as an op: ``ẏ`` is an empty tensor when ``tx`` is ``None``."""
+    x = x.contiguous()
+    tx = _contiguous(tx)
+    y, ydot = _fwd_shapes(x, tx)
     n = x.numel()
     if n:
         _fwd_kernel[_grid(n)](
             x,
             tx if tx is not None else x,
             y,
-            ydot if ydot is not None else y,
+            ydot if tx is not None else y,
             n,
-            k,
+            0 if tx is None else tx.shape[0],
             ACT=act,
             FROM_RESULT=from_result,
             CDT=_compute_dtype(x, tx),
@@ -336,24 +342,46 @@ def fwd(act: int, x: Tensor, tx: Tensor | None, from_result: bool) -> tuple[Tens
     return y, ydot
 
 
-def bwd(
-    act: int, src: Tensor, g: Tensor | None, gdot: Tensor | None, tx: Tensor | None
-) -> tuple[Tensor | None, Tensor | None]:
-    """``(ḡ_x, ġ_x)`` for contiguous operands, at least one of ``g`` and ``gdot`` present; ``tx``
-    (the saved ``ẋ``) non-``None`` asks for the second-order term, computed when ``g`` is present.
-    Returns ``None`` for a zero result (``ḡ_x`` without ``g``, ``ġ_x`` without ``gdot`` and without
-    the second-order term)."""
+@_fwd_op.register_fake
+def _(x: Tensor, tx: Tensor | None, act: int, from_result: bool) -> tuple[Tensor, Tensor]:
+    return _fwd_shapes(x, tx)
+
+
+def fwd(act: int, x: Tensor, tx: Tensor | None, from_result: bool) -> tuple[Tensor, Tensor | None]:
+    """``(y, ẏ)`` for ``x`` and ``tx`` (``[K, *x.shape]`` or ``None``), both made contiguous:
+    one launch of ``hessfast::triton_act_fwd_jvp``."""
+    y, ydot = _fwd_op(x, tx, act, from_result)
+    return y, (ydot if tx is not None else None)
+
+
+def _bwd_shapes(
+    src: Tensor, g: Tensor | None, gdot: Tensor | None, tx: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The empty outputs ``(ḡ_x, ġ_x)`` of :func:`bwd` (:func:`absent` where ``None``)."""
     second = g is not None and tx is not None
-    gx = None
+    gx = absent(src)
     if g is not None:
         gx = torch.empty(g.shape, dtype=_promote(src, g), device=src.device)
-    gdx = None
-    k = 0
+    gdx = absent(src)
     if gdot is not None or second:
         rows = gdot if gdot is not None else tx
-        k = rows.shape[0]
         parts = (src, gdot, g, tx) if second else (src, gdot)
         gdx = torch.empty(rows.shape, dtype=_promote(*parts), device=src.device)
+    return gx, gdx
+
+
+@torch.library.custom_op("hessfast::triton_act_bwd_jvp", mutates_args=())
+def _bwd_op(
+    src: Tensor, g: Tensor | None, gdot: Tensor | None, tx: Tensor | None, act: int
+) -> tuple[Tensor, Tensor]:
+    """:func:`bwd` as an op: an output that :func:`bwd` returns as ``None`` is an empty tensor."""
+    src, g, gdot, tx = (_contiguous(t) for t in (src, g, gdot, tx))
+    second = g is not None and tx is not None
+    gx, gdx = _bwd_shapes(src, g, gdot, tx)
+    has_gdx = gdot is not None or second
+    k = 0
+    if has_gdx:
+        k = (gdot if gdot is not None else tx).shape[0]
     n = src.numel()
     if n:
         _bwd_kernel[_grid(n)](
@@ -361,8 +389,8 @@ def bwd(
             g if g is not None else src,
             gdot if gdot is not None else src,
             tx if second else src,
-            gx if gx is not None else gdx,
-            gdx if gdx is not None else gx,
+            gx if g is not None else gdx,
+            gdx if has_gdx else gx,
             n,
             k,
             ACT=act,
@@ -374,6 +402,26 @@ def bwd(
             num_warps=NUM_WARPS,
         )
     return gx, gdx
+
+
+@_bwd_op.register_fake
+def _(
+    src: Tensor, g: Tensor | None, gdot: Tensor | None, tx: Tensor | None, act: int
+) -> tuple[Tensor, Tensor]:
+    return _bwd_shapes(src, g, gdot, tx)
+
+
+def bwd(
+    act: int, src: Tensor, g: Tensor | None, gdot: Tensor | None, tx: Tensor | None
+) -> tuple[Tensor | None, Tensor | None]:
+    """``(ḡ_x, ġ_x)``, at least one of ``g`` and ``gdot`` present; ``tx`` (the saved ``ẋ``)
+    non-``None`` asks for the second-order term, computed when ``g`` is present. Returns ``None``
+    for a zero result (``ḡ_x`` without ``g``, ``ġ_x`` without ``gdot`` and without the
+    second-order term). One launch of ``hessfast::triton_act_bwd_jvp``; operands are made
+    contiguous."""
+    gx, gdx = _bwd_op(src, g, gdot, tx, act)
+    has_gdx = gdot is not None or (g is not None and tx is not None)
+    return (gx if g is not None else None), (gdx if has_gdx else None)
 
 
 def _contiguous(t: Tensor | None) -> Tensor | None:
@@ -422,7 +470,7 @@ class TritonActivation(TritonRule):
 
     def fwd_jvp(self, call: Call) -> tuple[Tensor, Tensor | None, tuple]:
         x = call.args[0].contiguous()
-        tx = _contiguous(call.tangents[0])
+        tx = _contiguous(call.tangents[0]) if call.is_active(0) else None  # as the torch rule
         act = self.code(call.args)
         y, ydot = fwd(act, x, tx, self.from_result)
         src = y if self.from_result else x

@@ -292,7 +292,9 @@ def test_mlp_hvp_runs_triton_activations_and_matches_torch(kernel_device, monkey
     assert rule_for(aten.gelu.default, call, "triton") is IMPLS[aten.gelu.default]
 
     ran = count_calls(monkeypatch, IMPLEMENTATIONS)
-    hv = hessfast.hvp(model, F.cross_entropy, x, y, v, backend="triton")
+    # the interpreter calls each rule once per product (a traced product also calls them while
+    # tracing and checks its first replay against the interpreter: tests/triton/test_traced_ops.py)
+    hv = hessfast.hvp(model, F.cross_entropy, x, y, v, backend="triton", compile="interpret")
     assert {key: ran[key] for key in ran} == {
         (name, phase): 1 for name in ("gelu", "silu", "tanh") for phase in ("fwd_jvp", "bwd_jvp")
     }
