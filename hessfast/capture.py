@@ -1,9 +1,13 @@
 """Capture: ``torch.export`` (training IR, ``strict=False``) once per input signature, then replay.
 
-A :class:`Program` is the exported graph with its placeholders classified (parameter, buffer,
-constant, user input), every call normalised to schema order, and the checks that must run before
-any number is computed (dropout in training mode). :func:`capture` caches programs per model and
-input signature; :meth:`Program.plan` adds the activity analysis for one parameter subset.
+A :class:`Program` is the exported graph, functionalised (in-place ops made out-of-place, a tensor
+mutated in ``forward`` read with its mutated value, nothing written back to buffers, parameters or
+inputs; :func:`_functionalize`), with its placeholders classified (parameter, buffer, constant,
+user input), every call normalised to schema order, and the checks that must run before any number
+is computed (dropout in training mode). :func:`capture` caches programs per model and input
+signature, guarded by a :func:`fingerprint` of what export specialised on (Python attributes,
+hooks, modes); :meth:`Program.plan` adds the activity analysis for one parameter subset, in which
+whatever autograd treats as constant (``detach``, ``torch.no_grad()`` regions) is inactive.
 """
 
 from __future__ import annotations
@@ -657,5 +661,6 @@ def _store(per_model: list, sig: tuple, before: Fingerprint, after: Fingerprint,
 
 
 def clear_cache() -> None:
-    """Forget all captured programs (e.g. after changing a model's structure in place)."""
+    """Forget all captured programs (changes to a model are detected without it; this frees
+    memory)."""
     _CACHE.clear()
