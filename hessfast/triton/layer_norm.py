@@ -66,7 +66,7 @@ import triton.language as tl
 
 from ..rules.base import Call
 from ..rules.layer_norm import LayerNormSchema, RMSNormSchema
-from . import TritonRule
+from . import TritonRule, absent
 
 Tensor = torch.Tensor
 aten = torch.ops.aten
@@ -314,47 +314,60 @@ class _Saved(NamedTuple):
     center: bool
 
 
-def norm_fwd_jvp(
+def _fwd_shapes(
+    x: Tensor, tx: Tensor | None, k: int, any_t: bool, center: bool
+) -> tuple[Tensor, ...]:
+    """The empty outputs ``(y, ẏ, m, r, a, t)`` of :func:`_fwd_op` for rows ``x [N, D]``
+    (:func:`absent` where there is nothing to compute)."""
+    n, d = x.shape
+    f32 = {"device": x.device, "dtype": torch.float32}
+    return (
+        torch.empty((n, d), dtype=x.dtype, device=x.device),
+        torch.empty((k, n, d), dtype=x.dtype, device=x.device) if any_t else absent(x),
+        torch.empty(n, **f32) if center else absent(x),
+        torch.empty(n, **f32),
+        torch.empty((k, n), **f32) if tx is not None else absent(x),
+        torch.empty((k, n), **f32) if tx is not None and center else absent(x),
+    )
+
+
+def _tangent_count(*tangents: Tensor | None) -> int:
+    return next((t.shape[0] for t in tangents if t is not None), 0)
+
+
+@torch.library.custom_op("hessfast::triton_norm_fwd_jvp", mutates_args=())
+def _fwd_op(
     x: Tensor,
-    normalized_shape: tuple[int, ...],
     w: Tensor | None,
     b: Tensor | None,
-    eps: float,
     tx: Tensor | None,
     tw: Tensor | None,
     tb: Tensor | None,
+    eps: float,
     center: bool,
-) -> tuple[Tensor, Tensor | None, _Saved]:
-    """``(y, ẏ, saved)`` for layer norm (``center=True``) or RMS norm over the trailing
-    ``normalized_shape``; ``ẏ [K, *x.shape]`` or ``None`` when every tangent is ``None``."""
-    d = math.prod(normalized_shape)
-    n = x.numel() // d
-    k = next((t.shape[0] for t in (tx, tw, tb) if t is not None), 0)
-    x2 = _flat(x, n, d)
-    w1, b1 = _flat(w, d), _flat(b, d)
-    tx2, tw2, tb2 = _flat(tx, k, n, d), _flat(tw, k, d), _flat(tb, k, d)
-    f32 = {"device": x.device, "dtype": torch.float32}
-    y = torch.empty((n, d), dtype=x.dtype, device=x.device)
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The forward kernel on rows: ``x [N, D]``, ``w, b [D]``, ``tx [K, N, D]``, ``tw, tb [K, D]``
+    → ``(y [N, D], ẏ [K, N, D], m [N], r [N], a [K, N], t [K, N])``, each output an empty tensor
+    where :func:`norm_fwd_jvp` has ``None``."""
+    x, w, b, tx, tw, tb = (None if t is None else t.contiguous() for t in (x, w, b, tx, tw, tb))
+    n, d = x.shape
+    k = _tangent_count(tx, tw, tb)
     any_t = k > 0 and any(t is not None for t in (tx, tw, tb))
-    ydot = torch.empty((k, n, d), dtype=x.dtype, device=x.device) if any_t else None
-    mean = torch.empty(n, **f32) if center else None
-    rstd = torch.empty(n, **f32)
-    a = torch.empty((k, n), **f32) if tx is not None else None
-    tmean = torch.empty((k, n), **f32) if tx is not None and center else None
+    y, ydot, mean, rstd, a, tmean = _fwd_shapes(x, tx, k, any_t, center)
     block_r, block_d, warps = _blocks(n, d)
     _norm_fwd_kernel[(triton.cdiv(n, block_r),)](
-        x2,
-        w1 if w1 is not None else x2,
-        b1 if b1 is not None else x2,
-        tx2 if tx2 is not None else x2,
-        tw2 if tw2 is not None else x2,
-        tb2 if tb2 is not None else x2,
+        x,
+        w if w is not None else x,
+        b if b is not None else x,
+        tx if tx is not None else x,
+        tw if tw is not None else x,
+        tb if tb is not None else x,
         y,
-        ydot if ydot is not None else y,
-        mean if mean is not None else rstd,
+        ydot if any_t else y,
+        mean if center else rstd,
         rstd,
-        a if a is not None else rstd,
-        tmean if tmean is not None else rstd,
+        a if tx is not None else rstd,
+        tmean if tx is not None and center else rstd,
         n,
         d,
         n * d,
@@ -370,11 +383,209 @@ def norm_fwd_jvp(
         BLOCK_D=block_d,
         num_warps=warps,
     )
+    return y, ydot, mean, rstd, a, tmean
+
+
+@_fwd_op.register_fake
+def _(x, w, b, tx, tw, tb, eps, center):
+    k = _tangent_count(tx, tw, tb)
+    any_t = k > 0 and any(t is not None for t in (tx, tw, tb))
+    return _fwd_shapes(x, tx, k, any_t, center)
+
+
+def norm_fwd_jvp(
+    x: Tensor,
+    normalized_shape: tuple[int, ...],
+    w: Tensor | None,
+    b: Tensor | None,
+    eps: float,
+    tx: Tensor | None,
+    tw: Tensor | None,
+    tb: Tensor | None,
+    center: bool,
+) -> tuple[Tensor, Tensor | None, _Saved]:
+    """``(y, ẏ, saved)`` for layer norm (``center=True``) or RMS norm over the trailing
+    ``normalized_shape``; ``ẏ [K, *x.shape]`` or ``None`` when every tangent is ``None``. The
+    rows are flattened here and the kernel runs as ``hessfast::triton_norm_fwd_jvp``."""
+    d = math.prod(normalized_shape)
+    n = x.numel() // d
+    k = _tangent_count(tx, tw, tb)
+    x2 = _flat(x, n, d)
+    w1, b1 = _flat(w, d), _flat(b, d)
+    tx2, tw2, tb2 = _flat(tx, k, n, d), _flat(tw, k, d), _flat(tb, k, d)
+    y, ydot, mean, rstd, a, tmean = _fwd_op(x2, w1, b1, tx2, tw2, tb2, float(eps), center)
+    any_t = k > 0 and any(t is not None for t in (tx, tw, tb))
     saved = _Saved(
-        x2, w1, tx2, tw2, mean, rstd, a, tmean, tuple(x.shape), tuple(normalized_shape), k, center
+        x2,
+        w1,
+        tx2,
+        tw2,
+        mean if center else None,
+        rstd,
+        a if tx is not None else None,
+        tmean if tx is not None and center else None,
+        tuple(x.shape),
+        tuple(normalized_shape),
+        k,
+        center,
     )
-    ydot = None if ydot is None else ydot.reshape(k, *x.shape)
+    ydot = ydot.reshape(k, *x.shape) if any_t else None
     return y.reshape(x.shape), ydot, saved
+
+
+class _BwdPlan(NamedTuple):
+    """Which cotangent programs of the backward produce something nonzero, and what they write."""
+
+    has_tx: bool  # second-order terms of ẋ (needs ḡ)
+    has_tw: bool  # second-order terms of γ̇ (needs ḡ)
+    prim: bool  # the primal ḡ program
+    tan_x: bool  # ġ_x
+    tan_w: bool  # ġ_γ
+    tan_b: bool  # ġ_β
+    ng: int  # primal programs (0 or 1)
+    nj: int  # all programs
+    need: tuple[bool, bool, bool]  # x, γ, β active
+
+    @property
+    def store_gx(self) -> bool:
+        return self.prim and self.need[0]
+
+
+def _bwd_plan(
+    k: int,
+    has_g: bool,
+    has_gdot: bool,
+    tx: bool,
+    tw: bool,
+    need: tuple[bool, bool, bool],
+) -> _BwdPlan:
+    need_x, need_w, need_b = need
+    has_gdot = has_gdot and k > 0
+    has_tx = tx and has_g
+    has_tw = tw and has_g
+    prim = has_g and (need_x or need_w or need_b)
+    tan_x = need_x and (has_gdot or has_tx or has_tw)
+    tan_w = need_w and (has_gdot or has_tx)
+    tan_b = need_b and has_gdot
+    ng = 1 if prim else 0
+    nk = k if (tan_x or tan_w or tan_b) else 0
+    return _BwdPlan(has_tx, has_tw, prim, tan_x, tan_w, tan_b, ng, ng + nk, need)
+
+
+def _bwd_shapes(
+    x: Tensor, k: int, plan: _BwdPlan, w_dtype: torch.dtype, b_dtype: torch.dtype
+) -> tuple[Tensor, ...]:
+    """The empty outputs ``(ḡ_x [N, D], ġ_x [K, N, D], ḡ_γ [D], ġ_γ [K, D], ḡ_β [D], ġ_β [K, D])``
+    of :func:`_bwd_op` (:func:`absent` where nothing is computed)."""
+    n, d = x.shape
+    _, need_w, need_b = plan.need
+    dev = x.device
+    return (
+        torch.empty((n, d), dtype=x.dtype, device=dev) if plan.store_gx else absent(x),
+        torch.empty((k, n, d), dtype=x.dtype, device=dev) if plan.tan_x else absent(x),
+        torch.empty(d, dtype=w_dtype, device=dev) if plan.prim and need_w else absent(x),
+        torch.empty((k, d), dtype=w_dtype, device=dev) if plan.tan_w else absent(x),
+        torch.empty(d, dtype=b_dtype, device=dev) if plan.prim and need_b else absent(x),
+        torch.empty((k, d), dtype=b_dtype, device=dev) if plan.tan_b else absent(x),
+    )
+
+
+@torch.library.custom_op("hessfast::triton_norm_bwd_jvp", mutates_args=())
+def _bwd_op(
+    x: Tensor,
+    w: Tensor | None,
+    tw: Tensor | None,
+    tx: Tensor | None,
+    g: Tensor | None,
+    gdot: Tensor | None,
+    mean: Tensor | None,
+    rstd: Tensor,
+    a: Tensor | None,
+    tmean: Tensor | None,
+    k: int,
+    need_x: bool,
+    need_w: bool,
+    need_b: bool,
+    w_dtype: torch.dtype,
+    b_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The backward kernel on rows (the forward's ``x [N, D]``, ``w``, ``tw``, ``tx`` and
+    statistics, ``g [N, D]``, ``gdot [K, N, D]``; ``mean`` absent for RMS norm) and the sums of its
+    partial ``γ``/``β`` cotangents: ``(ḡ_x, ġ_x, ḡ_γ, ġ_γ, ḡ_β, ġ_β)`` as in
+    :func:`_bwd_shapes`."""
+    x, w, tw, tx, g, gdot, mean, rstd, a, tmean = (
+        None if t is None else t.contiguous() for t in (x, w, tw, tx, g, gdot, mean, rstd, a, tmean)
+    )
+    center = mean is not None
+    plan = _bwd_plan(k, g is not None, gdot is not None, tx is not None, tw is not None,
+                     (need_x, need_w, need_b))  # fmt: skip
+    gx, gdx, gw, gdw, gb, gdb = _bwd_shapes(x, k, plan, w_dtype, b_dtype)
+    if plan.nj == 0:
+        return gx, gdx, gw, gdw, gb, gdb
+    n, d = x.shape
+    has_gdot = gdot is not None and k > 0
+    acc_w = (plan.prim and need_w) or plan.tan_w
+    acc_b = (plan.prim and need_b) or plan.tan_b
+    block_r, block_d, warps = _blocks(n, d)
+    groups = min(triton.cdiv(n, block_r), max(1, BWD_PROGRAMS // plan.nj))
+    rows_per_group = triton.cdiv(triton.cdiv(n, groups), block_r) * block_r
+    groups = triton.cdiv(n, rows_per_group)
+    f32 = {"device": x.device, "dtype": torch.float32}
+    pw = torch.empty((plan.nj, groups, d), **f32) if acc_w else None
+    pb = torch.empty((plan.nj, groups, d), **f32) if acc_b else None
+    dummy = rstd
+    _norm_bwd_kernel[(plan.nj, groups)](
+        x,
+        w if w is not None else dummy,
+        tw if plan.has_tw else dummy,
+        tx if plan.has_tx else dummy,
+        g if g is not None else dummy,
+        gdot if has_gdot else dummy,
+        mean if center else dummy,
+        rstd,
+        a if plan.has_tx else dummy,
+        tmean if plan.has_tx and center else dummy,
+        gx if plan.store_gx else dummy,
+        gdx if plan.tan_x else dummy,
+        pw if pw is not None else dummy,
+        pb if pb is not None else dummy,
+        n,
+        d,
+        n * d,
+        plan.ng,
+        groups,
+        rows_per_group,
+        CENTER=center,
+        HAS_W=w is not None,
+        HAS_TW=plan.has_tw,
+        HAS_TX=plan.has_tx,
+        HAS_G=g is not None,
+        HAS_GDOT=has_gdot,
+        STORE_GX=plan.store_gx,
+        STORE_GDX=plan.tan_x,
+        ACC_W=acc_w,
+        ACC_B=acc_b,
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
+        num_warps=warps,
+    )
+    ng = plan.ng
+    if plan.prim and need_w:
+        gw = pw[0].sum(0).to(w_dtype)
+    if plan.tan_w:
+        gdw = pw[ng:].sum(1).to(w_dtype)
+    if plan.prim and need_b:
+        gb = pb[0].sum(0).to(b_dtype)
+    if plan.tan_b:
+        gdb = pb[ng:].sum(1).to(b_dtype)
+    return gx, gdx, gw, gdw, gb, gdb
+
+
+@_bwd_op.register_fake
+def _(x, w, tw, tx, g, gdot, mean, rstd, a, tmean, k, need_x, need_w, need_b, w_dtype, b_dtype):
+    plan = _bwd_plan(k, g is not None, gdot is not None, tx is not None, tw is not None,
+                     (need_x, need_w, need_b))  # fmt: skip
+    return _bwd_shapes(x, k, plan, w_dtype, b_dtype)
 
 
 def norm_bwd_jvp(
@@ -385,89 +596,39 @@ def norm_bwd_jvp(
     dtypes: tuple[torch.dtype | None, ...],
 ) -> tuple[tuple, tuple]:
     """``((ḡ_x, ḡ_γ, ḡ_β), (ġ_x, ġ_γ, ġ_β))`` for the forward that saved ``s`` (``None`` for a zero
-    or an inactive input); ``need`` says which of ``x, γ, β`` are active, ``dtypes`` their dtypes."""
-    need_x, need_w, need_b = need
+    or an inactive input); ``need`` says which of ``x, γ, β`` are active, ``dtypes`` their dtypes.
+    The kernel and the sums of its partial results run as ``hessfast::triton_norm_bwd_jvp``."""
     n, d = s.x.shape
     k = s.k
-    has_g, has_gdot = g is not None, gdot is not None and k > 0
-    has_tx = s.tx is not None and has_g
-    has_tw = s.tw is not None and has_g
-    # which cotangent programs produce something nonzero
-    prim = has_g and (need_x or need_w or need_b)
-    tan_x = need_x and (has_gdot or has_tx or has_tw)
-    tan_w = need_w and (has_gdot or has_tx)
-    tan_b = need_b and has_gdot
-    ng = 1 if prim else 0
-    nk = k if (tan_x or tan_w or tan_b) else 0
-    nj = ng + nk
-    gx = gw = gb = gdx = gdw = gdb = None
-    if nj == 0:
-        return (gx, gw, gb), (gdx, gdw, gdb)
-    dev = s.x.device
-    g2 = _flat(g, n, d)
-    gd2 = _flat(gdot, k, n, d) if has_gdot else None
-    store_gx = prim and need_x
-    if store_gx:
-        gx = torch.empty((n, d), dtype=dtypes[0], device=dev)
-    if tan_x:
-        gdx = torch.empty((k, n, d), dtype=dtypes[0], device=dev)
-    acc_w = (prim and need_w) or tan_w
-    acc_b = (prim and need_b) or tan_b
-    block_r, block_d, warps = _blocks(n, d)
-    groups = min(triton.cdiv(n, block_r), max(1, BWD_PROGRAMS // nj))
-    rows_per_group = triton.cdiv(triton.cdiv(n, groups), block_r) * block_r
-    groups = triton.cdiv(n, rows_per_group)
-    f32 = {"device": dev, "dtype": torch.float32}
-    pw = torch.empty((nj, groups, d), **f32) if acc_w else None
-    pb = torch.empty((nj, groups, d), **f32) if acc_b else None
-    dummy = s.rstd
-    _norm_bwd_kernel[(nj, groups)](
+    has_g = g is not None
+    plan = _bwd_plan(k, has_g, gdot is not None, s.tx is not None, s.tw is not None, need)
+    if plan.nj == 0:
+        return (None, None, None), (None, None, None)
+    has_gdot = gdot is not None and k > 0
+    x_dtype = s.x.dtype
+    gx, gdx, gw, gdw, gb, gdb = _bwd_op(
         s.x,
-        s.w if s.w is not None else dummy,
-        s.tw if has_tw else dummy,
-        s.tx if has_tx else dummy,
-        g2 if g2 is not None else dummy,
-        gd2 if gd2 is not None else dummy,
-        s.mean if s.mean is not None else dummy,
+        s.w,
+        s.tw if plan.has_tw else None,
+        s.tx if plan.has_tx else None,
+        _flat(g, n, d),
+        _flat(gdot, k, n, d) if has_gdot else None,
+        s.mean,
         s.rstd,
-        s.a if has_tx else dummy,
-        s.tmean if has_tx and s.center else dummy,
-        gx if gx is not None else dummy,
-        gdx if gdx is not None else dummy,
-        pw if pw is not None else dummy,
-        pb if pb is not None else dummy,
-        n,
-        d,
-        n * d,
-        ng,
-        groups,
-        rows_per_group,
-        CENTER=s.center,
-        HAS_W=s.w is not None,
-        HAS_TW=has_tw,
-        HAS_TX=has_tx,
-        HAS_G=has_g,
-        HAS_GDOT=has_gdot,
-        STORE_GX=store_gx,
-        STORE_GDX=tan_x,
-        ACC_W=acc_w,
-        ACC_B=acc_b,
-        BLOCK_R=block_r,
-        BLOCK_D=block_d,
-        num_warps=warps,
+        s.a if plan.has_tx else None,
+        s.tmean if plan.has_tx and s.center else None,
+        k,
+        *need,
+        dtypes[1] or x_dtype,
+        dtypes[2] or x_dtype,
     )
-    if gx is not None:
-        gx = gx.reshape(s.shape)
-    if gdx is not None:
-        gdx = gdx.reshape(k, *s.shape)
-    if prim and need_w:
-        gw = pw[0].sum(0).to(dtypes[1]).reshape(s.wshape)
-    if tan_w:
-        gdw = pw[ng:].sum(1).to(dtypes[1]).reshape(k, *s.wshape)
-    if prim and need_b:
-        gb = pb[0].sum(0).to(dtypes[2]).reshape(s.wshape)
-    if tan_b:
-        gdb = pb[ng:].sum(1).to(dtypes[2]).reshape(k, *s.wshape)
+    _, need_w, need_b = need
+    gx = gx.reshape(s.shape) if plan.store_gx else None
+    gdx = gdx.reshape(k, *s.shape) if plan.tan_x else None
+    gw = gw.reshape(s.wshape) if plan.prim and need_w else None
+    gdw = gdw.reshape(k, *s.wshape) if plan.tan_w else None
+    gb = gb.reshape(s.wshape) if plan.prim and need_b else None
+    gdb = gdb.reshape(k, *s.wshape) if plan.tan_b else None
     return (gx, gw, gb), (gdx, gdw, gdb)
 
 
