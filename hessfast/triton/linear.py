@@ -332,6 +332,52 @@ def dual_gemm(
     return out
 
 
+def _gemm_out(
+    operands: tuple[Tensor | None, ...], k: int, m: int, n: int, dtype: torch.dtype
+) -> Tensor:
+    device = next(t.device for t in operands if t is not None)
+    return torch.empty((k, m, n), dtype=dtype, device=device)
+
+
+@torch.library.custom_op("hessfast::triton_dual_gemm", mutates_args=())
+def _dual_gemm_op(
+    a1: Tensor | None,
+    b1: Tensor | None,
+    a2: Tensor | None,
+    b2: Tensor | None,
+    bias: Tensor | None,
+    k: int,
+    m: int,
+    n: int,
+    dtype: torch.dtype,
+) -> Tensor:
+    """:func:`dual_gemm` into a fresh ``[K, M, N]`` output of ``dtype``: a pair is dropped when its
+    ``A`` is ``None``; at least one operand is present (it gives the device)."""
+    out = _gemm_out((a1, a2, bias), k, m, n, dtype)
+    return dual_gemm(out, None if a1 is None else (a1, b1), None if a2 is None else (a2, b2), bias)
+
+
+@_dual_gemm_op.register_fake
+def _(a1, b1, a2, b2, bias, k, m, n, dtype):
+    return _gemm_out((a1, a2, bias), k, m, n, dtype)
+
+
+def gemm(
+    k: int,
+    m: int,
+    n: int,
+    dtype: torch.dtype,
+    first: tuple[Tensor, Tensor] | None,
+    second: tuple[Tensor, Tensor] | None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """A fresh ``[K, M, N]`` result of :func:`dual_gemm` (one launch of
+    ``hessfast::triton_dual_gemm``)."""
+    a1, b1 = first if first is not None else (None, None)
+    a2, b2 = second if second is not None else (None, None)
+    return _dual_gemm_op(a1, b1, a2, b2, bias, k, m, n, dtype)
+
+
 def linear_fwd_jvp(
     x: Tensor,
     w: Tensor,
@@ -348,9 +394,11 @@ def linear_fwd_jvp(
     o, i = w.shape
     k = next(t.shape[0] for t in (tx, tw, tb) if t is not None)
     x2 = x.reshape(-1, i)
-    out = torch.empty((k, x2.shape[0], o), dtype=y.dtype, device=y.device)
-    dual_gemm(
-        out,
+    out = gemm(
+        k,
+        x2.shape[0],
+        o,
+        y.dtype,
         None if tx is None else (tx.reshape(k, -1, i), w.t()),
         None if tw is None else (x2, tw.transpose(1, 2)),
         tb,
@@ -390,13 +438,12 @@ def linear_bwd_jvp(
         first = None if gd2 is None else (gd2, w)
         second = None if g2 is None or tw is None else (g2, tw)
         if first is not None or second is not None:
-            out = torch.empty((k, x2.shape[0], i), dtype=x.dtype, device=x.device)
-            gdx = dual_gemm(out, first, second).reshape(k, *x.shape)
+            gdx = gemm(k, x2.shape[0], i, x.dtype, first, second).reshape(k, *x.shape)
     if need_w:
         first = None if gd2 is None else (gd2.transpose(1, 2), x2)
         second = None if g2 is None or tx is None else (g2.t(), tx.reshape(k, -1, i))
         if first is not None or second is not None:
-            gdw = dual_gemm(torch.empty((k, o, i), dtype=w.dtype, device=w.device), first, second)
+            gdw = gemm(k, o, i, w.dtype, first, second)
     if need_b and gd2 is not None:
         gdb = gd2.sum(1)
     return (gx, gw, gb), (gdx, gdw, gdb)
