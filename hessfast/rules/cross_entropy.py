@@ -395,32 +395,16 @@ class LinearCrossEntropy:
         self.loss = loss
         self.backend = backend
 
-    def scale(self, target: Tensor) -> float:
+    def scale(self, target: Tensor) -> Tensor:
         """``1 / Σ_{valid n} w_{y_n}`` for a ``mean`` (NaN when no target counts, as in torch), 1
-        for a ``sum``."""
+        for a ``sum``: a 0-d tensor, so that a traced product reads the count of the batch it is
+        given, never a number baked in at tracing time (no host synchronisation either). The
+        targets were checked against the class count when the loss was resolved
+        (:func:`hessfast.losses.validate_targets`)."""
         if self.loss.reduction != "mean":
-            return 1.0
-        den = float(_target_weight(target, self.loss.weight, self.loss.ignore_index))
-        return 1.0 / den if den else math.nan
-
-    def _checked_scale(self, target: Tensor, V: int) -> float:
-        """:meth:`scale`, after checking that every counted target is a class in ``[0, V)``
-        (``IndexError`` otherwise): one host synchronisation for both."""
-        bad = (target != self.loss.ignore_index) & ((target < 0) | (target >= V))
-        safe = torch.where(bad, torch.zeros_like(target), target)
-        counted = None
-        if self.loss.reduction == "mean":
-            counted = _target_weight(safe, self.loss.weight, self.loss.ignore_index)
-        n_bad, den = torch.stack(
-            [bad.sum().double(), (counted if counted is not None else bad.sum()).double()]
-        ).tolist()
-        if n_bad:
-            raise IndexError(
-                f"cross-entropy target {int(target[bad][0])} is out of bounds for {V} classes"
-            )
-        if counted is None:
-            return 1.0
-        return 1.0 / den if den else math.nan
+            return torch.ones((), dtype=torch.float64, device=target.device)
+        den = _target_weight(target, self.loss.weight, self.loss.ignore_index).double()
+        return torch.where(den != 0, 1.0 / den, torch.full_like(den, math.nan))
 
     def evaluate(
         self,
@@ -452,7 +436,7 @@ class LinearCrossEntropy:
             raise ValueError(
                 f"cross-entropy: {target.numel()} targets for {N} rows of logits {[*h.shape[:-1], V]}"
             )
-        scale = self._checked_scale(target, V)
+        scale = self.scale(target)  # applied to each chunk's rows: they are linear in it
         want_grad = mode in ("hvp", "grad")
         acc = torch.float32 if h.dtype in (torch.float16, torch.bfloat16) else h.dtype
         gh = h2.new_empty((N, D)) if want_grad and need_h else None
@@ -485,12 +469,14 @@ class LinearCrossEntropy:
                 lo.weight,
                 lo.ignore_index,
                 lo.label_smoothing,
-                scale,
+                1.0,
                 want_grad,
             )
             impl = rule_for(ROWS_OP, call, self.backend)
             loss_rows, gz, gdz = impl.rows(*call.args)
-            part = loss_rows.sum()
+            part = loss_rows.sum() * scale.to(loss_rows.dtype)
+            gz = gz.mul_(scale.to(gz.dtype)) if gz is not None else None
+            gdz = gdz.mul_(scale.to(gdz.dtype)) if gdz is not None else None
             total = part if total is None else total + part
             del z, zd
             if gdz is not None:

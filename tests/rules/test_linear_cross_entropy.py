@@ -46,11 +46,12 @@ def spy(monkeypatch):
     return RowSpy(monkeypatch)
 
 
-def compute(model, loss_fn, inputs, targets, v, mode, params=None):
-    """``(loss, grads, products)`` of one engine run."""
+def compute(model, loss_fn, inputs, targets, v, mode, params=None, compile="interpret"):
+    """``(loss, grads, products)`` of one engine run (interpreted by default, so that the spy
+    counts one product's row calls; the traced product has its own test)."""
     sel = select_params(model, params)
     vec = parse({n: v[n] for n, _ in sel}, sel) if mode != "grad" else None
-    return api._compute(model, loss_fn, inputs, targets, sel, vec, mode, True)
+    return api._compute(model, loss_fn, inputs, targets, sel, vec, mode, True, compile=compile)
 
 
 def unfused(monkeypatch, *args, **kw):
@@ -330,7 +331,7 @@ def test_row_reference_matches_torch_func_oracle(case):
         y, weight, ignore, kw.get("reduction", "mean"), kw.get("label_smoothing", 0.0)
     )
     fused = ce.LinearCrossEntropy(rule)
-    scale = fused.scale(y)
+    scale = float(fused.scale(y))
     loss_rows, gz, gdz = registered_rule(ce.ROWS_OP).rows(
         z, u, y, weight, ignore, kw.get("label_smoothing", 0.0), scale, True
     )
@@ -362,3 +363,29 @@ def test_row_reference_low_precision_dtypes():
     want = ce.cross_entropy_rows_ref(z.double(), u.double(), y, None, -100, 0.1, 0.25, True)
     for a, b in zip((loss_rows, gz, gdz), want):
         torch.testing.assert_close(a.double(), b, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_traced_fused_head_reads_each_batch_count(name, monkeypatch):
+    """The fused head's mean denominator is a tensor of the graph: one trace serves batches with
+    different numbers of ignored targets, and equals the interpreter and the unfused path."""
+    from hessfast import capture, traced
+
+    model, loss_fn, inputs, targets, chunk = setup(name, "all")
+    monkeypatch.setattr(ce, "HEAD_CHUNK_ROWS", chunk)
+    monkeypatch.setattr(engine, "FUSE_HEAD", True)
+    v = vectors(model, 2)
+    other = targets.clone()
+    other.view(-1)[: other.numel() // 2] = 1  # ignore_index of the "all" variant
+    for mode in ("hvp", "ggn", "grad"):
+        for y in (targets, other):
+            got = compute(model, loss_fn, inputs, y, v, mode, compile=None)
+            want = compute(model, loss_fn, inputs, y, v, mode)
+            for a, b in zip(got, want):
+                if isinstance(a, dict):
+                    for n in a:
+                        torch.testing.assert_close(a[n], b[n], rtol=1e-10, atol=1e-12)
+                elif a is not None:
+                    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    info = traced.explain(capture.capture(model, tuple(inputs)))
+    assert len(info) == 3 and all(t["traced"] and t["calls"] == 2 for t in info)
