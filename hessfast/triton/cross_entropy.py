@@ -28,7 +28,7 @@ import triton.language as tl
 
 from ..rules.base import Call
 from ..rules.cross_entropy import ROWS_OP, rows_arg_reasons
-from . import TritonRule
+from . import TritonRule, absent
 
 Tensor = torch.Tensor
 
@@ -154,7 +154,19 @@ def blocks(v: int, k: int) -> tuple[int, int]:
     return max(block_v, 16), block_k
 
 
-def cross_entropy_rows_triton(
+def _rows_shapes(z: Tensor, zdot: Tensor | None, want_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The empty outputs ``(loss [M] fp32, gz [M, V], gdz [K, M, V])`` of :func:`_rows_op`
+    (:func:`absent` without ``want_grad`` / without tangents)."""
+    m, v = z.shape
+    k = 0 if zdot is None else zdot.shape[0]
+    loss = torch.empty(m, device=z.device, dtype=torch.float32)
+    gz = torch.empty((m, v), device=z.device, dtype=z.dtype) if want_grad else absent(z)
+    gdz = torch.empty((k, m, v), device=z.device, dtype=z.dtype) if k else absent(z)
+    return loss, gz, gdz
+
+
+@torch.library.custom_op("hessfast::triton_ce_rows", mutates_args=())
+def _rows_op(
     z: Tensor,
     zdot: Tensor | None,
     target: Tensor,
@@ -163,22 +175,18 @@ def cross_entropy_rows_triton(
     label_smoothing: float,
     scale: float,
     want_grad: bool,
-    *,
-    block_v: int | None = None,
-    block_k: int | None = None,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Launch the kernel (see the module docstring); the signature of ``cross_entropy_rows_ref``
-    plus block sizes to override (tests force several tiles and tangent blocks). Non-contiguous
-    inputs are made contiguous."""
+    block_v: int,
+    block_k: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The kernel launch of :func:`cross_entropy_rows_triton` (block sizes 0: the defaults of
+    :func:`blocks`); ``gz`` / ``gdz`` are empty tensors where that function returns ``None``."""
     M, V = z.shape
     K = 0 if zdot is None else zdot.shape[0]
     bv, bk = blocks(V, K)
     bv, bk = block_v or bv, block_k or bk
     z = z.contiguous()
     target = target.contiguous()
-    loss = torch.empty(M, device=z.device, dtype=torch.float32)
-    gz = torch.empty_like(z) if want_grad else None
-    gdz = torch.empty((K, M, V), device=z.device, dtype=z.dtype) if K else None
+    loss, gz, gdz = _rows_shapes(z, zdot, want_grad)
     if M == 0:
         return loss, gz, gdz
     zd = zdot.contiguous() if K else z
@@ -191,8 +199,8 @@ def cross_entropy_rows_triton(
         target,
         w,
         loss,
-        gz if gz is not None else z,
-        gdz if gdz is not None else z,
+        gz if want_grad else z,
+        gdz if K else z,
         V,
         K,
         M * V,
@@ -207,6 +215,51 @@ def cross_entropy_rows_triton(
         BLOCK_K=bk,
         num_warps=8 if bv * bk >= 4096 else 4,
     )
+    return loss, gz, gdz
+
+
+@_rows_op.register_fake
+def _(z, zdot, target, weight, ignore_index, label_smoothing, scale, want_grad, block_v, block_k):
+    return _rows_shapes(z, zdot, want_grad)
+
+
+def cross_entropy_rows_triton(
+    z: Tensor,
+    zdot: Tensor | None,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    scale: float | Tensor,
+    want_grad: bool,
+    *,
+    block_v: int | None = None,
+    block_k: int | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Launch the kernel (see the module docstring) as ``hessfast::triton_ce_rows``; the signature
+    of ``cross_entropy_rows_ref`` plus block sizes to override (tests force several tiles and
+    tangent blocks). Non-contiguous inputs are made contiguous. A tensor ``scale`` (a 0-d tensor,
+    so that a traced product does not bake it in) multiplies the kernel's unscaled results."""
+    tensor_scale = isinstance(scale, Tensor)
+    loss, gz, gdz = _rows_op(
+        z,
+        zdot,
+        target,
+        weight,
+        int(ignore_index),
+        float(label_smoothing),
+        1.0 if tensor_scale else float(scale),
+        bool(want_grad),
+        block_v or 0,
+        block_k or 0,
+    )
+    k = 0 if zdot is None else zdot.shape[0]
+    gz = gz if want_grad else None
+    gdz = gdz if k else None
+    if tensor_scale:
+        loss = loss * scale.to(loss.dtype)
+        gz = None if gz is None else gz * scale.to(gz.dtype)
+        gdz = None if gdz is None else gdz * scale.to(gdz.dtype)
     return loss, gz, gdz
 
 
