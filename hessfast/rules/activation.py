@@ -16,8 +16,7 @@ Kernels: where torch has a fused backward kernel for the op (``threshold_backwar
 ``gelu_backward``, ``silu_backward``, ``tanh_backward``, ``sigmoid_backward``,
 ``leaky_relu_backward``, ``elu_backward``, ``hardtanh_backward``, ``softplus_backward``; ``log``:
 one division) the products ``f′(x) c`` that need nothing else go through it, as in autograd: the
-gradient ``ḡ_x`` alone, and ``ẏ`` / ``ġ_x`` for up to :data:`NATIVE_K` vectors (any number for
-piecewise-linear ops). With more vectors, or
+gradient ``ḡ_x`` alone, and ``ẏ`` / ``ġ_x`` for up to :data:`NATIVE_K` vectors. With more vectors, or
 when ``f″`` is computed anyway (the second-order term), ``f′`` is formed once and multiplied.
 Nothing of ``f″`` is computed in a gradient or GGN run.
 
@@ -213,36 +212,31 @@ def square_derivs(x, second=False):
 
 # ---- fused ``f′(src) ⊙ c`` through torch's backward kernels ----------------------------------
 
-#: Up to this many tangent vectors, ``f′ ⊙ ẋ`` and ``f′ ⊙ ġ`` call the fused kernel once per
-#: vector (each call recomputes ``f′``); beyond it ``f′`` is formed once and multiplied. Ops with
-#: ``f″ ≡ 0`` (piecewise linear: relu, leaky_relu, hardtanh) always use the fused kernel.
-NATIVE_K = 2
-
-
-def _bc(src: Tensor, c: Tensor) -> Tensor:
-    """``src`` expanded (a view) to ``c``'s shape when ``c`` carries leading K axes: some CPU
-    kernels (oneDNN's ``gelu_backward``) reject implicit broadcasting."""
-    return src if src.shape == c.shape else src.expand(c.shape)
+#: Up to this many tangent vectors, ``f′ ⊙ ẋ`` and ``f′ ⊙ ġ`` call the fused kernel (on ``src``'s
+#: shape, never broadcast: oneDNN's CPU ``gelu_backward`` rejects broadcasting, and a broadcast
+#: operand's output layout can differ between fake and real tensors in a traced product); beyond
+#: it ``f′`` is formed once and multiplied.
+NATIVE_K = 1
 
 
 def relu_vjp(c, y):
-    return aten.threshold_backward(c, _bc(y, c), 0)
+    return aten.threshold_backward(c, y, 0)
 
 
 def gelu_vjp(c, x, approximate="none"):
-    return aten.gelu_backward(c, _bc(x, c), approximate=approximate)
+    return aten.gelu_backward(c, x, approximate=approximate)
 
 
 def silu_vjp(c, x):
-    return aten.silu_backward(c, _bc(x, c))
+    return aten.silu_backward(c, x)
 
 
 def tanh_vjp(c, y):
-    return aten.tanh_backward(c, _bc(y, c))
+    return aten.tanh_backward(c, y)
 
 
 def sigmoid_vjp(c, y):
-    return aten.sigmoid_backward(c, _bc(y, c))
+    return aten.sigmoid_backward(c, y)
 
 
 def log_vjp(c, x):
@@ -250,19 +244,19 @@ def log_vjp(c, x):
 
 
 def leaky_relu_vjp(c, x, negative_slope=0.01):
-    return aten.leaky_relu_backward(c, _bc(x, c), negative_slope, False)
+    return aten.leaky_relu_backward(c, x, negative_slope, False)
 
 
 def elu_vjp(c, x, alpha=1.0, scale=1.0, input_scale=1.0):
-    return aten.elu_backward(c, alpha, scale, input_scale, False, _bc(x, c))
+    return aten.elu_backward(c, alpha, scale, input_scale, False, x)
 
 
 def hardtanh_vjp(c, x, min_val=-1.0, max_val=1.0):
-    return aten.hardtanh_backward(c, _bc(x, c), min_val, max_val)
+    return aten.hardtanh_backward(c, x, min_val, max_val)
 
 
 def softplus_vjp(c, x, beta=1.0, threshold=20.0):
-    return aten.softplus_backward(c, _bc(x, c), beta, threshold)
+    return aten.softplus_backward(c, x, beta, threshold)
 
 
 #: The fused ``f′ ⊙ c`` of each op that has one: a property of the op, so every rule built for it
@@ -291,7 +285,7 @@ class ElementwiseUnary(Rule):
     (``from_result=False``) or ``y`` (``from_result=True``). ``curved=False`` marks ``f″ ≡ 0``: the
     input tangent is then not kept and the second-order term never computed. ``check(args)`` may
     return a reason to decline. ``vjp(c, src, *params)`` computes ``f′(src) ⊙ c`` with a fused
-    kernel, ``c`` of ``src``'s shape or ``[K, *src.shape]``; by default the op's entry of
+    kernel, ``c`` of ``src``'s shape; by default the op's entry of
     :data:`FUSED_VJP`, ``False`` for none.
     """
 
@@ -316,8 +310,6 @@ class ElementwiseUnary(Rule):
         self.f = f
         self.check = check
         self.vjp = FUSED_VJP.get(op) if vjp is None else (vjp or None)
-        # f′ of a piecewise-linear op is a mask no cheaper to form than the fused kernel's pass
-        self._native_k = NATIVE_K if curved else float("inf")
 
     def declines(self, call: Call) -> str | None:
         x = call.args[0]
@@ -336,8 +328,8 @@ class ElementwiseUnary(Rule):
         src = y if self.from_result else x
         ydot = None
         if tx is not None:
-            if self.vjp is not None and tx.shape[0] <= self._native_k:
-                ydot = self.vjp(tx, src, *params)
+            if self.vjp is not None and tx.shape[0] <= NATIVE_K:
+                ydot = self.vjp(tx[0], src, *params).unsqueeze(0)
             else:
                 d1, _ = self.derivs(src, *params, second=False)
                 ydot = d1 * tx
@@ -351,10 +343,11 @@ class ElementwiseUnary(Rule):
         second = self.curved and g is not None and tx is not None
         fused = self.vjp is not None and not second
         gx = gdx = None
-        if fused and (gdot is None or gdot.shape[0] <= self._native_k):
+        if fused and (gdot is None or gdot.shape[0] <= NATIVE_K):
             # f′ is not needed otherwise: the fused kernel, as autograd's backward
             gx = self.vjp(g, src, *params) if g is not None else None
-            gdx = self.vjp(gdot, src, *params) if gdot is not None else None
+            if gdot is not None:
+                gdx = self.vjp(gdot[0], src, *params).unsqueeze(0)
         else:
             d1, d2 = self.derivs(src, *params, second=second)
             gx = d1 * g if g is not None else None
