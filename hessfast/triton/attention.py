@@ -109,7 +109,7 @@ import triton.language as tl
 
 from ..rules.attention import ScaledDotProductAttention
 from ..rules.base import Call, nones
-from . import INTERPRETED, TritonRule
+from . import INTERPRETED, TritonRule, absent
 
 Tensor = torch.Tensor
 aten = torch.ops.aten
@@ -823,7 +823,8 @@ class _Geometry:
         never read)."""
         if self.mask is None:
             return like, (0, 0, 0, 0)
-        return self.mask, tuple(self.mask.stride())
+        mask = self.mask.view(torch.uint8) if self.mask_kind == _BOOL_MASK else self.mask
+        return mask, tuple(mask.stride())
 
     def launch(self, kernel, kind: str, heavy: bool, programs: tuple, *args, **flags) -> None:
         """Launch ``kernel`` (``kind`` and ``heavy`` as in :func:`_blocks`) on the grid
@@ -870,16 +871,33 @@ def _geometry(call: Call) -> _Geometry:
     tk, dv = v.shape[-2:]
     z = math.prod(lead)
     out_shape = (*q.shape[:-1], dv)
-    kind, m4 = _NO_MASK, None
+    m4 = None
     if mask is not None:
         m4 = mask.expand(*q.shape[:-1], tk).reshape(z, h, tq, tk)
-        if mask.dtype == torch.bool:
-            kind, m4 = _BOOL_MASK, m4.view(torch.uint8)
-        else:
-            kind = _FLOAT_MASK
+    return _geometry_of(out_shape, q.dtype, z, h, hkv, tq, tk, d, dv, scale, is_causal, m4)
+
+
+def _geometry_of(
+    out_shape: tuple,
+    dtype: torch.dtype,
+    z: int,
+    h: int,
+    hkv: int,
+    tq: int,
+    tk: int,
+    d: int,
+    dv: int,
+    scale: float | None,
+    is_causal: bool,
+    m4: Tensor | None,
+) -> _Geometry:
+    """The geometry from the shapes; ``m4`` is the ``[Z, H, Tq, Tk]`` mask view."""
+    kind = _NO_MASK
+    if m4 is not None:
+        kind = _BOOL_MASK if m4.dtype == torch.bool else _FLOAT_MASK
     return _Geometry(
         out_shape=out_shape,
-        dtype=q.dtype,
+        dtype=dtype,
         z=z,
         h=h,
         hkv=hkv,
@@ -892,8 +910,8 @@ def _geometry(call: Call) -> _Geometry:
         mask=m4,
         mask_kind=kind,
         prec=_precision(),
-        dot_dtype=_dot_dtype(q.dtype),
-        rne=INTERPRETED and q.dtype == torch.bfloat16,
+        dot_dtype=_dot_dtype(dtype),
+        rne=INTERPRETED and dtype == torch.bfloat16,
     )
 
 
@@ -934,6 +952,175 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
     ``[..., Z·H, T]``."""
     r = (a.float() * b.float()).sum(-1)
     return r.reshape(*r.shape[:-3], -1, r.shape[-1])
+
+
+def _op_geometry(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, causal: bool
+) -> _Geometry:
+    """The geometry inside an op, from ``q [Z, H, Tq, D]``, ``k [Z, Hkv, Tk, D]``,
+    ``v [Z, Hkv, Tk, Dv]`` and the ``[Z, H, Tq, Tk]`` mask view."""
+    z, h, tq, d = q.shape
+    hkv, tk, dv = k.shape[1], k.shape[2], v.shape[3]
+    return _geometry_of((), q.dtype, z, h, hkv, tq, tk, d, dv, scale, causal, mask)
+
+
+def _fwd_shapes(
+    q: Tensor, v: Tensor, n: int, tangent: bool, sdot: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The empty outputs ``(O [Z, H, Tq, Dv], (m, 1/l) [2, Z·H, Tq], Ȯ [n, Z, H, Tq, Dv],
+    μ̇ [n, Z·H, Tq])`` of :func:`_fwd_op` (:func:`absent` without tangents / without ``Ṡ``)."""
+    z, h, tq, _ = q.shape
+    dv = v.shape[3]
+    f32 = {"dtype": torch.float32, "device": q.device}
+    o = torch.empty(z, h, tq, dv, dtype=q.dtype, device=q.device)
+    stats = torch.empty(2, z * h, tq, **f32)
+    od = torch.empty(n, z, h, tq, dv, dtype=q.dtype, device=q.device) if tangent else absent(q)
+    mu = torch.empty(n, z * h, tq, **f32) if sdot else absent(q)
+    return o, stats, od, mu
+
+
+@torch.library.custom_op("hessfast::triton_sdpa_fwd_jvp", mutates_args=())
+def _fwd_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    tq: Tensor | None,
+    tk: Tensor | None,
+    tv: Tensor | None,
+    mask: Tensor | None,
+    scale: float,
+    causal: bool,
+    n: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The forward kernel: ``q, k, v`` as ``[Z, H(kv), T, D]`` (unit last stride), their tangents
+    ``[n, Z, H(kv), T, D]`` or ``None``, the mask as a ``[Z, H, Tq, Tk]`` view or ``None``. Returns
+    :func:`_fwd_shapes`' tensors, written."""
+    geo = _op_geometry(q, k, v, mask, scale, causal)
+    sdot = tq is not None or tk is not None
+    tangent = sdot or tv is not None
+    o, stats, od, mu = _fwd_shapes(q, v, n, tangent, sdot)
+    pointers, strides = _qkv_args(q, k, v, tq, tk, tv)
+    mask, msk = geo.mask_args(q)
+    geo.launch(
+        _sdpa_fwd_kernel,
+        "fwd",
+        tangent,
+        (geo.z * geo.h, n if tangent else 1),
+        *pointers,
+        mask,
+        o,
+        od if tangent else o,
+        stats,
+        mu if sdot else stats,
+        *strides,
+        msk,
+        HAS_TQ=tq is not None,
+        HAS_TK=tk is not None,
+        HAS_TV=tv is not None,
+        SDOT=sdot,
+        TANGENT=tangent,
+    )
+    return o, stats, od, mu
+
+
+@_fwd_op.register_fake
+def _(q, k, v, tq, tk, tv, mask, scale, causal, n):
+    sdot = tq is not None or tk is not None
+    return _fwd_shapes(q, v, n, sdot or tv is not None, sdot)
+
+
+def _bwd_shapes(
+    q: Tensor, k: Tensor, v: Tensor, c: int, need_q: bool, need_k: bool, need_dv: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The empty outputs ``(dQ [C, Z·H, Tq, D], dK [C, Z·Hkv, Tk, D], dV [C, Z·Hkv, Tk, Dv])`` of
+    :func:`_bwd_op` (:func:`absent` where not needed)."""
+    z, h, tq, d = q.shape
+    hkv, tk, dv = k.shape[1], k.shape[2], v.shape[3]
+    like = {"dtype": q.dtype, "device": q.device}
+    return (
+        torch.empty(c, z * h, tq, d, **like) if need_q else absent(q),
+        torch.empty(c, z * hkv, tk, d, **like) if need_k else absent(q),
+        torch.empty(c, z * hkv, tk, dv, **like) if need_dv else absent(q),
+    )
+
+
+@torch.library.custom_op("hessfast::triton_sdpa_bwd_jvp", mutates_args=())
+def _bwd_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    tq: Tensor | None,
+    tk: Tensor | None,
+    tv: Tensor | None,
+    mask: Tensor | None,
+    second: Tensor | None,
+    first: Tensor | None,
+    stats: Tensor,
+    mu: Tensor | None,
+    dt: Tensor,
+    d0: Tensor | None,
+    scale: float,
+    causal: bool,
+    c: int,
+    need_q: bool,
+    need_k: bool,
+    need_v: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One launch of each backward kernel (see :meth:`TritonScaledDotProductAttention._backward`):
+    the input tangents (``tq, tk, tv``, ``mu``) only with ``second``; returns ``(dQ, dK, dV)`` as
+    in :func:`_bwd_shapes`."""
+    geo = _op_geometry(q, k, v, mask, scale, causal)
+    sdot = tq is not None or tk is not None
+    need_dv = need_v and (first is not None or sdot)
+    flags = dict(
+        FIRST=first is not None,
+        SECOND=second is not None,
+        HAS_TQ=tq is not None,
+        HAS_TK=tk is not None,
+        HAS_TV=tv is not None,
+        SDOT=sdot,
+    )
+    pointers, strides = _qkv_args(q, k, v, tq, tk, tv)
+    mask, msk = geo.mask_args(q)
+    pointers = (
+        *pointers,
+        mask,
+        second if second is not None else q,
+        first if first is not None else q,
+        stats,
+        mu if sdot else stats,
+        dt,
+        d0 if d0 is not None else stats,
+    )
+    strides = (*strides, _strides(second, 3), _strides(first, 4), msk)
+    heavy = second is not None
+    bh, bhk = geo.z * geo.h, geo.z * geo.hkv
+    dq, dk, dv = _bwd_shapes(q, k, v, c, need_q, need_k, need_dv)
+    if need_k or need_dv:
+        like = {"dtype": q.dtype, "device": q.device}
+        geo.launch(
+            _sdpa_bwd_kv_kernel,
+            "kv",
+            heavy,
+            (bhk, c),
+            *pointers,
+            dk if need_k else torch.empty(c, bhk, geo.tk, geo.d, **like),
+            dv if need_dv else torch.empty(c, bhk, geo.tk, geo.dv, **like),
+            *strides,
+            HKV=geo.hkv,
+            **flags,
+            NEED_DK=need_k,
+            NEED_DV=need_dv,
+        )
+    if need_q:
+        geo.launch(_sdpa_bwd_q_kernel, "q", heavy, (bh, c), *pointers, dq, *strides, **flags)
+    return dq, dk, dv
+
+
+@_bwd_op.register_fake
+def _(q, k, v, tq, tk, tv, mask, second, first, stats, mu, dt, d0, scale, causal, c, nq, nk, nv):
+    need_dv = nv and (first is not None or tq is not None or tk is not None)
+    return _bwd_shapes(q, k, v, c, nq, nk, need_dv)
 
 
 @dataclass
@@ -1025,32 +1212,9 @@ class TritonScaledDotProductAttention(TritonRule):
         )
         sdot = tq is not None or tk is not None
         tangent = sdot or tv is not None
-        bh = geo.z * geo.h
-        o = torch.empty(geo.z, geo.h, geo.tq, geo.dv, dtype=q.dtype, device=q.device)
-        stats = torch.empty(2, bh, geo.tq, dtype=torch.float32, device=q.device)
-        od = torch.empty(n, *o.shape, dtype=q.dtype, device=q.device) if tangent else None
-        mu = torch.empty(n, bh, geo.tq, dtype=torch.float32, device=q.device) if sdot else None
-        pointers, strides = _qkv_args(q4, k4, v4, tq, tk, tv)
-        mask, msk = geo.mask_args(q4)
-        geo.launch(
-            _sdpa_fwd_kernel,
-            "fwd",
-            tangent,
-            (bh, n if tangent else 1),
-            *pointers,
-            mask,
-            o,
-            od if od is not None else o,
-            stats,
-            mu if mu is not None else stats,
-            *strides,
-            msk,
-            HAS_TQ=tq is not None,
-            HAS_TK=tk is not None,
-            HAS_TV=tv is not None,
-            SDOT=sdot,
-            TANGENT=tangent,
-        )
+        o, stats, od, mu = _fwd_op(q4, k4, v4, tq, tk, tv, geo.mask, geo.scale, geo.causal, n)
+        od = od if tangent else None
+        mu = mu if sdot else None
         active = tuple(call.is_active(i) for i in range(3))
         saved = _Saved(
             geo, q4, k4, v4, tq, tk, tv, o, od, stats, mu, active, (q.shape, k.shape, v.shape), n
@@ -1106,58 +1270,32 @@ class TritonScaledDotProductAttention(TritonRule):
         the saved input tangents. Returns ``(dQ, dK, dV)`` as ``[C, Z·…]`` tensors or ``None``."""
         geo = res.geo
         need_q, need_k, need_v = res.active
-        q = res.q
         c = first.shape[0] if first is not None else res.k_count
         tq, tk, tv = (res.tq, res.tk, res.tv) if second is not None else (None, None, None)
         sdot = tq is not None or tk is not None
-        flags = dict(
-            FIRST=first is not None,
-            SECOND=second is not None,
-            HAS_TQ=tq is not None,
-            HAS_TK=tk is not None,
-            HAS_TV=tv is not None,
-            SDOT=sdot,
-        )
-        pointers, strides = _qkv_args(res.q, res.k, res.v, tq, tk, tv)
-        mask, msk = geo.mask_args(q)
-        pointers = (
-            *pointers,
-            mask,
-            second if second is not None else q,
-            first if first is not None else q,
-            res.stats,
-            res.mu if sdot else res.stats,
-            dt,
-            d0 if d0 is not None else res.stats,
-        )
-        strides = (*strides, _strides(second, 3), _strides(first, 4), msk)
-        heavy = second is not None
-        bh, bhk = geo.z * geo.h, geo.z * geo.hkv
-        dq = dk = dv = None
         need_dv = need_v and (first is not None or sdot)
-        if need_k or need_dv:
-            dk = torch.empty(c, bhk, geo.tk, geo.d, dtype=q.dtype, device=q.device)
-            dv = torch.empty(c, bhk, geo.tk, geo.dv, dtype=q.dtype, device=q.device)
-            geo.launch(
-                _sdpa_bwd_kv_kernel,
-                "kv",
-                heavy,
-                (bhk, c),
-                *pointers,
-                dk,
-                dv,
-                *strides,
-                HKV=geo.hkv,
-                **flags,
-                NEED_DK=need_k,
-                NEED_DV=need_dv,
-            )
-            dk = dk if need_k else None
-            dv = dv if need_dv else None
-        if need_q:
-            dq = torch.empty(c, bh, geo.tq, geo.d, dtype=q.dtype, device=q.device)
-            geo.launch(_sdpa_bwd_q_kernel, "q", heavy, (bh, c), *pointers, dq, *strides, **flags)
-        return dq, dk, dv
+        dq, dk, dv = _bwd_op(
+            res.q,
+            res.k,
+            res.v,
+            tq,
+            tk,
+            tv,
+            geo.mask,
+            second,
+            first,
+            res.stats,
+            res.mu if sdot else None,
+            dt,
+            d0,
+            geo.scale,
+            geo.causal,
+            c,
+            need_q,
+            need_k,
+            need_v,
+        )
+        return (dq if need_q else None), (dk if need_k else None), (dv if need_dv else None)
 
 
 def _shape(x: Tensor | None, shape: tuple, needed: bool) -> Tensor | None:
