@@ -992,9 +992,10 @@ def _fwd_op(
     causal: bool,
     n: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The forward kernel: ``q, k, v`` as ``[Z, H(kv), T, D]`` (unit last stride), their tangents
-    ``[n, Z, H(kv), T, D]`` or ``None``, the mask as a ``[Z, H, Tq, Tk]`` view or ``None``. Returns
-    :func:`_fwd_shapes`' tensors, written."""
+    """The forward kernel: ``q, k, v`` as ``[Z, H(kv), T, D]``, their tangents
+    ``[n, Z, H(kv), T, D]`` or ``None`` (any strides; copied when the last one is not 1), the mask
+    as a ``[Z, H, Tq, Tk]`` view or ``None``. Returns :func:`_fwd_shapes`' tensors, written."""
+    q, k, v, tq, tk, tv = (None if t is None else _unit_last(t) for t in (q, k, v, tq, tk, tv))
     geo = _op_geometry(q, k, v, mask, scale, causal)
     sdot = tq is not None or tk is not None
     tangent = sdot or tv is not None
@@ -1069,6 +1070,10 @@ def _bwd_op(
     """One launch of each backward kernel (see :meth:`TritonScaledDotProductAttention._backward`):
     the input tangents (``tq, tk, tv``, ``mu``) only with ``second``; returns ``(dQ, dK, dV)`` as
     in :func:`_bwd_shapes`."""
+    q, k, v, tq, tk, tv, second, first = (
+        None if t is None else _unit_last(t) for t in (q, k, v, tq, tk, tv, second, first)
+    )
+    stats, mu, dt, d0 = (None if t is None else t.contiguous() for t in (stats, mu, dt, d0))
     geo = _op_geometry(q, k, v, mask, scale, causal)
     sdot = tq is not None or tk is not None
     need_dv = need_v and (first is not None or sdot)
