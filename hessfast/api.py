@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torch.fx._pytree import tree_flatten_spec
 
 from . import autograd_fallback, capture, engine, losses, traced
 from .dispatch import use_backend
@@ -18,14 +19,60 @@ Params = str | Sequence[str] | None
 
 
 def _as_tuple(inputs: Any) -> tuple:
+    """Positional inputs: a tensor is ``(inputs,)``, a tuple or list itself (a mapping is
+    :func:`split_inputs`' business)."""
     if isinstance(inputs, torch.Tensor):
         return (inputs,)
     if isinstance(inputs, (tuple, list)):
         return tuple(inputs)
     raise ValueError(
-        f"inputs must be a tensor or a tuple of tensors passed as model(*inputs), "
-        f"not {type(inputs).__name__}"
+        f"inputs must be a tensor, a tuple of tensors passed as model(*inputs) or a dict "
+        f"passed as model(**inputs), not {type(inputs).__name__}"
     )
+
+
+def split_inputs(inputs: Any) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` with which the model is called: a mapping (a dict, ``UserDict``, a
+    tokenizer's ``BatchEncoding``) is ``model(**inputs)``, anything else ``model(*inputs)``."""
+    if isinstance(inputs, Mapping):
+        bad = [k for k in inputs if not isinstance(k, str)]
+        if bad:
+            raise ValueError(f"dict inputs are passed as model(**inputs): keys must be str: {bad}")
+        return (), dict(inputs)
+    return _as_tuple(inputs), {}
+
+
+class _Rebuilt:
+    """A custom ``loss_fn`` fed the model's output container rebuilt around the one tensor it
+    holds, as ``loss_fn(model(x), y)`` would see it. Equal for the same loss and structure (the
+    traced products key on it)."""
+
+    def __init__(self, loss_fn: Callable, spec: Any):
+        self.loss_fn, self.spec, self._key = loss_fn, spec, str(spec)
+
+    def __call__(self, z, target):
+        return self.loss_fn(torch.utils._pytree.tree_unflatten([z], self.spec), target)
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, _Rebuilt)
+            and other.loss_fn is self.loss_fn
+            and other._key == self._key
+        )
+
+    def __hash__(self) -> int:
+        return hash((id(self.loss_fn), self._key))
+
+
+def _read_output(rule: Any, out_spec: Any, output: Any) -> Any:
+    """The loss rule, its callable wrapped to receive the model's container where
+    :func:`capture.choose_output` says the loss reads the whole output."""
+    if out_spec is None:
+        return rule
+    _, rebuild = capture.choose_output(out_spec, output, isinstance(rule, losses.FuncLoss))
+    if rebuild is not None:
+        rule.loss_fn = _Rebuilt(rule.loss_fn, rebuild)
+    return rule
 
 
 def _compute(
@@ -40,23 +87,27 @@ def _compute(
     profiler=None,
     backend=None,
     compile=None,
+    output=None,
 ):
     traced.check_mode(compile)
     with use_backend(backend):
         return _compute_on(
-            model, loss_fn, inputs, targets, selected, vec, mode, strict, profiler, compile
+            model, loss_fn, inputs, targets, selected, vec, mode, strict, profiler, compile, output
         )
 
 
-def _compute_on(model, loss_fn, inputs, targets, selected, vec, mode, strict, profiler, compile):
-    inputs = _as_tuple(inputs)
+def _compute_on(
+    model, loss_fn, inputs, targets, selected, vec, mode, strict, profiler, compile, output
+):
+    inputs, kwargs = split_inputs(inputs)
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, not {type(model).__name__}")
     names = frozenset(n for n, _ in selected)
     tangents = vec.tangents if vec is not None else None
     k = vec.k if vec is not None else 0
+    custom = not losses.is_closed_form(loss_fn)
     try:
-        prog = capture.capture(model, inputs)
+        prog = capture.capture(model, inputs, kwargs, output, custom)
     except CaptureError as e:
         if strict:
             raise
@@ -68,17 +119,20 @@ def _compute_on(model, loss_fn, inputs, targets, selected, vec, mode, strict, pr
             stacklevel=3,
         )
         rule = losses.resolve(loss_fn, targets)
-        return autograd_fallback.run(model, rule, inputs, selected, tangents, k, mode)
+        return autograd_fallback.run(
+            model, rule, inputs, selected, tangents, k, mode, kwargs=kwargs, output=output
+        )
     values: dict[str, torch.Tensor] = {}
     for ph, name in prog.params.items():
         values[ph] = model.get_parameter(name).detach()
     for ph, fqn in prog.buffers.items():
         values[ph] = model.get_buffer(fqn).detach()
     values.update(prog.constants)
-    for ph, x in zip(prog.user_inputs, torch.utils._pytree.tree_leaves(inputs)):
+    for ph, x in zip(prog.user_inputs, tree_flatten_spec((inputs, kwargs), prog.in_spec)):
         values[ph] = x.detach() if isinstance(x, torch.Tensor) else x
     out_meta = prog.output.meta.get("val")
     rule = losses.resolve(loss_fn, targets, tuple(out_meta.shape) if out_meta is not None else None)
+    rule = _read_output(rule, prog.out_spec, output)
     if profiler is not None:  # the per-rule view needs the interpreter
         res = engine.run(prog, names, values, tangents, k, rule, mode, profiler=profiler)
     else:
@@ -111,6 +165,7 @@ def hvp(
     check_finite: bool = True,
     backend: str | None = None,
     compile: str | None = None,
+    output: str | int | None = None,
 ):
     """Exact Hessian of ``loss_fn(model(*inputs), targets)`` w.r.t. the parameters, times ``v``.
 
@@ -123,6 +178,12 @@ def hvp(
     product's traced graph, traced on first use and replayed; ``"interpret"``: the node-by-node
     interpreter; ``"inductor"``: the traced graph through ``torch.compile``; ``"cudagraphs"``)
     picks how the product runs, see :mod:`hessfast.traced`.
+
+    ``inputs`` may be a dict (or ``UserDict``, a tokenizer's ``BatchEncoding``): the model is then
+    called as ``model(**inputs)``. A model may return a dict, ``ModelOutput``, tuple or list:
+    ``output`` (a key such as ``"logits"``, or an index) says which tensor the loss reads
+    (default: a lone tensor, else the ``logits`` entry for the built-in losses); a custom
+    ``loss_fn`` of a model returning a container with one tensor receives the container.
 
     Example:
         >>> import torch, torch.nn.functional as F, hessfast
@@ -146,6 +207,7 @@ def hvp(
         strict,
         backend=backend,
         compile=compile,
+        output=output,
     )
     _finite("Hessian-vector product", prods, check_finite)
     out = (
@@ -171,6 +233,7 @@ def ggn_vp(
     check_finite: bool = True,
     backend: str | None = None,
     compile: str | None = None,
+    output: str | int | None = None,
 ):
     """Generalised Gauss-Newton ``Jᵀ H_L J`` times ``v`` (J: the model's Jacobian w.r.t. the
     parameters, H_L: the loss Hessian at the output). Positive semidefinite for convex losses.
@@ -197,6 +260,7 @@ def ggn_vp(
         strict,
         backend=backend,
         compile=compile,
+        output=output,
     )
     _finite("GGN-vector product", prods, check_finite)
     if vec.batched:
@@ -216,6 +280,7 @@ def grad(
     check_finite: bool = True,
     backend: str | None = None,
     compile: str | None = None,
+    output: str | int | None = None,
 ):
     """Gradient of ``loss_fn(model(*inputs), targets)`` through the same engine: a dict
     ``{name: tensor}``, or a flat tensor in ``named_parameters()`` order with ``flat=True``.
@@ -239,6 +304,7 @@ def grad(
         strict,
         backend=backend,
         compile=compile,
+        output=output,
     )
     _finite("gradient", grads, check_finite)
     if flat:

@@ -34,25 +34,45 @@ def check_no_training_dropout(model: nn.Module) -> None:
             )
 
 
-def run(model, loss_rule, inputs, selected, tangents, k, mode):
-    """Return ``(loss, grads, products)`` as the engine does, computed with autograd."""
+def run(model, loss_rule, inputs, selected, tangents, k, mode, kwargs=None, output=None):
+    """Return ``(loss, grads, products)`` as the engine does, computed with autograd, for
+    ``model(*inputs, **kwargs)``; a container output is read as on the captured path
+    (:func:`hessfast.capture.choose_output` with ``output``)."""
     with _math_attention():
-        return _run(model, loss_rule, inputs, selected, tangents, k, mode)
+        return _run(model, loss_rule, inputs, selected, tangents, k, mode, kwargs or {}, output)
 
 
-def _run(model, loss_rule, inputs, selected, tangents, k, mode):
+def select_output(out, loss_rule, output):
+    """The tensor of ``out`` the loss reads, and the loss rule (a custom loss of a one-tensor
+    container receives the container, as on the captured path)."""
+    from . import api, capture
+
+    leaves, spec = torch.utils._pytree.tree_flatten(out)
+    if spec.is_leaf():
+        z = out
+    else:
+        if not leaves or not all(isinstance(x, torch.Tensor) for x in leaves):
+            z = None
+        else:
+            idx, _ = capture.choose_output(spec, output, isinstance(loss_rule, api.losses.FuncLoss))
+            z = leaves[idx]
+            loss_rule = api._read_output(loss_rule, spec, output)
+    if not isinstance(z, torch.Tensor):
+        raise ValueError(
+            "the model must return a tensor, or a dict/tuple of tensors (pass output= to say "
+            "which one the loss reads)"
+        )
+    return z, loss_rule
+
+
+def _run(model, loss_rule, inputs, selected, tangents, k, mode, kwargs, output):
     check_no_training_dropout(model)
     names = [n for n, _ in selected]
     params = [p for _, p in selected]
     saved = {n: b.detach().clone() for n, b in model.named_buffers()}
     try:
         with torch.enable_grad():
-            z = model(*inputs)
-            if not isinstance(z, torch.Tensor):
-                raise ValueError(
-                    "the model must return one tensor (the loss input); wrap it so forward "
-                    "returns the logits"
-                )
+            z, loss_rule = select_output(model(*inputs, **kwargs), loss_rule, output)
             loss, gz, _ = loss_rule.evaluate(z, None, "grad")
             grads = products = None
             if mode in ("grad", "hvp"):

@@ -81,7 +81,9 @@ class Program:
     buffers: dict[str, str]  # placeholder name -> buffer FQN
     constants: dict[str, torch.Tensor]  # placeholder name -> lifted constant
     user_inputs: list[str]  # placeholder names in flattened input order
-    output: torch.fx.Node  # the model output node
+    output: torch.fx.Node  # the model output node the loss reads
+    in_spec: Any = None  # pytree spec of (args, kwargs) the placeholders flatten
+    out_spec: Any = None  # pytree spec of what forward returns (None: one tensor)
     _plans: dict = field(default_factory=dict)
     _last_uses: dict | None = None
 
@@ -416,7 +418,47 @@ def _functionalize(ep: torch.export.ExportedProgram) -> torch.export.ExportedPro
     return ep
 
 
-def _build(ep: torch.export.ExportedProgram, model: nn.Module) -> Program:
+def choose_output(out_spec: Any, output: str | int | None, custom_loss: bool) -> tuple[int, Any]:
+    """Which leaf of a model output structured as ``out_spec`` the loss reads, as
+    ``(leaf index, rebuild)``: ``rebuild`` is ``out_spec`` when the loss is to receive the output
+    rebuilt around that leaf (a custom ``loss_fn`` of a model returning a container with one tensor:
+    exactly what ``loss_fn(model(x), y)`` sees), else ``None`` (the loss receives the tensor).
+
+    ``output``: a key (``"logits"``) or an index into the returned dict, ``ModelOutput``, tuple or
+    list; ``None`` takes a lone tensor, else the ``logits`` entry when there is one (closed-form
+    losses only: a custom loss over several returned tensors must say which one it reads).
+    """
+    n = out_spec.num_leaves
+    if out_spec.is_leaf():
+        if output is not None:
+            raise ValueError(f"output={output!r}: the model returns one tensor; drop output=")
+        return 0, None
+    tree = pytree.tree_unflatten(list(range(n)), out_spec)
+    what = f"{type(tree).__name__} of {n} tensor{'s' if n != 1 else ''}"
+    if output is not None:
+        try:
+            idx = tree[output]
+        except (KeyError, IndexError, TypeError) as e:
+            keys = list(tree.keys()) if hasattr(tree, "keys") else list(range(len(tree)))
+            raise ValueError(
+                f"output={output!r}: the model returns a {what} with entries {keys}"
+            ) from e
+        if not isinstance(idx, int):
+            raise ValueError(f"output={output!r} selects a {type(idx).__name__}, not a tensor")
+        return idx, None
+    if n == 1:
+        return 0, (out_spec if custom_loss else None)
+    if hasattr(tree, "keys") and "logits" in tree.keys() and not custom_loss:
+        return tree["logits"], None
+    raise ValueError(
+        f"the model returns a {what}: pass output= (a key such as 'logits', or an index) to say "
+        "which tensor the loss reads; the loss then receives that tensor"
+    )
+
+
+def _build(
+    ep: torch.export.ExportedProgram, model: nn.Module, output=None, custom_loss=False
+) -> Program:
     sig = ep.graph_signature
     canonical = {id(p): n for n, p in model.named_parameters(remove_duplicate=True)}
     params = {}
@@ -451,16 +493,31 @@ def _build(ep: torch.export.ExportedProgram, model: nn.Module) -> Program:
         elif node.op == "output":
             outs = node.args[0]
             names = [o.name if isinstance(o, torch.fx.Node) else None for o in outs]
-            if len(user_outputs) != 1:
+            out_spec = ep.call_spec.out_spec
+            if out_spec is None or out_spec.num_leaves != len(user_outputs):
+                out_spec = pytree.tree_flatten(0)[1] if len(user_outputs) == 1 else None
+            if out_spec is None:
                 raise ValueError(
-                    f"the model returns {len(user_outputs)} outputs; hessfast needs one logits "
-                    "tensor. Wrap the model so that forward returns only the tensor the loss reads."
+                    f"the model returns {len(user_outputs)} outputs; wrap the model so that "
+                    "forward returns the tensor the loss reads"
                 )
-            idx = names.index(user_outputs[0]) if user_outputs[0] in names else len(outs) - 1
+            leaf, _ = choose_output(out_spec, output, custom_loss)
+            chosen = user_outputs[leaf]
+            idx = names.index(chosen) if chosen in names else len(outs) - 1
             output_node = outs[idx]
             if not isinstance(output_node, torch.fx.Node):
                 raise ValueError("the model output is not a tensor computed by the model")
-    return Program(gm, steps, params, buffers, constants, list(sig.user_inputs), output_node)
+    return Program(
+        gm,
+        steps,
+        params,
+        buffers,
+        constants,
+        list(sig.user_inputs),
+        output_node,
+        ep.call_spec.in_spec,
+        None if out_spec.is_leaf() else out_spec,
+    )
 
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -612,8 +669,16 @@ def fingerprint(model: nn.Module) -> Fingerprint:
     return Fingerprint(tuple(parts))
 
 
-def capture(model: nn.Module, inputs: tuple) -> Program:
-    """Export ``model`` at the signature of ``inputs`` (cached; a second call does not re-export).
+def capture(
+    model: nn.Module,
+    inputs: tuple,
+    kwargs: dict | None = None,
+    output: str | int | None = None,
+    custom_loss: bool = False,
+) -> Program:
+    """Export ``model`` at the signature of ``model(*inputs, **kwargs)`` (cached; a second call
+    does not re-export). ``output`` and ``custom_loss`` choose the returned tensor the loss reads
+    (:func:`choose_output`).
 
     A program is reused when the model object, :func:`fingerprint` of the model (its modules,
     their training flags, parameter and buffer objects, plain-Python attributes and forward
@@ -626,7 +691,7 @@ def capture(model: nn.Module, inputs: tuple) -> Program:
     per_model = _CACHE.get(model)
     if per_model is None:
         per_model = _CACHE[model] = []
-    sig = signature(inputs)
+    sig = (signature((inputs, kwargs or {})), output, custom_loss)
     fp = fingerprint(model)
     for i, (s, f, prog) in enumerate(per_model):
         if s == sig and f == fp:
@@ -637,7 +702,7 @@ def capture(model: nn.Module, inputs: tuple) -> Program:
             return prog
     EXPORT_COUNT += 1
     try:
-        ep = torch.export.export(model, inputs, strict=False)
+        ep = torch.export.export(model, inputs, kwargs or None, strict=False)
         ep = _functionalize(ep)
     except Exception as e:  # export raises many types; all mean "could not capture"
         err = e if isinstance(e, CaptureError) else None
@@ -646,7 +711,11 @@ def capture(model: nn.Module, inputs: tuple) -> Program:
             err = CaptureError(f"{type(e).__name__}: {msg}")
         _store(per_model, sig, fp, fingerprint(model), err)
         raise err from e
-    prog = _build(ep, model)
+    try:
+        prog = _build(ep, model, output, custom_loss)
+    except ValueError as e:  # an output the loss cannot read: the same answer next time
+        _store(per_model, sig, fp, fingerprint(model), e)
+        raise
     # export ran forward, which may itself have changed a Python attribute (a counter): the
     # program is also valid for the state forward left behind, which the next call sees
     _store(per_model, sig, fp, fingerprint(model), prog)

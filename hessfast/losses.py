@@ -358,6 +358,12 @@ def validate_targets(rule: Any, output_shape: tuple | None) -> None:
         )
 
 
+def is_closed_form(loss_fn: Callable) -> bool:
+    """Whether ``loss_fn`` is one of the losses with a closed-form rule (it reads a tensor), as
+    opposed to a custom callable (which may read a container the model returns)."""
+    return _identify(loss_fn)[0] is not None
+
+
 def resolve(loss_fn: Callable, target: Any, output_shape: tuple | None = None):
     """The loss rule for ``loss_fn`` and ``target``: a closed form when recognised, else
     :class:`FuncLoss`. Raises ``ValueError`` for options that cannot give a scalar loss, a loss

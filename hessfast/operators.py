@@ -45,13 +45,13 @@ Example:
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import api, losses, traced
+from . import api, autograd_fallback, losses, traced
 from . import distributed as _dist
 from .dispatch import _check_choice
 from .errors import NonFiniteError
@@ -153,9 +153,14 @@ def _is_single_batch(data: Any) -> bool:
 
 
 def _split(x: Any, size: int) -> list:
-    """Split a tensor (or a tuple of tensors, along their first axis) into chunks of ``size``."""
+    """Split model inputs — a tensor, a tuple or list of them, or a dict of them (passed as
+    ``model(**x)``) — along the tensors' first axis into chunks of ``size``; other entries are
+    repeated in every chunk."""
     if isinstance(x, torch.Tensor):
         return list(torch.split(x, size))
+    if isinstance(x, Mapping):
+        keys = list(x)
+        return [dict(zip(keys, vals)) for vals in _split([x[k] for k in keys], size)]
     parts = [_split(t, size) if isinstance(t, torch.Tensor) else None for t in x]
     n = max(len(p) for p in parts if p is not None)
     return [tuple(p[i] if p is not None else t for p, t in zip(parts, x)) for i in range(n)]
@@ -184,11 +189,13 @@ class _ModelOperator(CurvatureOperator):
         backend: str | None = None,
         reduction: str | None = None,
         compile: str | None = None,
+        output: str | int | None = None,
     ):
         if backend is not None:
             _check_choice(backend, f"{type(self).__name__}(backend=...)")
         traced.check_mode(compile)
         self.compile = compile
+        self.output = output
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, not {type(model).__name__}")
         losses.check_loss_fn(loss_fn)
@@ -281,6 +288,7 @@ class _ModelOperator(CurvatureOperator):
             backend=self.backend,
             reduction=self.reduction or self._probed,
             compile=self.compile,
+            output=self.output,
         )
 
     def groups(self, by: str | Sequence[str] = "module") -> dict[str, list[tuple[int, int]]]:
@@ -333,7 +341,7 @@ class _ModelOperator(CurvatureOperator):
             if n is None or n <= self.max_batch_size:
                 yield inputs, targets
                 continue
-            ins = _split(inputs if isinstance(inputs, tuple) else (inputs,), self.max_batch_size)
+            ins = _split(inputs, self.max_batch_size)
             yield from zip(ins, torch.split(targets, self.max_batch_size))
 
     def _vectors(self, V: Tensor) -> Vectors:
@@ -348,12 +356,12 @@ class _ModelOperator(CurvatureOperator):
     def _model_output(self, inputs: Any) -> Any:
         """One plain forward without gradients; buffers (BatchNorm statistics) and the RNG state
         are left as they were."""
-        ins = api._as_tuple(inputs)
+        args, kwargs = api.split_inputs(inputs)
         saved = {n: b.detach().clone() for n, b in self.model.named_buffers()}
         devices = [self.device] if self.device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices), torch.no_grad():
-                return self.model(*ins)
+                return self.model(*args, **kwargs)
         finally:
             with torch.no_grad():
                 for n, b in self.model.named_buffers():
@@ -367,19 +375,13 @@ class _ModelOperator(CurvatureOperator):
         if self.reduction is not None:
             return self.reduction
         if self._probed is None:
-            z = self._model_output(inputs)
-            if not isinstance(z, torch.Tensor):
-                what = type(z).__name__
-                if isinstance(z, dict):
-                    what += f" with keys {list(z)}"
-                raise ValueError(
-                    f"the model returns a {what}, but hessfast differentiates one output tensor "
-                    "and gives it to loss_fn as such: wrap the model so that forward returns the "
-                    "tensor the loss reads (e.g. forward(x) = model(x)['logits'])"
-                )
+            out = self._model_output(inputs)
+            z, rule = autograd_fallback.select_output(
+                out, losses.FuncLoss(self.loss_fn, targets), self.output
+            )
             if not self._weighs_batches():
                 return None
-            self._probed = losses.probe_reduction(self.loss_fn, z, targets)
+            self._probed = losses.probe_reduction(rule.loss_fn, z, targets)
         return self._probed
 
     def _partial(self, vec: Vectors) -> tuple[Tensor | None, float, int]:
@@ -415,6 +417,7 @@ class _ModelOperator(CurvatureOperator):
                 False,
                 backend=self.backend,
                 compile=self.compile,
+                output=self.output,
             )
             flat = torch.cat([prods[n].reshape(vec.k, -1) for n in self.names], dim=1)
             if w is not None:
