@@ -691,15 +691,15 @@ def capture(
     per_model = _CACHE.get(model)
     if per_model is None:
         per_model = _CACHE[model] = []
-    sig = (signature((inputs, kwargs or {})), output, custom_loss)
+    sig = signature((inputs, kwargs or {}))
     fp = fingerprint(model)
-    for i, (s, f, prog) in enumerate(per_model):
+    for i, (s, f, held) in enumerate(per_model):
         if s == sig and f == fp:
             if i:
                 per_model.insert(0, per_model.pop(i))  # most recently used first
-            if isinstance(prog, Exception):
-                raise prog
-            return prog
+            if isinstance(held, Exception):
+                raise held
+            return held.program(model, output, custom_loss)
     EXPORT_COUNT += 1
     try:
         ep = torch.export.export(model, inputs, kwargs or None, strict=False)
@@ -711,15 +711,30 @@ def capture(
             err = CaptureError(f"{type(e).__name__}: {msg}")
         _store(per_model, sig, fp, fingerprint(model), err)
         raise err from e
-    try:
-        prog = _build(ep, model, output, custom_loss)
-    except ValueError as e:  # an output the loss cannot read: the same answer next time
-        _store(per_model, sig, fp, fingerprint(model), e)
-        raise
+    held = _Exported(ep)
     # export ran forward, which may itself have changed a Python attribute (a counter): the
     # program is also valid for the state forward left behind, which the next call sees
-    _store(per_model, sig, fp, fingerprint(model), prog)
-    return prog
+    _store(per_model, sig, fp, fingerprint(model), held)
+    return held.program(model, output, custom_loss)
+
+
+class _Exported:
+    """One export and the programs built from it, one per choice of the output the loss reads
+    (a single choice when the model returns one tensor)."""
+
+    def __init__(self, ep: torch.export.ExportedProgram):
+        self.ep = ep
+        self.programs: dict = {}
+
+    def program(self, model: nn.Module, output: Any, custom_loss: bool) -> Program:
+        spec = self.ep.call_spec.out_spec
+        key = None if spec is None or spec.is_leaf() else (output, custom_loss)
+        prog = self.programs.get(key)
+        if prog is None:
+            prog = self.programs[key] = _build(self.ep, model, output, custom_loss)
+        elif key is None and output is not None:
+            choose_output(spec, output, custom_loss)  # the same error as a first call
+        return prog
 
 
 def _store(per_model: list, sig: tuple, before: Fingerprint, after: Fingerprint, value) -> None:

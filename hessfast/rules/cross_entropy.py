@@ -166,6 +166,8 @@ class CrossEntropyLoss:
         ``_log_softmax_backward_data`` (``A p − a``); the Hessian product is
         ``A ⊙ _softmax_backward_data(u, p)`` with ``A = −Σ_c (−a)``. Other variants form the
         coefficient matrix ``a`` (module docstring) explicitly."""
+        if zdot is not None:  # a tangent may arrive broadcastable (only a bias active)
+            zdot = zdot.expand(zdot.shape[0], *z.shape)
         zr, t, rows_of, unrows = to_rows(z, self.target, self.soft)
         logp = torch.log_softmax(zr, dim=-1)
         want_g = mode in ("hvp", "grad")
