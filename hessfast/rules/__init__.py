@@ -22,6 +22,7 @@ _MODULES = (
     "linear",
     "matmul",
     "conv",
+    "pool",
     "embedding",
     "layer_norm",
     "batch_norm",
