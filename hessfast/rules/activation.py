@@ -14,7 +14,8 @@ in the backward (elementwise, cheap), ``f″`` only when the second-order term i
 
 Kernels: where torch has a fused backward kernel for the op (``threshold_backward``,
 ``gelu_backward``, ``silu_backward``, ``tanh_backward``, ``sigmoid_backward``,
-``leaky_relu_backward``, ``elu_backward``, ``hardtanh_backward``, ``softplus_backward``; ``log``:
+``leaky_relu_backward``, ``elu_backward``, ``hardtanh_backward``, ``softplus_backward``,
+``hardswish_backward``, ``mish_backward``; ``log``:
 one division) the products ``f′(x) c`` that need nothing else go through it, as in autograd: the
 gradient ``ḡ_x`` alone, and ``ẏ`` / ``ġ_x`` for up to :data:`NATIVE_K` vectors. With more vectors, or
 when ``f″`` is computed anyway (the second-order term), ``f′`` is formed once and multiplied.
@@ -47,6 +48,11 @@ leaky_relu(a)     [x > 0] + a [x ≤ 0]                    0
 elu(α, s, i)      s [x > 0] + α s i e^{ix} [x ≤ 0]       α s i² e^{ix} [x ≤ 0]
 hardtanh(lo, hi)  [lo < x < hi]                          0
 square            2x                                     2
+hardsigmoid       [−3 < x < 3] / 6                       0
+hardswish         0 (x ≤ −3), x/3 + ½ (−3 < x < 3),      [−3 < x < 3] / 3
+                  1 (x ≥ 3)
+mish              t + x s (1 − t²),                      s (1 − t²) (2 + x (1 − s − 2 t s))
+                  t = tanh(softplus x), s = σ(x)
 ================  =====================================  ===========================================
 
 Declined (the engine uses the ``torch.func`` fallback): non-floating or complex inputs, ``gelu``
@@ -210,6 +216,32 @@ def square_derivs(x, second=False):
     return 2 * x, (2.0 if second else None)
 
 
+def hardsigmoid_derivs(x, second=False):
+    """``relu6(x + 3) / 6``: ``f′ = [−3 < x < 3] / 6`` (0 on the boundaries, as torch), ``f″ = 0``."""
+    return ((x > -3) & (x < 3)).to(x.dtype) * (1.0 / 6.0), None
+
+
+def hardswish_derivs(x, second=False):
+    """``x relu6(x + 3) / 6``: ``f′ = x/3 + ½`` on ``(−3, 3)``, 0 for ``x ≤ −3``, 1 for ``x ≥ 3``
+    (the sides torch's ``hardswish_backward`` takes at the kinks); ``f″ = 1/3`` on ``(−3, 3)`` (as
+    torch's double backward), 0 elsewhere."""
+    mid = x * (1.0 / 3.0) + 0.5
+    d1 = torch.where(x <= -3, torch.zeros_like(x), torch.where(x < 3, mid, torch.ones_like(x)))
+    d2 = ((x > -3) & (x < 3)).to(x.dtype) * (1.0 / 3.0) if second else None
+    return d1, d2
+
+
+def mish_derivs(x, second=False):
+    """``x tanh(softplus x)``: with ``t = tanh(softplus x)``, ``s = σ(x)`` (``t′ = s (1 − t²)``),
+    ``f′ = t + x s (1 − t²)``, ``f″ = s (1 − t²) (2 + x (1 − s − 2 t s))``."""
+    t = torch.tanh(torch.nn.functional.softplus(x))
+    s = torch.sigmoid(x)
+    ds = s * (1 - t * t)
+    d1 = t + x * ds
+    d2 = ds * (2 + x * (1 - s - 2 * t * s)) if second else None
+    return d1, d2
+
+
 # ---- fused ``f′(src) ⊙ c`` through torch's backward kernels ----------------------------------
 
 #: Up to this many tangent vectors, ``f′ ⊙ ẋ`` and ``f′ ⊙ ġ`` call the fused kernel (on ``src``'s
@@ -259,6 +291,14 @@ def softplus_vjp(c, x, beta=1.0, threshold=20.0):
     return aten.softplus_backward(c, x, beta, threshold)
 
 
+def hardswish_vjp(c, x):
+    return aten.hardswish_backward(c, x)
+
+
+def mish_vjp(c, x):
+    return aten.mish_backward(c, x)
+
+
 #: The fused ``f′ ⊙ c`` of each op that has one: a property of the op, so every rule built for it
 #: (whatever its ``derivs``) computes these products with the same kernel.
 FUSED_VJP = {
@@ -272,6 +312,8 @@ FUSED_VJP = {
     aten.elu.default: elu_vjp,
     aten.hardtanh.default: hardtanh_vjp,
     aten.softplus.default: softplus_vjp,
+    aten.hardswish.default: hardswish_vjp,
+    aten.mish.default: mish_vjp,
 }
 
 
@@ -391,4 +433,10 @@ RULES = [
     ElementwiseUnary(aten.elu.default, "elu", elu_derivs),
     ElementwiseUnary(aten.hardtanh.default, "hardtanh", hardtanh_derivs, curved=False),
     ElementwiseUnary(aten.square.default, "square", square_derivs),
+    # not torch's hardsigmoid_backward: on the CPU it multiplies float64 by a float32 1/6 (3e-8 off)
+    ElementwiseUnary(
+        aten.hardsigmoid.default, "hardsigmoid", hardsigmoid_derivs, curved=False, vjp=False
+    ),
+    ElementwiseUnary(aten.hardswish.default, "hardswish", hardswish_derivs),
+    ElementwiseUnary(aten.mish.default, "mish", mish_derivs),
 ]
