@@ -25,6 +25,7 @@ _MODULES = (
     "pool",
     "embedding",
     "layer_norm",
+    "group_norm",
     "batch_norm",
     "activation",
     "softmax",
