@@ -32,6 +32,7 @@ _MODULES = (
     "attention",
     "elementwise",
     "shape",
+    "structural",
     "reduction",
     "cross_entropy",
 )
