@@ -33,6 +33,7 @@ _MODULES = (
     "elementwise",
     "shape",
     "structural",
+    "select",
     "reduction",
     "cross_entropy",
 )
