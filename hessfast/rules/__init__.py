@@ -21,6 +21,7 @@ _MODULES = (
     "getitem",
     "linear",
     "matmul",
+    "baddbmm",
     "conv",
     "pool",
     "embedding",
