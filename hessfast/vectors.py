@@ -56,14 +56,20 @@ def first_non_finite(values: dict[str, torch.Tensor]) -> str | None:
     """The first name whose tensor holds NaN or Inf, or ``None``; one host sync for all."""
     if not values:
         return None
-    # the max-norm is non-finite exactly when an entry is NaN or ±Inf (NaN propagates)
-    norms = torch._foreach_norm(list(values.values()), float("inf"))
+    # A finite 2-norm proves every entry finite (NaN and ±Inf propagate into it) and costs a
+    # fraction of the max-norm on the CPU; a non-finite one may be an overflow of the squares,
+    # so those tensors are asked again with the max-norm, non-finite exactly for NaN or ±Inf.
+    tensors = list(values.values())
+    norms = torch._foreach_norm(tensors, 2.0)
     if len({n.dtype for n in norms}) > 1:
         norms = [n.double() for n in norms]
     flags = torch.stack(norms).isfinite()
     if bool(flags.all()):
         return None
-    return list(values)[int((~flags).nonzero()[0])]
+    for i in (~flags).nonzero().flatten().tolist():
+        if not bool(tensors[i].abs().max().isfinite()):
+            return list(values)[i]
+    return None
 
 
 def _check_finite(values: dict[str, torch.Tensor]) -> None:

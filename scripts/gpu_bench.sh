@@ -2,9 +2,12 @@
 # The GPU figures the kernel issues ask for, after scripts/gpu_check.sh has passed on the same
 # machine (it builds the extension; this script builds it too if it is missing):
 #
-#   models     hessfast bench, MLP and GPT-2 small at the baseline shapes, float32: exact HVP and
-#              GGN-VP as ratios to the gradient, backends torch and auto (targets: HVP <= 2.6x,
-#              GGN-VP <= 1.7x the gradient)
+#   models     hessfast bench, MLP, ResNet-18 and GPT-2 small at the baseline shapes, float32:
+#              gradient, exact HVP, GGN-VP and K=8 HVP as ratios to the gradient, backends torch
+#              and auto, the traced graph and CUDA graphs (targets: HVP <= 2.6x, GGN-VP <= 1.7x,
+#              K=8 <= 2.1x per vector of the gradient; ../shared/baselines/)
+#   compiled   the same through Inductor (--modes traced,inductor), compile time in its own
+#              column, with torch.compile of torch.func's HVP (which fails on ResNet-18 and GPT-2)
 #   head       benchmarks/bench_cross_entropy.py --size full: the fused cross-entropy head at
 #              V = 50,304 (target: peak <= 1/4 of autograd's)
 #   attention  benchmarks/bench_attention_fused.py: GPT-2 small, batch 1, T = 4096 and 8192, and
@@ -34,8 +37,13 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >"$dir/gpu.txt"
 for part in "${parts[@]}"; do
   case "$part" in
     models)
-      step models 300 python -m hessfast bench --model mlp,gpt2 --size full --backends torch,auto \
-        --no-peers --repeats 3 --json "$dir/models.json" --markdown "$dir/models.md" ;;
+      step models 300 python -m hessfast bench --model mlp,resnet18,gpt2 --size full \
+        --backends torch,auto --modes traced,cudagraphs --no-peers --repeats 3 \
+        --json "$dir/models.json" --markdown "$dir/models.md" ;;
+    compiled)
+      step compiled 420 python -m hessfast bench --model resnet18,gpt2 --size full \
+        --backends auto --modes traced,inductor --compile --no-peers --repeats 3 \
+        --json "$dir/compiled.json" --markdown "$dir/compiled.md" ;;
     head)
       step head 180 python benchmarks/bench_cross_entropy.py --size full --repeats 3 \
         --json "$dir/head.json" ;;
@@ -47,7 +55,7 @@ for part in "${parts[@]}"; do
         step "rules-$op" 120 python "benchmarks/bench_$op.py" --size large --k 8 --repeats 3 \
           --json "$dir/rules.json"
       done ;;
-    *) echo "unknown part $part (models, head, attention, rules)" >&2; exit 2 ;;
+    *) echo "unknown part $part (models, compiled, head, attention, rules)" >&2; exit 2 ;;
   esac
 done
 
@@ -58,6 +66,7 @@ echo "| step | status | seconds | summary |"
 echo "|---|---|---|---|"
 printf '%s\n' "${rows[@]}"
 [ -f "$dir/models.md" ] && cat "$dir/models.md"
+[ -f "$dir/compiled.md" ] && cat "$dir/compiled.md"
 for part in head attention rules-activation rules-layer_norm rules-linear; do
   [ -f "$dir/$part.log" ] && { echo; echo "## $part"; tail -40 "$dir/$part.log"; }
 done
