@@ -103,9 +103,32 @@ def _meta(x: Any) -> Any:
         return ("R", type(x), repr(x))
 
 
+def _is_rule(x: Any) -> bool:
+    """A loss rule held inside another (e.g. an elementwise loss under ``Broadcast``)."""
+    return type(x).__module__.startswith("hessfast.") and hasattr(x, "evaluate")
+
+
+def _state(rule: Any) -> dict:
+    """A loss rule's attributes as a nested dict (inner rules expanded, their classes kept), so
+    that every tensor it holds, however deep, becomes a graph input."""
+    out = {k: (_state(v) if _is_rule(v) else v) for k, v in vars(rule).items()}
+    out["__class__"] = type(rule)
+    return out
+
+
+def _rebuild(rule: Any, state: dict) -> Any:
+    """A copy of ``rule`` holding ``state`` (the inverse of :func:`_state`)."""
+    new = copy.copy(rule)
+    for k, v in state.items():
+        if k != "__class__":
+            old = getattr(rule, k)
+            setattr(new, k, _rebuild(old, v) if _is_rule(old) else v)
+    return new
+
+
 def _split_loss(loss_rule: Any) -> tuple[list, Any, list]:
     """The loss rule's state as pytree leaves: (leaves, spec, indices of the tensor leaves)."""
-    leaves, spec = pytree.tree_flatten(dict(vars(loss_rule)))
+    leaves, spec = pytree.tree_flatten(_state(loss_rule))
     tensors = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
     return leaves, spec, tensors
 
@@ -126,6 +149,11 @@ def _key(param_names, values, tangents, k, loss_rule, mode, compile, loss_parts)
         tuple((n, _meta(x)) for n, x in values.items()),
         None if tangents is None else tuple((n, _meta(x)) for n, x in tangents.items()),
     )
+
+
+#: Traces kept per program, least recently used dropped first (a loop over many K or batch
+#: shapes must not grow the cache without bound).
+MAX_TRACES = 32
 
 
 def _traces(program: Program) -> dict:
@@ -151,8 +179,7 @@ def _trace(program, param_names, values, tangents, k, loss_rule, mode, compile, 
         state_leaves = list(leaves)
         for i, t in zip(tensor_idx, loss_tensors):
             state_leaves[i] = t
-        rule = copy.copy(loss_rule)
-        rule.__dict__.update(pytree.tree_unflatten(state_leaves, spec))
+        rule = _rebuild(loss_rule, pytree.tree_unflatten(state_leaves, spec))
         res = engine.run(program, param_names, vals, tans, k, rule, mode)
         fell_back.update(res.fallback_ops)
         flat_out, out_spec[0] = pytree.tree_flatten((res.loss, res.grads, res.products))
@@ -206,13 +233,16 @@ def lookup(
     loss_parts = loss_parts or _split_loss(loss_rule)
     cache = _traces(program)
     key = _key(param_names, values, tangents, k, loss_rule, mode, compile, loss_parts)
-    trace = cache.get(key)
+    trace = cache.pop(key, None)
     if trace is None:
-        trace = cache[key] = _trace(
+        trace = _trace(
             program, param_names, values, tangents, k, loss_rule, mode, compile, loss_parts
         )
+        while len(cache) >= MAX_TRACES:
+            cache.pop(next(iter(cache)))
         if trace.reason is not None:
             log.info("hessfast: this product runs the interpreter: %s", trace.reason)
+    cache[key] = trace  # most recently used last
     return trace
 
 

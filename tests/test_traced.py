@@ -169,3 +169,27 @@ def test_operators_take_compile():
     assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="compile="):
         hessfast.GGNOperator(model, loss_fn, data, compile="fast")
+
+
+def test_broadcast_loss_targets_are_graph_inputs():
+    """A loss rule inside another (MSE with broadcasting targets) keeps its targets as graph
+    inputs: a second batch replays the graph and gets its own answer."""
+    model, _, (x,), _ = zoo.mlp()
+    v = _vectors(model, 1)
+    t1 = torch.randn(x.shape[0], 1, dtype=x.dtype)
+    t2 = torch.randn(x.shape[0], 1, dtype=x.dtype)
+    with pytest.warns(UserWarning, match="target size"):
+        hessfast.hvp(model, F.mse_loss, x, t1, v)
+    before = traced.TRACE_COUNT
+    with pytest.warns(UserWarning, match="target size"):
+        got = hessfast.hvp(model, F.mse_loss, x, t2, v)
+    assert traced.TRACE_COUNT == before
+    assert rel_err(got, double_backward_hvp(model, F.mse_loss, (x,), t2, v)) < 1e-10
+
+
+def test_trace_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(traced, "MAX_TRACES", 2)
+    model, loss_fn, (x,), y = zoo.mlp()
+    for k in (1, 2, 3):
+        hessfast.hvp(model, loss_fn, x, y, _vectors(model, k))
+    assert len(_traces(model, (x,))) == 2
