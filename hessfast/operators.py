@@ -104,7 +104,8 @@ class CurvatureOperator:
         return LinearOperator(self.shape, matvec=mm, matmat=mm, rmatvec=mm, dtype=np.float64)
 
     def check_symmetric(self, num_probes: int = 2, seed: int = 0, rtol: float | None = None):
-        """Raise ``ValueError`` unless ``⟨u, H v⟩ = ⟨H u, v⟩`` on random probes (two products)."""
+        """Raise ``ValueError`` unless ``⟨u, H v⟩ = ⟨H u, v⟩`` on ``num_probes`` random probe
+        pairs (one product of ``2 · num_probes`` columns); the error names the likely causes."""
         P = self.shape[0]
         if self.shape[0] != self.shape[1]:
             raise ValueError(f"operator is not square: shape {self.shape}")
@@ -115,12 +116,21 @@ class CurvatureOperator:
         hu, hv = HU[:, :num_probes], HU[:, num_probes:]
         a = (u * hv).sum(0).double()
         b = (hu * v).sum(0).double()
-        tol = rtol if rtol is not None else (1e-10 if self.dtype == torch.float64 else 1e-4)
+        if rtol is not None:
+            tol = rtol
+        else:
+            tol = {torch.float64: 1e-10, torch.float32: 1e-4}.get(self.dtype, 5e-2)
         scale = (hu.double().norm(dim=0) * v.double().norm(dim=0)).clamp_min(1e-300)
+        scale = scale + (u.double().norm(dim=0) * hv.double().norm(dim=0))
         if ((a - b).abs() > tol * scale).any():
             raise ValueError(
                 f"operator is not symmetric: <u, Hv> - <Hu, v> = {(a - b).abs().max():.3g} on "
-                f"random probes (tolerance {tol:g} relative)"
+                f"random probes (tolerance {tol:g} relative), and the symmetric algorithms "
+                "(Lanczos, CG, SLQ) would return meaningless numbers. Likely causes: randomness "
+                "in forward (dropout, noise, sampling), a model or loss that is not twice "
+                "differentiable where it is evaluated, a tensor changed between products, or an "
+                "op whose custom autograd formula treats a value as constant on one side only. "
+                "Pass check_symmetric=False to skip this probe."
             )
 
 
@@ -512,3 +522,9 @@ class GGNOperator(_ModelOperator):
 def bytes_needed(P: int, columns: int, dtype: torch.dtype) -> int:
     """Bytes of a ``[P, columns]`` basis in ``dtype`` (for memory errors in algorithms)."""
     return P * columns * torch.empty(0, dtype=dtype).element_size()
+
+
+def is_model_operator(op: Any) -> bool:
+    """Whether ``op`` is one of hessfast's curvature operators of a model (Hessian, GGN), whose
+    symmetry the algorithms probe by default."""
+    return isinstance(op, _ModelOperator)

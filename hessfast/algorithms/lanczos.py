@@ -190,16 +190,26 @@ class ProductCounter:
         return Y.to(self.basis_device, self.basis_dtype)
 
 
-def run_symmetry_check(op, counter: ProductCounter, seed: int = 0) -> None:
+def run_symmetry_check(
+    op, counter: ProductCounter, seed: int = 0, check: bool | None = True
+) -> None:
     """``op.check_symmetric()`` where the operator's class defines its own; otherwise the probe of
-    :meth:`hessfast.operators.CurvatureOperator.check_symmetric` through ``counter``."""
-    from ..operators import CurvatureOperator
+    :meth:`hessfast.operators.CurvatureOperator.check_symmetric` through ``counter``.
 
+    ``check=None`` is the algorithms' default: one probe pair (a single two-column product) for
+    hessfast's model operators (Hessian, GGN), whose symmetry a model can break (a constant
+    hessfast cannot see, a loss that is not twice differentiable); nothing for other operators.
+    ``True``: two probe pairs on any operator; ``False``: nothing."""
+    from ..operators import CurvatureOperator, is_model_operator
+
+    if check is False or (check is None and not is_model_operator(op)):
+        return
+    probes = 1 if check is None else 2
     own = getattr(type(op), "check_symmetric", None)
     if own is not None and own is not CurvatureOperator.check_symmetric:
-        op.check_symmetric()
+        op.check_symmetric(num_probes=probes)
     else:
-        CurvatureOperator.check_symmetric(counter, seed=seed)
+        CurvatureOperator.check_symmetric(counter, num_probes=probes, seed=seed)
 
 
 def free_bytes(device) -> int | None:
@@ -391,7 +401,7 @@ def eigsh(
     basis_device: str | torch.device | None = None,
     basis_dtype: torch.dtype | None = None,
     verify: bool | None = None,
-    check_symmetric: bool = False,
+    check_symmetric: bool | None = None,
     return_info: bool = False,
     warn: bool = True,
 ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, EigshInfo]:
@@ -408,7 +418,7 @@ def eigsh(
             ``min(k, 8)``. Use at least the multiplicity of the eigenvalues you need.
         tol: a pair has converged when ``‖H y − θ y‖ ≤ tol · max(|θ|, eps^(2/3)·‖H‖)``.
         max_iter: at most this many Lanczos steps (``matmat`` calls), so at most
-            ``max_iter · block_size`` products (plus ``k`` for ``verify``, 4 for
+            ``max_iter · block_size`` products (plus ``k`` for ``verify``, 2 or 4 for
             ``check_symmetric``); default ``max(1000, ceil(k / block_size))``. When it runs out,
             the current Ritz pairs come back with a ``RuntimeWarning`` (``warn=False`` silences
             it) and ``info.converged`` false.
@@ -432,8 +442,10 @@ def eigsh(
             estimate still reports convergence. A true residual counts as converged at
             ``max(tol·|θ|, 1e3·eps(op dtype)·‖H‖)``: below that it is the products' own rounding
             noise (the eigenvalue error is then about residual² / gap).
-        check_symmetric: probe ``⟨u, Hv⟩ = ⟨Hu, v⟩`` first (``op.check_symmetric()``) and raise
-            ``ValueError`` if it fails.
+        check_symmetric: probe ``⟨u, Hv⟩ = ⟨Hu, v⟩`` first and raise ``ValueError`` naming the
+            likely causes if it fails: ``None`` (default) one probe pair, a single two-column
+            product, on hessfast's Hessian and GGN operators; ``True`` two pairs on any
+            operator; ``False`` never (:func:`run_symmetry_check`).
         return_info: also return an :class:`EigshInfo`.
         warn: warn when ``max_iter`` runs out before convergence.
 
@@ -494,8 +506,7 @@ def eigsh(
     bdevice = torch.device(basis_device) if basis_device is not None else torch.device(op.device)
     nbytes = _check_memory(P, C, b, bdtype, bdevice)
     counter = ProductCounter(op, bdtype, bdevice)
-    if check_symmetric:
-        run_symmetry_check(op, counter, seed)
+    run_symmetry_check(op, counter, seed, check_symmetric)
 
     eps = torch.finfo(bdtype).eps
     drop_rel = 200 * eps

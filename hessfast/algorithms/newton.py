@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .lanczos import EigshInfo, ProductCounter, check_operator, eigsh
+from .lanczos import EigshInfo, ProductCounter, check_operator, eigsh, run_symmetry_check
 
 Tensor = torch.Tensor
 
@@ -151,6 +151,7 @@ def newton_step(
     x0: Tensor | None = None,
     seed: int = 0,
     eigenpairs: tuple[Tensor, Tensor] | None = None,
+    check_symmetric: bool | None = None,
     **eigsh_kwargs,
 ) -> NewtonStep:
     """A damped Newton step ``s`` for the gradient ``g`` and the curvature operator ``op``.
@@ -186,6 +187,9 @@ def newton_step(
         x0: ``"cg"``: a starting iterate (costs one more product).
         seed: ``"saddle_free"``: the eigsh seed.
         eigenpairs: ``"saddle_free"``: ``(eigenvalues [k], eigenvectors [P, k])`` to reuse.
+        check_symmetric: probe ``⟨u, Hv⟩ = ⟨Hu, v⟩`` first, as in
+            :func:`~hessfast.algorithms.lanczos.eigsh` (default: one two-column product, counted
+            in ``products``, on hessfast's Hessian and GGN operators).
         **eigsh_kwargs: ``"saddle_free"``: more arguments of eigsh (``block_size``, ``ncv``, ...).
 
     Returns:
@@ -213,6 +217,10 @@ def newton_step(
     if not bool(torch.isfinite(flat).all()):
         raise ValueError("g contains NaN or Inf")
     counter = ProductCounter(op)
+    # CG and the Lanczos eigenbasis assume a symmetric operator (see eigsh's check_symmetric)
+    run_symmetry_check(op, counter, seed, check_symmetric)
+    if method == "saddle_free":
+        eigsh_kwargs["check_symmetric"] = False  # probed above
 
     if method == "cg":
         if eigenpairs is not None or eigsh_kwargs:

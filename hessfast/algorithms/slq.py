@@ -39,7 +39,7 @@ import torch
 
 from ..errors import NonFiniteError
 from ..operators import DenseOperator, bytes_needed
-from .lanczos import free_bytes
+from .lanczos import ProductCounter, free_bytes, run_symmetry_check
 
 Tensor = torch.Tensor
 Rows = slice | Tensor
@@ -821,6 +821,7 @@ def spectral_density(
     offload: bool = False,
     max_columns: int | None = None,
     tol: float | None = None,
+    check_symmetric: bool | None = None,
 ) -> SpectralDensity:
     """The spectral density of a symmetric operator by stochastic Lanczos quadrature.
 
@@ -843,6 +844,10 @@ def spectral_density(
     ``max(3σ, 3 × the median spacing of consecutive Ritz values within a probe)``: an outlier is a
     peak that the broadened density shows apart from the bulk, and the gaps that a short Gauss
     rule leaves between its own nodes inside a bulk do not count.
+
+    ``check_symmetric`` probes ``⟨u, Hv⟩ = ⟨Hu, v⟩`` first, as in
+    :func:`~hessfast.algorithms.lanczos.eigsh` (default: one two-column product on hessfast's
+    Hessian and GGN operators).
 
     Raises ``ValueError`` for ``num_probes``/``lanczos_steps`` < 1 or a non-square operator, and
     ``NonFiniteError`` (a ``FloatingPointError``) when a product has NaN or Inf.
@@ -870,6 +875,7 @@ def spectral_density(
     if outlier_gap is not None and not (outlier_gap > 0 and math.isfinite(outlier_gap)):
         raise ValueError(f"outlier_gap must be a positive number, got {outlier_gap!r}")
     P = op.shape[0]
+    run_symmetry_check(op, ProductCounter(op), seed, check_symmetric)  # eigsh's check_symmetric
     work = _work_dtype(op.dtype, basis_dtype)
     g = torch.Generator().manual_seed(int(seed))
 

@@ -303,6 +303,7 @@ def test_mlp_hessian_both_ends_and_newton_cg():
     g = torch.randn(P, dtype=D)
     damping = 0.5  # above -λ_min ≈ 0.29: H + damping·I is positive definite
     r = newton_step(H, g, damping=damping, tol=1e-10)
-    assert r.converged and not r.negative_curvature and r.products == r.iterations
+    # one product per CG iteration, plus the default symmetry probe (two columns, one call)
+    assert r.converged and not r.negative_curvature and r.products == r.iterations + 2
     ref = torch.linalg.solve(Hd + damping * torch.eye(P, dtype=D), -g)
     torch.testing.assert_close(r.step, ref, rtol=0, atol=1e-8 * float(ref.norm()))
