@@ -36,7 +36,6 @@ def build(seed=0):
 
 def test_ops_without_rules_are_what_the_tests_assume():
     assert registered_rule(aten.cumsum.default) is None
-    assert registered_rule(aten.max_pool2d.default) is None
 
 
 def test_profile_lists_an_op_without_a_rule_as_fallback(tmp_path, monkeypatch, capsys):
@@ -77,7 +76,7 @@ def test_profile_lists_an_op_without_a_rule_as_fallback(tmp_path, monkeypatch, c
     assert sum(x["share"] for x in r["by_op"]) <= 1.0 + 1e-9
 
 
-def test_profile_resnet_pools_fall_back(capsys):
+def test_profile_resnet_has_no_fallback(capsys):
     assert (
         main(
             ["profile", "--model", "resnet18", "--size", "tiny", "--device", "cpu"]
@@ -87,9 +86,9 @@ def test_profile_resnet_pools_fall_back(capsys):
     )
     out = capsys.readouterr().out
     section = out.split("Ops that fell back to torch.func")[1]
-    assert "aten.max_pool2d.default" in section
+    assert "aten.max_pool2d.default" not in section  # pooling has its own rule now
     assert "aten.conv2d.default" not in section  # conv has its own rule
-    assert "| conv |" in out
+    assert "| conv |" in out and "| pool |" in out
 
 
 def test_profile_without_fallbacks_says_so(capsys):
