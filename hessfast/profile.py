@@ -126,7 +126,8 @@ def profile_workload(w, dev, *, mode="hvp", k=1, repeats=3, backends=None) -> di
     }
     for b in backends if backends is not None else available_backends(dev):
         with backend_context(b)():
-            compute()  # capture, trace, warm-up
+            compute()  # capture, warm-up
+            compute()  # trace (a signature's second product, hessfast.traced.TRACE_AFTER)
             compute(compile="interpret")
             _sync(dev)
             plain, interp = [], []

@@ -20,7 +20,9 @@ graph, in :mod:`hessfast.api` and :mod:`hessfast.losses`.
 
 ``compile=`` picks what runs (:data:`MODES`):
 
-- ``None`` (default): the traced graph, eager — falls back to the interpreter where tracing fails;
+- ``None`` (default): the traced graph, eager — traced on a signature's second product
+  (:data:`TRACE_AFTER`; the first is interpreted, so a one-off product never pays for tracing),
+  and falling back to the interpreter where tracing fails;
 - ``"interpret"``: the interpreter (the reference path; ``hessfast profile``'s per-rule view);
 - ``"inductor"``: the traced graph through ``torch.compile`` (Inductor fuses the elementwise
   tangent math; hessfast's own kernels stay opaque custom ops). Compiling costs seconds to minutes
@@ -151,6 +153,11 @@ def _key(param_names, values, tangents, k, loss_rule, mode, compile, loss_parts)
     )
 
 
+#: Products of a signature interpreted before it is traced under ``compile=None``: tracing costs
+#: tens to thousands of products (fake-tensor dispatch per op), so a product computed once never
+#: pays it, and repeated products (operators, Lanczos, a training loop) are traced on the next.
+TRACE_AFTER = 1
+
 #: Traces kept per program, least recently used dropped first (a loop over many K or batch
 #: shapes must not grow the cache without bound).
 MAX_TRACES = 32
@@ -228,12 +235,21 @@ def lookup(
     mode: str,
     compile: str | None = None,
     loss_parts: tuple | None = None,
-) -> Trace:
-    """The (cached) trace of this product; traced now if it is new."""
+) -> Trace | None:
+    """The (cached) trace of this product, traced now if it is due; ``None`` while the signature
+    is still interpreted (its first :data:`TRACE_AFTER` products under ``compile=None``)."""
     loss_parts = loss_parts or _split_loss(loss_rule)
     cache = _traces(program)
     key = _key(param_names, values, tangents, k, loss_rule, mode, compile, loss_parts)
     trace = cache.pop(key, None)
+    if isinstance(trace, int):  # interpreted products so far
+        if compile is None and trace < TRACE_AFTER:
+            cache[key] = trace + 1
+            return None
+        trace = None
+    elif trace is None and compile is None and TRACE_AFTER > 0:
+        cache[key] = 1
+        return None
     if trace is None:
         trace = _trace(
             program, param_names, values, tangents, k, loss_rule, mode, compile, loss_parts
@@ -273,6 +289,8 @@ def run(
         tangents = {n: tangents[n] for ph, n in program.params.items() if plan.get(ph, False)}
     loss_parts = _split_loss(loss_rule)
     trace = lookup(program, param_names, values, tangents, k, loss_rule, mode, compile, loss_parts)
+    if trace is None:
+        return engine.run(program, param_names, values, tangents, k, loss_rule, mode)
     if trace.fn is None:
         if compile is not None:
             raise RuntimeError(
@@ -350,4 +368,5 @@ def explain(program: Program) -> list[dict]:
             "calls": t.calls,
         }
         for key, t in _traces(program).items()
+        if isinstance(t, Trace)
     ]

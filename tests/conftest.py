@@ -50,3 +50,13 @@ def kernel_device():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _trace_at_once(monkeypatch):
+    """The suite traces every product signature on its first product (users' default traces on
+    the second, ``hessfast.traced.TRACE_AFTER``), so every correctness test runs the traced path
+    and its check against the interpreter; ``tests/test_traced.py`` tests the default itself."""
+    from hessfast import traced
+
+    monkeypatch.setattr(traced, "TRACE_AFTER", 0)

@@ -193,3 +193,18 @@ def test_trace_cache_is_bounded(monkeypatch):
     for k in (1, 2, 3):
         hessfast.hvp(model, loss_fn, x, y, _vectors(model, k))
     assert len(_traces(model, (x,))) == 2
+
+
+def test_a_signature_is_traced_on_its_second_product_by_default(monkeypatch):
+    monkeypatch.setattr(traced, "TRACE_AFTER", 1)
+    model, loss_fn, (x,), y = zoo.mlp()
+    v = _vectors(model, 2)
+    before = traced.TRACE_COUNT
+    first = hessfast.hvp(model, loss_fn, x, y, v)
+    assert traced.TRACE_COUNT == before and _traces(model, (x,)) == []  # interpreted
+    second = hessfast.hvp(model, loss_fn, x, y, v)
+    assert traced.TRACE_COUNT == before + 1
+    third = hessfast.hvp(model, loss_fn, x, y, v)
+    [info] = _traces(model, (x,))
+    assert info["traced"] and info["calls"] == 2
+    assert rel_err(first, second) < 1e-12 and rel_err(second, third) < 1e-12
