@@ -96,6 +96,12 @@ class FuncFallback(Rule):
     def __init__(self, op: Any):
         self.op = op
         self.affine = getattr(op, "overloadpacket", None) in AFFINE_PACKETS
+        # A custom op (outside aten/prims) is differentiated by autograd only: torch.func's
+        # forward mode through a custom op registered with register_autograd and no jvp formula
+        # returns a zero tangent without an error on torch 2.14 (measured: hessfast_test::cube in
+        # tests/test_custom_ops.py), where reverse mode through the registered formula is exact.
+        name = getattr(getattr(op, "_schema", None), "name", "aten::")
+        self.custom = name.split("::")[0] not in ("aten", "prims")
 
     def _closure(self, call: Call):
         """Return ``f(*active_leaves) -> tuple(float outputs)``, the leaves, their tangents, and
@@ -142,8 +148,12 @@ class FuncFallback(Rule):
         if call.k > 0:
             tans = tuple(t for t in tangents)
             try:
+                if self.custom:
+                    raise NotImplementedError("custom op: autograd only")
                 fd = vmap(lambda *ts: jvp(f, tuple(leaves), ts)[1])(*tans)
-            except NotImplementedError:
+            except (NotImplementedError, RuntimeError) as e:
+                if not _needs_autograd(e):
+                    raise
                 fd = _autograd_jvp(f, leaves, tans, call.k)
             if multi:
                 full = [None] * len(outs)
@@ -180,11 +190,18 @@ class FuncFallback(Rule):
         if gc is None and gdc is None:
             return self._scatter(call, slots, None, None)
         if self.affine or gc is None or k == 0:
-            _, pull = vjp(f, *leaves_t)
-            if gc is not None:
-                gx = pull(gc)
-            if gdc is not None:
-                gdx = vmap(pull)(gdc)
+            try:
+                if self.custom:
+                    raise NotImplementedError("custom op: autograd only")
+                _, pull = vjp(f, *leaves_t)
+                if gc is not None:
+                    gx = pull(gc)
+                if gdc is not None:
+                    gdx = vmap(pull)(gdc)
+            except (NotImplementedError, RuntimeError) as e:
+                if not _needs_autograd(e):
+                    raise
+                gx, gdx = _autograd_vjps(f, leaves, gc, gdc)
         else:
             if gdc is None:
                 gdc = tuple(c.new_zeros((k, *c.shape)) for c in gc)
@@ -196,8 +213,12 @@ class FuncFallback(Rule):
                 return jvp(h, (leaves_t, gc), (ts, cd))
 
             try:
+                if self.custom:
+                    raise NotImplementedError("custom op: autograd only")
                 gx, gdx = vmap(one, out_dims=(None, 0))(tuple(tangents), gdc)
-            except NotImplementedError:
+            except (NotImplementedError, RuntimeError) as e:
+                if not _needs_autograd(e):
+                    raise
                 gx, gdx = _autograd_bwd(f, leaves, tangents, gc, gdc, k)
         return self._scatter(call, slots, gx, gdx)
 
@@ -217,6 +238,36 @@ class FuncFallback(Rule):
                         dst[i] = [None] * len(call.args[i])
                     dst[i][j] = src[idx]
         return tuple(gbar), tuple(gdot)
+
+
+def _needs_autograd(e: BaseException) -> bool:
+    """Whether ``torch.func`` failed because the op cannot be transformed (no forward-mode
+    formula; a custom ``autograd.Function`` without ``setup_context``, as custom ops registered
+    with an autograd formula often are), so that plain autograd can still differentiate it."""
+    if isinstance(e, NotImplementedError):
+        return True
+    msg = str(e)
+    return "functorch" in msg or "setup_context" in msg or "forward AD" in msg
+
+
+def _autograd_vjps(f, leaves, gc, gdc):
+    """``(Jᵀ ḡ, [Jᵀ ġ_k]_k)`` by autograd (either may be ``None``): the first-order cotangents of
+    an op ``torch.func`` cannot transform."""
+    with torch.enable_grad():
+        xs = [x.detach().requires_grad_(True) for x in leaves]
+        ys = f(*xs)
+
+        def pull(c, retain):
+            got = torch.autograd.grad(ys, xs, c, retain_graph=retain, allow_unused=True)
+            return tuple(torch.zeros_like(x) if v is None else v for v, x in zip(got, xs))
+
+        k = 0 if gdc is None else gdc[0].shape[0]
+        gx = pull(gc, retain=k > 0) if gc is not None else None
+        gdx = None
+        if k:
+            rows = [pull(tuple(c[i] for c in gdc), retain=i < k - 1) for i in range(k)]
+            gdx = tuple(torch.stack(r) for r in zip(*rows))
+    return gx, gdx
 
 
 def _autograd_jvp(f, leaves, tangents, k):

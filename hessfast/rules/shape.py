@@ -88,6 +88,15 @@ class ReshapeLike(_Unary):
     )
     name = "reshape"
 
+    def primal(self, call: Call):
+        if call.op in (aten.view.default, aten._unsafe_view.default):
+            # A rule's output may be laid out otherwise than torch's kernel for the op that the
+            # graph recorded (SDPA: [B, H, T, D] contiguous, not [B, T, H, D]), so a view the
+            # graph took may not exist here; the values of reshape are the same, and the engine
+            # never writes through an alias (the program is functionalised).
+            return call.args[0].reshape(call.args[1])
+        return super().primal(call)
+
     def context(self, call, y):
         return tuple(call.args[0].shape), tuple(y.shape)
 
