@@ -460,6 +460,14 @@ def _build(
     ep: torch.export.ExportedProgram, model: nn.Module, output=None, custom_loss=False
 ) -> Program:
     sig = ep.graph_signature
+    lifted = getattr(sig, "inputs_to_lifted_custom_objs", {})
+    if lifted:
+        kinds = sorted({type(ep.constants.get(n)).__name__ for n in lifted.values()})
+        raise CaptureError(
+            f"forward creates an object export lifts into a graph input ({', '.join(kinds)}, "
+            "e.g. a torch.Generator made inside forward), whose state a replayed graph cannot "
+            "reproduce call after call"
+        )
     canonical = {id(p): n for n, p in model.named_parameters(remove_duplicate=True)}
     params = {}
     for ph, fqn in sig.inputs_to_parameters.items():

@@ -514,3 +514,32 @@ def test_guard_is_cheap():
     per = (time.process_time() - t0) / n
     # about 0.15 ms of CPU on a loaded 2-core box; generous bound against noisy machines
     assert per < 2e-3
+
+
+def test_generator_made_in_forward_runs_the_autograd_fallback_with_the_reason():
+    """Issue 15.6: a torch.Generator created inside forward (lifted by export into a graph
+    input) is computed by whole-loss double backward, with a warning that says why, exactly."""
+    import warnings
+
+    from oracle import double_backward_hvp, rel_err
+
+    class Noisy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            g = torch.Generator().manual_seed(0)
+            return self.lin(torch.tanh(x + 0.1 * torch.randn(x.shape, generator=g, dtype=x.dtype)))
+
+    torch.manual_seed(0)
+    m = Noisy().double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    v = {n: torch.randn(2, *p.shape, dtype=torch.float64) for n, p in m.named_parameters()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = hessfast.hvp(m, F.cross_entropy, x, y, v)
+    assert any("Generator" in str(w.message) for w in caught)
+    assert rel_err(got, double_backward_hvp(m, F.cross_entropy, (x,), y, v)) < 1e-10
+    with pytest.raises(hessfast.CaptureError, match="Generator"):
+        hessfast.hvp(m, F.cross_entropy, x, y, v, strict=True)
