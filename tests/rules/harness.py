@@ -184,3 +184,33 @@ def check_rule(
                         rtol,
                         atol,
                     )
+
+
+def model_vectors(model, k, seed=1):
+    """``k`` random tangent vectors per parameter, ``{name: [k, *shape]}``."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        n: torch.randn(k, *p.shape, generator=g, dtype=p.dtype) for n, p in model.named_parameters()
+    }
+
+
+def check_model_end_to_end(model, inputs, y, compile, reference=None, k=3, tol=1e-10):
+    """``hessfast.hvp``, ``ggn_vp`` and ``grad`` of ``cross_entropy(model(*inputs), y)`` against
+    double backward, the jvp/vjp GGN oracle and autograd in float64. ``reference``: a twin
+    computing the same function that the oracles differentiate instead (default: ``model``)."""
+    import torch.nn.functional as F
+    from oracle import double_backward_hvp, ggn_vp, rel_err
+
+    import hessfast
+
+    ref = model if reference is None else reference
+    lf = F.cross_entropy
+    v = model_vectors(model, k)
+    got = hessfast.hvp(model, lf, inputs, y, v, compile=compile)
+    assert rel_err(got, double_backward_hvp(ref, lf, inputs, y, v)) < tol
+    gv = hessfast.ggn_vp(model, lf, inputs, y, v, compile=compile)
+    assert rel_err(gv, ggn_vp(ref, lf, inputs, y, v)) < tol
+    g = hessfast.grad(model, lf, inputs, y, compile=compile)
+    ref.zero_grad()
+    lf(ref(*inputs), y).backward()
+    assert rel_err(g, {n: p.grad for n, p in ref.named_parameters()}) < tol
