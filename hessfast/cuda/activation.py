@@ -81,7 +81,8 @@ class CudaActivation(CudaRule):
 
     def fwd_jvp(self, call: Call):
         x = call.args[0].contiguous()
-        tx = _contig(call.tangents[0])
+        # the tangent of an inactive input is ignored, as the torch rule does
+        tx = _contig(call.tangents[0]) if call.is_active(0) else None
         kind = self.kind(call.args)
         y, ydot = ops().act_fwd_jvp(x, tx, kind)
         src = y if self.from_result else x
