@@ -42,39 +42,6 @@ def split_inputs(inputs: Any) -> tuple[tuple, dict]:
     return _as_tuple(inputs), {}
 
 
-class _Rebuilt:
-    """A custom ``loss_fn`` fed the model's output container rebuilt around the one tensor it
-    holds, as ``loss_fn(model(x), y)`` would see it. Equal for the same loss and structure (the
-    traced products key on it)."""
-
-    def __init__(self, loss_fn: Callable, spec: Any):
-        self.loss_fn, self.spec, self._key = loss_fn, spec, str(spec)
-
-    def __call__(self, z, target):
-        return self.loss_fn(torch.utils._pytree.tree_unflatten([z], self.spec), target)
-
-    def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, _Rebuilt)
-            and other.loss_fn is self.loss_fn
-            and other._key == self._key
-        )
-
-    def __hash__(self) -> int:
-        return hash((id(self.loss_fn), self._key))
-
-
-def _read_output(rule: Any, out_spec: Any, output: Any) -> Any:
-    """The loss rule, its callable wrapped to receive the model's container where
-    :func:`capture.choose_output` says the loss reads the whole output."""
-    if out_spec is None:
-        return rule
-    _, rebuild = capture.choose_output(out_spec, output, isinstance(rule, losses.FuncLoss))
-    if rebuild is not None:
-        rule.loss_fn = _Rebuilt(rule.loss_fn, rebuild)
-    return rule
-
-
 def _compute(
     model,
     loss_fn,
@@ -132,7 +99,7 @@ def _compute_on(
         values[ph] = x.detach() if isinstance(x, torch.Tensor) else x
     out_meta = prog.output.meta.get("val")
     rule = losses.resolve(loss_fn, targets, tuple(out_meta.shape) if out_meta is not None else None)
-    rule = _read_output(rule, prog.out_spec, output)
+    _, rule = losses.read_output(rule, prog.out_spec, output)
     if profiler is not None:  # the per-rule view needs the interpreter
         res = engine.run(prog, names, values, tangents, k, rule, mode, profiler=profiler)
     else:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .errors import DropoutError
+from .losses import read_output
 
 
 def _math_attention():
@@ -45,18 +46,14 @@ def run(model, loss_rule, inputs, selected, tangents, k, mode, kwargs=None, outp
 def select_output(out, loss_rule, output):
     """The tensor of ``out`` the loss reads, and the loss rule (a custom loss of a one-tensor
     container receives the container, as on the captured path)."""
-    from . import api, capture
-
     leaves, spec = torch.utils._pytree.tree_flatten(out)
     if spec.is_leaf():
         z = out
+    elif not leaves or not all(isinstance(x, torch.Tensor) for x in leaves):
+        z = None
     else:
-        if not leaves or not all(isinstance(x, torch.Tensor) for x in leaves):
-            z = None
-        else:
-            idx, _ = capture.choose_output(spec, output, isinstance(loss_rule, api.losses.FuncLoss))
-            z = leaves[idx]
-            loss_rule = api._read_output(loss_rule, spec, output)
+        idx, loss_rule = read_output(loss_rule, spec, output)
+        z = leaves[idx]
     if not isinstance(z, torch.Tensor):
         raise ValueError(
             "the model must return a tensor, or a dict/tuple of tensors (pass output= to say "

@@ -802,15 +802,6 @@ def time_rounds(methods: list[Method], rows: list[dict], n_batches: int, dev, re
     _free(dev)
 
 
-def run_method(
-    m: Method, refs: dict, names: list[str], n_batches: int, dev, repeats: int, tol: float
-) -> dict:
-    """One method alone: :func:`prepare_method`, then its timed calls."""
-    row = prepare_method(m, refs, names, n_batches, dev, tol)
-    time_rounds([m], [row], n_batches, dev, repeats)
-    return row
-
-
 def bench_workload(
     w: Workload,
     dev: torch.device,

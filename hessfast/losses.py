@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import grad, jvp, vmap
 
+from .capture import choose_output
 from .rules.bce import BCEWithLogitsLoss
 from .rules.cross_entropy import CrossEntropyLoss, NLLLoss
 from .rules.huber import HuberLoss, SmoothL1Loss
@@ -356,6 +357,40 @@ def validate_targets(rule: Any, output_shape: tuple | None) -> None:
             f"{name}: Target {first} is out of bounds: the logits have {C} classes, so targets "
             f"must lie in [0, {C - 1}] (or equal ignore_index={rule.ignore_index})"
         )
+
+
+class RebuiltOutput:
+    """A custom ``loss_fn`` fed the model's output container rebuilt around the one tensor it
+    holds, as ``loss_fn(model(x), y)`` would see it. Equal for the same loss and structure (the
+    traced products key on it)."""
+
+    def __init__(self, loss_fn: Callable, spec: Any):
+        self.loss_fn, self.spec, self._key = loss_fn, spec, str(spec)
+
+    def __call__(self, z, target):
+        return self.loss_fn(torch.utils._pytree.tree_unflatten([z], self.spec), target)
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, RebuiltOutput)
+            and other.loss_fn is self.loss_fn
+            and other._key == self._key
+        )
+
+    def __hash__(self) -> int:
+        return hash((id(self.loss_fn), self._key))
+
+
+def read_output(rule: Any, out_spec: Any, output: Any) -> tuple[int, Any]:
+    """Which leaf of a model output structured as ``out_spec`` (``None`` or a leaf: one tensor)
+    the loss reads, and the loss rule — its callable wrapped to receive the whole container where
+    :func:`hessfast.capture.choose_output` says so."""
+    if out_spec is None or out_spec.is_leaf():
+        return 0, rule
+    idx, rebuild = choose_output(out_spec, output, isinstance(rule, FuncLoss))
+    if rebuild is not None:
+        rule.loss_fn = RebuiltOutput(rule.loss_fn, rebuild)
+    return idx, rule
 
 
 def is_closed_form(loss_fn: Callable) -> bool:

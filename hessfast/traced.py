@@ -216,12 +216,9 @@ def _trace(program, param_names, values, tangents, k, loss_rule, mode, compile, 
     )
     if compile is None:
         trace.fn = gm
-    elif compile == "inductor":
-        trace.fn = torch.compile(gm, backend="inductor", fullgraph=True, dynamic=False)
-        trace.compile_seconds = 0.0
-    elif compile == "cudagraphs":
-        trace.fn = torch.compile(gm, backend="cudagraphs", fullgraph=True, dynamic=False)
-        trace.compile_seconds = 0.0
+    else:  # the compile modes are torch.compile backends of the same name; compiled lazily
+        trace.fn = torch.compile(gm, backend=compile, fullgraph=True, dynamic=False)
+        trace.compile_seconds = 0.0  # measured on the first call
     return trace
 
 
@@ -233,12 +230,12 @@ def lookup(
     k: int,
     loss_rule: Any,
     mode: str,
-    compile: str | None = None,
-    loss_parts: tuple | None = None,
+    compile: str | None,
+    loss_parts: tuple,
 ) -> Trace | None:
     """The (cached) trace of this product, traced now if it is due; ``None`` while the signature
-    is still interpreted (its first :data:`TRACE_AFTER` products under ``compile=None``)."""
-    loss_parts = loss_parts or _split_loss(loss_rule)
+    is still interpreted (its first :data:`TRACE_AFTER` products under ``compile=None``).
+    ``loss_parts``: :func:`_split_loss` of ``loss_rule``."""
     cache = _traces(program)
     key = _key(param_names, values, tangents, k, loss_rule, mode, compile, loss_parts)
     trace = cache.pop(key, None)

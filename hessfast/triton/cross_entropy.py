@@ -230,7 +230,7 @@ def cross_entropy_rows_triton(
     weight: Tensor | None,
     ignore_index: int,
     label_smoothing: float,
-    scale: float | Tensor,
+    scale: float,
     want_grad: bool,
     *,
     block_v: int | None = None,
@@ -238,9 +238,8 @@ def cross_entropy_rows_triton(
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Launch the kernel (see the module docstring) as ``hessfast::triton_ce_rows``; the signature
     of ``cross_entropy_rows_ref`` plus block sizes to override (tests force several tiles and
-    tangent blocks). Non-contiguous inputs are made contiguous. A tensor ``scale`` (a 0-d tensor,
-    so that a traced product does not bake it in) multiplies the kernel's unscaled results."""
-    tensor_scale = isinstance(scale, Tensor)
+    tangent blocks). Non-contiguous inputs are made contiguous. (The fused head passes
+    ``scale=1`` and applies its tensor scale itself, so that a traced product bakes nothing in.)"""
     loss, gz, gdz = _rows_op(
         z,
         zdot,
@@ -248,7 +247,7 @@ def cross_entropy_rows_triton(
         weight,
         int(ignore_index),
         float(label_smoothing),
-        1.0 if tensor_scale else float(scale),
+        float(scale),
         bool(want_grad),
         block_v or 0,
         block_k or 0,
@@ -256,10 +255,6 @@ def cross_entropy_rows_triton(
     k = 0 if zdot is None else zdot.shape[0]
     gz = gz if want_grad else None
     gdz = gdz if k else None
-    if tensor_scale:
-        loss = loss * scale.to(loss.dtype)
-        gz = None if gz is None else gz * scale.to(gz.dtype)
-        gdz = None if gdz is None else gdz * scale.to(gdz.dtype)
     return loss, gz, gdz
 
 
