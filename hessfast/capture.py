@@ -105,7 +105,7 @@ class Program:
         """Activity analysis: node name -> whether it depends on the parameters in the subset.
 
         What autograd treats as a constant is inactive here, so it gets neither a tangent nor a
-        cotangent (DESIGN.md §3c): ``detach``, and everything computed with gradients disabled
+        cotangent (docs/architecture.md §2.3): ``detach``, and everything computed with gradients disabled
         (a ``torch.no_grad()`` region of ``forward``, which export wraps in a
         ``wrap_with_set_grad_enabled(False, ...)`` call, or bare ``_set_grad_enabled`` calls).
         """
@@ -178,7 +178,7 @@ def _check_dropout(step: Step) -> None:
         )
 
 
-# --- functionalisation (DESIGN.md §3c: mutation is functionalised, never skipped) -------------
+# --- functionalisation (docs/architecture.md §2.3: mutation is functionalised, never skipped) -------------
 
 
 def _is_mutating(node: fx.Node) -> bool:
@@ -381,7 +381,7 @@ def _is_renorm_input(user: fx.Node, renorm: fx.Node) -> bool:
 
 
 def _functionalize(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    """The exported program with every in-place op made out-of-place (DESIGN.md §3c).
+    """The exported program with every in-place op made out-of-place (docs/architecture.md §2.3).
 
     Unread buffer updates are dropped. If other mutations remain (``relu_``, ``out += x``,
     ``w[0] = 0`` on a tensor built in ``forward``, a buffer written and read, ...), the program
@@ -546,7 +546,7 @@ def signature(inputs: tuple) -> tuple:
     return (str(spec), tuple(parts))
 
 
-# --- the guard: what forward can read that export specialised on (DESIGN.md §3c) -------------
+# --- the guard: what forward can read that export specialised on (docs/architecture.md §2.3) -------------
 
 #: ``nn.Module.__dict__`` entries that are not user attributes (parameters, buffers, submodules
 #: and the forward hooks are fingerprinted on their own; the rest do not change forward).

@@ -1,4 +1,4 @@
-"""The engine: forward-over-reverse over a captured program, K tangents at once (DESIGN.md §3).
+"""The engine: forward-over-reverse over a captured program, K tangents at once (docs/architecture.md §3).
 
 Forward pass in graph order: every active node's rule returns its value, its ``[K, ...]`` tangent
 and the residuals its backward needs; everything else is freed after its last use. The loss rule

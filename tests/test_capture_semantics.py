@@ -1,4 +1,4 @@
-"""What a captured program must mean (DESIGN.md §3c), against float64 double-backward oracles.
+"""What a captured program must mean (docs/architecture.md §2.3), against float64 double-backward oracles.
 
 - in-place ops on the parameter path are functionalised (``relu_``, ``silu_``, ``hardswish_``,
   ``out += identity``), never refused, never skipped;

@@ -38,7 +38,7 @@ thick-restart Lanczos):
 Default block size: ``min(k, 8)`` — wide enough that eigenvalues of multiplicity up to the block
 size are found with their whole eigenspace, narrow enough that the basis stays small. A block
 spends more products than single-vector Lanczos but far fewer ``matmat`` calls, and a K-batched
-product shares its primal forward and backward across the K columns (DESIGN.md §3); measured on
+product shares its primal forward and backward across the K columns (docs/architecture.md §3); measured on
 the top 10 of a 5,000 × 5,000 bulk-plus-outliers spectrum, tol 1e-6: b = 1: 19 products in 19
 calls, b = 2: 24 in 12, b = 4: 32 in 8, b = 8: 56 in 7. Pass ``block_size=1`` where products
 are paid one by one. Default basis size ``ncv``: ``2k + max(20, 4b)`` vectors (capped at ``P``),

@@ -15,7 +15,7 @@ When an op has no forward-mode derivative (``jvp`` raises ``NotImplementedError`
 quantities come from autograd instead: ``ẏ`` by the double-VJP trick (``ẏ = ∂(Jᵀu)/∂u · ẋ``) and
 ``ġ_x`` by double backward (``Jᵀ ġ + ∇_x⟨Jᵀ ḡ, ẋ⟩``), one vector at a time.
 
-Never ``jacrev`` inside ``jvp`` (DESIGN.md §7): ``jvp`` of ``vjp`` is the composition that agrees with
+Never ``jacrev`` inside ``jvp`` (docs/architecture.md §9): ``jvp`` of ``vjp`` is the composition that agrees with
 double backward to round-off.
 """
 
