@@ -42,7 +42,7 @@ def split_inputs(inputs: Any) -> tuple[tuple, dict]:
     return _as_tuple(inputs), {}
 
 
-def _compute(
+def compute(
     model,
     loss_fn,
     inputs,
@@ -56,11 +56,16 @@ def _compute(
     compile=None,
     output=None,
 ):
+    """``(loss, grads, products)`` of one engine run: what ``hvp``/``ggn_vp``/``grad`` and the
+    operators, the profiler and the benchmarks call (``mode``: ``"hvp"``, ``"ggn"`` or ``"grad"``)."""
     traced.check_mode(compile)
     with use_backend(backend):
         return _compute_on(
             model, loss_fn, inputs, targets, selected, vec, mode, strict, profiler, compile, output
         )
+
+
+_compute = compute  # the old private name, until every caller says ``compute``
 
 
 def _compute_on(
@@ -163,7 +168,7 @@ def hvp(
     """
     selected = select_params(model, params)
     vec = parse(v, selected)
-    _, grads, prods = _compute(
+    _, grads, prods = compute(
         model,
         loss_fn,
         inputs,
@@ -216,7 +221,7 @@ def ggn_vp(
     """
     selected = select_params(model, params)
     vec = parse(v, selected)
-    _, _, prods = _compute(
+    _, _, prods = compute(
         model,
         loss_fn,
         inputs,
@@ -260,7 +265,7 @@ def grad(
         ['bias', 'weight']
     """
     selected = select_params(model, params)
-    _, grads, _ = _compute(
+    _, grads, _ = compute(
         model,
         loss_fn,
         inputs,

@@ -101,7 +101,7 @@ def profile_workload(w, dev, *, mode="hvp", k=1, repeats=3, backends=None) -> di
     vec = parse(V, selected) if mode != "grad" else None
 
     def compute(profiler=None, compile=None):
-        return api._compute(
+        return api.compute(
             model,
             loss_fn,
             inputs,

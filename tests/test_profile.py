@@ -107,9 +107,9 @@ def test_engine_hook_records_every_node_and_changes_nothing():
     x, y = torch.randn(7, 4), torch.randint(0, 3, (7,))
     sel = select_params(model, None)
     vec = parse({n: torch.randn(2, *p.shape) for n, p in sel}, sel)
-    plain = api._compute(model, F.cross_entropy, x, y, sel, vec, "hvp", True)
+    plain = api.compute(model, F.cross_entropy, x, y, sel, vec, "hvp", True)
     prof = Profiler(torch.device("cpu"))
-    timed = api._compute(model, F.cross_entropy, x, y, sel, vec, "hvp", True, profiler=prof)
+    timed = api.compute(model, F.cross_entropy, x, y, sel, vec, "hvp", True, profiler=prof)
     for a, b in zip(plain[1:], timed[1:]):
         assert all(torch.equal(a[n], b[n]) for n in a)
     phases = [(str(s.op) if s is not None else None, p) for s, _, p, _, _ in prof.records]
