@@ -1,17 +1,21 @@
 """Block Lanczos for the ends of the spectrum of a symmetric curvature operator.
 
 :func:`eigsh` is a thick-restart block Lanczos method (the block form of Wu and Simon's
-thick-restart Lanczos):
+thick-restart Lanczos) on the Krylov layer of :mod:`hessfast.algorithms.krylov`:
 
 - **one product per step**: each step multiplies the operator by one block of ``b`` basis vectors
-  (one K-batched pass of the model with ``K = b``); nothing else touches the operator;
-- **full reorthogonalisation**: every new block is orthogonalised against the whole basis by
-  classical Gram-Schmidt run twice ("twice is enough"), so no spurious copies of converged
-  eigenvalues appear and the Lanczos residual estimates stay trustworthy;
-- **the projected problem in float64**: the coefficients of the Gram-Schmidt passes *are* the
-  entries of ``T = Vᵀ H V`` (block tridiagonal after a plain start, an arrow head plus a block
-  tridiagonal tail after a restart); ``T`` lives on the host in float64 and
-  ``torch.linalg.eigh`` gives the Ritz pairs after every step;
+  (one K-batched pass of the model with ``K = b``) through :class:`~.krylov.Products`, which
+  counts, times and checks it; nothing else touches the operator;
+- **full reorthogonalisation at the cost of one pass**: the new block is first orthogonalised
+  against the last two blocks (the three-term part of the recurrence, which cancels most of its
+  norm), then against the whole basis by one classical Gram-Schmidt pass as two BLAS-3 GEMMs
+  (:func:`~.krylov.project_out`); a second pass runs only for columns that lost more than
+  ``1 − 1/√2`` of their norm in the first (DGKS). The basis is kept as rows ``[n, P]`` in its own
+  dtype (no float64 copy), so each GEMM reads it once;
+- **the projected problem in float64**: the coefficients of these passes *are* the entries of
+  ``T = Vᵀ H V`` (block tridiagonal after a plain start, an arrow head plus a block tridiagonal
+  tail after a restart); ``T`` lives on the host in float64 and ``torch.linalg.eigh`` gives the
+  Ritz pairs after every step;
 - **convergence by residual norm**: a Ritz pair ``(θ, y = V z)`` has ``H y − θ y = Q R z_last``
   (``Q R`` the next block and its coupling, ``z_last`` the rows of ``z`` on the last block), so
   ``‖R z_last‖`` is its residual norm at no cost. A wanted pair has converged when
@@ -20,35 +24,40 @@ thick-restart Lanczos):
   eigenvalues at zero from asking for an impossible relative accuracy). ``verify=True`` spends
   ``k`` more products on the true residuals ``‖H y − θ y‖``;
 - **thick restart**: the basis holds at most ``ncv`` vectors plus the next block. When it is full,
-  it is compressed in place (row chunk by row chunk, no second copy) to the ``p`` most wanted Ritz
-  vectors, ``p = k + ⌊(ncv − b − k) / 4⌋``, followed by the next block; the relation
-  ``H V = V T + Q R Eᵀ`` survives the restart exactly, so no product is ever repeated and
-  ``max_iter`` bounds the total work;
-- **breakdown**: the new block is made orthonormal by a rank-revealing step (the eigenvalues of its
-  float64 Gram matrix, then a Householder QR and one more orthogonalisation against the basis).
-  Directions whose norm is below ``200·eps·‖H‖`` lie in the span of the basis already (an
-  invariant subspace: an operator of rank below ``k``, a start block in an invariant subspace);
-  they are dropped from the Krylov relation and replaced by fresh random vectors orthogonal to the
-  basis, which keeps the block size, never divides by a tiny norm, and never produces NaN. The
-  Ritz pairs of an invariant subspace are exact yet need not be the extreme ones, so after a
-  breakdown convergence is accepted only once a further step (which multiplies the random
-  vectors) leaves the wanted Ritz values unchanged. When the basis spans the whole space (``P``
-  small), the Ritz pairs are exact and Lanczos stops.
+  it is compressed in place (column chunk by column chunk, no second copy) to the ``p`` most
+  wanted Ritz vectors, followed by the next block; the relation ``H V = V T + Q R Eᵀ`` survives
+  the restart exactly, so no product is ever repeated and ``max_iter`` bounds the total work;
+- **breakdown**: the new block is made orthonormal by a rank-revealing step
+  (:func:`~.krylov.orthonormalize`: the eigenvalues of its float64 ``b × b`` Gram matrix, then a
+  Cholesky-QR pass). Directions whose norm is below ``200·eps·‖H‖`` lie in the span of the basis
+  already (an invariant subspace: an operator of rank below ``k``, a start block in an invariant
+  subspace); they are dropped from the Krylov relation and replaced by fresh random vectors
+  orthogonal to the basis, which keeps the block size, never divides by a tiny norm, and never
+  produces NaN. The Ritz pairs of an invariant subspace are exact yet need not be the extreme
+  ones, so after a breakdown convergence is accepted only once a further step leaves the wanted
+  Ritz values unchanged. When the basis spans the whole space (``P`` small), Lanczos stops.
 
-Default block size: ``min(k, 8)`` — wide enough that eigenvalues of multiplicity up to the block
-size are found with their whole eigenspace, narrow enough that the basis stays small. A block
-spends more products than single-vector Lanczos but far fewer ``matmat`` calls, and a K-batched
-product shares its primal forward and backward across the K columns (docs/architecture.md §3); measured on
-the top 10 of a 5,000 × 5,000 bulk-plus-outliers spectrum, tol 1e-6: b = 1: 19 products in 19
-calls, b = 2: 24 in 12, b = 4: 32 in 8, b = 8: 56 in 7. Pass ``block_size=1`` where products
-are paid one by one. Default basis size ``ncv``: ``2k + max(20, 4b)`` vectors (capped at ``P``),
-so a restart cycle always spans several block steps. Well-separated ends (the top of a Hessian)
-converge within a restart or two; ends inside a dense bulk need many restarts and converge in
-far fewer products with a larger ``ncv`` (measured: bottom 5 of 1,990 Gaussian eigenvalues,
-b = 4, tol 1e-6: 544 products at the default ncv = 30, 308 at 40, 216 at 60, 192 at 80).
+Block size (``block_size=None``): a block of ``b`` columns needs more products than single-vector
+Lanczos to converge, but one K-batched product of ``b`` columns can cost far less than ``b``
+single products (a conv net on a CPU: about 1.1 gradients per column at K = 8 against 6 for one
+column) or about the same (a plain MLP's GEMMs). So on operators with ``P ≥ 4096`` eigsh measures
+the cost curve on its first products: it multiplies the start block's first column and the whole
+start block ``B = min(k, 8)`` a few times each (the first calls of a new width include hessfast's
+capture and tracing; the last call of each width is timed), then picks the ``b`` in ``{1, B}``
+with the smallest expected time ``inflation(b) · t(b) / b``, where ``inflation(b)`` is the
+measured growth of the product count with the block size (:data:`INFLATION`). The chosen product
+is step one of the run (no product is wasted but the warm-up repeats and the other width's). The
+choice, the curve and the expected times are in ``info.block_choice``. Smaller operators use
+``min(k, 8)`` without measuring; an explicit ``block_size`` always wins. Use at least the
+multiplicity of the eigenvalues you need: single-vector Lanczos finds one vector per eigenvalue.
 
-Cost per step besides the product: ``8 · P · n · b`` flops of Gram-Schmidt (two passes, ``n``
-the basis size) and an ``n × n`` float64 ``eigh`` on the host; a restart adds ``2 · P · n · p``.
+Default basis size ``ncv``: ``max(2k + 1, 20)`` vectors for ``b = 1`` (ARPACK's default) and
+``2k + max(20, 4b)`` for blocks, capped at ``P``. Ends inside a dense bulk converge in far fewer
+products with a larger ``ncv``.
+
+Cost per step besides the product: ``4 · P · n · b`` flops of Gram-Schmidt (one pass, ``n`` the
+basis size; a second only after heavy cancellation) and an ``n × n`` float64 ``eigh`` on the host;
+a restart adds ``2 · P · n · p``.
 """
 
 from __future__ import annotations
@@ -61,14 +70,35 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import NonFiniteError
+from .krylov import (
+    Products,
+    check_memory,
+    check_operator,
+    orthonormalize,
+    project_out,
+    random_block,
+    run_symmetry_check,
+)
 
 Tensor = torch.Tensor
 
 WHICH = ("LA", "SA", "LM", "BE")
-_CHUNK_BYTES = 64 * 2**20  # row chunk of the in-place restart
-_KEEP = 0.25  # restart keeps k + _KEEP·(ncv − b − k) Ritz vectors (measured: 0.25 beat 0.1, 0.5)
+_CHUNK_BYTES = 64 * 2**20  # column chunk of the in-place restart
 _TINY = 1e-30  # relative size below which restart couplings and Ritz coefficients are flushed
+#: operators smaller than this use ``min(k, 8)`` without measuring the cost curve
+MEASURE_MIN_P = 4096
+#: products to convergence at block size ``b`` over those at ``b = 1`` (same problem, same tol):
+#: the model behind ``block_size=None``; measured, see ``benchmarks/results/cpu-eigsh-*``
+INFLATION_PER_COLUMN = 0.2
+
+
+def inflation(b: int) -> float:
+    """Expected products at block size ``b`` relative to single-vector Lanczos.
+
+    >>> inflation(1), round(inflation(8), 2)
+    (1.0, 2.4)
+    """
+    return 1.0 + INFLATION_PER_COLUMN * (b - 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,6 +124,11 @@ class EigshInfo:
         ncv: the largest basis (projected problem) size.
         basis_bytes: memory of the Lanczos basis.
         deflations: directions dropped at breakdowns (and replaced by random vectors).
+        block_choice: how ``b`` was chosen: ``{"how": "given" | "default" | "measured",
+            "curve": {K: seconds per call}, "expected": {b: expected seconds per b=1 product},
+            "products": products spent measuring beyond the first step}``.
+        symmetry_probe: ``"passed"``, or ``None`` when no probe ran.
+        calls: ``matmat`` calls.
     """
 
     products: int
@@ -109,188 +144,14 @@ class EigshInfo:
     ncv: int
     basis_bytes: int
     deflations: int
+    block_choice: dict = field(default_factory=dict)
+    symmetry_probe: str | None = None
+    calls: int = 0
 
     @property
     def seconds_elsewhere(self) -> float:
         """Wall time outside the products (orthogonalisation, the small eigenproblems, ...)."""
         return self.seconds_total - self.seconds_in_products
-
-
-# ----------------------------------------------------------------------------------------------
-# helpers shared by the Lanczos-type algorithms
-
-
-def check_operator(op) -> int:
-    """Check the operator protocol (square ``shape``, ``dtype``, ``device``, ``matmat``); return P.
-
-    >>> import torch, hessfast
-    >>> check_operator(hessfast.DenseOperator(torch.eye(3)))
-    3
-    """
-    shape = getattr(op, "shape", None)
-    if shape is None or len(tuple(shape)) != 2:
-        raise ValueError(
-            f"the operator needs a 2-D shape (P, P); {type(op).__name__} has shape {shape!r}"
-        )
-    if shape[0] != shape[1]:
-        raise ValueError(f"the operator is not square: shape {tuple(shape)}")
-    if not callable(getattr(op, "matmat", None)):
-        raise ValueError(f"{type(op).__name__} has no matmat(V) method")
-    for attr in ("dtype", "device"):
-        if not hasattr(op, attr):
-            raise ValueError(f"{type(op).__name__} has no {attr} attribute")
-    return int(shape[0])
-
-
-class ProductCounter:
-    """Wraps an operator: counts products and ``matmat`` calls, times them, checks the results.
-
-    ``matmat`` takes and returns tensors in the operator's dtype and device (it is itself an
-    operator); ``apply`` takes a basis block and returns ``H @ block`` in the basis dtype and on the
-    basis device.
-    """
-
-    def __init__(self, op, basis_dtype: torch.dtype | None = None, basis_device=None):
-        self.op = op
-        self.shape = tuple(op.shape)
-        self.dtype = op.dtype
-        self.device = torch.device(op.device)
-        self.basis_dtype = basis_dtype or op.dtype
-        self.basis_device = torch.device(basis_device) if basis_device is not None else self.device
-        self.products = 0
-        self.calls = 0
-        self.seconds = 0.0
-        self._sync = self.device.type == "cuda"
-
-    def matmat(self, X: Tensor) -> Tensor:
-        if self._sync:
-            torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
-        Y = self.op.matmat(X)
-        if self._sync:
-            torch.cuda.synchronize(self.device)
-        self.seconds += time.perf_counter() - t0
-        self.calls += 1
-        self.products += X.shape[1]
-        if not isinstance(Y, torch.Tensor) or tuple(Y.shape) != tuple(X.shape):
-            got = tuple(Y.shape) if isinstance(Y, torch.Tensor) else type(Y).__name__
-            raise ValueError(
-                f"operator.matmat returned {got} for an input of shape {tuple(X.shape)}"
-            )
-        if not bool(torch.isfinite(Y).all()):
-            raise NonFiniteError(
-                f"an operator product contains NaN or Inf (product call {self.calls}): the "
-                "operator is not finite on these vectors; check the model, the data, the loss "
-                "scale and the dtype"
-            )
-        return Y
-
-    def apply(self, B: Tensor) -> Tensor:
-        Y = self.matmat(B.to(self.device, self.dtype))
-        return Y.to(self.basis_device, self.basis_dtype)
-
-
-def run_symmetry_check(
-    op, counter: ProductCounter, seed: int = 0, check: bool | None = True
-) -> None:
-    """``op.check_symmetric()`` where the operator's class defines its own; otherwise the probe of
-    :meth:`hessfast.operators.CurvatureOperator.check_symmetric` through ``counter``.
-
-    ``check=None`` is the algorithms' default: one probe pair (a single two-column product) for
-    hessfast's model operators (Hessian, GGN), whose symmetry a model can break (a constant
-    hessfast cannot see, a loss that is not twice differentiable); nothing for other operators.
-    ``True``: two probe pairs on any operator; ``False``: nothing."""
-    from ..operators import CurvatureOperator, is_model_operator
-
-    if check is False or (check is None and not is_model_operator(op)):
-        return
-    probes = 1 if check is None else 2
-    own = getattr(type(op), "check_symmetric", None)
-    if own is not None and own is not CurvatureOperator.check_symmetric:
-        op.check_symmetric(num_probes=probes)
-    else:
-        CurvatureOperator.check_symmetric(counter, num_probes=probes, seed=seed)
-
-
-def free_bytes(device) -> int | None:
-    """Bytes free on ``device`` (``torch.cuda.mem_get_info`` on CUDA, ``MemAvailable`` of
-    ``/proc/meminfo`` on the CPU), or ``None`` when unknown."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except (OSError, ValueError, IndexError):
-            return None
-    return None
-
-
-def project_out(V: Tensor, W: Tensor, passes: int = 2) -> Tensor:
-    """``W -= V (Vᵀ W)``, ``passes`` times (classical Gram-Schmidt, twice is enough), in place.
-
-    Returns the summed coefficients ``Vᵀ W`` (``[n, b]``, in W's dtype).
-    """
-    if V.shape[1] == 0:
-        return W.new_zeros(0, W.shape[1])
-    h = V.T @ W
-    W -= V @ h
-    for _ in range(passes - 1):
-        c = V.T @ W
-        W -= V @ c
-        h += c
-    return h
-
-
-def orthonormalize(
-    W: Tensor, V: Tensor, drop_tol: float, max_rank: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Rank-revealing orthonormalisation of a block ``W`` that is already orthogonal to ``V``.
-
-    Returns ``(Q, R, sigma)``: ``Q`` ``[P, r]`` orthonormal and orthogonal to ``V``, ``R``
-    ``[r, b]`` float64 on the host with ``‖W − Q R‖ ≤ drop_tol`` (the directions of singular value
-    at most ``drop_tol`` are dropped, and at most ``max_rank`` are kept), and the singular values
-    ``sigma`` of ``W`` (float64, descending).
-    """
-    b = W.shape[1]
-    G = W.double().T @ W.double()
-    s, U = torch.linalg.eigh(G.cpu())
-    s, U = s.flip(0), U.flip(1)
-    sigma = s.clamp_min(0).sqrt()
-    r = min(int((sigma > drop_tol).sum()), max_rank)
-    if r == 0:
-        return W[:, :0], torch.zeros(0, b, dtype=torch.float64), sigma
-    Ur = U[:, :r]
-    X = W @ Ur.to(W.device, W.dtype)  # columns nearly orthogonal, norms sigma[:r]
-    Q, R1 = torch.linalg.qr(X)
-    # dividing by small singular values amplified what was left of V in W: orthogonalise again
-    project_out(V, Q)
-    Q, R2 = torch.linalg.qr(Q)  # R2 ≈ I
-    R = (R2.double().cpu() @ R1.double().cpu()) @ Ur.T
-    return Q, R, sigma
-
-
-def random_block(
-    gen: torch.Generator, P: int, d: int, dtype: torch.dtype, device, V: Tensor, Qs: list[Tensor]
-) -> Tensor:
-    """``d`` (or fewer, when the space is nearly exhausted) random orthonormal vectors orthogonal
-    to ``V`` and to the blocks in ``Qs``, drawn column by column on the CPU from ``gen``."""
-    room = P - V.shape[1] - sum(q.shape[1] for q in Qs)
-    d = min(d, room)
-    if d <= 0:
-        return V.new_zeros(P, 0)
-    gdtype = torch.float64 if dtype == torch.float64 else torch.float32
-    Z = torch.empty(P, d, dtype=dtype, device=device)
-    for j in range(d):
-        Z[:, j] = torch.randn(P, generator=gen, dtype=gdtype).to(device, dtype)
-    basis = torch.cat([V, *Qs], dim=1) if Qs else V
-    project_out(basis, Z)
-    eps = torch.finfo(dtype).eps
-    Q, _, _ = orthonormalize(Z, basis, drop_tol=math.sqrt(eps) * math.sqrt(P), max_rank=d)
-    return Q
 
 
 def order_by_which(theta: Tensor, which: str) -> Tensor:
@@ -333,36 +194,27 @@ def basis_bytes(P: int, columns: int, block_size: int, dtype: torch.dtype) -> in
 
 
 def _check_memory(P, C, b, dtype, device) -> int:
-    need = basis_bytes(P, C, b, dtype)
-    free = free_bytes(device)
-    if free is not None and need > free:
-        gib = 2**30
-        hint = (
-            "pass basis_device='cpu' to keep the basis in host memory, "
-            if torch.device(device).type != "cpu"
-            else ""
-        )
-        raise MemoryError(
-            f"eigsh needs {need:,} bytes ({need / gib:.2f} GiB) for its Lanczos basis of {C} "
-            f"vectors of length {P:,} in {dtype} on {device} (plus working blocks), but only "
-            f"{free:,} bytes ({free / gib:.2f} GiB) are free. Use a smaller ncv or block_size "
-            f"(the basis holds ncv + block_size vectors; max_iter does not change it), {hint}"
-            "or basis_dtype=torch.float32."
-        )
-    return need
+    hint = (
+        "pass basis_device='cpu' to keep the basis in host memory, "
+        if torch.device(device).type != "cpu"
+        else ""
+    )
+    return check_memory(
+        basis_bytes(P, C, b, dtype),
+        device,
+        f"eigsh's Lanczos basis of {C} vectors of length {P:,} in {dtype} (plus working blocks)",
+        "use a smaller ncv or block_size (the basis holds ncv + block_size vectors; max_iter "
+        f"does not change it), {hint}or basis_dtype=torch.float32.",
+    )
 
 
-def _compress(V: Tensor, e: int, Zk: Tensor) -> None:
-    """``V[:, :p] = V[:, :e] @ Zk`` in place, row chunk by row chunk (no second basis)."""
-    P, p = V.shape[0], Zk.shape[1]
-    Zk = torch.where(Zk.abs() < _TINY, 0.0, Zk).to(V.device, V.dtype)
-    rows = max(1, _CHUNK_BYTES // max(1, (e + p) * V.element_size()))
-    for r0 in range(0, P, rows):
-        V[r0 : r0 + rows, :p] = V[r0 : r0 + rows, :e] @ Zk
-
-
-# ----------------------------------------------------------------------------------------------
-# eigsh
+def _compress(Vt: Tensor, e: int, Zk: Tensor) -> None:
+    """``Vt[:p] = Zkᵀ Vt[:e]`` in place, column chunk by column chunk (no second basis)."""
+    P, p = Vt.shape[1], Zk.shape[1]
+    Zt = torch.where(Zk.abs() < _TINY, 0.0, Zk).T.contiguous().to(Vt.device, Vt.dtype)
+    cols = max(1, _CHUNK_BYTES // max(1, (e + p) * Vt.element_size()))
+    for c0 in range(0, P, cols):
+        Vt[:p, c0 : c0 + cols] = Zt @ Vt[:e, c0 : c0 + cols]
 
 
 #: multiple of ``eps(operator dtype) · ‖H‖`` below which a true residual is product rounding noise
@@ -385,6 +237,28 @@ def _rayleigh_ritz(Y: Tensor, HY: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     Yr, HYr = Yd @ C, HYd @ C
     residuals = (HYr - Yr * w).norm(dim=0).cpu()
     return w.cpu(), Yr.to(Y.dtype), residuals
+
+
+def _measure_block(products: Products, X: Tensor, reps: int) -> tuple[int, dict, Tensor, Tensor]:
+    """Multiply ``X[:, :1]`` and ``X`` (``B`` columns) ``reps`` times each, interleaved; the
+    last call of each width is its cost. Returns ``(b, choice info, H X[:, :1], H X)``."""
+    B = X.shape[1]
+    t: dict[int, float] = {}
+    Y1 = YB = None
+    for _ in range(reps):
+        Y1 = products.apply(X[:, :1])
+        t[1] = products.timings[-1][1]
+        YB = products.apply(X)
+        t[B] = products.timings[-1][1]
+    expected = {b: inflation(b) * t[b] / b for b in (1, B)}
+    b = min(expected, key=lambda c: (expected[c], c))
+    extra = reps * (1 + B) - b
+    choice = {"how": "measured", "curve": t, "expected": expected, "products": extra}
+    return b, choice, Y1, YB
+
+
+# ----------------------------------------------------------------------------------------------
+# eigsh
 
 
 def eigsh(
@@ -414,8 +288,11 @@ def eigsh(
         k: number of eigenpairs, ``1 ≤ k ≤ P``.
         which: ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic, ``"LM"`` largest
             magnitude, ``"BE"`` both ends (``k // 2`` from the bottom, the rest from the top).
-        block_size: vectors per Lanczos step, i.e. columns per ``matmat`` call; default
-            ``min(k, 8)``. Use at least the multiplicity of the eigenvalues you need.
+        block_size: vectors per Lanczos step, i.e. columns per ``matmat`` call. ``None``
+            (default): chosen from the measured cost of a ``min(k, 8)``-column product against a
+            one-column one on operators with ``P ≥ 4096`` (module docstring; the choice is in
+            ``info.block_choice``), ``min(k, 8)`` on smaller ones. Use at least the multiplicity
+            of the eigenvalues you need.
         tol: a pair has converged when ``‖H y − θ y‖ ≤ tol · max(|θ|, eps^(2/3)·‖H‖)``.
         max_iter: at most this many Lanczos steps (``matmat`` calls), so at most
             ``max_iter · block_size`` products (plus ``k`` for ``verify``, 2 or 4 for
@@ -424,9 +301,10 @@ def eigsh(
             it) and ``info.converged`` false.
         seed: seeds the random start block (a CPU ``torch.Generator``): the same seed gives the
             same numbers.
-        ncv: largest basis size before a thick restart (default ``2k + max(20, 4b)``, at least
-            ``k + b + 1``, capped at P); the basis holds ``ncv + b`` vectors. Raise it for ends
-            inside a dense part of the spectrum, lower it when memory is short.
+        ncv: largest basis size before a thick restart (default ``max(2k + 1, 20)`` at block
+            size 1, ``2k + max(20, 4b)`` for blocks; at least ``k + b + 1``, capped at P); the
+            basis holds ``ncv + b`` vectors. Raise it for ends inside a dense part of the
+            spectrum, lower it when memory is short.
         v0: optional start vectors ``[P]`` or ``[P, j]`` (``j ≤ b``; random vectors complete
             the block).
         basis_device: where the Lanczos vectors live (default: the operator's device); ``"cpu"``
@@ -481,58 +359,80 @@ def eigsh(
         raise ValueError(f"k must be an integer in [1, P] = [1, {P}], got {k!r}") from None
     if k < 1 or k > P:
         raise ValueError(f"k must be an integer in [1, P] = [1, {P}], got {k!r}")
-    b = min(k, 8) if block_size is None else int(block_size)
-    if b < 1:
+    if block_size is not None and (isinstance(block_size, bool) or int(block_size) < 1):
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
-    b = min(b, P)
+    B = min(k, 8, P) if block_size is None else min(int(block_size), P)
+    measure = block_size is None and B > 1 and P >= MEASURE_MIN_P
     if not tol >= 0:
         raise ValueError(f"tol must be non-negative, got {tol!r}")
-    if max_iter is None:
-        max_iter = max(1000, -(-k // b))
-    if max_iter < -(-k // b):
+    if max_iter is not None and max_iter < -(-k // B):
         raise ValueError(
-            f"max_iter={max_iter} steps of block size {b} cannot build {k} Ritz vectors: "
-            f"use max_iter >= {-(-k // b)} or a larger block_size"
+            f"max_iter={max_iter} steps of block size {B} cannot build {k} Ritz vectors: "
+            f"use max_iter >= {-(-k // B)} or a larger block_size"
         )
-    m = 2 * k + max(20, 4 * b) if ncv is None else int(ncv)
-    if m < k + b + 1 and m < P:
-        raise ValueError(f"ncv must be at least k + block_size + 1 = {k + b + 1}, got {ncv}")
-    C = min(m + b, P)  # basis capacity: ncv vectors plus the next block
 
+    def basis_size(b: int) -> int:
+        if ncv is not None:
+            return int(ncv)
+        return max(2 * k + 1, 20) if b == 1 else 2 * k + max(20, 4 * b)
+
+    m = basis_size(B)
+    if ncv is not None and m < k + B + 1 and m < P:
+        raise ValueError(f"ncv must be at least k + block_size + 1 = {k + B + 1}, got {ncv}")
     op_dtype = op.dtype
     bdtype = basis_dtype or (
         op_dtype if op_dtype in (torch.float32, torch.float64) else torch.float32
     )
     bdevice = torch.device(basis_device) if basis_device is not None else torch.device(op.device)
-    nbytes = _check_memory(P, C, b, bdtype, bdevice)
-    counter = ProductCounter(op, bdtype, bdevice)
-    run_symmetry_check(op, counter, seed, check_symmetric)
+    _check_memory(P, min(max(m, basis_size(1)) + B, P), B, bdtype, bdevice)
+    products = Products(op, dtype=bdtype, device=bdevice)
+    run_symmetry_check(op, products, seed, check_symmetric)
 
     eps = torch.finfo(bdtype).eps
     drop_rel = 200 * eps
     floor_rel = eps ** (2 / 3)
     gen = torch.Generator().manual_seed(int(seed))
-    V = torch.zeros(P, C, dtype=bdtype, device=bdevice)
-    T = torch.zeros(C, C, dtype=torch.float64)
 
-    # start block
-    start = V.new_zeros(P, 0)
+    # start block: v0, completed by random vectors
+    start = torch.zeros(P, 0, dtype=bdtype, device=bdevice)
     if v0 is not None:
         v0 = v0.reshape(P, -1) if v0.dim() == 1 else v0
-        if v0.dim() != 2 or v0.shape[0] != P or v0.shape[1] > b:
+        if v0.dim() != 2 or v0.shape[0] != P or v0.shape[1] > B:
             raise ValueError(
-                f"v0 must be [P] or [P, j] with j <= block_size={b}, got {list(v0.shape)}"
+                f"v0 must be [P] or [P, j] with j <= block_size={B}, got {list(v0.shape)}"
             )
         X = v0.to(bdevice, bdtype).clone()
         if not bool(torch.isfinite(X).all()):
             raise ValueError("v0 contains NaN or Inf")
         scale = float(X.double().norm(dim=0).max()) if X.numel() else 0.0
-        start, _, _ = orthonormalize(X, V[:, :0], drop_tol=1e-8 * scale, max_rank=b)
-    if start.shape[1] < b:
-        extra = random_block(gen, P, b - start.shape[1], bdtype, bdevice, V[:, :0], [start])
+        start, _, _ = orthonormalize(X, None, drop_tol=1e-8 * scale, max_rank=B)
+    if start.shape[1] < B:
+        extra = random_block(gen, P, B - start.shape[1], bdtype, bdevice, None, start)
         start = torch.cat([start, extra], dim=1)
-    V[:, : start.shape[1]] = start
-    s, e = 0, start.shape[1]
+
+    # block size: given, default, or measured on the first products (which are step one)
+    W = None
+    if measure:
+        from ..operators import is_model_operator
+
+        reps = 3 if is_model_operator(op) else 2
+        b, choice, Y1, YB = _measure_block(products, start, reps)
+        start, W = (start[:, :1], Y1) if b == 1 else (start, YB)
+    else:
+        b = B
+        choice = {"how": "given" if block_size is not None else "default"}
+    m = basis_size(b)
+    if max_iter is None:
+        max_iter = max(1000, -(-k // b))
+    if m < k + b + 1 and m < P:
+        m = k + b + 1
+    C = min(m + b, P)  # basis capacity: ncv vectors plus the next block
+    keep_target = k + max(1, (m - b - k) // 2) if b == 1 else k + (m - b - k) // 4
+
+    Vt = torch.zeros(C, P, dtype=bdtype, device=bdevice)  # the basis, one vector per row
+    T = torch.zeros(C, C, dtype=torch.float64)
+    Vt[: start.shape[1]] = start.T
+    s, e, lo = 0, start.shape[1], 0  # current block [s, e); local part of the next projection
 
     anorm = 0.0
     restarts = deflations = 0
@@ -541,25 +441,35 @@ def eigsh(
     theta = Z = res = R = None
     steps = 0
     while steps < max_iter:
-        W = counter.apply(V[:, s:e])
+        if W is None:
+            W = products.apply(Vt[s:e].T)
         steps += 1
-        anorm = max(anorm, float(W.double().norm(dim=0).max()))
-        h = project_out(V[:, :e], W).double().cpu()
+        wn = float(torch.linalg.vector_norm(W, dim=0).max())
+        anorm = max(anorm, wn)
+        if lo > 0:  # the three-term part first: it cancels most of W, then one full pass
+            hl = Vt[lo:e] @ W
+            W -= Vt[lo:e].T @ hl
+            h = project_out(Vt[:e], W)
+            h[lo:e] += hl
+        else:
+            h = project_out(Vt[:e], W)
+        h = h.double().cpu()
         T[:e, s:e] = h
         T[s:e, :e] = h.T
         T[s:e, s:e] = (h[s:e] + h[s:e].T) / 2
 
         room = C - e
-        Q, R, sigma = orthonormalize(W, V[:, :e], drop_tol=drop_rel * anorm, max_rank=min(b, room))
         want_cols = min(b, room)
+        Q, R, sigma = orthonormalize(W, Vt[:e], drop_rel * anorm, want_cols, wnorm=wn)
+        W = None
         broke = Q.shape[1] < want_cols
         if broke:
             deflations += min(int((sigma <= drop_rel * anorm).sum()), want_cols - Q.shape[1])
-            fresh = random_block(gen, P, want_cols - Q.shape[1], bdtype, bdevice, V[:, :e], [Q])
+            fresh = random_block(gen, P, want_cols - Q.shape[1], bdtype, bdevice, Vt[:e], Q)
             Q = torch.cat([Q, fresh], dim=1)
             R = torch.cat([R, torch.zeros(fresh.shape[1], R.shape[1], dtype=torch.float64)])
         bq = Q.shape[1]
-        V[:, e : e + bq] = Q
+        Vt[e : e + bq] = Q.T
 
         theta, Z = torch.linalg.eigh(T[:e, :e])
         anorm = max(anorm, float(theta.abs().max()))
@@ -586,10 +496,10 @@ def eigsh(
             converged = True
             break
         if C < P and e + bq + b > C:  # full: thick restart
-            p = min(k + int((m - b - k) * _KEEP), C - 2 * b)
+            p = min(keep_target, C - 2 * b)
             keep = order_by_which(theta, which)[:p]
-            _compress(V, e, Z[:, keep])
-            V[:, p : p + bq] = Q  # Q is its own tensor: no overlap with the old columns
+            _compress(Vt, e, Z[:, keep])
+            Vt[p : p + bq] = Q.T  # Q is its own tensor: no overlap with the old rows
             S = R @ Z[s:e, keep]  # [bq, p]: coupling of the Ritz vectors to the next block
             # couplings of converged pairs shrink geometrically from restart to restart; flush
             # them before they turn subnormal (subnormals make every later GEMM crawl on CPUs)
@@ -598,25 +508,25 @@ def eigsh(
             T[:p, :p] = torch.diag(theta[keep])
             T[p : p + bq, :p] = S
             T[:p, p : p + bq] = S.T
-            s, e = p, p + bq
+            s, e, lo = p, p + bq, 0
             restarts += 1
             # the basis now starts with the kept Ritz vectors: their pairs in basis coordinates
             theta, Z, res = theta[keep], torch.eye(p, dtype=torch.float64), res[keep]
         else:
-            s, e = e, e + bq
+            s, e, lo = e, e + bq, s
 
     wanted = order_by_which(theta, which)[:k]
     wanted = wanted[torch.argsort(theta[wanted], stable=True)]
     evals = theta[wanted].clone()
     n = Z.shape[0]
-    Y = V[:, :n] @ Z[:, wanted].to(bdevice, bdtype)
+    Y = Vt[:n].T @ Z[:, wanted].to(bdevice, bdtype)
     residuals = res[wanted].clone()
     thresh = tol * torch.clamp(evals.abs(), min=floor_rel * anorm)
     mask = residuals <= thresh
     if verify is None:
         verify = bdtype != torch.float64
     if verify:
-        evals, Y, residuals = _rayleigh_ritz(Y, counter.apply(Y))
+        evals, Y, residuals = _rayleigh_ritz(Y, products.apply(Y))
         # a true residual cannot fall below the rounding noise of the products themselves
         # (float32: ~1e-4·‖H‖ over a million entries); the eigenvalues, accurate to about
         # residual² / gap, are then still far more accurate than tol
@@ -627,8 +537,8 @@ def eigsh(
     if not converged and warn:
         warnings.warn(
             f"eigsh: {int((~mask).sum())} of {k} eigenpairs did not reach tol={tol:g} in "
-            f"max_iter={max_iter} steps ({counter.products} products); largest residual "
-            f"{float(residuals.max()):.3g}. Raise max_iter or ncv, or loosen tol.",
+            f"max_iter={max_iter} steps ({products.products} products); largest residual "
+            f"{float(residuals.max()):.3g}. {_stall_hint(op, products)}",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -636,21 +546,44 @@ def eigsh(
     if not return_info:
         return evals, evecs
     info = EigshInfo(
-        products=counter.products,
+        products=products.products,
         iterations=steps,
         restarts=restarts,
         residuals=residuals,
         converged_mask=mask,
         converged=converged,
         verified=verify,
-        seconds_in_products=counter.seconds,
+        seconds_in_products=products.seconds,
         seconds_total=time.perf_counter() - t_start,
         block_size=b,
         ncv=min(m, P),
-        basis_bytes=nbytes,
+        basis_bytes=basis_bytes(P, C, b, bdtype),
         deflations=deflations,
+        block_choice=choice,
+        symmetry_probe=products.symmetry,
+        calls=products.calls,
     )
     return evals, evecs, info
+
+
+def _stall_hint(op, products: Products) -> str:
+    """What the warning of a run that did not converge says about the operator's checks."""
+    probe = {
+        "passed": "The symmetry probe passed, so H is symmetric on random vectors",
+        None: "No symmetry probe ran (check_symmetric=False, or not a hessfast model operator)",
+    }[products.symmetry]
+    det = getattr(op, "deterministic", None)
+    if det == "passed":
+        det_s = "the determinism check passed (two passes gave the same product)"
+    elif det == "skipped":
+        det_s = (
+            "the determinism check was skipped (check_deterministic=False): a shuffled "
+            "DataLoader or train-mode BatchNorm over changing batches makes H a different matrix "
+            "on every pass, and Lanczos then never converges"
+        )
+    else:
+        det_s = "no determinism check ran"
+    return f"{probe}; {det_s}. Raise max_iter or ncv, or loosen tol."
 
 
 # ----------------------------------------------------------------------------------------------

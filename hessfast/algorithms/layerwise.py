@@ -32,15 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .slq import (
-    Operator,
-    _as_operator,
-    _check_positive_int,
-    _lanczos,
-    _Products,
-    _rademacher,
-    _work_dtype,
-)
+from .krylov import Operator, Products, as_operator, check_positive_int, rademacher, work_dtype
+from .slq import _lanczos
 from .trace import _stderr
 
 Tensor = torch.Tensor
@@ -210,17 +203,17 @@ def layerwise(
     >>> out["b"].lambda_max, out["b"].lambda_min, out["b"].trace, out["b"].method
     (8.0, 4.0, 30.0, 'dense')
     """
-    op = _as_operator(H)
-    k = _check_positive_int("k", k)
-    steps = _check_positive_int("lanczos_steps", lanczos_steps)
-    t = _check_positive_int("num_trace_probes", num_trace_probes)
+    op = as_operator(H)
+    k = check_positive_int("k", k)
+    steps = check_positive_int("lanczos_steps", lanczos_steps)
+    t = check_positive_int("num_trace_probes", num_trace_probes)
     want = _which(which)
     want_lam = bool(want & {"lambda_max", "lambda_min"})
     want_tr = "trace" in want
     if trace_probes not in ("shared", "block"):
         raise ValueError(f"trace_probes must be 'shared' or 'block', got {trace_probes!r}")
     groups_ = _resolve_groups(op, groups)
-    work = _work_dtype(op.dtype, basis_dtype)
+    work = work_dtype(op.dtype, basis_dtype)
     work_device = torch.device("cpu") if offload else op.device
     gen = torch.Generator().manual_seed(int(seed))
 
@@ -247,18 +240,18 @@ def layerwise(
         idx = {lab: _index(groups_[lab]) for lab in hutch}
         union = torch.unique(torch.cat(list(idx.values())))  # sorted
         loc = {lab: torch.searchsorted(union, idx[lab]).to(work_device) for lab in hutch}
-        Z = torch.stack([_rademacher(union.numel(), gen) for _ in range(t)], 1)
+        Z = torch.stack([rademacher(union.numel(), gen) for _ in range(t)], 1)
         urows = _rows(_ranges(union), op.device)
         extra.append((urows, Z.to(work_device, work)))
     else:
         for lab in hutch:
-            Z = torch.stack([_rademacher(sizes[lab], gen) for _ in range(t)], 1)
+            Z = torch.stack([rademacher(sizes[lab], gen) for _ in range(t)], 1)
             extra.append((rows[lab], Z.to(work_device, work)))
     starts = [
         torch.randn(sizes[lab], k, generator=gen, dtype=torch.float64).to(work_device, work)
         for lab in lanczos
     ]
-    products = _Products(op, max_columns)
+    products = Products(op, max_columns)
     if lanczos:
         runs, extra_out = _lanczos(
             op,

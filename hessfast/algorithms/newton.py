@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .lanczos import EigshInfo, ProductCounter, check_operator, eigsh, run_symmetry_check
+from .krylov import Products, check_operator, run_symmetry_check
+from .lanczos import EigshInfo, eigsh
 
 Tensor = torch.Tensor
 
@@ -216,7 +217,7 @@ def newton_step(
     flat, layout = _flatten(g, op, P)
     if not bool(torch.isfinite(flat).all()):
         raise ValueError("g contains NaN or Inf")
-    counter = ProductCounter(op)
+    counter = Products(op)
     # CG and the Lanczos eigenbasis assume a symmetric operator (see eigsh's check_symmetric)
     run_symmetry_check(op, counter, seed, check_symmetric)
     if method == "saddle_free":

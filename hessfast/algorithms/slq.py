@@ -23,39 +23,45 @@ columns travel to the device. When the bases cannot fit in the free memory of a 
 (``torch.cuda.mem_get_info``), a ``MemoryError`` says how many bytes they need.
 
 The batched recurrence itself (:func:`batched_lanczos`, and the block version over index subsets
-behind :func:`hessfast.algorithms.layerwise.layerwise`) lives here too, with the column-packing
-product helper that the trace and per-layer algorithms share.
+behind :func:`hessfast.algorithms.layerwise.layerwise`) lives here too; products, orthogonalisation,
+breakdowns and memory checks are those of the Krylov layer (:mod:`hessfast.algorithms.krylov`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import NonFiniteError
-from ..operators import DenseOperator, bytes_needed
-from .lanczos import ProductCounter, free_bytes, run_symmetry_check
+from .krylov import (
+    BlockTridiagonal,
+    Operator,
+    Products,
+    allocate,
+    as_operator,
+    check_memory,
+    check_positive_int,
+    default_tol,
+    nbytes_of,
+    project_out,
+    rademacher,
+    random_block,
+    run_symmetry_check,
+)
+from .krylov import (
+    work_dtype as resolve_work_dtype,
+)
 
 Tensor = torch.Tensor
 Rows = slice | Tensor
 
-
-class Operator(Protocol):
-    """What the algorithms need of a curvature operator: a symmetric ``(P, P)`` ``shape``,
-    ``dtype``, ``device`` and ``matmat(V [P, K]) -> [P, K]`` (e.g. :class:`~hessfast.HessianOperator`,
-    :class:`~hessfast.DenseOperator`). A dense symmetric tensor is accepted too."""
-
-    shape: tuple[int, int]
-    dtype: torch.dtype
-    device: torch.device
-
-    def matmat(self, V: Tensor) -> Tensor: ...
-
+#: the product wrapper of the Krylov layer (kept under its old name for code that patches it)
+_Products = Products
 
 __all__ = [
     "spectral_density",
@@ -67,217 +73,8 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------
-# shared helpers (also used by trace.py and layerwise.py)
+# the batched (block) Lanczos recurrences, on the Krylov layer (hessfast.algorithms.krylov)
 # ---------------------------------------------------------------------------------------------
-
-
-def _as_operator(H: Operator | Tensor) -> Operator:
-    """``H`` itself when it is an operator (``shape``, ``dtype``, ``device``, ``matmat``); a dense
-    tensor is wrapped in a :class:`~hessfast.DenseOperator`. Raises ``ValueError`` unless square."""
-    if isinstance(H, torch.Tensor):
-        H = DenseOperator(H)
-    shape = getattr(H, "shape", None)
-    if shape is None or not callable(getattr(H, "matmat", None)):
-        raise TypeError(
-            "expected an operator with shape, dtype, device and matmat(V) (e.g. "
-            f"hessfast.HessianOperator or hessfast.DenseOperator), got {type(H).__name__}"
-        )
-    shape = tuple(shape)
-    if len(shape) != 2 or shape[0] != shape[1]:
-        raise ValueError(f"the operator must be square (P, P), got shape {shape}")
-    if shape[0] < 1:
-        raise ValueError("the operator is empty (P = 0)")
-    return H
-
-
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _work_dtype(op_dtype: torch.dtype, basis_dtype: torch.dtype | None) -> torch.dtype:
-    """The dtype of the Lanczos bases and recurrences: float32 or float64."""
-    if basis_dtype is not None:
-        if basis_dtype not in (torch.float32, torch.float64):
-            raise ValueError(
-                f"basis_dtype must be torch.float32 or torch.float64, got {basis_dtype}"
-            )
-        return basis_dtype
-    return op_dtype if op_dtype in (torch.float32, torch.float64) else torch.float32
-
-
-def _default_tol(work_dtype: torch.dtype, op_dtype: torch.dtype) -> float:
-    """Relative breakdown/deflation threshold: ``√eps`` of the coarser of the two dtypes (1.5e-8 in
-    float64, 3.5e-4 in float32). Dropping a coupling ``β`` changes Gauss quadrature moments and
-    well separated Ritz values by ``O(β²)`` only, so this loses nothing measurable."""
-    eps = torch.finfo(work_dtype).eps
-    if op_dtype.is_floating_point:
-        eps = max(eps, torch.finfo(op_dtype).eps)
-    return float(eps) ** 0.5
-
-
-def _fmt_bytes(n: int) -> str:
-    return f"{n:,} bytes ({n / 2**30:.2f} GiB)"
-
-
-def _check_memory(nbytes: int, device: torch.device, what: str, hint: str) -> None:
-    """Raise ``MemoryError`` when ``nbytes`` cannot fit in the free memory of ``device`` (read
-    the same way as for ``eigsh``: :func:`hessfast.algorithms.lanczos.free_bytes`)."""
-    free = free_bytes(device)
-    if free is not None and nbytes > free:
-        raise MemoryError(
-            f"{what} needs {_fmt_bytes(nbytes)} on {device}, but only {_fmt_bytes(free)} are "
-            f"free; {hint}"
-        )
-
-
-def _allocate(
-    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, what: str, hint: str
-):
-    try:
-        return torch.empty(shape, dtype=dtype, device=device)
-    except RuntimeError as e:  # torch.OutOfMemoryError and the CPU allocator's error
-        n = bytes_needed(int(np.prod(shape[:-1], dtype=np.int64)), shape[-1], dtype)
-        raise MemoryError(
-            f"{what} needs {_fmt_bytes(n)} on {device}, which failed ({e}); {hint}"
-        ) from e
-
-
-def _rademacher(n: int, generator: torch.Generator) -> Tensor:
-    """A float64 CPU vector of ±1 entries."""
-    return torch.randint(0, 2, (n,), generator=generator, dtype=torch.int8).double() * 2 - 1
-
-
-def _is_all(rows: Rows) -> bool:
-    return isinstance(rows, slice) and rows == slice(None)
-
-
-class _Products:
-    """K-batched products of column *jobs*: each job is ``(rows, block)`` with ``block`` an
-    ``[n, c]`` tensor placed on ``rows`` (a slice or index tensor into ``0..P-1``) of ``c`` columns
-    that are zero elsewhere; the result of a job is ``(H X)[rows]`` for its columns, i.e. the
-    diagonal block ``H[rows, rows] @ block``. All jobs of one call share ``matmat`` calls of at most
-    ``max_columns`` columns (``None``: all at once, halved automatically on CUDA out-of-memory).
-    """
-
-    def __init__(self, op: Operator, max_columns: int | None):
-        self.op = op
-        self.limit = (
-            None if max_columns is None else _check_positive_int("max_columns", max_columns)
-        )
-        self.auto = max_columns is None
-        self.calls = 0
-
-    def matmat(self, X: Tensor) -> Tensor:
-        """``H @ X`` for a ``[P, K]`` block in the operator's dtype, split into column chunks."""
-        return self([(slice(None), X)], X.dtype, X.device)[0]
-
-    def __call__(
-        self, jobs: Sequence[tuple[Rows, Tensor]], dtype: torch.dtype, device: torch.device
-    ) -> list[Tensor]:
-        op = self.op
-        P = op.shape[0]
-        widths = [blk.shape[1] for _, blk in jobs]
-        starts = np.cumsum([0] + widths)
-        K = int(starts[-1])
-        outs = [
-            torch.empty(blk.shape[0], blk.shape[1], dtype=dtype, device=device) for _, blk in jobs
-        ]
-        a = 0
-        while a < K:
-            width = K - a if self.limit is None else min(self.limit, K - a)
-            b = a + width
-            pieces = []
-            for i, (rows, _blk) in enumerate(jobs):
-                lo, hi = max(a, int(starts[i])), min(b, int(starts[i + 1]))
-                if lo < hi:
-                    pieces.append(
-                        (i, rows, lo - int(starts[i]), hi - int(starts[i]), lo - a, hi - a)
-                    )
-            if len(pieces) == 1 and _is_all(pieces[0][1]):  # one full-length job: no copy
-                i, _, jl, jh, _, _ = pieces[0]
-                X = jobs[i][1][:, jl:jh].to(op.device, op.dtype).contiguous()
-            else:
-                X = torch.zeros(P, width, dtype=op.dtype, device=op.device)
-                for i, rows, jl, jh, xl, xh in pieces:
-                    X[rows, xl:xh] = jobs[i][1][:, jl:jh].to(op.device, op.dtype)
-            try:
-                Y = op.matmat(X)
-            except torch.OutOfMemoryError:
-                if not self.auto or width == 1:
-                    raise
-                del X
-                torch.cuda.empty_cache()
-                self.limit = max(1, width // 2)
-                continue
-            self.calls += 1
-            if tuple(Y.shape) != (P, width):
-                raise ValueError(
-                    f"the operator's matmat returned shape {tuple(Y.shape)} for a [{P}, {width}] block"
-                )
-            if not bool(torch.isfinite(Y).all()):
-                raise NonFiniteError(
-                    f"a product of the operator (matmat with {width} columns) contains NaN or Inf: "
-                    "check the model, the data, the loss scale and the dtype"
-                )
-            for i, rows, jl, jh, xl, xh in pieces:
-                outs[i][:, jl:jh] = Y[rows, xl:xh].to(device, dtype)
-            a = b
-        return outs
-
-
-# ---------------------------------------------------------------------------------------------
-# the batched (block) Lanczos recurrence
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Run:
-    """One recurrence: the blocks ``A_j`` (diagonal) and ``B_j`` with ``W_j = Q_{j+1} B_j``; the
-    last ``B`` is the residual coupling (not part of ``T``)."""
-
-    b: int
-    alphas: list[np.ndarray] = field(default_factory=list)
-    betas: list[np.ndarray] = field(default_factory=list)
-    broke_down: bool = False
-
-    @property
-    def steps(self) -> int:
-        return len(self.alphas)
-
-    def matrix(self) -> np.ndarray:
-        """The block tridiagonal ``T`` (float64, ``steps·b`` square)."""
-        b, s = self.b, self.steps
-        T = np.zeros((s * b, s * b))
-        for j in range(s):
-            T[j * b : (j + 1) * b, j * b : (j + 1) * b] = self.alphas[j]
-            if j + 1 < s:
-                B = self.betas[j]
-                T[(j + 1) * b : (j + 2) * b, j * b : (j + 1) * b] = B
-                T[j * b : (j + 1) * b, (j + 1) * b : (j + 2) * b] = B.T
-        return T
-
-    def ritz(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Ritz values (ascending), eigenvectors of ``T`` and residual norms ``‖H y − θ y‖``."""
-        theta, U = np.linalg.eigh(self.matrix())
-        res = np.linalg.norm(self.betas[-1] @ U[-self.b :, :], axis=0)
-        return theta, U, res
-
-
-def _orthogonalise(W: Tensor, Qs: Tensor, max_passes: int = 4) -> Tensor:
-    """``W`` minus its components along the orthonormal rows of ``Qs``: classical Gram-Schmidt,
-    twice, and again (up to ``max_passes``) while a pass still removes more than 30% of the
-    norm (the DGKS criterion): after heavy cancellation (a near breakdown) two passes can leave
-    the remainder far from orthogonal."""
-    before = W.norm(dim=0)
-    for p in range(max_passes):
-        W = W - Qs.T @ (Qs @ W)
-        after = W.norm(dim=0)
-        if p >= 1 and bool((after >= 0.7 * before).all()):
-            break
-        before = after
-    return W
 
 
 def _lanczos(
@@ -291,9 +88,9 @@ def _lanczos(
     work_dtype: torch.dtype,
     offload: bool,
     generator: torch.Generator,
-    products: _Products,
+    products: Products,
     extra: Sequence[tuple[Rows, Tensor]] = (),
-) -> tuple[list[_Run], list[Tensor]]:
+) -> tuple[list[BlockTridiagonal], list[Tensor]]:
     """Run ``len(starts)`` block Lanczos recurrences, segment ``i`` on the diagonal block
     ``H[rows[i], rows[i]]`` from the ``[n_i, b_i]`` block ``starts[i]``, all of them sharing one
     product per step (plus the ``extra`` column jobs in the first product, whose outputs are
@@ -304,7 +101,7 @@ def _lanczos(
     """
     work_device = torch.device("cpu") if offload else op.device
     if tol is None:
-        tol = _default_tol(work_dtype, op.dtype)
+        tol = default_tol(work_dtype, op.dtype)
     m = len(starts)
     sizes = [int(s.shape[0]) for s in starts]
     bs = [int(s.shape[1]) for s in starts]
@@ -321,10 +118,10 @@ def _lanczos(
         "pass offload=True to keep them in host memory, basis_dtype=torch.float32, or fewer "
         "lanczos_steps / probes"
     )
-    _check_memory(total, work_device, what, hint)
-    bases = [_allocate((c, n), work_dtype, work_device, what, hint) for c, n in zip(caps, sizes)]
+    check_memory(total, work_device, what, hint)
+    bases = [allocate((c, n), work_dtype, work_device, what, hint) for c, n in zip(caps, sizes)]
 
-    runs = [_Run(b) for b in bs]
+    runs = [BlockTridiagonal(b) for b in bs]
     Q: list[Tensor | None] = []
     for i, s in enumerate(starts):
         s = s.to(work_device, work_dtype)
@@ -365,7 +162,7 @@ def _lanczos(
             A = (A + A.T) / 2
             W = W - q @ A
             Qs = bases[i][:r]
-            W = _orthogonalise(W, Qs)
+            project_out(Qs, W)
             A64 = A.double().cpu().numpy()
             if b == 1:
                 beta = float(W.norm())
@@ -394,10 +191,9 @@ def _lanczos(
             else:
                 for c in np.nonzero(deflated)[0]:
                     others = [cc for cc in range(b) if cc != c]
-                    v = torch.randn(sizes[i], 1, generator=generator, dtype=torch.float64)
-                    v = v.to(work_device, work_dtype)
-                    v = _orthogonalise(v, torch.cat([Qs, qn[:, others].T]))
-                    qn[:, c : c + 1] = v / v.norm()
+                    around = torch.cat([Qs, qn[:, others].T])
+                    v = random_block(generator, sizes[i], 1, work_dtype, work_device, around)
+                    qn[:, c : c + 1] = v
                     B64[c, :] = 0.0
             bases[i][r : r + b] = qn.T
             Qprev[i], Q[i] = q, qn
@@ -414,8 +210,8 @@ def _lanczos_probes(
     tol: float | None,
     work_dtype: torch.dtype,
     offload: bool,
-    products: _Products,
-) -> list[_Run]:
+    products: Products,
+) -> list[BlockTridiagonal]:
     """Single-vector Lanczos from ``m`` start vectors ``start(i)`` (``[P]``, any dtype and device;
     written straight into the basis) on the whole operator, vectorised over the probes: per step one product with the probes still running, batched
     three-term recurrences and a batched full reorthogonalisation (``bmm`` against the bases, kept
@@ -424,17 +220,17 @@ def _lanczos_probes(
     dimensions; its quadrature is then exact."""
     work_device = torch.device("cpu") if offload else op.device
     if tol is None:
-        tol = _default_tol(work_dtype, op.dtype)
+        tol = default_tol(work_dtype, op.dtype)
     P = op.shape[0]
     cap = min(steps, P)
-    total = bytes_needed(m * cap, P, work_dtype)
+    total = nbytes_of((m, cap, P), work_dtype)
     what = f"the Lanczos bases ({m} probes × {cap} steps × P={P:,}, {work_dtype})"
     hint = (
         "pass offload=True to keep them in host memory, basis_dtype=torch.float32, or fewer "
         "lanczos_steps / num_probes"
     )
-    _check_memory(total, work_device, what, hint)
-    basis = _allocate((m, cap, P), work_dtype, work_device, what, hint)
+    check_memory(total, work_device, what, hint)
+    basis = allocate((m, cap, P), work_dtype, work_device, what, hint)
     for i in range(m):
         basis[i, 0] = start(i).to(work_device, work_dtype)
     nrm = basis[:, 0].norm(dim=1)
@@ -447,7 +243,7 @@ def _lanczos_probes(
     beta_prev = torch.zeros(m, dtype=work_dtype, device=work_device)
     alive = np.ones(m, dtype=bool)
     scale = np.zeros(m)
-    runs = [_Run(1) for _ in range(m)]
+    runs = [BlockTridiagonal(1) for _ in range(m)]
     for j in range(steps):
         act = np.nonzero(alive)[0]
         if act.size == 0:
@@ -463,7 +259,7 @@ def _lanczos_probes(
         W = W - beta_prev[:, None] * Qprev
         alpha = (Q * W).sum(1)
         W = W - alpha[:, None] * Q
-        W = _orthogonalise_probes(W, basis[:, : j + 1])
+        project_out(basis[:, : j + 1], W[:, :, None])
         beta = W.norm(dim=1)
         ab = torch.stack([alpha, beta]).double().cpu().numpy()
         if not np.isfinite(ab[:, act]).all():
@@ -485,20 +281,6 @@ def _lanczos_probes(
         Qprev, Q = Q, Qn
         beta_prev = torch.where(keep, beta, torch.zeros_like(beta))
     return runs
-
-
-def _orthogonalise_probes(W: Tensor, Qs: Tensor, max_passes: int = 4) -> Tensor:
-    """:func:`_orthogonalise` for ``m`` probes at once: ``W`` is ``[m, P]``, ``Qs`` ``[m, r, P]``
-    (each probe against its own basis)."""
-    before = W.norm(dim=1)
-    for p in range(max_passes):
-        c = torch.bmm(Qs, W[:, :, None])
-        W = W - torch.bmm(c.transpose(1, 2), Qs)[:, 0, :]
-        after = W.norm(dim=1)
-        if p >= 1 and bool((after >= 0.7 * before).all()):
-            break
-        before = after
-    return W
 
 
 @dataclass(eq=False)
@@ -542,7 +324,7 @@ class LanczosTridiagonals:
 
 
 def _check_steps(steps: Any) -> int:
-    return _check_positive_int("lanczos_steps", steps)
+    return check_positive_int("lanczos_steps", steps)
 
 
 def batched_lanczos(
@@ -574,14 +356,14 @@ def batched_lanczos(
     >>> nodes[0, :6].round(8).tolist()
     [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
     """
-    op = _as_operator(H)
+    op = as_operator(H)
     steps = _check_steps(lanczos_steps)
     if not isinstance(start, torch.Tensor) or start.dim() != 2 or start.shape[0] != op.shape[0]:
         shape = list(start.shape) if isinstance(start, torch.Tensor) else type(start).__name__
         raise ValueError(f"start must be a [P, m] tensor with P={op.shape[0]}, got {shape}")
     if start.shape[1] < 1:
         raise ValueError("start has no columns (num_probes must be >= 1)")
-    work = _work_dtype(op.dtype, basis_dtype)
+    work = resolve_work_dtype(op.dtype, basis_dtype)
     m = start.shape[1]
     runs = _lanczos_probes(
         op,
@@ -591,7 +373,7 @@ def batched_lanczos(
         tol=tol,
         work_dtype=work,
         offload=offload,
-        products=_Products(op, max_columns),
+        products=Products(op, max_columns),
     )
     alpha = np.zeros((m, steps))
     beta = np.zeros((m, steps))
@@ -864,10 +646,10 @@ def spectral_density(
     >>> [round(o.value, 6) for o in d.outliers]
     [30.0, 20.0, 10.0]
     """
-    op = _as_operator(H)
-    m = _check_positive_int("num_probes", num_probes)
+    op = as_operator(H)
+    m = check_positive_int("num_probes", num_probes)
     steps = _check_steps(lanczos_steps)
-    npts = _check_positive_int("num_points", num_points)
+    npts = check_positive_int("num_points", num_points)
     if distribution not in ("rademacher", "gaussian"):
         raise ValueError(f"distribution must be 'rademacher' or 'gaussian', got {distribution!r}")
     if sigma is not None and not (sigma > 0 and math.isfinite(sigma)):
@@ -875,13 +657,14 @@ def spectral_density(
     if outlier_gap is not None and not (outlier_gap > 0 and math.isfinite(outlier_gap)):
         raise ValueError(f"outlier_gap must be a positive number, got {outlier_gap!r}")
     P = op.shape[0]
-    run_symmetry_check(op, ProductCounter(op), seed, check_symmetric)  # eigsh's check_symmetric
-    work = _work_dtype(op.dtype, basis_dtype)
+    products = Products(op, max_columns)
+    run_symmetry_check(op, products, seed, check_symmetric)  # eigsh's check_symmetric
+    work = resolve_work_dtype(op.dtype, basis_dtype)
     g = torch.Generator().manual_seed(int(seed))
 
     def start(_i: int) -> Tensor:  # drawn on the CPU, one probe at a time, in probe order
         if distribution == "rademacher":
-            return _rademacher(P, g)
+            return rademacher(P, g)
         return torch.randn(P, generator=g, dtype=torch.float64)
 
     runs = _lanczos_probes(
@@ -892,7 +675,7 @@ def spectral_density(
         tol=tol,
         work_dtype=work,
         offload=offload,
-        products=_Products(op, max_columns),
+        products=products,
     )
     nodes = np.zeros((m, steps))
     weights = np.zeros((m, steps))

@@ -16,14 +16,7 @@ from typing import Any
 
 import torch
 
-from .slq import (
-    Operator,
-    _as_operator,
-    _check_positive_int,
-    _Products,
-    _rademacher,
-    _work_dtype,
-)
+from .krylov import Operator, Products, as_operator, check_positive_int, rademacher, work_dtype
 
 Tensor = torch.Tensor
 
@@ -73,7 +66,7 @@ def _stderr(samples: Tensor) -> float:
     return float(samples.std(unbiased=True)) / math.sqrt(n)
 
 
-def _quad_forms(products: _Products, Z: Tensor, batch: int) -> Tensor:
+def _quad_forms(products: Products, Z: Tensor, batch: int) -> Tensor:
     """``z_iᵀ H z_i`` (float64) for the columns of ``Z`` (work dtype), ``batch`` columns at a time."""
     out = []
     for a in range(0, Z.shape[1], batch):
@@ -117,15 +110,15 @@ def trace(
     >>> trace(H, num_matvecs=100).estimate, trace(H, num_matvecs=100).method
     (5050.0, 'exact')
     """
-    op = _as_operator(H)
-    n = _check_positive_int("num_matvecs", num_matvecs)
+    op = as_operator(H)
+    n = check_positive_int("num_matvecs", num_matvecs)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if batch_size is not None:
-        _check_positive_int("batch_size", batch_size)
-    products = _Products(op, batch_size)
+        check_positive_int("batch_size", batch_size)
+    products = Products(op, batch_size)
     P = op.shape[0]
-    work = _work_dtype(op.dtype, None)
+    work = work_dtype(op.dtype, None)
     dev = op.device
     batch = P if batch_size is None else batch_size
 
@@ -145,7 +138,7 @@ def trace(
     def probes(k: int) -> Tensor:
         if k == 0:
             return torch.zeros(P, 0, dtype=work, device=dev)
-        return torch.stack([_rademacher(P, g) for _ in range(k)], 1).to(dev, work)
+        return torch.stack([rademacher(P, g) for _ in range(k)], 1).to(dev, work)
 
     batch = n if batch_size is None else batch_size
     s = n // 3 if method == "hutch++" else 0

@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from oracle import dense_hessian
 
 import hessfast
-from hessfast.algorithms import condition_number, eigsh, newton_step
-from hessfast.algorithms import lanczos as L
+from hessfast.algorithms import condition_number, eigsh, krylov, newton_step
 
 D = torch.float64
 
@@ -220,7 +219,7 @@ def test_errors():
 
 
 def test_memory_error_says_how_much(monkeypatch):
-    monkeypatch.setattr(L, "free_bytes", lambda device: 1000)
+    monkeypatch.setattr(krylov, "free_bytes", lambda device: 1000)
     with pytest.raises(MemoryError, match=r"needs [\d,]+ bytes.*ncv or block_size"):
         eigsh(hessfast.DenseOperator(torch.eye(50, dtype=D)), k=2)
 

@@ -303,7 +303,7 @@ def test_vectorised_probes_agree_with_the_per_segment_recurrence():
     op = hessfast.DenseOperator(A)
     S = torch.randn(70, 4, generator=torch.Generator().manual_seed(9), dtype=D)
     kw = dict(tol=None, work_dtype=D, offload=False)
-    fast = slq._lanczos_probes(op, 4, lambda i: S[:, i], 25, products=slq._Products(op, None), **kw)
+    fast = slq._lanczos_probes(op, 4, lambda i: S[:, i], 25, products=slq.Products(op), **kw)
     loop, _ = slq._lanczos(
         op,
         [slice(None)] * 4,
@@ -311,7 +311,7 @@ def test_vectorised_probes_agree_with_the_per_segment_recurrence():
         25,
         restart=False,
         generator=torch.Generator(),
-        products=slq._Products(op, None),
+        products=slq.Products(op),
         **kw,
     )
     for a, b in zip(fast, loop):
