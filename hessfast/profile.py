@@ -36,10 +36,10 @@ import torch
 from . import api
 from .bench import (
     DTYPES,
-    _finite,
     add_common_arguments,
     available_backends,
     backend_context,
+    json_safe,
     parse_backends,
     provenance,
     resolve_device,
@@ -309,7 +309,7 @@ def main(args) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(
-            json.dumps(_finite({"provenance": prov, **res}), indent=1, allow_nan=False) + "\n"
+            json.dumps(json_safe({"provenance": prov, **res}), indent=1, allow_nan=False) + "\n"
         )
         print(f"\nresults: {args.json}", file=sys.stderr)
     return 0

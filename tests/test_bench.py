@@ -194,7 +194,7 @@ def test_a_wrong_hessfast_result_fails_the_run(tmp_path, monkeypatch):
 
 
 def test_unavailable_peers_are_listed(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "_importable", lambda name: False)
+    monkeypatch.setattr(bench.methods, "importable", lambda name: False)
     code, data = _run(tmp_path, "--model", "mlp")
     assert code == 0
     rows, _ = _rows(data)

@@ -1,0 +1,353 @@
+"""The analysis of a curvature operator: top eigenvalues, ``λ_min`` and the condition number,
+trace, spectral density, per-layer curvature, outliers; a JSON-ready dict."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from .report import json_safe, write_report
+
+
+class _Phases:
+    """One tqdm bar over the phases of an analysis (its postfix counts the products), and the
+    wall time of each phase."""
+
+    def __init__(self, names: list[str], progress: bool, desc: str):
+        self.bar = None
+        if progress:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=len(names), desc=desc, unit="phase", leave=False)
+            except ImportError:  # pragma: no cover - tqdm is a dependency
+                self.bar = None
+        self.seconds: dict[str, float] = {}
+        self._name = None
+        self._t = 0.0
+
+    def start(self, name: str) -> None:
+        self._name, self._t = name, time.perf_counter()
+        if self.bar is not None:
+            self.bar.set_description(name)
+
+    def done(self) -> None:
+        self.seconds[self._name] = time.perf_counter() - self._t
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def products(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{n} products", refresh=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _Counted:
+    """The operator, counting the columns it multiplies (and showing them on the phase bar)."""
+
+    def __init__(self, op, phases: _Phases):
+        self.op = op
+        self.shape = tuple(op.shape)
+        self.dtype = op.dtype
+        self.device = op.device
+        self.products = 0
+        self._phases = phases
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        Y = self.op.matmat(V)
+        self.products += int(V.shape[1])
+        self._phases.products(self.products)
+        return Y
+
+    def groups(self, by="module"):
+        return self.op.groups(by)
+
+
+def _bulk_edge(density: dict) -> tuple[float, float]:
+    """Upper end of the bulk of an SLQ density (its heaviest cluster of pooled Ritz values, split
+    where neighbours lie more than ``outlier_gap`` apart, as :func:`hessfast.spectral_density`
+    does) and that gap."""
+    nodes = np.asarray(density["nodes"], dtype=np.float64)
+    weights = np.asarray(density["weights"], dtype=np.float64)
+    steps = np.asarray(density["num_steps"])
+    mask = np.arange(nodes.shape[1])[None, :] < steps[:, None]
+    x, w = nodes[mask], weights[mask]
+    order = np.argsort(x, kind="stable")
+    x, w = x[order], w[order]
+    gap = float(density["outlier_gap"])
+    cuts = np.nonzero(np.diff(x) > gap)[0] + 1
+    edges = np.concatenate([[0], cuts, [x.size]])
+    mass = [float(w[a:b].sum()) for a, b in zip(edges[:-1], edges[1:])]
+    c = int(np.argmax(mass))
+    return float(x[edges[c + 1] - 1]), gap
+
+
+def count_outliers(
+    top: list[float], density: dict | None = None, min_ratio: float = 1.5
+) -> dict[str, Any]:
+    """How many of the ``top`` eigenvalues (descending) separate from the bulk of the spectrum.
+
+    With a spectral density (``SpectralDensity.to_dict()``): the eigenvalues above the upper edge
+    of its bulk by more than its ``outlier_gap`` — the rule by which the density itself splits
+    outliers from the bulk (``method="density"``). Without one: the largest ratio
+    ``λ_i / λ_{i+1}`` between consecutive positive top eigenvalues, if it is at least
+    ``min_ratio`` (``method="gap"``; 0 outliers when no gap is that large).
+
+    ``at_least`` is true when every computed eigenvalue is above the bulk: there may be more
+    outliers than ``top`` holds.
+
+    >>> count_outliers([9.0, 8.0, 7.5, 1.0, 0.9, 0.8])["count"]
+    3
+    """
+    vals = [float(v) for v in top]
+    out: dict[str, Any] = {"count": 0, "values": [], "at_least": False}
+    if density is not None:
+        edge, gap = _bulk_edge(density)
+        n = sum(1 for v in vals if v > edge + gap)
+        out.update(method="density", bulk_edge=edge, gap=gap)
+    else:
+        n, best = 0, 0.0
+        for i in range(len(vals) - 1):
+            if vals[i + 1] > 0 and vals[i] / vals[i + 1] > best:
+                best, n = vals[i] / vals[i + 1], i + 1
+        if best < min_ratio:
+            n = 0
+        out.update(method="gap", ratio=best if n else None)
+        out["bulk_edge"] = vals[n] if n < len(vals) else None
+    out["count"] = n
+    out["values"] = vals[:n]
+    out["at_least"] = bool(vals) and n == len(vals)
+    if 0 < n < len(vals) and vals[n] > 0:
+        out["separation"] = vals[n - 1] / vals[n]  # the last outlier over the largest bulk value
+    return out
+
+
+def analyze(
+    op,
+    *,
+    top_k: int = 20,
+    lambda_min: bool = True,
+    trace: bool = True,
+    density: bool = True,
+    layerwise: bool = True,
+    classes: int | None = None,
+    tol: float = 1e-5,
+    seed: int = 0,
+    max_iter: int | None = None,
+    min_max_iter: int = 200,
+    trace_matvecs: int = 60,
+    density_probes: int = 8,
+    density_steps: int = 60,
+    layer_steps: int = 20,
+    layer_trace_probes: int = 16,
+    progress: bool = False,
+    out: str | os.PathLike | None = None,
+    extra: dict | None = None,
+) -> dict[str, Any]:
+    """Analyse a curvature operator; returns the report as a JSON-ready dict.
+
+    ``op``: anything with ``shape``, ``dtype``, ``device`` and ``matmat`` (per-layer results need
+    ``op.groups()``, i.e. a Hessian or GGN operator; with other operators that phase is skipped).
+    ``top_k``: how many of the largest eigenvalues (to see the outliers, take more than the
+    number of classes). ``classes``: the number of classes, when known, reported next to the
+    number of outliers. ``tol``: Lanczos residual tolerance of the top eigenvalues (and of
+    ``λ_min``, whose run stops after ``min_max_iter`` steps anyway). ``trace_matvecs``,
+    ``density_probes`` × ``density_steps``, ``layer_steps`` and ``layer_trace_probes`` set the
+    work of the other phases. ``progress``: a progress bar over the phases. ``extra``: entries
+    merged into the report (e.g. how the model was trained). ``out``: a folder to write
+    ``report.json`` and ``spectrum.png`` into (see :func:`write_report`).
+
+    >>> import torch, hessfast
+    >>> from hessfast.analyze import analyze
+    >>> lam = torch.cat([torch.tensor([50.0, 40.0, 30.0]), torch.linspace(-1.0, 1.0, 197)])
+    >>> r = analyze(hessfast.DenseOperator(torch.diag(lam).double()), top_k=5, layerwise=False)
+    >>> [round(v, 6) for v in r["eigenvalues"]["values"]], r["outliers"]["count"]
+    ([50.0, 40.0, 30.0, 1.0, 0.989796], 3)
+    >>> round(r["lambda_min"]["value"], 6), r["condition_number"]["value"]
+    (-1.0, None)
+    """
+    from ..algorithms import eigsh, spectral_density
+    from ..algorithms import layerwise as layerwise_fn
+    from ..algorithms import trace as trace_fn
+    from ..algorithms.lanczos import check_operator
+
+    P = check_operator(op)
+    k = max(1, min(int(top_k), P))
+    names = ["top eigenvalues"]
+    if lambda_min:
+        names.append("lambda_min")
+    if trace:
+        names.append("trace")
+    if density:
+        names.append("spectral density")
+    can_layer = callable(getattr(op, "groups", None))
+    if layerwise and can_layer:
+        names.append("per-layer")
+    phases = _Phases(names, progress, desc="analysis")
+    counted = _Counted(op, phases)
+    report: dict[str, Any] = {
+        "hessfast_version": version(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "operator": {
+            "kind": getattr(op, "kind", type(op).__name__),
+            "class": type(op).__name__,
+            "size": P,
+            "dtype": str(op.dtype).replace("torch.", ""),
+            "device": str(op.device),
+        },
+    }
+    if extra:
+        report.update(extra)
+    if classes is not None:
+        report["classes"] = int(classes)
+    products: dict[str, int] = {}
+
+    def step_done(name: str, before: int) -> None:
+        products[name] = counted.products - before
+        phases.done()
+
+    try:
+        phases.start("top eigenvalues")
+        before = counted.products
+        evals, _, info = eigsh(
+            counted,
+            k=k,
+            which="LA",
+            tol=tol,
+            seed=seed,
+            max_iter=max_iter,
+            return_info=True,
+            warn=False,
+        )
+        order = torch.argsort(evals, descending=True)
+        report["eigenvalues"] = {
+            "which": "largest algebraic",
+            "k": k,
+            "values": evals[order].tolist(),
+            "residuals": info.residuals[order].tolist(),
+            "converged": info.converged,
+            "tol": tol,
+            "products": info.products,
+            "block_size": info.block_size,
+        }
+        lam_max = float(evals.max())
+        report["lambda_max"] = {
+            "value": lam_max,
+            "residual": float(info.residuals[order[0]]),
+            "converged": bool(info.converged_mask[order[0]]),
+        }
+        step_done("top eigenvalues", before)
+
+        if lambda_min:
+            phases.start("lambda_min")
+            before = counted.products
+            ev, _, inf2 = eigsh(
+                counted,
+                k=1,
+                which="SA",
+                tol=tol,
+                seed=seed + 1,
+                max_iter=min_max_iter,
+                ncv=min(P, 40),
+                return_info=True,
+                warn=False,
+            )
+            lo = float(ev[0])
+            report["lambda_min"] = {
+                "value": lo,
+                "residual": float(inf2.residuals[0]),
+                "converged": bool(inf2.converged),
+                "products": inf2.products,
+                "note": ""
+                if inf2.converged
+                else (
+                    f"not converged in {inf2.iterations} Lanczos steps: a Ritz value, an upper "
+                    "bound of lambda_min"
+                ),
+            }
+            cond: dict[str, Any] = {"lambda_max": lam_max, "lambda_min": lo}
+            if lo > 0:
+                cond.update(value=lam_max / lo, note="")
+            else:
+                cond.update(
+                    value=None,
+                    note=f"not positive definite (lambda_min = {lo:.6g} <= 0): the condition "
+                    "number is infinite",
+                )
+            cond["ratio_of_ends"] = abs(lam_max / lo) if lo != 0 else None
+            report["condition_number"] = cond
+            step_done("lambda_min", before)
+
+        if trace:
+            phases.start("trace")
+            before = counted.products
+            est = trace_fn(counted, num_matvecs=min(trace_matvecs, P), method="hutch++", seed=seed)
+            report["trace"] = est.to_dict()
+            report["trace"]["per_parameter"] = est.estimate / P
+            step_done("trace", before)
+
+        dens = None
+        if density:
+            phases.start("spectral density")
+            before = counted.products
+            d = spectral_density(
+                counted, num_probes=density_probes, lanczos_steps=min(density_steps, P), seed=seed
+            )
+            dens = d.to_dict()
+            report["density"] = dens
+            step_done("spectral density", before)
+
+        out_info = count_outliers(report["eigenvalues"]["values"], dens)
+        if classes is not None:
+            out_info["classes"] = int(classes)
+        report["outliers"] = out_info
+
+        if layerwise and can_layer:
+            phases.start("per-layer")
+            before = counted.products
+            res = layerwise_fn(
+                counted,
+                groups="module",
+                which=("lambda_max", "trace"),
+                lanczos_steps=layer_steps,
+                num_trace_probes=layer_trace_probes,
+                seed=seed,
+            )
+            report["layerwise"] = {
+                lab: {
+                    "size": r.size,
+                    "lambda_max": r.lambda_max,
+                    "residual_max": r.residual_max,
+                    "trace": r.trace,
+                    "trace_stderr": r.trace_stderr,
+                    "method": r.method,
+                }
+                for lab, r in res.items()
+            }
+            step_done("per-layer", before)
+        elif layerwise:
+            report["layerwise"] = None
+            report["layerwise_note"] = f"{type(op).__name__} has no parameter groups"
+    finally:
+        phases.close()
+    report["products"] = products
+    report["seconds"] = dict(phases.seconds)
+    report = json_safe(report)
+    if out is not None:
+        write_report(report, out)
+    return report
+
+
+def version() -> str:
+    """hessfast's version, as the reports record it."""
+    from .. import __version__
+
+    return __version__
