@@ -718,7 +718,7 @@ def test_report_is_written_atomically(tmp_path, monkeypatch):
     def broken(report, path):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(analyze, "plot_spectrum", broken)
+    monkeypatch.setattr(analyze.report, "plot_spectrum", broken)
     with pytest.raises(KeyboardInterrupt):
         analyze.write_report({"eigenvalues": {"values": [1.0]}}, tmp_path / "r")
     assert list((tmp_path / "r").iterdir()) == []
