@@ -8,6 +8,7 @@
 torch.Size([67])
 """
 
+from . import selftest  # a callable module: hessfast.selftest() runs selftest.selftest()
 from .algorithms import (
     condition_number,
     eigsh,
@@ -40,6 +41,7 @@ __all__ = [
     "backends",
     "use_backend",
     "BackendError",
+    "selftest",
     "CurvatureOperator",
     "DenseOperator",
     "HessianOperator",

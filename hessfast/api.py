@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -10,12 +11,14 @@ import torch
 from torch import nn
 from torch.fx._pytree import tree_flatten_spec
 
-from . import autograd_fallback, capture, engine, losses, traced
+from . import autograd_fallback, capture, dispatch, engine, losses, traced
 from .dispatch import use_backend
 from .errors import CaptureError, NonFiniteError
 from .vectors import Vectors, first_non_finite, format_like, parse, select_params
 
 Params = str | Sequence[str] | None
+
+log = logging.getLogger("hessfast")
 
 
 def _as_tuple(inputs: Any) -> tuple:
@@ -55,14 +58,25 @@ def compute(
     backend=None,
     compile=None,
     output=None,
+    info: list | None = None,
 ):
     """``(loss, grads, products)`` of one engine run: what ``hvp``/``ggn_vp``/``grad`` and the
-    operators, the profiler and the benchmarks call (``mode``: ``"hvp"``, ``"ggn"`` or ``"grad"``)."""
+    operators, the profiler and the benchmarks call (``mode``: ``"hvp"``, ``"ggn"`` or ``"grad"``).
+    With ``info`` (a list) the run's :class:`~hessfast.dispatch.ProductInfo` is appended to it;
+    the ``hessfast`` logger gets it as one DEBUG line either way."""
     traced.check_mode(compile)
-    with use_backend(backend):
-        return _compute_on(
+    with use_backend(backend) as requested, dispatch.recording() as rec:
+        res, trace = _compute_on(
             model, loss_fn, inputs, targets, selected, vec, mode, strict, profiler, compile, output
         )
+    if info is not None or log.isEnabledFor(logging.DEBUG):
+        what = dispatch.product_info(rec, mode, requested, res.fallback_ops, trace)
+        if isinstance(res, _Whole):
+            what.path = "autograd"
+        log.debug("hessfast: %s", what)
+        if info is not None:
+            info.append(what)
+    return res.loss, res.grads, res.products
 
 
 _compute = compute  # the old private name, until every caller says ``compute``
@@ -71,6 +85,8 @@ _compute = compute  # the old private name, until every caller says ``compute``
 def _compute_on(
     model, loss_fn, inputs, targets, selected, vec, mode, strict, profiler, compile, output
 ):
+    """``(result, trace)``: the engine's result (``loss``, ``grads``, ``products``,
+    ``fallback_ops``) and the traced product that ran or was traced (``None``: interpreted)."""
     inputs, kwargs = split_inputs(inputs)
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, not {type(model).__name__}")
@@ -91,9 +107,10 @@ def _compute_on(
             stacklevel=3,
         )
         rule = losses.resolve(loss_fn, targets)
-        return autograd_fallback.run(
+        loss, grads, prods = autograd_fallback.run(
             model, rule, inputs, selected, tangents, k, mode, kwargs=kwargs, output=output
         )
+        return _Whole(loss, grads, prods), None
     values: dict[str, torch.Tensor] = {}
     for ph, name in prog.params.items():
         values[ph] = model.get_parameter(name).detach()
@@ -106,10 +123,28 @@ def _compute_on(
     rule = losses.resolve(loss_fn, targets, tuple(out_meta.shape) if out_meta is not None else None)
     _, rule = losses.read_output(rule, prog.out_spec, output)
     if profiler is not None:  # the per-rule view needs the interpreter
-        res = engine.run(prog, names, values, tangents, k, rule, mode, profiler=profiler)
-    else:
-        res = traced.run(prog, names, values, tangents, k, rule, mode, compile)
-    return res.loss, res.grads, res.products
+        return engine.run(prog, names, values, tangents, k, rule, mode, profiler=profiler), None
+    res = traced.run(prog, names, values, tangents, k, rule, mode, compile)
+    return res, _last_trace(prog, compile)
+
+
+class _Whole:
+    """The autograd whole-loss fallback's result, shaped like the engine's (no rule ran)."""
+
+    fallback_ops = None
+
+    def __init__(self, loss, grads, products):
+        self.loss, self.grads, self.products = loss, grads, products
+
+
+def _last_trace(prog, compile) -> Any:
+    """The trace the product just used or made (the trace cache keeps the most recently used one
+    last), or ``None`` when it was interpreted."""
+    if compile == "interpret":
+        return None
+    cache = prog.__dict__.get("_traces") or {}
+    last = next(reversed(cache.values()), None) if cache else None
+    return last if isinstance(last, traced.Trace) else None
 
 
 def _finite(kind: str, values: dict[str, torch.Tensor], check: bool) -> None:
@@ -138,6 +173,7 @@ def hvp(
     backend: str | None = None,
     compile: str | None = None,
     output: str | int | None = None,
+    return_info: bool = False,
 ):
     """Exact Hessian of ``loss_fn(model(*inputs), targets)`` w.r.t. the parameters, times ``v``.
 
@@ -149,7 +185,9 @@ def hvp(
     picks the rule implementations, see :mod:`hessfast.backends`. ``compile`` (``None``: the
     product's traced graph, traced on first use and replayed; ``"interpret"``: the node-by-node
     interpreter; ``"inductor"``: the traced graph through ``torch.compile``; ``"cudagraphs"``)
-    picks how the product runs, see :mod:`hessfast.traced`.
+    picks how the product runs, see :mod:`hessfast.traced`. With ``return_info=True`` a
+    :class:`~hessfast.dispatch.ProductInfo` (the implementation that ran per op family, the ops
+    that fell back to ``torch.func``) is returned last.
 
     ``inputs`` may be a dict (or ``UserDict``, a tokenizer's ``BatchEncoding``): the model is then
     called as ``model(**inputs)``. A model may return a dict, ``ModelOutput``, tuple or list:
@@ -168,6 +206,7 @@ def hvp(
     """
     selected = select_params(model, params)
     vec = parse(v, selected)
+    info: list = []
     _, grads, prods = compute(
         model,
         loss_fn,
@@ -180,6 +219,7 @@ def hvp(
         backend=backend,
         compile=compile,
         output=output,
+        info=info,
     )
     _finite("Hessian-vector product", prods, check_finite)
     out = (
@@ -187,10 +227,11 @@ def hvp(
         if vec.batched
         else format_like({n: t[0] for n, t in prods.items()}, vec)
     )
+    extra = (info[0],) if return_info else ()
     if not return_grad:
-        return out
+        return (out, *extra) if extra else out
     _finite("gradient", grads, check_finite)
-    return out, format_like(grads, vec, batched=False)
+    return (out, format_like(grads, vec, batched=False), *extra)
 
 
 def ggn_vp(
@@ -206,10 +247,12 @@ def ggn_vp(
     backend: str | None = None,
     compile: str | None = None,
     output: str | int | None = None,
+    return_info: bool = False,
 ):
     """Generalised Gauss-Newton ``Jᵀ H_L J`` times ``v`` (J: the model's Jacobian w.r.t. the
     parameters, H_L: the loss Hessian at the output). Positive semidefinite for convex losses.
-    ``v`` and the result are structured as in :func:`hvp`.
+    ``v`` and the result are structured as in :func:`hvp`; ``return_info=True`` returns
+    ``(result, info)`` as there.
 
     Example:
         >>> import torch, torch.nn.functional as F, hessfast
@@ -221,6 +264,7 @@ def ggn_vp(
     """
     selected = select_params(model, params)
     vec = parse(v, selected)
+    info: list = []
     _, _, prods = compute(
         model,
         loss_fn,
@@ -233,11 +277,14 @@ def ggn_vp(
         backend=backend,
         compile=compile,
         output=output,
+        info=info,
     )
     _finite("GGN-vector product", prods, check_finite)
     if vec.batched:
-        return format_like(prods, vec)
-    return format_like({n: t[0] for n, t in prods.items()}, vec)
+        out = format_like(prods, vec)
+    else:
+        out = format_like({n: t[0] for n, t in prods.items()}, vec)
+    return (out, info[0]) if return_info else out
 
 
 def grad(
@@ -253,9 +300,11 @@ def grad(
     backend: str | None = None,
     compile: str | None = None,
     output: str | int | None = None,
+    return_info: bool = False,
 ):
     """Gradient of ``loss_fn(model(*inputs), targets)`` through the same engine: a dict
-    ``{name: tensor}``, or a flat tensor in ``named_parameters()`` order with ``flat=True``.
+    ``{name: tensor}``, or a flat tensor in ``named_parameters()`` order with ``flat=True``;
+    ``return_info=True`` returns ``(gradient, info)`` as :func:`hvp` does.
 
     Example:
         >>> import torch, torch.nn.functional as F, hessfast
@@ -265,6 +314,7 @@ def grad(
         ['bias', 'weight']
     """
     selected = select_params(model, params)
+    info: list = []
     _, grads, _ = compute(
         model,
         loss_fn,
@@ -277,8 +327,11 @@ def grad(
         backend=backend,
         compile=compile,
         output=output,
+        info=info,
     )
     _finite("gradient", grads, check_finite)
     if flat:
-        return torch.cat([grads[n].flatten() for n, _ in selected])
-    return {n: grads[n] for n, _ in selected}
+        out = torch.cat([grads[n].flatten() for n, _ in selected])
+    else:
+        out = {n: grads[n] for n, _ in selected}
+    return (out, info[0]) if return_info else out

@@ -37,10 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     backends.add_argument("--ops", action="store_true", help="also list every implemented op")
     from . import analyze, bench, profile
+    from .selftest import add_parser as add_selftest
 
     analyze.add_parser(sub)
     bench.add_parser(sub)
     profile.add_parser(sub)
+    add_selftest(sub)
     return parser
 
 
@@ -112,6 +114,15 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return run(args.out, args.device, args.quick, args.seed, args.dtype, threads=args.threads)
     if args.command == "backends":
         return _backends(args.ops)
+    if args.command == "selftest":
+        from .selftest import main as selftest_main
+
+        try:
+            return selftest_main(args)
+        except SystemExit as e:  # raise SystemExit("message"): a usage error, exit 2
+            if isinstance(e.code, str):
+                return _usage("selftest", e.code)
+            raise
     if args.command == "analyze":
         return analyze.main(args)
     if args.command in ("bench", "profile"):

@@ -41,9 +41,14 @@ class Fake(activation.ElementwiseUnary):
 
 @pytest.fixture
 def fakes(monkeypatch):
-    """Install fake cuda and triton implementations of tanh (CPU-capable, so they can run here)."""
+    """Install fake cuda and triton implementations of tanh (CPU-capable, so they can run here).
+    The routing tests count the fakes' calls, so their self-checks (which call them too; tested in
+    ``tests/test_selfcheck.py``) are off, and the process's verdicts are the test's own."""
     table = {}
     monkeypatch.setattr(rules, "_ACCELERATED", table)
+    monkeypatch.setenv("HESSFAST_SELFCHECK", "0")
+    monkeypatch.setattr(B, "_VERDICTS", {})
+    monkeypatch.setattr(B, "_DISTRUSTED", {})
 
     def install(*impls):
         table[TANH] = list(impls)

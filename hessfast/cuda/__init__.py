@@ -8,11 +8,13 @@ package never loads the extension: :func:`unavailable` does, on first need.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import os
 
 import torch
 
-from ..rules.base import Rule
+from ..rules.base import Call, Rule
 
 _LOADED: str | None | bool = False
 
@@ -49,11 +51,76 @@ def ops():
     return torch.ops.hessfast
 
 
+#: The GPU architectures ``setup.py`` builds ``hessfast._C`` for by default
+#: (``TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX"``): sm_80 machine code (runs on every 8.x GPU), sm_90
+#: machine code and PTX that the driver compiles for newer GPUs. Set ``HESSFAST_CUDA_ARCHS`` (the
+#: same syntax) when the extension was built for another list.
+BUILT_ARCHS = "8.0;9.0+PTX"
+
+
+def _archs() -> tuple[list[tuple[int, int]], tuple[int, int] | None]:
+    """``(machine-code capabilities, lowest PTX capability or None)`` of the built extension."""
+    spec = os.environ.get("HESSFAST_CUDA_ARCHS", BUILT_ARCHS)
+    sass, ptx = [], []
+    for part in spec.replace(",", ";").replace(" ", ";").split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        with_ptx = part.endswith("+PTX")
+        major, _, minor = part.removesuffix("+PTX").partition(".")
+        try:
+            cap = (int(major), int(minor or 0))
+        except ValueError:
+            continue
+        sass.append(cap)
+        if with_ptx:
+            ptx.append(cap)
+    return sass, (min(ptx) if ptx else None)
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+def device_reasons(device: torch.device) -> list[str]:
+    """Why the extension's kernels cannot run on ``device`` (queried on first use, never at
+    import): a ROCm build of torch, or a GPU for which :data:`BUILT_ARCHS` holds neither machine
+    code of its major version (at or below its capability) nor PTX it can compile ("no kernel
+    image is available" otherwise, mid-product)."""
+    if device.type != "cuda":
+        return []
+    if torch.version.hip:
+        return ["hessfast's CUDA extension is CUDA-only; this is a ROCm (HIP) build of torch"]
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    cap = _capability(index)
+    sass, ptx = _archs()
+    if any(a[0] == cap[0] and a[1] <= cap[1] for a in sass) or (ptx is not None and ptx <= cap):
+        return []
+    built = os.environ.get("HESSFAST_CUDA_ARCHS", BUILT_ARCHS)
+    return [
+        f"compute capability {cap[0]}.{cap[1]} of {device} is not among the architectures "
+        f"hessfast._C was built for ({built}): rebuild with TORCH_CUDA_ARCH_LIST including "
+        f"{cap[0]}.{cap[1]} (and set HESSFAST_CUDA_ARCHS to the same list)"
+    ]
+
+
 class CudaRule(Rule):
-    """Base of the CUDA C++ implementations: CUDA tensors, ``hessfast._C`` loaded."""
+    """Base of the CUDA C++ implementations: CUDA tensors, ``hessfast._C`` loaded, a GPU the
+    extension was built for. Automatic dispatch chooses one only where
+    :data:`hessfast.dispatch.MEASURED` lists it for the call's dtype (:meth:`auto_reasons`), and
+    after its self-check passed."""
 
     backend = "cuda"
     devices = ("cuda",)
 
     def unavailable(self) -> str | None:
         return unavailable()
+
+    def device_reasons(self, device: torch.device, dtype: torch.dtype | None = None) -> list[str]:
+        return device_reasons(device)
+
+    def auto_reasons(self, call: Call) -> list[str]:
+        from ..dispatch import unmeasured
+
+        return unmeasured(self, call)

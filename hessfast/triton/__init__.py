@@ -10,12 +10,14 @@ hessfast``): whether they run compiled on a GPU or in Triton's interpreter on th
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
 
 import torch
 
-from ..rules.base import Rule
+from ..rules.base import Call, Rule
 
 #: Whether TRITON_INTERPRET=1 was set when this package (and so its kernels) was first imported.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "") == "1"
@@ -38,8 +40,43 @@ def unavailable() -> str | None:
     return None
 
 
+def on_device(t: torch.Tensor):
+    """The context of a kernel launch on ``t``'s device: Triton launches on the *current* CUDA
+    device, so every launch makes the tensors' device current (a model on ``cuda:1``, or split
+    across devices, would otherwise run on ``cuda:0`` and crash or read garbage)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+#: The oldest compute capability the kernels are for (bfloat16 ``tl.dot`` and TF32 tensor cores
+#: need Ampere).
+MIN_CAPABILITY = (8, 0)
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+def device_reasons(device: torch.device) -> list[str]:
+    """Why the Triton kernels do not run on CUDA device ``device`` (queried on first use, never at
+    import): an NVIDIA GPU older than :data:`MIN_CAPABILITY`."""
+    if device.type != "cuda" or torch.version.hip:
+        return []
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    cap = _capability(index)
+    if cap < MIN_CAPABILITY:
+        return [
+            f"compute capability {cap[0]}.{cap[1]} of {device}: hessfast's Triton kernels need "
+            f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer (Ampere)"
+        ]
+    return []
+
+
 class TritonRule(Rule):
-    """Base of the Triton implementations: CUDA tensors, or CPU tensors in the interpreter."""
+    """Base of the Triton implementations: CUDA tensors, or CPU tensors in the interpreter.
+
+    Automatic dispatch chooses one only where :data:`hessfast.dispatch.MEASURED` lists it for the
+    call's dtype (:meth:`auto_reasons`), and after its self-check passed."""
 
     backend = "triton"
     devices = ("cuda",)
@@ -49,3 +86,11 @@ class TritonRule(Rule):
 
     def interpretable(self) -> bool:
         return INTERPRETED
+
+    def device_reasons(self, device: torch.device, dtype: torch.dtype | None = None) -> list[str]:
+        return device_reasons(device)
+
+    def auto_reasons(self, call: Call) -> list[str]:
+        from ..dispatch import unmeasured
+
+        return unmeasured(self, call)

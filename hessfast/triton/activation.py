@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 
 from ..rules.base import Call, nones
-from . import TritonRule, absent
+from . import TritonRule, absent, on_device
 
 Tensor = torch.Tensor
 aten = torch.ops.aten
@@ -326,19 +326,20 @@ def _fwd_op(x: Tensor, tx: Tensor | None, act: int, from_result: bool) -> tuple[
     y, ydot = _fwd_shapes(x, tx)
     n = x.numel()
     if n:
-        _fwd_kernel[_grid(n)](
-            x,
-            tx if tx is not None else x,
-            y,
-            ydot if tx is not None else y,
-            n,
-            0 if tx is None else tx.shape[0],
-            ACT=act,
-            FROM_RESULT=from_result,
-            CDT=_compute_dtype(x, tx),
-            BLOCK=BLOCK,
-            num_warps=NUM_WARPS,
-        )
+        with on_device(x):
+            _fwd_kernel[_grid(n)](
+                x,
+                tx if tx is not None else x,
+                y,
+                ydot if tx is not None else y,
+                n,
+                0 if tx is None else tx.shape[0],
+                ACT=act,
+                FROM_RESULT=from_result,
+                CDT=_compute_dtype(x, tx),
+                BLOCK=BLOCK,
+                num_warps=NUM_WARPS,
+            )
     return y, ydot
 
 
@@ -384,23 +385,24 @@ def _bwd_op(
         k = (gdot if gdot is not None else tx).shape[0]
     n = src.numel()
     if n:
-        _bwd_kernel[_grid(n)](
-            src,
-            g if g is not None else src,
-            gdot if gdot is not None else src,
-            tx if second else src,
-            gx if g is not None else gdx,
-            gdx if has_gdx else gx,
-            n,
-            k,
-            ACT=act,
-            HAS_G=g is not None,
-            HAS_GDOT=gdot is not None,
-            SECOND=second,
-            CDT=_compute_dtype(src, g, gdot, tx if second else None),
-            BLOCK=BLOCK,
-            num_warps=NUM_WARPS,
-        )
+        with on_device(src):
+            _bwd_kernel[_grid(n)](
+                src,
+                g if g is not None else src,
+                gdot if gdot is not None else src,
+                tx if second else src,
+                gx if g is not None else gdx,
+                gdx if has_gdx else gx,
+                n,
+                k,
+                ACT=act,
+                HAS_G=g is not None,
+                HAS_GDOT=gdot is not None,
+                SECOND=second,
+                CDT=_compute_dtype(src, g, gdot, tx if second else None),
+                BLOCK=BLOCK,
+                num_warps=NUM_WARPS,
+            )
     return gx, gdx
 
 

@@ -57,7 +57,8 @@ So the GGN mode (no ``ḡ``) is the plain flash backward batched over the K vect
 ``ḡ``. The HVP runs the primal backward (one launch per kernel) and a tangent launch with both
 kinds. The per-row ``D``, ``Ḋ`` are computed in torch (fp32, ``O(T·Dv)``) before the launches.
 
-Kernel layout and its cost. The K tangent vectors are the third grid axis: each program handles
+Kernel layout and its cost. The K tangent vectors are the second grid axis (the first holds the
+blocks of every ``(z, h)``): each program handles
 one query block (forward, ``dQ`` kernel) or one key/value block (``dK dV`` kernel) for one
 ``(z, h)`` and one ``k``, and recomputes ``QKᵀ`` (and ``PV`` in the forward) for its ``k``. Per
 tile of ``[BLOCK_M × BLOCK_N]`` scores, counting ``[BM × BN × D]`` matrix products:
@@ -109,12 +110,14 @@ import triton.language as tl
 
 from ..rules.attention import ScaledDotProductAttention
 from ..rules.base import Call, nones
-from . import INTERPRETED, TritonRule, absent
+from . import INTERPRETED, TritonRule, absent, on_device
 
 Tensor = torch.Tensor
 aten = torch.ops.aten
 
 _REFERENCE = ScaledDotProductAttention()
+#: CUDA grid limits of the launches: axis 0 (query or key blocks × heads) and axis 1 (tangents).
+MAX_GRID_0, MAX_GRID_1 = 2**31 - 1, 65535
 _MAX_HEAD_DIM = 128
 _NO_MASK, _BOOL_MASK, _FLOAT_MASK = 0, 1, 2
 
@@ -327,13 +330,17 @@ def _bwd_step(
 
 
 @triton.jit
-def _query_program(H, GROUPS, BLOCK_M: tl.constexpr):
-    """Indices of a program of a kernel over query blocks (grid ``(⌈Tq/BLOCK_M⌉, Z·H, C)``):
+def _query_program(H, GROUPS, Tq, BLOCK_M: tl.constexpr):
+    """Indices of a program of a kernel over query blocks (grid ``(⌈Tq/BLOCK_M⌉·Z·H, C)``, the
+    query blocks of one ``(z, h)`` consecutive on axis 0, whose limit is 2³¹ − 1: axis 1 allows
+    only 65,535, fewer than the ``Z·H`` of e.g. 512 images × 192 window heads):
     ``(pid_m, bh, c, Z·H, z, h, hk, offs_m)``, ``hk`` the key/value head of query head ``h``."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    c = tl.program_id(2).to(tl.int64)
-    n_bh = tl.num_programs(1)
+    n_m = tl.cdiv(Tq, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % n_m
+    bh = pid // n_m
+    c = tl.program_id(1).to(tl.int64)
+    n_bh = tl.num_programs(0) // n_m
     z = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     hk = h // GROUPS
@@ -408,10 +415,10 @@ def _sdpa_fwd_kernel(
     DT: tl.constexpr,
     RNE: tl.constexpr,
 ):
-    """One query block of one ``(z, h)`` for tangent ``k = program_id(2)``: ``O`` and ``(m, 1/l)``
-    (stored by ``k = 0`` only), ``Ȯ_k`` and ``μ̇_k``. Grid ``(⌈Tq/BLOCK_M⌉, Z·H, max(K, 1))``."""
+    """One query block of one ``(z, h)`` for tangent ``k = program_id(1)``: ``O`` and ``(m, 1/l)``
+    (stored by ``k = 0`` only), ``Ȯ_k`` and ``μ̇_k``. Grid ``(⌈Tq/BLOCK_M⌉·Z·H, max(K, 1))``."""
     ET = Q.dtype.element_ty
-    pid_m, bh, t, n_bh, z, h, hk, offs_m = _query_program(H, GROUPS, BLOCK_M)
+    pid_m, bh, t, n_bh, z, h, hk, offs_m = _query_program(H, GROUPS, Tq, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -539,16 +546,18 @@ def _sdpa_bwd_kv_kernel(
     RNE: tl.constexpr,
 ):
     """``dK``, ``dV`` (or their tangents) of one key/value block of one ``(z, hk)`` for cotangent
-    ``c = program_id(2)``, looping over the ``GROUPS`` query heads of ``hk`` and their query blocks,
+    ``c = program_id(1)``, looping over the ``GROUPS`` query heads of ``hk`` and their query blocks,
     on transposed tiles ``Sᵀ [BLOCK_N, BLOCK_M]``. ``DOF [C, Z, H, Tq, Dv]`` is the first-order
     cotangent ``c`` (``ḡ`` or ``ġ_c``), ``G`` is ``ḡ`` for the second-order terms,
     ``DELTA [C, Z·H, Tq]`` the matching ``rowsum`` (``D`` or ``Ḋ_c``), ``D0 [Z·H, Tq]`` the primal
-    ``D``. Grid ``(⌈Tk/BLOCK_N⌉, Z·Hkv, C)``."""
+    ``D``. Grid ``(⌈Tk/BLOCK_N⌉·Z·Hkv, C)``."""
     ET = Q.dtype.element_ty
-    pid_n = tl.program_id(0)
-    bhk = tl.program_id(1)
-    c = tl.program_id(2).to(tl.int64)
-    n_bhk = tl.num_programs(1)
+    n_n = tl.cdiv(Tk, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_n = pid % n_n
+    bhk = pid // n_n
+    c = tl.program_id(1).to(tl.int64)
+    n_bhk = tl.num_programs(0) // n_n
     n_bh = n_bhk * GROUPS
     z = (bhk // HKV).to(tl.int64)
     hk = (bhk % HKV).to(tl.int64)
@@ -662,10 +671,10 @@ def _sdpa_bwd_q_kernel(
     RNE: tl.constexpr,
 ):
     """``dQ`` (or its tangent) of one query block of one ``(z, h)`` for cotangent
-    ``c = program_id(2)``, looping over key/value blocks; arguments as in
-    :func:`_sdpa_bwd_kv_kernel`. Grid ``(⌈Tq/BLOCK_M⌉, Z·H, C)``."""
+    ``c = program_id(1)``, looping over key/value blocks; arguments as in
+    :func:`_sdpa_bwd_kv_kernel`. Grid ``(⌈Tq/BLOCK_M⌉·Z·H, C)``."""
     ET = Q.dtype.element_ty
-    pid_m, bh, c, n_bh, z, h, hk, offs_m = _query_program(H, GROUPS, BLOCK_M)
+    pid_m, bh, c, n_bh, z, h, hk, offs_m = _query_program(H, GROUPS, Tq, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -828,32 +837,38 @@ class _Geometry:
 
     def launch(self, kernel, kind: str, heavy: bool, programs: tuple, *args, **flags) -> None:
         """Launch ``kernel`` (``kind`` and ``heavy`` as in :func:`_blocks`) on the grid
-        ``(blocks of its own axis, *programs)`` (key blocks for ``"kv"``, query blocks otherwise)
-        with ``args``, ``flags`` and the arguments every kernel takes."""
+        ``(blocks of its own axis × heads, C)`` for ``programs = (heads, C)`` (key blocks for
+        ``"kv"``, query blocks otherwise) with ``args``, ``flags`` and the arguments every kernel
+        takes, on the device of ``args[0]``."""
         blk = _blocks(kind, self.dtype, self.d, self.dv, heavy)
         n_blocks = triton.cdiv(self.tk, blk.n) if kind == "kv" else triton.cdiv(self.tq, blk.m)
-        kernel[(n_blocks, *programs)](
-            *args,
-            **flags,
-            sm_scale=self.scale,
-            Tq=self.tq,
-            Tk=self.tk,
-            H=self.h,
-            GROUPS=self.groups,
-            D=self.d,
-            DV=self.dv,
-            BLOCK_M=blk.m,
-            BLOCK_N=blk.n,
-            BLOCK_D=_pad(self.d),
-            BLOCK_DV=_pad(self.dv),
-            CAUSAL=self.causal,
-            MASK=self.mask_kind,
-            PREC=self.prec,
-            DT=self.dot_dtype,
-            RNE=self.rne,
-            num_warps=blk.warps,
-            num_stages=blk.stages,
-        )
+        heads, c = programs
+        grid = (n_blocks * heads, c)
+        if grid[0] > MAX_GRID_0 or c > MAX_GRID_1:
+            raise ValueError(f"attention launch grid {grid} exceeds ({MAX_GRID_0}, {MAX_GRID_1})")
+        with on_device(args[0]):
+            kernel[grid](
+                *args,
+                **flags,
+                sm_scale=self.scale,
+                Tq=self.tq,
+                Tk=self.tk,
+                H=self.h,
+                GROUPS=self.groups,
+                D=self.d,
+                DV=self.dv,
+                BLOCK_M=blk.m,
+                BLOCK_N=blk.n,
+                BLOCK_D=_pad(self.d),
+                BLOCK_DV=_pad(self.dv),
+                CAUSAL=self.causal,
+                MASK=self.mask_kind,
+                PREC=self.prec,
+                DT=self.dot_dtype,
+                RNE=self.rne,
+                num_warps=blk.warps,
+                num_stages=blk.stages,
+            )
 
 
 def _heads(x: Tensor) -> tuple[tuple, int]:
@@ -1189,6 +1204,8 @@ class TritonScaledDotProductAttention(TritonRule):
             out.append(f"head dim {max(d, dv)} > {_MAX_HEAD_DIM} (the tiles would not fit)")
         if 0 in (*q.shape, *k.shape, *v.shape):
             out.append("empty q, k or v")
+        if call.k > MAX_GRID_1:
+            out.append(f"{call.k} tangents: the launch grid takes at most {MAX_GRID_1}")
         if mask is not None:
             want = (*q.shape[:-1], k.shape[-2])
             try:
@@ -1203,6 +1220,30 @@ class TritonScaledDotProductAttention(TritonRule):
             if mask.device != q.device:
                 out.append("attention mask on another device than q")
         return out
+
+    def device_reasons(self, device: torch.device, dtype: torch.dtype | None = None) -> list[str]:
+        out = super().device_reasons(device, dtype)
+        if torch.version.hip and dtype == torch.float32:
+            out.append(
+                "float32 attention multiplies in 3×TF32 (input_precision='tf32x3'), which Triton's "
+                "AMD backend rejects; use bfloat16/float16 or the torch rule"
+            )
+        return out
+
+    def auto_reasons(self, call: Call) -> list[str]:
+        """Unmeasured (:data:`hessfast.dispatch.MEASURED`): automatic dispatch keeps the torch
+        rule, except where that cannot run: its ``[K + 2, ..., H, Tq, Tk]`` scores and
+        probabilities would not fit in the device's free memory (:func:`math_attention_bytes`)."""
+        why = super().auto_reasons(call)
+        if not why:
+            return why
+        need = math_attention_bytes(call)
+        if need < _SMALL:
+            return why
+        free = _free_bytes(call.args[0].device)
+        if free is not None and need > free:
+            return []
+        return why
 
     def fwd_jvp(self, call: Call):
         q, k, v = call.args[:3]
@@ -1301,6 +1342,27 @@ class TritonScaledDotProductAttention(TritonRule):
             need_v,
         )
         return (dq if need_q else None), (dk if need_k else None), (dv if need_dv else None)
+
+
+def math_attention_bytes(call: Call) -> int:
+    """A lower bound on what the torch (math) rule allocates for one call: the scores, the
+    probabilities and their K tangents, ``(K + 2)·Z·H·Tq·Tk`` elements."""
+    q, k = call.args[0], call.args[1]
+    rows = math.prod(q.shape[:-1])  # Z·H·Tq
+    return (call.k + 2) * rows * int(k.shape[-2]) * q.element_size()
+
+
+#: Below this many bytes the math rule is assumed to fit (no device query).
+_SMALL = 1 << 28
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    """Free device memory, counting what torch's caching allocator holds unused (``None``: not a
+    CUDA device)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def _shape(x: Tensor | None, shape: tuple, needed: bool) -> Tensor | None:

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from ..rules.base import Call
 from ..rules.cross_entropy import ROWS_OP, rows_arg_reasons
-from . import TritonRule, absent
+from . import TritonRule, absent, on_device
 
 Tensor = torch.Tensor
 
@@ -60,11 +60,14 @@ def _ce_rows_kernel(
     base = row * V
     y = tl.load(y_ptr + row)
     valid = y != ignore_index
-    y_safe = tl.where(valid, y, 0)
+    in_range = (y >= 0) & (y < V)
+    y_safe = tl.where(valid & in_range, y, 0)  # never read out of bounds
     if HAS_W:
         w_y = tl.load(w_ptr + y_safe).to(tl.float32)
     else:
         w_y = 1.0
+    # a target out of [0, V) (and not ignored) poisons its row with NaN, as the CUDA kernel does
+    w_y = tl.where(in_range, w_y, float("nan"))
     c_y = tl.where(valid, (1.0 - eps) * w_y, 0.0)  # coefficient of the target class
     c_s = tl.where(valid, eps / V, 0.0)  # smoothing coefficient, times w_c
     cols0 = tl.arange(0, BLOCK_V)
@@ -83,8 +86,11 @@ def _ce_rows_kernel(
         cm = cols < V
         zt = tl.load(z_ptr + base + cols, mask=cm, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(zt, axis=0))
-        alpha = tl.exp(m - m_new)
-        e = tl.exp(zt - m_new)
+        # while every logit so far is -inf (a masked first tile), exponentiate against 0, not
+        # -inf: exp(-inf - (-inf)) is NaN; exp(-inf - 0) = 0 keeps s = t = 0
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_ref)
+        e = tl.exp(zt - m_ref)
         s = s * alpha + tl.sum(e, axis=0)
         if SMOOTH:
             if HAS_W:
@@ -193,28 +199,29 @@ def _rows_op(
     w = weight.contiguous() if weight is not None else z
     eps = float(label_smoothing)
     grid = (M, triton.cdiv(K, bk) if K else 1)
-    _ce_rows_kernel[grid](
-        z,
-        zd,
-        target,
-        w,
-        loss,
-        gz if want_grad else z,
-        gdz if K else z,
-        V,
-        K,
-        M * V,
-        ignore_index,
-        eps,
-        float(scale),
-        HAS_W=weight is not None,
-        SMOOTH=eps != 0.0,
-        WANT_GRAD=bool(want_grad),
-        HAS_T=K > 0,
-        BLOCK_V=bv,
-        BLOCK_K=bk,
-        num_warps=8 if bv * bk >= 4096 else 4,
-    )
+    with on_device(z):
+        _ce_rows_kernel[grid](
+            z,
+            zd,
+            target,
+            w,
+            loss,
+            gz if want_grad else z,
+            gdz if K else z,
+            V,
+            K,
+            M * V,
+            ignore_index,
+            eps,
+            float(scale),
+            HAS_W=weight is not None,
+            SMOOTH=eps != 0.0,
+            WANT_GRAD=bool(want_grad),
+            HAS_T=K > 0,
+            BLOCK_V=bv,
+            BLOCK_K=bk,
+            num_warps=8 if bv * bk >= 4096 else 4,
+        )
     return loss, gz, gdz
 
 

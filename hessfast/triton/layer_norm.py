@@ -66,7 +66,7 @@ import triton.language as tl
 
 from ..rules.base import Call
 from ..rules.layer_norm import LayerNormSchema, RMSNormSchema
-from . import TritonRule, absent
+from . import TritonRule, absent, on_device
 
 Tensor = torch.Tensor
 aten = torch.ops.aten
@@ -355,34 +355,35 @@ def _fwd_op(
     any_t = k > 0 and any(t is not None for t in (tx, tw, tb))
     y, ydot, mean, rstd, a, tmean = _fwd_shapes(x, tx, k, any_t, center)
     block_r, block_d, warps = _blocks(n, d)
-    _norm_fwd_kernel[(triton.cdiv(n, block_r),)](
-        x,
-        w if w is not None else x,
-        b if b is not None else x,
-        tx if tx is not None else x,
-        tw if tw is not None else x,
-        tb if tb is not None else x,
-        y,
-        ydot if any_t else y,
-        mean if center else rstd,
-        rstd,
-        a if tx is not None else rstd,
-        tmean if tx is not None and center else rstd,
-        n,
-        d,
-        n * d,
-        k if any_t else 0,
-        float(eps),
-        CENTER=center,
-        HAS_W=w is not None,
-        HAS_B=b is not None,
-        HAS_TX=tx is not None and k > 0,
-        HAS_TW=tw is not None and k > 0,
-        HAS_TB=tb is not None and k > 0,
-        BLOCK_R=block_r,
-        BLOCK_D=block_d,
-        num_warps=warps,
-    )
+    with on_device(x):
+        _norm_fwd_kernel[(triton.cdiv(n, block_r),)](
+            x,
+            w if w is not None else x,
+            b if b is not None else x,
+            tx if tx is not None else x,
+            tw if tw is not None else x,
+            tb if tb is not None else x,
+            y,
+            ydot if any_t else y,
+            mean if center else rstd,
+            rstd,
+            a if tx is not None else rstd,
+            tmean if tx is not None and center else rstd,
+            n,
+            d,
+            n * d,
+            k if any_t else 0,
+            float(eps),
+            CENTER=center,
+            HAS_W=w is not None,
+            HAS_B=b is not None,
+            HAS_TX=tx is not None and k > 0,
+            HAS_TW=tw is not None and k > 0,
+            HAS_TB=tb is not None and k > 0,
+            BLOCK_R=block_r,
+            BLOCK_D=block_d,
+            num_warps=warps,
+        )
     return y, ydot, mean, rstd, a, tmean
 
 
@@ -534,41 +535,42 @@ def _bwd_op(
     pw = torch.empty((plan.nj, groups, d), **f32) if acc_w else None
     pb = torch.empty((plan.nj, groups, d), **f32) if acc_b else None
     dummy = rstd
-    _norm_bwd_kernel[(plan.nj, groups)](
-        x,
-        w if w is not None else dummy,
-        tw if plan.has_tw else dummy,
-        tx if plan.has_tx else dummy,
-        g if g is not None else dummy,
-        gdot if has_gdot else dummy,
-        mean if center else dummy,
-        rstd,
-        a if plan.has_tx else dummy,
-        tmean if plan.has_tx and center else dummy,
-        gx if plan.store_gx else dummy,
-        gdx if plan.tan_x else dummy,
-        pw if pw is not None else dummy,
-        pb if pb is not None else dummy,
-        n,
-        d,
-        n * d,
-        plan.ng,
-        groups,
-        rows_per_group,
-        CENTER=center,
-        HAS_W=w is not None,
-        HAS_TW=plan.has_tw,
-        HAS_TX=plan.has_tx,
-        HAS_G=g is not None,
-        HAS_GDOT=has_gdot,
-        STORE_GX=plan.store_gx,
-        STORE_GDX=plan.tan_x,
-        ACC_W=acc_w,
-        ACC_B=acc_b,
-        BLOCK_R=block_r,
-        BLOCK_D=block_d,
-        num_warps=warps,
-    )
+    with on_device(x):
+        _norm_bwd_kernel[(plan.nj, groups)](
+            x,
+            w if w is not None else dummy,
+            tw if plan.has_tw else dummy,
+            tx if plan.has_tx else dummy,
+            g if g is not None else dummy,
+            gdot if has_gdot else dummy,
+            mean if center else dummy,
+            rstd,
+            a if plan.has_tx else dummy,
+            tmean if plan.has_tx and center else dummy,
+            gx if plan.store_gx else dummy,
+            gdx if plan.tan_x else dummy,
+            pw if pw is not None else dummy,
+            pb if pb is not None else dummy,
+            n,
+            d,
+            n * d,
+            plan.ng,
+            groups,
+            rows_per_group,
+            CENTER=center,
+            HAS_W=w is not None,
+            HAS_TW=plan.has_tw,
+            HAS_TX=plan.has_tx,
+            HAS_G=g is not None,
+            HAS_GDOT=has_gdot,
+            STORE_GX=plan.store_gx,
+            STORE_GDX=plan.tan_x,
+            ACC_W=acc_w,
+            ACC_B=acc_b,
+            BLOCK_R=block_r,
+            BLOCK_D=block_d,
+            num_warps=warps,
+        )
     ng = plan.ng
     if plan.prim and need_w:
         gw = pw[0].sum(0).to(w_dtype)

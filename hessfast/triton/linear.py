@@ -53,14 +53,12 @@ explicit ``backend="triton"`` every supported call runs these kernels.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
 from ..rules.base import Call
-from . import INTERPRETED, TritonRule
+from . import INTERPRETED, TritonRule, on_device
 
 Tensor = torch.Tensor
 aten = torch.ops.aten
@@ -307,7 +305,7 @@ def dual_gemm(
         return (kb * triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
     # Triton launches on the current CUDA device: make it the operands' one (multi-GPU runs).
-    with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():
+    with on_device(out):
         _dual_gemm_kernel[grid](
             a1,
             b1,
@@ -474,11 +472,10 @@ class TritonLinear(TritonRule):
         return out
 
     def auto_reasons(self, call: Call) -> list[str]:
-        return [
-            "automatic dispatch keeps cuBLAS (the torch rule) for linear until a GPU benchmark "
-            "(benchmarks/bench_linear.py) shows where this GEMM wins; request backend='triton' "
-            "to run it"
-        ]
+        """cuBLAS (the torch rule) stays the automatic choice for linear until a committed GPU
+        benchmark (``benchmarks/bench_linear.py``) shows where this GEMM wins
+        (:data:`hessfast.dispatch.MEASURED`)."""
+        return super().auto_reasons(call)
 
     def fwd_jvp(self, call: Call):
         x, w, b = call.args
