@@ -277,6 +277,7 @@ class Products:
         self.seconds = 0.0
         self.timings: list[tuple[int, float]] = []
         self.symmetry: str | None = None
+        self.col_norms: Tensor | None = None  # of the last call's result
         self._sync = self.device.type == "cuda"
 
     # one call of the operator
@@ -298,7 +299,10 @@ class Products:
             raise ValueError(
                 f"the operator's matmat returned {got} for an input of shape {tuple(X.shape)}"
             )
-        if not bool(torch.isfinite(Y).all()):
+        # the column norms are what the algorithms need anyway; finite norms mean finite entries
+        # (an infinite norm of finite entries, an overflow, is told apart by the full check)
+        self.col_norms = torch.linalg.vector_norm(Y, dim=0)
+        if not bool(torch.isfinite(self.col_norms).all()) and not bool(torch.isfinite(Y).all()):
             raise NonFiniteError(
                 f"an operator product (matmat call {self.calls}, {K} columns) contains NaN or "
                 "Inf: the operator is not finite on these vectors; check the model, the data, "
@@ -393,16 +397,26 @@ def project_out(Vt: Tensor, W: Tensor, max_passes: int = 3, eta: float = DGKS) -
         return W.new_zeros(*W.shape[:-2], 0, W.shape[-1])
     before = torch.linalg.vector_norm(W, dim=-2)
     h = Vt @ W
-    W -= Vt.mT @ h
+    subtract(W, Vt.mT, h)
     for _ in range(max_passes - 1):
         after = torch.linalg.vector_norm(W, dim=-2)
         if not bool((after < eta * before).any()):
             break
         c = Vt @ W
-        W -= Vt.mT @ c
+        subtract(W, Vt.mT, c)
         h += c
         before = after
     return h
+
+
+def subtract(W: Tensor, A: Tensor, B: Tensor) -> None:
+    """``W −= A @ B`` in place by one (batched) GEMM into ``W``'s own layout, no temporary."""
+    if W.dim() == 2:
+        W.addmm_(A, B, alpha=-1)
+    elif W.shape[:-2] == A.shape[:-2] == B.shape[:-2] and W.dim() == 3:
+        W.baddbmm_(A, B, alpha=-1)
+    else:
+        W -= A @ B
 
 
 def orthonormalize(
@@ -411,20 +425,22 @@ def orthonormalize(
     drop_tol: float,
     max_rank: int | None = None,
     wnorm: float | None = None,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Rank-revealing orthonormalisation of a block ``W`` ``[P, b]`` already orthogonal to the
     rows of ``Vt`` (or ``None``).
 
     The eigenvalues of the float64 ``b × b`` Gram matrix give the singular values ``sigma`` of
     ``W``; directions with ``sigma ≤ drop_tol`` are dropped (at most ``max_rank`` kept), the rest
-    are rotated onto orthogonal columns and normalised, then one Cholesky-QR pass restores
-    orthogonality to working precision. When a kept singular value is below ``√eps · wnorm``
-    (``wnorm``: the norm of the block before it was orthogonalised; default ``sigma[0]``),
-    dividing by it magnifies what rounding left of the basis in ``W``, so the result is
-    projected against ``Vt`` once more first.
+    are rotated onto orthogonal columns and normalised (one GEMM), and a Cholesky-QR pass restores
+    orthogonality to working precision where the kept singular values are spread (its error is
+    ``eps · cond²``). When a kept singular value is below ``√eps · wnorm`` (``wnorm``: the norm of
+    the block before it was orthogonalised; default ``sigma[0]``), dividing by it magnifies what
+    rounding left of the basis in ``W``, so the result is projected against ``Vt`` once more.
 
-    Returns ``(Q, R, sigma)``: ``Q`` ``[P, r]`` orthonormal (and orthogonal to ``Vt``), ``R``
-    ``[r, b]`` float64 on the host with ``W ≈ Q R``, and ``sigma`` (float64, descending).
+    The result is written as rows (``Qt`` ``[r, P]``, into ``out[:r]`` when given: a basis slab).
+    Returns ``(Q, R, sigma)``: ``Q = Qtᵀ`` ``[P, r]`` orthonormal (and orthogonal to ``Vt``),
+    ``R`` ``[r, b]`` float64 on the host with ``W ≈ Q R``, and ``sigma`` (float64, descending).
     """
     b = W.shape[1]
     if max_rank is None:
@@ -438,22 +454,31 @@ def orthonormalize(
     if r == 0:
         return W[:, :0], torch.zeros(0, b, dtype=torch.float64), sigma
     scale = float(sigma[0]) if wnorm is None else max(float(wnorm), float(sigma[0]))
+    if b == 1:
+        U = torch.ones(1, 1, dtype=torch.float64)
     Ur = U[:, :r]
-    M = Ur / sigma[:r]
-    Q = W @ M.to(W.device, W.dtype)  # near orthonormal: Q = W Ur diag(1/σ)
+    Mt = (Ur / sigma[:r]).T.contiguous().to(W.device, W.dtype)
+    Qt = out[:r] if out is not None else torch.empty(r, W.shape[0], dtype=W.dtype, device=W.device)
+    if b == 1:  # a single vector: divide by its norm in its own dtype (exact for P = 1)
+        torch.div(W.mT, torch.linalg.vector_norm(W), out=Qt)
+    else:
+        torch.matmul(Mt, W.mT, out=Qt)  # rows of (W Ur diag(1/σ))ᵀ: near orthonormal
     R = (Ur * sigma[:r]).T  # W ≈ Q R
+    again = float(sigma[0]) > 2 * float(sigma[r - 1])
     if Vt is not None and Vt.shape[0] and float(sigma[r - 1]) < math.sqrt(eps) * scale:
-        project_out(Vt, Q, max_passes=2)
-    # Cholesky-QR pass: Q ← Q L⁻ᵀ with L Lᵀ = QᵀQ, R ← Lᵀ R
-    G2 = (Q.mT @ Q).double().cpu()
-    G2 = (G2 + G2.T) / 2
-    L, info = torch.linalg.cholesky_ex(G2)
-    if int(info) != 0:  # lost rank in the pass: fall back to Householder QR
-        Q, R2 = torch.linalg.qr(Q)
-        return Q, R2.double().cpu() @ R, sigma
-    Linv = torch.linalg.solve_triangular(L, torch.eye(r, dtype=torch.float64), upper=False)
-    Q = Q @ Linv.T.to(W.device, W.dtype)
-    return Q, L.T @ R, sigma
+        project_out(Vt, Qt.mT, max_passes=2)
+        again = True
+    if again:  # Cholesky-QR pass: Qt ← L⁻¹ Qt with L Lᵀ = Qt Qtᵀ, R ← Lᵀ R
+        G2 = (Qt @ Qt.mT).double().cpu()
+        L, info = torch.linalg.cholesky_ex((G2 + G2.T) / 2)
+        if int(info) != 0:  # lost rank in the pass: fall back to Householder QR
+            Q, R2 = torch.linalg.qr(Qt.mT)
+            Qt.copy_(Q.mT)
+            return Qt.mT, R2.double().cpu() @ R, sigma
+        Linv = torch.linalg.solve_triangular(L, torch.eye(r, dtype=torch.float64), upper=False)
+        Qt.copy_(Linv.to(W.device, W.dtype) @ Qt)
+        R = L.T @ R
+    return Qt.mT, R, sigma
 
 
 def random_block(

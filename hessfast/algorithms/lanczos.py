@@ -71,6 +71,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .krylov import (
+    DGKS,
     Products,
     check_memory,
     check_operator,
@@ -78,25 +79,29 @@ from .krylov import (
     project_out,
     random_block,
     run_symmetry_check,
+    subtract,
 )
 
 Tensor = torch.Tensor
 
 WHICH = ("LA", "SA", "LM", "BE")
 _CHUNK_BYTES = 64 * 2**20  # column chunk of the in-place restart
+#: a restart keeps k + _KEEP·(ncv − b − k) Ritz vectors (measured on synthetic Hessian spectra)
+_KEEP_SINGLE = 0.5
+_KEEP_BLOCK = 0.5
 _TINY = 1e-30  # relative size below which restart couplings and Ritz coefficients are flushed
 #: operators smaller than this use ``min(k, 8)`` without measuring the cost curve
 MEASURE_MIN_P = 4096
 #: products to convergence at block size ``b`` over those at ``b = 1`` (same problem, same tol):
 #: the model behind ``block_size=None``; measured, see ``benchmarks/results/cpu-eigsh-*``
-INFLATION_PER_COLUMN = 0.2
+INFLATION_PER_COLUMN = 0.25
 
 
 def inflation(b: int) -> float:
     """Expected products at block size ``b`` relative to single-vector Lanczos.
 
     >>> inflation(1), round(inflation(8), 2)
-    (1.0, 2.4)
+    (1.0, 2.75)
     """
     return 1.0 + INFLATION_PER_COLUMN * (b - 1)
 
@@ -129,6 +134,8 @@ class EigshInfo:
             "products": products spent measuring beyond the first step}``.
         symmetry_probe: ``"passed"``, or ``None`` when no probe ran.
         calls: ``matmat`` calls.
+        reorthogonalizations: steps that projected the new block against the older basis (the
+            others found it orthogonal to ``eps^(3/4)`` and skipped the subtraction).
     """
 
     products: int
@@ -147,6 +154,7 @@ class EigshInfo:
     block_choice: dict = field(default_factory=dict)
     symmetry_probe: str | None = None
     calls: int = 0
+    reorthogonalizations: int = 0
 
     @property
     def seconds_elsewhere(self) -> float:
@@ -217,16 +225,61 @@ def _compress(Vt: Tensor, e: int, Zk: Tensor) -> None:
         Vt[:p, c0 : c0 + cols] = Zt @ Vt[:e, c0 : c0 + cols]
 
 
+#: the older basis is projected out only once the new block's components along it exceed
+#: ``eps^_SEMI`` of its norm (semi-orthogonality, kept well below √eps so that the returned vectors
+#: are orthonormal to ~eps^_SEMI); the coefficients are always computed (one read of the basis)
+_SEMI = 0.75
+
+
+def _project(Vt: Tensor, W: Tensor, s: int, e: int, lo: int, wcol: Tensor, semi: float):
+    """Orthogonalise the product ``W`` of the block ``Vt[s:e]`` against the basis ``Vt[:e]``, in
+    place: the local part ``Vt[lo:e]`` (the previous and the current block, where the three-term
+    recurrence puts nearly all of ``W``; twice when it cancelled more than ``1 − 1/√2``), then
+    the older rows ``Vt[:lo]``, whose coefficients are computed by one GEMM and subtracted only
+    when they exceed ``semi ×`` the remaining norm (``Vt[:lo]ᵀ W`` is zero in exact arithmetic).
+    Returns ``(h [e, b], reorthogonalised)``, or ``None`` when ``lo == 0`` (project everything).
+    """
+    if lo <= 0:
+        return None
+    Vl = Vt[lo:e]
+    hl = Vl @ W
+    subtract(W, Vl.mT, hl)
+    beta = torch.linalg.vector_norm(W, dim=0)
+    if bool((beta < DGKS * wcol).any()):
+        c = Vl @ W
+        subtract(W, Vl.mT, c)
+        hl += c
+        beta = torch.linalg.vector_norm(W, dim=0)
+    h = W.new_zeros(e, W.shape[1])
+    h[lo:e] = hl
+    Vo = Vt[:lo]
+    c = Vo @ W
+    if not bool((c.abs().amax(0) > semi * beta).any()):
+        return h, False
+    subtract(W, Vo.mT, c)
+    h[:lo] = c
+    after = torch.linalg.vector_norm(W, dim=0)
+    if bool((after < DGKS * beta).any()):
+        h += project_out(Vt[:e], W, max_passes=2)
+    return h, True
+
+
 #: multiple of ``eps(operator dtype) · ‖H‖`` below which a true residual is product rounding noise
 _NOISE = 1e3
 
 
 def _rayleigh_ritz(Y: Tensor, HY: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Rayleigh-Ritz on ``span(Y)`` in float64 from one product ``HY``: refined eigenvalues
-    (float64, CPU, ascending), the rotated vectors (``Y``'s dtype) and true residual norms."""
-    Yd, HYd = Y.double(), HY.double()
-    G = Yd.T @ Yd
-    M = Yd.T @ HYd
+    (float64, CPU, ascending), the rotated vectors (``Y``'s dtype) and true residual norms.
+    Row chunk by row chunk: float64 accumulation without float64 copies of ``Y`` and ``HY``."""
+    P, k = Y.shape
+    rows = max(1, _CHUNK_BYTES // max(1, 16 * k))
+    G = torch.zeros(k, k, dtype=torch.float64, device=Y.device)
+    M = torch.zeros_like(G)
+    for r0 in range(0, P, rows):
+        Yc, HYc = Y[r0 : r0 + rows].double(), HY[r0 : r0 + rows].double()
+        G += Yc.T @ Yc
+        M += Yc.T @ HYc
     M = (M + M.T) / 2
     L = torch.linalg.cholesky(G)
     Linv = torch.linalg.solve_triangular(
@@ -234,9 +287,13 @@ def _rayleigh_ritz(Y: Tensor, HY: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     )
     w, U = torch.linalg.eigh(Linv @ M @ Linv.T)
     C = Linv.T @ U
-    Yr, HYr = Yd @ C, HYd @ C
-    residuals = (HYr - Yr * w).norm(dim=0).cpu()
-    return w.cpu(), Yr.to(Y.dtype), residuals
+    Yr = torch.empty_like(Y)
+    sq = torch.zeros(k, dtype=torch.float64, device=Y.device)
+    for r0 in range(0, P, rows):
+        Yc = Y[r0 : r0 + rows].double() @ C
+        Yr[r0 : r0 + rows] = Yc
+        sq += ((HY[r0 : r0 + rows].double() @ C - Yc * w) ** 2).sum(0)
+    return w.cpu(), Yr, sq.sqrt().cpu()
 
 
 def _measure_block(products: Products, X: Tensor, reps: int) -> tuple[int, dict, Tensor, Tensor]:
@@ -427,7 +484,7 @@ def eigsh(
     if m < k + b + 1 and m < P:
         m = k + b + 1
     C = min(m + b, P)  # basis capacity: ncv vectors plus the next block
-    keep_target = k + max(1, (m - b - k) // 2) if b == 1 else k + (m - b - k) // 4
+    keep_target = k + int((m - b - k) * (_KEEP_SINGLE if b == 1 else _KEEP_BLOCK))
 
     Vt = torch.zeros(C, P, dtype=bdtype, device=bdevice)  # the basis, one vector per row
     T = torch.zeros(C, C, dtype=torch.float64)
@@ -435,24 +492,29 @@ def eigsh(
     s, e, lo = 0, start.shape[1], 0  # current block [s, e); local part of the next projection
 
     anorm = 0.0
-    restarts = deflations = 0
+    semi = eps**_SEMI
+    restarts = deflations = reorths = 0
     confirm = None  # wanted Ritz values awaiting confirmation after a breakdown
     converged = False
     theta = Z = res = R = None
     steps = 0
     while steps < max_iter:
+        calls = products.calls
         if W is None:
             W = products.apply(Vt[s:e].T)
         steps += 1
-        wn = float(torch.linalg.vector_norm(W, dim=0).max())
-        anorm = max(anorm, wn)
-        if lo > 0:  # the three-term part first: it cancels most of W, then one full pass
-            hl = Vt[lo:e] @ W
-            W -= Vt[lo:e].T @ hl
-            h = project_out(Vt[:e], W)
-            h[lo:e] += hl
+        if products.calls == calls + 1 and products.col_norms is not None:
+            wcol = products.col_norms.to(W.device, W.dtype)
         else:
+            wcol = torch.linalg.vector_norm(W, dim=0)
+        wn = float(wcol.max())
+        anorm = max(anorm, wn)
+        h = _project(Vt, W, s, e, lo, wcol, semi)
+        if h is None:
             h = project_out(Vt[:e], W)
+        else:
+            reorths += int(h[1])
+            h = h[0]
         h = h.double().cpu()
         T[:e, s:e] = h
         T[s:e, :e] = h.T
@@ -460,7 +522,9 @@ def eigsh(
 
         room = C - e
         want_cols = min(b, room)
-        Q, R, sigma = orthonormalize(W, Vt[:e], drop_rel * anorm, want_cols, wnorm=wn)
+        Q, R, sigma = orthonormalize(
+            W, Vt[:e], drop_rel * anorm, want_cols, wnorm=wn, out=Vt[e : e + want_cols]
+        )
         W = None
         broke = Q.shape[1] < want_cols
         if broke:
@@ -468,8 +532,8 @@ def eigsh(
             fresh = random_block(gen, P, want_cols - Q.shape[1], bdtype, bdevice, Vt[:e], Q)
             Q = torch.cat([Q, fresh], dim=1)
             R = torch.cat([R, torch.zeros(fresh.shape[1], R.shape[1], dtype=torch.float64)])
+            Vt[e : e + Q.shape[1]] = Q.T
         bq = Q.shape[1]
-        Vt[e : e + bq] = Q.T
 
         theta, Z = torch.linalg.eigh(T[:e, :e])
         anorm = max(anorm, float(theta.abs().max()))
@@ -499,7 +563,7 @@ def eigsh(
             p = min(keep_target, C - 2 * b)
             keep = order_by_which(theta, which)[:p]
             _compress(Vt, e, Z[:, keep])
-            Vt[p : p + bq] = Q.T  # Q is its own tensor: no overlap with the old rows
+            Vt[p : p + bq] = Q.T  # rows e.. hold Q; p + bq <= e: no overlap
             S = R @ Z[s:e, keep]  # [bq, p]: coupling of the Ritz vectors to the next block
             # couplings of converged pairs shrink geometrically from restart to restart; flush
             # them before they turn subnormal (subnormals make every later GEMM crawl on CPUs)
@@ -562,6 +626,7 @@ def eigsh(
         block_choice=choice,
         symmetry_probe=products.symmetry,
         calls=products.calls,
+        reorthogonalizations=reorths,
     )
     return evals, evecs, info
 
