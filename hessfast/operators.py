@@ -20,6 +20,14 @@ Bad data: a batch with no sample counts zero, and so does a batch whose every ta
 ``data`` must be re-iterable — a one-shot iterator such as a generator is refused at construction
 (pass ``list(...)`` or a ``DataLoader``).
 
+Determinism: an operator must be the same matrix on every pass. A shuffled ``DataLoader`` with
+``drop_last=True``, BatchNorm in training mode over batches that change, dropout, or random
+augmentation make each pass a different matrix, and Lanczos, CG and SLQ then never converge. So
+the first product runs twice (two passes over the data) whenever the data has more than one batch
+or the model has train-mode BatchNorm or dropout, and a difference beyond rounding is a
+``ValueError`` naming the likely cause (``check_deterministic=False`` skips it; curvlinops'
+``check_deterministic`` is the same idea). ``op.deterministic`` says what happened.
+
 Data-parallel: with ``process_group`` (by default the default group whenever
 ``torch.distributed`` is initialised) every rank holds the model and its shard of the data, and a
 product sums the ranks' weighted partial products and loss-term counts in one all-reduce, so
@@ -44,6 +52,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -176,6 +185,13 @@ def _split(x: Any, size: int) -> list:
     return [tuple(p[i] if p is not None else t for p, t in zip(parts, x)) for i in range(n)]
 
 
+def _has_active_dropout(model: nn.Module) -> bool:
+    return any(
+        isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
+        for m in model.modules()
+    )
+
+
 def _has_train_batchnorm(model: nn.Module) -> bool:
     return any(
         isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()
@@ -200,12 +216,18 @@ class _ModelOperator(CurvatureOperator):
         reduction: str | None = None,
         compile: str | None = None,
         output: str | int | None = None,
+        check_deterministic: bool = True,
     ):
         if backend is not None:
             _check_choice(backend, f"{type(self).__name__}(backend=...)")
         traced.check_mode(compile)
         self.compile = compile
         self.output = output
+        self.check_deterministic = bool(check_deterministic)
+        #: the determinism check's outcome: None (not run yet), "passed", "skipped"
+        #: (check_deterministic=False) or "not needed" (one fixed batch, no train-mode BatchNorm
+        #: or dropout)
+        self.deterministic: str | None = None if check_deterministic else "skipped"
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, not {type(model).__name__}")
         losses.check_loss_fn(loss_fn)
@@ -299,6 +321,7 @@ class _ModelOperator(CurvatureOperator):
             reduction=self.reduction or self._probed,
             compile=self.compile,
             output=self.output,
+            check_deterministic=self.check_deterministic,
         )
 
     def groups(self, by: str | Sequence[str] = "module") -> dict[str, list[tuple[int, int]]]:
@@ -436,18 +459,36 @@ class _ModelOperator(CurvatureOperator):
             total = flat if total is None else total + flat
         return total, weight_sum, seen
 
+    def _pass(self, V: Tensor, vec: Vectors) -> tuple[Tensor | None, float, int]:
+        if self.process_group is None:
+            return self._partial(vec)
+        return _dist.all_reduce_product(
+            self.process_group,
+            V,
+            lambda: self._partial(vec),
+            self.kind,
+            params=self.model.parameters(),
+        )
+
+    def _needs_determinism_check(self) -> bool:
+        """Whether two passes could differ: more than one batch (a DataLoader may shuffle, drop
+        a ragged last batch, or augment), or train-mode BatchNorm or dropout."""
+        if not self.single:
+            return True
+        return _has_train_batchnorm(self.model) or _has_active_dropout(self.model)
+
     def matmat(self, V: Tensor) -> Tensor:
         vec = self._vectors(V)
-        if self.process_group is None:
-            total, weight_sum, seen = self._partial(vec)
-        else:
-            total, weight_sum, seen = _dist.all_reduce_product(
-                self.process_group,
-                V,
-                lambda: self._partial(vec),
-                self.kind,
-                params=self.model.parameters(),
-            )
+        total, weight_sum, seen = self._pass(V, vec)
+        if self.deterministic is None:
+            if not self._needs_determinism_check():
+                self.deterministic = "not needed"
+            elif seen:
+                first = total / weight_sum if weight_sum else total
+                total, weight_sum, seen = self._pass(V, vec)
+                second = total / weight_sum if weight_sum else total
+                self._check_same(first, second)
+                self.deterministic = "passed"
         if not seen:
             skipped = getattr(self, "_skipped", [])
             if skipped and all(s == "empty" for s in skipped):
@@ -470,6 +511,51 @@ class _ModelOperator(CurvatureOperator):
                 "the loss scale and the dtype"
             )
         return total.T
+
+    def _check_same(self, first: Tensor | None, second: Tensor | None) -> None:
+        """Raise ``ValueError`` naming the likely cause unless two passes over the data gave the
+        same product (relative to the dtype: rounding from a different batch order passes)."""
+        if first is None or second is None:
+            return
+        a, b = first.double(), second.double()
+        diff = float((a - b).norm())
+        scale = max(float(a.norm()), float(b.norm()), 1e-300)
+        tol = {torch.float64: 1e-10, torch.float32: 1e-4}.get(self.dtype, 5e-2)
+        if diff <= tol * scale or not math.isfinite(diff) or not math.isfinite(scale):
+            return  # the same, or not finite: the finiteness check below says so
+        causes = []
+        loader = self.data
+        sampler = getattr(loader, "sampler", None)
+        shuffled = isinstance(sampler, torch.utils.data.RandomSampler)
+        if shuffled and getattr(loader, "drop_last", False):
+            causes.append(
+                "a DataLoader with shuffle=True and drop_last=True (each pass drops different "
+                "samples): use drop_last=False or shuffle=False"
+            )
+        if _has_train_batchnorm(self.model) and (shuffled or not self.single):
+            causes.append(
+                "BatchNorm in training mode over batches that change between passes (its "
+                "statistics, and so H, depend on which samples share a batch): call model.eval() "
+                "or pass a DataLoader with shuffle=False"
+            )
+        elif _has_train_batchnorm(self.model):
+            causes.append("BatchNorm in training mode")
+        if shuffled and not causes:
+            causes.append(
+                "a shuffled DataLoader (shuffle=True) whose batches change from pass to pass"
+            )
+        if _has_active_dropout(self.model):
+            causes.append("dropout in training mode (call model.eval())")
+        causes.append(
+            "random data augmentation in the dataset, or randomness in forward (noise, sampling)"
+        )
+        raise ValueError(
+            f"the {self.kind} is not deterministic: two passes over the data gave products that "
+            f"differ by {diff / scale:.3g} (relative; tolerance {tol:g}), so H is a different "
+            "matrix on each pass and eigsh, CG and SLQ would burn their budget on noise. Likely "
+            "causes: " + "; ".join(causes) + ". Pass check_deterministic=False to skip this "
+            "check."
+        )
 
     def __matmul__(self, v):
         if isinstance(v, dict):
@@ -498,7 +584,10 @@ class HessianOperator(_ModelOperator):
     """The exact Hessian of the dataset loss (see the module docstring).
 
     ``HessianOperator(model, loss_fn, data, params=None, max_batch_size=None, progress=False,
-    process_group=None, backend=None, reduction=None)``: ``reduction`` states how a custom
+    process_group=None, backend=None, reduction=None, compile=None, output=None,
+    check_deterministic=True)``: ``check_deterministic`` runs the first product twice where two
+    passes could differ and raises ``ValueError`` naming the likely cause if they do (module
+    docstring); ``reduction`` states how a custom
     ``loss_fn`` reduces over a batch (``"mean"``/``"sum"``; ``None``: found from ``loss_fn``,
     see the module docstring). ``process_group=None`` sums the shards of all ranks of the default
     group when ``torch.distributed`` is initialised (``data`` is then this rank's shard, see

@@ -151,3 +151,50 @@ def test_groups_partition_the_vector():
     assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
     with pytest.raises(ValueError, match="matches no parameter"):
         H.groups(["nope*"])
+
+
+def _bn_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 4)).to(D)
+
+
+def _loader(shuffle, drop_last=False, n=22, batch=5):
+    x, y = _data(n)
+    ds = torch.utils.data.TensorDataset(x, y)
+    g = torch.Generator().manual_seed(0)
+    return torch.utils.data.DataLoader(
+        ds, batch_size=batch, shuffle=shuffle, drop_last=drop_last, generator=g
+    )
+
+
+def test_determinism_check_names_the_cause():
+    model = _bn_model()  # training mode: batch statistics depend on the batch composition
+    H = hessfast.HessianOperator(model, F.cross_entropy, _loader(shuffle=True))
+    V = torch.randn(H.shape[0], 2, dtype=D)
+    with pytest.raises(ValueError, match="not deterministic.*BatchNorm in training mode"):
+        H @ V
+    model.eval()
+    H = hessfast.HessianOperator(model, F.cross_entropy, _loader(shuffle=True, drop_last=True))
+    with pytest.raises(ValueError, match="drop_last=True"):
+        H @ V
+    # the opt-out multiplies without checking (and H is then a different matrix each pass)
+    H = hessfast.HessianOperator(
+        model, F.cross_entropy, _loader(shuffle=True, drop_last=True), check_deterministic=False
+    )
+    assert H.deterministic == "skipped" and torch.isfinite(H @ V).all()
+
+
+def test_determinism_check_passes_when_only_the_order_changes():
+    model = _bn_model().eval()
+    x, y = _data(22)
+    ref = hessfast.HessianOperator(model, F.cross_entropy, (x, y))
+    H = hessfast.HessianOperator(model, F.cross_entropy, _loader(shuffle=True))
+    V = torch.randn(H.shape[0], 3, dtype=D)
+    torch.testing.assert_close(H @ V, ref @ V, rtol=1e-10, atol=1e-12)
+    assert H.deterministic == "passed" and ref.deterministic == "not needed"
+    # checked once: the second product is one pass
+    calls = []
+    orig = H._partial
+    H._partial = lambda vec: calls.append(1) or orig(vec)
+    H @ V
+    assert len(calls) == 1

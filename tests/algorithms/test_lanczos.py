@@ -306,3 +306,46 @@ def test_mlp_hessian_both_ends_and_newton_cg():
     assert r.converged and not r.negative_curvature and r.products == r.iterations + 2
     ref = torch.linalg.solve(Hd + damping * torch.eye(P, dtype=D), -g)
     torch.testing.assert_close(r.step, ref, rtol=0, atol=1e-8 * float(ref.norm()))
+
+
+def test_stall_message_names_the_checks():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+    ).to(D)  # training-mode BatchNorm over shuffled batches: H changes from pass to pass
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 6, generator=g, dtype=D), torch.randint(0, 3, (40,), generator=g)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=7, shuffle=True, generator=g
+    )
+    H = hessfast.HessianOperator(model, F.cross_entropy, loader)
+    with pytest.raises(ValueError, match="not deterministic"):
+        eigsh(H, k=2, check_symmetric=False)
+    H = hessfast.HessianOperator(model, F.cross_entropy, loader, check_deterministic=False)
+    with pytest.warns(RuntimeWarning, match="symmetry probe passed.*check_deterministic=False"):
+        eigsh(H, k=2, tol=1e-12, max_iter=4)
+
+
+def test_block_size_none_measures_the_cost_curve(monkeypatch):
+    from hessfast.algorithms import lanczos
+
+    lam = _cat(_bulk(590, 0.05, 2), torch.linspace(4, 5, 10))
+    A, Q = dense(lam)
+    monkeypatch.setattr(lanczos, "MEASURE_MIN_P", 100)
+    for slow_single, want in ((True, 4), (False, 1)):
+
+        class Timed(hessfast.DenseOperator):  # a K-column product costs ~1 (or ~K) units
+            def matmat(self, V):
+                import time
+
+                time.sleep(0.02 if slow_single else 0.005 * V.shape[1])
+                return super().matmat(V)
+
+        H = Timed(A)
+        evals, evecs, info = eigsh(H, k=4, tol=1e-10, return_info=True)
+        assert info.block_size == want and info.block_choice["how"] == "measured"
+        assert set(info.block_choice["curve"]) == {1, 4} and info.converged
+        assert info.products == H.products
+        check_pairs(evals, evecs, lam, Q, 4, "LA", A)
+    _, _, info = eigsh(Timed(A), k=4, block_size=2, return_info=True)
+    assert info.block_size == 2 and info.block_choice["how"] == "given"
