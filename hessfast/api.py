@@ -112,10 +112,8 @@ def _compute_on(
         )
         return _Whole(loss, grads, prods), None
     values: dict[str, torch.Tensor] = {}
-    for ph, name in prog.params.items():
-        values[ph] = model.get_parameter(name).detach()
-    for ph, fqn in prog.buffers.items():
-        values[ph] = model.get_buffer(fqn).detach()
+    for ph, t in prog.state(model):
+        values[ph] = t.detach()
     values.update(prog.constants)
     for ph, x in zip(prog.user_inputs, tree_flatten_spec((inputs, kwargs), prog.in_spec)):
         values[ph] = x.detach() if isinstance(x, torch.Tensor) else x

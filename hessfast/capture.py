@@ -86,6 +86,21 @@ class Program:
     out_spec: Any = None  # pytree spec of what forward returns (None: one tensor)
     _plans: dict = field(default_factory=dict)
     _last_uses: dict | None = None
+    _state: list | None = None
+    _state_of: Any = None  # the fingerprint _state was looked up under
+    fingerprint: Any = None  # the fingerprint :func:`capture` matched last
+
+    def state(self, model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+        """``(placeholder, tensor)`` of the model's parameters and buffers this program reads,
+        looked up by name once per fingerprint: a program belongs to one model and is reused
+        only while the model holds the same parameter and buffer objects (:func:`fingerprint`),
+        so the objects (whose ``.data`` may change) are kept, not the names."""
+        if self._state is None or self._state_of is not self.fingerprint:
+            self._state_of = self.fingerprint
+            self._state = [(ph, model.get_parameter(n)) for ph, n in self.params.items()] + [
+                (ph, model.get_buffer(n)) for ph, n in self.buffers.items()
+            ]
+        return self._state
 
     def last_uses(self) -> dict[int, list[str]]:
         """Step index -> names of the nodes whose last forward use is that step (freed after it)."""
@@ -535,15 +550,25 @@ _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 MAX_PROGRAMS_PER_MODEL = 16
 
 
+def hashable_spec(spec: Any) -> Any:
+    """A pytree spec as a dictionary key: the spec itself where it hashes (cheap), else its
+    text."""
+    try:
+        hash(spec)
+    except TypeError:
+        return str(spec)
+    return spec
+
+
 def signature(inputs: tuple) -> tuple:
     leaves, spec = pytree.tree_flatten(inputs)
     parts = []
     for x in leaves:
         if isinstance(x, torch.Tensor):
-            parts.append(("T", tuple(x.shape), x.dtype, str(x.device)))
+            parts.append(("T", x.shape, x.dtype, x.device))
         else:
             parts.append(("V", type(x).__name__, repr(x)))
-    return (str(spec), tuple(parts))
+    return (hashable_spec(spec), tuple(parts))
 
 
 # --- the guard: what forward can read that export specialised on (docs/architecture.md §2.3) -------------
@@ -707,7 +732,9 @@ def capture(
                 per_model.insert(0, per_model.pop(i))  # most recently used first
             if isinstance(held, Exception):
                 raise held
-            return held.program(model, output, custom_loss)
+            prog = held.program(model, output, custom_loss)
+            prog.fingerprint = f
+            return prog
     EXPORT_COUNT += 1
     try:
         ep = torch.export.export(model, inputs, kwargs or None, strict=False)
@@ -723,7 +750,9 @@ def capture(
     # export ran forward, which may itself have changed a Python attribute (a counter): the
     # program is also valid for the state forward left behind, which the next call sees
     _store(per_model, sig, fp, fingerprint(model), held)
-    return held.program(model, output, custom_loss)
+    prog = held.program(model, output, custom_loss)
+    prog.fingerprint = fp
+    return prog
 
 
 class _Exported:
@@ -732,10 +761,11 @@ class _Exported:
 
     def __init__(self, ep: torch.export.ExportedProgram):
         self.ep = ep
+        self.out_spec = ep.call_spec.out_spec  # call_spec builds a class on every access
         self.programs: dict = {}
 
     def program(self, model: nn.Module, output: Any, custom_loss: bool) -> Program:
-        spec = self.ep.call_spec.out_spec
+        spec = self.out_spec
         key = None if spec is None or spec.is_leaf() else (output, custom_loss)
         prog = self.programs.get(key)
         if prog is None:

@@ -192,14 +192,22 @@ def _reduction(kw: dict) -> str:
     return r
 
 
+#: Keyword defaults of the loss functions, read once (``inspect.signature`` per product costs
+#: more than a small model's gradient's worth of Python).
+_DEFAULTS: dict[Callable, dict] = {}
+
+
 def _call_kwargs(fn: Callable, keywords: dict) -> dict:
     """Defaults of ``fn`` overridden by ``keywords`` (for ``functools.partial``)."""
-    sig = inspect.signature(fn)
-    kw = {
-        n: p.default for n, p in sig.parameters.items() if p.default is not inspect.Parameter.empty
-    }
-    kw.update(keywords)
-    return kw
+    defaults = _DEFAULTS.get(fn)
+    if defaults is None:
+        sig = inspect.signature(fn)
+        defaults = _DEFAULTS[fn] = {
+            n: p.default
+            for n, p in sig.parameters.items()
+            if p.default is not inspect.Parameter.empty
+        }
+    return {**defaults, **keywords}
 
 
 def _from_function(fn: Callable, kw: dict, target: Any):
@@ -238,6 +246,24 @@ _MODULES = {
     nn.SmoothL1Loss: F.smooth_l1_loss,
     nn.BCEWithLogitsLoss: F.binary_cross_entropy_with_logits,
 }
+
+#: The functions with a closed-form rule (the ``nn`` loss modules map to these).
+CLOSED_FORM_FUNCTIONS = frozenset(_MODULES.values())
+
+
+def closed_form(fn: Callable, kwargs: dict, target: torch.Tensor, output_shape: tuple):
+    """The closed-form rule of ``fn(output, target, **kwargs)`` (``fn`` one of
+    :data:`CLOSED_FORM_FUNCTIONS`) for an output of ``output_shape``, targets checked as
+    :func:`resolve` checks them; ``None`` where there is none (an elementwise loss whose targets
+    broadcast, an option without a rule)."""
+    rule = _from_function(fn, _call_kwargs(fn, kwargs), target)
+    if rule is None or (
+        isinstance(rule, _ELEMENTWISE) and tuple(target.shape) != tuple(output_shape)
+    ):
+        return None
+    validate_targets(rule, output_shape)
+    return rule
+
 
 #: Rules whose targets have the output's shape (a different shape broadcasts, with torch's
 #: warning, through the autograd loss).

@@ -52,8 +52,8 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from . import engine
-from .capture import Program
+from . import engine, lower_loss
+from .capture import Program, hashable_spec
 from .dispatch import requested
 from .rules import cross_entropy
 
@@ -95,7 +95,7 @@ class Trace:
 
 def _meta(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
-        return ("T", tuple(x.shape), tuple(x.stride()), x.dtype, x.device)
+        return ("T", x.shape, x.stride(), x.dtype, x.device)
     if isinstance(x, (int, float, bool, str, type(None), torch.dtype, torch.device)):
         return ("V", type(x), x)
     try:
@@ -146,7 +146,7 @@ def _key(param_names, values, tangents, k, loss_rule, mode, compile, loss_parts)
         cross_entropy.HEAD_CHUNK_BYTES,
         compile,
         type(loss_rule),
-        str(spec),
+        hashable_spec(spec),
         tuple(_meta(x) for x in leaves),
         tuple((n, _meta(x)) for n, x in values.items()),
         None if tangents is None else tuple((n, _meta(x)) for n, x in tangents.items()),
@@ -272,6 +272,7 @@ def run(
     """One product like :func:`hessfast.engine.run`, through its traced graph (see the module
     docstring for ``compile``)."""
     check_mode(compile)
+    loss_rule = lower_loss.lower(loss_rule, program.output.meta.get("val"))
     if compile == "interpret":
         return engine.run(program, param_names, values, tangents, k, loss_rule, mode)
     if compile == "cudagraphs":

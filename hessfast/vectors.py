@@ -15,6 +15,34 @@ import torch
 from torch import nn
 
 
+def _named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """``list(model.named_parameters())`` without its generators (a product calls this on every
+    call): modules in pre-order, each once, parameters in registration order, each once. A model
+    that overrides ``named_parameters`` or ``named_modules`` is asked through its own method."""
+    cls = type(model)
+    if (
+        cls.named_parameters is not nn.Module.named_parameters
+        or cls.named_modules is not nn.Module.named_modules
+    ):
+        return list(model.named_parameters())
+    out = []
+    seen_params: set[int] = set()
+    seen_modules: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        prefix, m = stack.pop()
+        if id(m) in seen_modules:
+            continue
+        seen_modules.add(id(m))
+        for n, p in m._parameters.items():
+            if p is not None and id(p) not in seen_params:
+                seen_params.add(id(p))
+                out.append((prefix + n, p))
+        subs = [(f"{prefix}{n}.", c) for n, c in m._modules.items() if c is not None]
+        stack.extend(reversed(subs))
+    return out
+
+
 def select_params(
     model: nn.Module, params: str | Sequence[str] | None
 ) -> list[tuple[str, nn.Parameter]]:
@@ -23,7 +51,7 @@ def select_params(
     ``params=None`` selects every parameter with ``requires_grad``; otherwise names or glob
     patterns (``"blocks.3.*"``), each of which must match at least one parameter.
     """
-    named = list(model.named_parameters())
+    named = _named_parameters(model)
     if params is None:
         chosen = [(n, p) for n, p in named if p.requires_grad]
         if not chosen:
