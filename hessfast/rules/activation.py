@@ -112,6 +112,15 @@ def gelu_derivs(x, approximate="none", second=False):
     return d1, d2
 
 
+def gelu_d2(x, approximate="none"):
+    """``f″`` of GELU alone (beside the fused ``gelu_backward`` for ``f′ ⊙ c``): exact,
+    ``φ(x) (2 − x²)``; tanh approximation, from :func:`gelu_derivs`."""
+    if approximate == "tanh":
+        return gelu_derivs(x, approximate, second=True)[1]
+    x2 = x * x
+    return (_INV_SQRT_2PI * torch.exp(-0.5 * x2)) * (2 - x2)
+
+
 def silu_derivs(x, second=False):
     """``x σ(x)``: ``f′ = s (1 + x (1−s))``, ``f″ = s (1−s) (2 + x (1−2s))``."""
     s = torch.sigmoid(x)
@@ -328,7 +337,9 @@ class ElementwiseUnary(Rule):
     input tangent is then not kept and the second-order term never computed. ``check(args)`` may
     return a reason to decline. ``vjp(c, src, *params)`` computes ``f′(src) ⊙ c`` with a fused
     kernel, ``c`` of ``src``'s shape; by default the op's entry of
-    :data:`FUSED_VJP`, ``False`` for none.
+    :data:`FUSED_VJP`, ``False`` for none. ``d2(src, *params)`` computes ``f″`` alone: where it
+    is given, the second-order backward keeps the fused kernel for ``f′ ⊙ ḡ`` and ``f′ ⊙ ġ`` and
+    forms only ``f″`` (fewer passes than forming ``f′`` too, as autograd's double backward).
     """
 
     def __init__(
@@ -342,6 +353,7 @@ class ElementwiseUnary(Rule):
         f: Callable[..., Tensor] | None = None,
         check: Callable[[tuple], str | None] | None = None,
         vjp: Callable[..., Tensor] | None | bool = None,
+        d2: Callable[..., Tensor] | None = None,
     ):
         self.op = op
         self.ops = (op,)
@@ -352,6 +364,7 @@ class ElementwiseUnary(Rule):
         self.f = f
         self.check = check
         self.vjp = FUSED_VJP.get(op) if vjp is None else (vjp or None)
+        self.d2 = d2
 
     def declines(self, call: Call) -> str | None:
         x = call.args[0]
@@ -383,13 +396,15 @@ class ElementwiseUnary(Rule):
         if not active or (g is None and gdot is None):
             return nones(nargs), nones(nargs)
         second = self.curved and g is not None and tx is not None
-        fused = self.vjp is not None and not second
+        fused = self.vjp is not None and (not second or self.d2 is not None)
         gx = gdx = None
         if fused and (gdot is None or gdot.shape[0] <= NATIVE_K):
             # f′ is not needed otherwise: the fused kernel, as autograd's backward
             gx = self.vjp(g, src, *params) if g is not None else None
             if gdot is not None:
                 gdx = self.vjp(gdot[0], src, *params).unsqueeze(0)
+            if second:
+                gdx = add(gdx, (self.d2(src, *params) * g) * tx)
         else:
             d1, d2 = self.derivs(src, *params, second=second)
             gx = d1 * g if g is not None else None
@@ -415,7 +430,7 @@ def _pow_check(args) -> str | None:
 
 RULES = [
     ElementwiseUnary(aten.relu.default, "relu", relu_derivs, from_result=True, curved=False),
-    ElementwiseUnary(aten.gelu.default, "gelu", gelu_derivs, check=_gelu_check),
+    ElementwiseUnary(aten.gelu.default, "gelu", gelu_derivs, check=_gelu_check, d2=gelu_d2),
     ElementwiseUnary(aten.silu.default, "silu", silu_derivs),
     ElementwiseUnary(aten.tanh.default, "tanh", tanh_derivs, from_result=True),
     ElementwiseUnary(aten.sigmoid.default, "sigmoid", sigmoid_derivs, from_result=True),
