@@ -24,6 +24,12 @@ Tangents of the backward: ``ġ_v = Pᵀ ġ_O + Ṗᵀ ḡ_O``; ``ġ_P = ġ_O v_e
 ``ġ_q = s (ġ_S k_e + ḡ_S k̇_e)``; ``ġ_k = s (ġ_Sᵀ q + ḡ_Sᵀ q̇)``. Every term with both ``ḡ`` and a
 tangent is second order: GGN mode (``ḡ`` absent) drops it, ``ġ`` absent keeps it alone.
 
+A gradient-only run (no tangents, ``K = 0``) needs none of ``P``'s tangent algebra: there the
+rule calls the op itself under autograd and differentiates it with ``torch.autograd.grad`` — the
+fused kernels autograd runs (on the CPU ``_scaled_dot_product_flash_attention_for_cpu`` and its
+backward), which a traced product records as graph nodes, so ``hessfast.grad`` does what
+autograd's gradient does.
+
 Declined (the rule returns a reason): ``dropout_p > 0``, a mask that depends on the parameters,
 ``attn_mask`` together with ``is_causal`` (torch rejects it), non-float or non-strided inputs,
 inconsistent shapes, and ``enable_gqa`` with a head count that does not divide.
@@ -188,6 +194,8 @@ class ScaledDotProductAttention(Rule):
         return None
 
     def fwd_jvp(self, call: Call):
+        if call.k == 0:
+            return self._fwd_autograd(call)
         q, k, v, mask, _dropout_p, is_causal, scale, enable_gqa = call.args
         tq, tk, tv = call.tangents[:3]
         active = tuple(call.is_active(i) for i in range(3))
@@ -207,7 +215,23 @@ class ScaledDotProductAttention(Rule):
         res = (q, k, v, groups, p, pdot, tq, tk_e, tv_e, scale, active)
         return o, odot, res
 
+    def _fwd_autograd(self, call: Call):
+        """Gradient only: the op under autograd; :meth:`bwd_jvp` differentiates it."""
+        q, k, v, mask, dropout_p, is_causal, scale, enable_gqa = call.args
+        leaves = [x.detach().requires_grad_(call.is_active(i)) for i, x in enumerate((q, k, v))]
+        with torch.enable_grad():
+            o = aten.scaled_dot_product_attention(
+                *leaves, mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+            )
+        return o.detach(), None, ("autograd", o, leaves)
+
     def bwd_jvp(self, res, g, gdot):
+        if res[0] == "autograd":
+            _, o, leaves = res
+            wanted = [x for x in leaves if x.requires_grad]
+            grads = iter(torch.autograd.grad(o, wanted, g) if g is not None else ())
+            gs = [next(grads) if x.requires_grad and g is not None else None for x in leaves]
+            return (*gs, *nones(5)), nones(8)
         q, k, v, groups, p, pdot, tq, tk_e, tv_e, scale, active = res
         k_e, v_e = expand_heads(k, groups), expand_heads(v, groups)
         (gq, gk, gv), (gdq, gdk, gdv) = sdpa_bwd_jvp_ref(
