@@ -1,0 +1,178 @@
+"""Custom loss callables that are a built-in loss on reshaped tensors, lowered to its closed form.
+
+Users write the loss of a sequence model as a callable, ``lambda z, y: F.cross_entropy(z.reshape(-1,
+z.shape[-1]), y.reshape(-1))``; as an arbitrary callable it would be differentiated at the output by
+``torch.func`` (:class:`hessfast.losses.FuncLoss`), a few times the cost of the closed-form rule
+and outside what a traced product can fuse. :func:`lower` runs the callable once per signature on
+``meta`` tensors (shapes only, no data, no compute) under a ``TorchFunctionMode`` that records
+every torch call. When the record is nothing but reshapes (``reshape``, ``view``, ``flatten``,
+``contiguous`` and shape queries) of the output and of the targets, followed by one call of a loss
+with a closed-form rule (``F.cross_entropy``, ``F.nll_loss``, ``F.mse_loss``, ... or their
+``nn`` modules) on those two tensors whose value the callable returns, the loss is
+``ℓ(reshape(z), reshape(t))``. Reshaping is linear and keeps the elements, so the closed-form rule
+on the reshaped output, its results reshaped back (:class:`Reshaped`), is exactly the callable's
+loss, gradient and Hessian. Anything else (another op on the output, a tensor held by the callable,
+a container output or targets, an exception) keeps :class:`~hessfast.losses.FuncLoss`.
+
+Example:
+    >>> import torch, torch.nn.functional as F
+    >>> from hessfast.losses import FuncLoss
+    >>> from hessfast.lower_loss import lower
+    >>> y = torch.randint(0, 5, (2, 3))
+    >>> rule = lower(FuncLoss(lambda z, t: F.cross_entropy(z.flatten(0, 1), t.flatten()), y),
+    ...              torch.empty(2, 3, 5))
+    >>> type(rule).__name__, type(rule.inner).__name__, rule.shape
+    ('Reshaped', 'CrossEntropyLoss', (6, 5))
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from . import losses
+
+Tensor = torch.Tensor
+
+#: torch functions a lowered callable may apply to the output and the targets: reshapes, and
+#: queries of the shape.
+_RESHAPES = {
+    Tensor.reshape,
+    Tensor.view,
+    Tensor.flatten,
+    Tensor.contiguous,
+    torch.reshape,
+    torch.flatten,
+}
+_QUERIES = {
+    Tensor.size,
+    Tensor.dim,
+    Tensor.numel,
+    Tensor.shape.__get__,
+    Tensor.ndim.__get__,
+    Tensor.dtype.__get__,
+    Tensor.device.__get__,
+}
+_LOSSES = losses.CLOSED_FORM_FUNCTIONS
+
+
+class Reshaped:
+    """A closed-form loss rule read through a reshape of the model output: ``L(z) =
+    ℓ(z.reshape(shape))``, so ``∇_z L`` and ``∇²_z L · ż`` are the inner rule's on the reshaped
+    tensors, reshaped back."""
+
+    def __init__(self, inner: Any, shape: tuple):
+        self.inner = inner
+        self.shape = shape
+        self.name = inner.name
+
+    def denominator(self) -> float | None:
+        return self.inner.denominator()
+
+    def evaluate(self, z: Tensor, zdot: Tensor | None, mode: str):
+        zd = None if zdot is None else zdot.reshape(zdot.shape[0], *self.shape)
+        loss, g, gd = self.inner.evaluate(z.reshape(self.shape), zd, mode)
+        if g is not None:
+            g = g.reshape(z.shape)
+        if gd is not None:
+            gd = gd.reshape(zdot.shape)
+        return loss, g, gd
+
+
+class _Record(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls: list = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.calls.append((func, args, kwargs, out))
+        return out
+
+
+#: Per loss callable (weakly): signature -> recipe, or ``None`` where it does not lower.
+_RECIPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _recipe(loss_fn: Callable, z_meta: Tensor, t_meta: Tensor):
+    """``(function, keyword arguments, output shape, target shape)`` of the built-in loss the
+    callable applies to reshapes of its two arguments, or ``None``."""
+    rec = _Record()
+    try:
+        with rec:
+            out = loss_fn(z_meta, t_meta)
+    except Exception:
+        return None
+    origin = {id(z_meta): "z", id(t_meta): "t"}
+    found = None
+    for func, args, kwargs, res in rec.calls:
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+        touched = {origin[id(a)] for a in tensors if id(a) in origin}
+        if not touched:
+            if func in _QUERIES or func in _RESHAPES:
+                continue
+            return None  # a computation on something else (a tensor the callable holds)
+        if func in _QUERIES:
+            continue
+        if func in _RESHAPES:
+            if len(touched) != 1 or not isinstance(res, Tensor):
+                return None
+            origin[id(res)] = touched.pop()
+            continue
+        if func not in _LOSSES or found is not None:
+            return None
+        try:
+            bound = inspect.signature(func).bind(*args, **kwargs)
+        except TypeError:
+            return None
+        arguments = dict(bound.arguments)
+        zi, ti = arguments.pop("input", None), arguments.pop("target", None)
+        if not isinstance(zi, Tensor) or not isinstance(ti, Tensor):
+            return None
+        if origin.get(id(zi)) != "z" or origin.get(id(ti)) != "t":
+            return None
+        if any(isinstance(v, Tensor) for v in arguments.values()):
+            return None  # a weight tensor: keep the callable
+        found = (func, arguments, tuple(zi.shape), tuple(ti.shape), res)
+    if found is None or found[4] is not out:
+        return None
+    return found[:4]
+
+
+def _meta(t: Tensor) -> Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+
+def lower(rule: Any, z: Tensor) -> Any:
+    """``rule`` (a :class:`~hessfast.losses.FuncLoss`) as a closed-form rule for a model output
+    like ``z`` (its shape and dtype are read, nothing else) where the callable is a built-in loss
+    of reshaped tensors; else ``rule`` itself. Target errors (range, dtype) raise as for the
+    built-in loss."""
+    if not isinstance(rule, losses.FuncLoss) or isinstance(rule.loss_fn, losses.RebuiltOutput):
+        return rule
+    target = rule.target
+    if not isinstance(target, Tensor) or not isinstance(z, Tensor):
+        return rule
+    key = (tuple(z.shape), z.dtype, tuple(target.shape), target.dtype)
+    try:
+        per_fn = _RECIPES.get(rule.loss_fn)
+        if per_fn is None:
+            per_fn = _RECIPES[rule.loss_fn] = {}
+    except TypeError:  # not weakly referenceable: no cache
+        per_fn = {}
+    if key not in per_fn:
+        per_fn[key] = _recipe(rule.loss_fn, _meta(z), _meta(target))
+    recipe = per_fn[key]
+    if recipe is None:
+        return rule
+    fn, arguments, z_shape, t_shape = recipe
+    inner = losses.closed_form(fn, arguments, target.reshape(t_shape), z_shape)
+    if inner is None:
+        return rule
+    return inner if z_shape == tuple(z.shape) else Reshaped(inner, z_shape)
