@@ -338,7 +338,8 @@ def test_mlp_hvp_runs_cuda_activations_and_matches_torch(gpu, monkeypatch):
     x, y = torch.randn(4, 5, device=gpu), torch.tensor([0, 2, 1, 2], device=gpu)
     v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     call = Call(aten.gelu.default, (x, "none"), (True, False), (None, None), 0)
-    assert rule_for(aten.gelu.default, call, "auto") is IMPLS[aten.gelu.default]
+    # unmeasured on GPUs (hessfast.dispatch.MEASURED): automatic dispatch keeps the torch rule
+    assert rule_for(aten.gelu.default, call, "auto").backend == "torch"
     ran = count_calls(monkeypatch, IMPLEMENTATIONS)
     hv = hessfast.hvp(model, F.cross_entropy, x, y, v, backend="cuda")
     assert dict(ran) == {

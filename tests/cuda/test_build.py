@@ -6,7 +6,8 @@
 - the built extension imports and registers every op with its schema and its CPU, CUDA, Meta and
   Autograd kernels (when ``HESSFAST_BUILD_CUDA=1``, as in CI, an unbuilt extension fails here
   instead of skipping);
-- the dispatch picks a CUDA implementation only for GPU tensors with the extension loaded:
+- the dispatch picks a CUDA implementation only for GPU tensors with the extension loaded, and
+  under ``"auto"`` only where measured (``hessfast.dispatch.MEASURED``) and self-checked:
   never for CPU tensors under ``"auto"``, a ``BackendError`` with the reasons for
   ``backend="cuda"``, and "extension not built" when it cannot be imported.
 """
@@ -184,8 +185,19 @@ def test_an_unbuilt_extension_is_reported(monkeypatch):
 
 
 @pytest.mark.parametrize("op", list(CALLS), ids=str)
-def test_gpu_tensors_dispatch_to_cuda(op, gpu):
+def test_gpu_tensors_dispatch_to_cuda_where_measured_and_checked(op, gpu, monkeypatch):
+    """Unmeasured (no committed GPU benchmark in ``hessfast.dispatch.MEASURED``): ``"auto"`` runs
+    the torch rule; listed there, the CUDA implementation after its self-check on this GPU."""
+    from hessfast import dispatch
+
+    monkeypatch.setattr(dispatch, "_VERDICTS", {})
+    monkeypatch.setattr(dispatch, "_DISTRUSTED", {})
+    monkeypatch.delenv("HESSFAST_SELFCHECK", raising=False)
     args, active = CALLS[op]
     args = tuple(a.to(gpu) if isinstance(a, torch.Tensor) else a for a in args)
-    impl = rule_for(op, Call(op, args, active, (None,) * len(args), 0), "auto")
-    assert impl.backend == "cuda"
+    call = Call(op, args, active, (None,) * len(args), 0)
+    assert rule_for(op, call, "auto") is registered_rule(op)
+    cuda = next(i for i in implementations(op) if i.backend == "cuda")
+    monkeypatch.setitem(dispatch.MEASURED, ("cuda", cuda.name), {args[0].dtype: "(test)"})
+    assert rule_for(op, call, "auto") is cuda
+    assert dispatch._VERDICTS and all(ok for ok, _ in dispatch._VERDICTS.values())

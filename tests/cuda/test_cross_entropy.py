@@ -290,7 +290,12 @@ def test_opcheck(dev):
     torch.library.opcheck(op, (z, None, target, None, IGNORE, 0.0, 1.0, False))
 
 
-def test_dispatch_picks_cuda_rows_only_on_a_gpu(gpu):
+def test_dispatch_picks_cuda_rows_on_a_gpu_only_where_measured(gpu, monkeypatch):
+    from hessfast import dispatch
+
     z, zdot, target, _ = make(2, 5, 1, seed=11)
     args = (z.float().to(gpu), zdot.float().to(gpu), target.to(gpu), None, IGNORE, 0.0, 1.0, True)
-    assert rule_for(OP, Call(OP, args, (), (), 1), "auto") is IMPL
+    call = Call(OP, args, (), (), 1)
+    assert rule_for(OP, call, "auto") is not IMPL  # no committed GPU benchmark
+    monkeypatch.setitem(dispatch.MEASURED, ("cuda", IMPL.name), {torch.float32: "(test)"})
+    assert rule_for(OP, call, "auto") is IMPL  # measured, and its self-check passed

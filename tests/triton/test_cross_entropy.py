@@ -199,3 +199,43 @@ def test_fused_head_on_the_triton_backend_matches_the_oracle(kernel_device, monk
         want = dict(zip(v, torch.autograd.grad(loss, list(model.parameters()))))
     assert rel_err(back32(g), want) < 1e-5
     assert spy.calls == 6
+
+
+def test_a_row_whose_first_tile_is_all_minus_infinity_is_finite(kernel_device):
+    """A masked vocabulary prefix (logits -inf over the whole first tile): the online softmax
+    started from max = -inf and computed exp(-inf - -inf) = NaN for the row (audit of issue 17);
+    the reference and the CUDA kernel give finite values."""
+    args, _ = make("tiles-k7-weights-smoothing")
+    z, u, y, w, ignore, _eps, scale, want_grad = args
+    z = z.clone()
+    z[0, :40] = -torch.inf  # more than the first 16-wide tile of row 0
+    z[3, :16] = -torch.inf  # exactly the first tile of row 3
+    y = y.clone()
+    y[0], y[3] = 50, 20  # targets in the live part of the rows
+    args = (z, u, y, w, ignore, 0.0, scale, want_grad)  # no smoothing: -inf logits stay finite
+    want = ce.cross_entropy_rows_ref(*args)
+    got = back(run_kernel(cast(args, torch.float32, kernel_device), {"block_v": 16}))
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_targets_out_of_range_poison_their_row_and_nothing_else(kernel_device):
+    """A target outside ``[0, V)`` (not the ignore index) is never read out of bounds: its row is
+    NaN, as in the CUDA kernel; the other rows are exact."""
+    args, blocks = make("tiles-k7-weights-smoothing")
+    z, u, y, w, ignore, eps, scale, want_grad = args
+    y = y.clone()
+    y[0], y[2] = 300, -7  # V = 300: one past the end, and negative
+    ok = [1, 3, 4]
+    got = back(run_kernel(cast((z, u, y, w, ignore, eps, scale, want_grad), torch.float32,
+                               kernel_device), blocks))  # fmt: skip
+    loss, gz, gdz = got
+    assert torch.isnan(loss[[0, 2]]).all() and torch.isnan(gz[[0, 2]]).all()
+    assert torch.isnan(gdz[:, [0, 2]]).all()
+    y_ok = y.clone()
+    y_ok[[0, 2]] = ignore  # the reference cannot take them: compare the other rows
+    want = ce.cross_entropy_rows_ref(z, u, y_ok, w, ignore, eps, scale, want_grad)
+    torch.testing.assert_close(got[0][ok], want[0][ok], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1][ok], want[1][ok], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[2][:, ok], want[2][:, ok], rtol=1e-5, atol=1e-6)
