@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check of hessfast's kernels, for a fresh GPU machine with torch already installed:
 #
+#   0. hessfast selftest, first: every Triton kernel (and the torch rules) on this GPU against the
+#      float64 torch reference, one table row per op, backend and dtype (before the build, so that
+#      a failing build still leaves the Triton verdicts); after the build, the same for the CUDA
+#      extension (selftest-cuda);
 #   1. build the CUDA extension hessfast._C against that torch (pip install -e . without build
 #      isolation, HESSFAST_BUILD_CUDA=1 so that a missing toolkit fails here);
 #   2. run the GPU tests: tests/cuda (the CUDA kernels against the float64 oracle, opcheck,
@@ -26,7 +30,9 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >"$dir/gpu.txt"
 python -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)" \
   >>"$dir/gpu.txt" 2>&1
 
+step selftest 240 python -m hessfast selftest
 step build 300 pip install -e . --no-build-isolation --no-deps -v
+step selftest-cuda 120 python -m hessfast selftest --backend cuda
 step tests-cuda 180 python -m pytest -q -p no:cacheprovider tests/cuda
 step tests-triton 240 python -m pytest -q -p no:cacheprovider tests/triton
 step bench-activation 90 python benchmarks/bench_activation.py --size large --k 8 --repeats 3 \
@@ -67,5 +73,9 @@ for fam in data["families"].values():
                 cells.append(e.get("error", row.get("error", "n/a"))[:60])
         print(f"| {row['case']} | " + " | ".join(cells) + " |")
 EOF
+echo
+echo "hessfast selftest (Triton and torch; then the CUDA extension):"
+grep -E "^\|" "$dir/selftest.log" 2>/dev/null | grep -vE "\| skip: " || echo "(no table: see $dir/selftest.log)"
+grep -E "^\|" "$dir/selftest-cuda.log" 2>/dev/null | grep -vE "\| skip: |^\| op family|^\|---" || true
 echo
 echo "logs: $dir"
