@@ -160,3 +160,34 @@ def test_model_on_the_second_gpu_runs_triton_on_it(two_gpus, monkeypatch):
     assert torch.cuda.current_device() == 0
     assert info.backends().get("triton", 0) > 0
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+
+
+def test_every_kernel_of_a_product_enters_the_tensors_device(monkeypatch):
+    """On one GPU (the next lent device): every Triton launch of a product enters
+    ``torch.cuda.device`` with the tensors' device (recorded through a wrapper of the real
+    context manager); the two-GPU test above checks the numbers on ``cuda:1``."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the Triton kernels run in the interpreter in this process")
+    real = torch.cuda.device
+    entered = []
+
+    class Recording(real):
+        def __init__(self, dev):
+            entered.append(torch.device(dev))
+            super().__init__(dev)
+
+    monkeypatch.setattr(torch.cuda, "device", Recording)
+    torch.manual_seed(0)
+    dev = torch.device("cuda", torch.cuda.current_device())
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 5)).to(dev)
+    x, y = torch.randn(6, 8, device=dev), torch.randint(0, 5, (6,), device=dev)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), device=dev)
+    hessfast.hvp(model, F.cross_entropy, x, y, v, backend="triton", compile="interpret")
+    assert entered and all(d == dev for d in entered)
+    # linear: a forward GEMM each, backward GEMMs 1 (inactive input) + 2; layer norm 2, gelu 2
+    # (and the self-checks' launches, on the same device)
+    assert len(entered) >= 9
