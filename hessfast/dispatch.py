@@ -280,7 +280,9 @@ def _dtype_name(dt: Any) -> str:
 SELFCHECK_ENV = "HESSFAST_SELFCHECK"
 SELFCHECK_CACHE_ENV = "HESSFAST_SELFCHECK_CACHE"
 
-#: Verdicts of this process: ``{key: (ok, message)}``, key = implementation, device, dtype, case.
+#: Verdicts of this process: ``{key: (ok, message)}``, key = implementation, device, dtype, case;
+#: ``ok`` is ``None`` when nothing could be checked (automatic dispatch then passes the
+#: implementation by, an explicit request runs it).
 _VERDICTS: dict[tuple, tuple[bool, str]] = {}
 #: Implementations automatic dispatch no longer chooses: ``{implementation id: why}``.
 _DISTRUSTED: dict[tuple, str] = {}
@@ -337,6 +339,8 @@ def selfcheck(impl: Any, call: Any, explicit: bool = False) -> str | None:
     ok, message = verdict
     if ok:
         return None
+    if ok is None:  # unverified (the implementation declines the problem built for the check)
+        return None if explicit else message
     if iid not in _DISTRUSTED:
         _DISTRUSTED[iid] = message
         if explicit:  # the caller raises BackendError with the message
@@ -367,6 +371,8 @@ def _check(impl: Any, call: Any, dev: torch.device, dt: torch.dtype, key: tuple)
         return False, f"the self-check raised {type(e).__name__}: {e}"[:400]
     msg = verdict.describe()
     log.debug("hessfast: self-check of %s [%s] on %s %s: %s", impl.name, impl.backend, dev, dt, msg)
+    if verdict.declined:
+        return None, f"not self-checked: it {msg}"
     if verdict.ok and disk is not None:
         _write_cache(disk)
     return verdict.ok, msg

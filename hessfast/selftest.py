@@ -589,6 +589,7 @@ class Verdict:
     torch_seconds: float | None = None
     error: str | None = None
     details: dict = field(default_factory=dict)
+    declined: bool = False  # the implementation declines the problem: nothing was checked
 
     def describe(self) -> str:
         if self.ok:
@@ -637,7 +638,9 @@ def compare(
             why = list(impl.not_supported_reasons(call)) if call is not None else []
             if why:
                 return Verdict(
-                    False, error=f"declines its own self-check problem ({'; '.join(why)})"
+                    False,
+                    error=f"declines its own self-check problem ({'; '.join(why)})",
+                    declined=True,
                 )
     except Exception as e:  # noqa: BLE001 - a broken case maker is a failed check, in words
         return Verdict(False, error=f"could not build the problem ({type(e).__name__}: {e})")
@@ -740,7 +743,9 @@ def check_call(impl: Any, call: Call, device: torch.device, dtype: torch.dtype) 
     """The self-check of ``impl`` for a call like ``call`` (see :mod:`hessfast.dispatch`)."""
     case = case_for_call(call.op if call.op is not None else impl.ops[0], call)
     if case is None:
-        return Verdict(False, error=f"no small self-check problem can be built for {call.op}")
+        return Verdict(
+            False, error=f"no small self-check problem can be built for {call.op}", declined=True
+        )
     with real_tensors():
         return compare(impl, case, dtype, device)
 
@@ -867,6 +872,8 @@ def selftest(
                         )
                         if why is None:
                             row.verdict = compare(impl, case, dt, dev, timing=True)
+                            if row.verdict.declined:
+                                row.verdict, row.skipped = None, row.verdict.error
                         rows.append(row)
     if stream:
         print(format_table(rows), file=stream)

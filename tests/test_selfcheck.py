@@ -130,6 +130,23 @@ def test_the_check_compares_every_mode_at_the_declared_tolerance():
     assert args[0].numel() % 1024 and selftest.K > 1
 
 
+def test_an_implementation_that_declines_its_check_problem_is_unverified(fresh):
+    """Nothing could be checked: automatic dispatch passes it by (silently), an explicit request
+    runs it."""
+
+    class Picky(Fake):
+        def not_supported_reasons(self, call):
+            return ["more than 1000 elements"] if call.args[0].numel() > 1000 else []
+
+    picky = Picky("cuda")
+    fresh(picky)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert B.choose(TANH, [picky, _ref()], _call(), "auto") is _ref()
+        assert B.choose(TANH, [picky, _ref()], _call(), "cuda") is picky
+    assert "not self-checked" in next(iter(B._VERDICTS.values()))[1]
+
+
 def test_an_explicit_request_runs_the_check_and_raises(fresh):
     bad = Fake("triton", wrong=1e-3)
     fresh(bad)
