@@ -199,6 +199,7 @@ _COMPILE_SM90 = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a fresh process compiling for sm_90: tens of seconds
 def test_kernels_compile_for_hopper():
     compile_for_gpu_in_subprocess(_COMPILE_SM90)
 
