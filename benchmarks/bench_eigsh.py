@@ -715,6 +715,356 @@ def render_overhead(res: dict) -> str:
     )
 
 
+# ------------------------------------------------------------------------------------ race
+#
+# ``--race``: hessfast.eigsh against SciPy's ARPACK on ``H.to_scipy()`` of the *same* hessfast
+# operator (and the peers that are installed), float64 models, the top 10 against a reference
+# computed once (ARPACK, tol 1e-12, same operator). Every timed solve starts from a fresh operator
+# whose product widths (1, 2, 8) were traced beforehand (hessfast traces a width on its second
+# product; the one-time costs are reported apart); methods run in interleaved rounds and the
+# median wall time is reported. ``--density`` adds the spectral-density race.
+
+
+def _untuned_vgg(size, device, batch_size, seed):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from untuned_models import vgg_bn
+
+    model, lf, inputs, y = vgg_bn(seed=seed)
+    return model.to(device), lf, tuple(t.to(device) for t in inputs), y.to(device)
+
+
+RACE_PROBLEMS = {
+    "cnn": (bench_models.resnet18, "tiny", 8, "ResNet-18 layout, width 8, 32x32, eval BN"),
+    "mlp": (bench_models.mlp, "small", 128, "MLP 784-256-256-10, GELU"),
+    "vgg": (_untuned_vgg, None, 16, "untuned: VGG-style CNN with BatchNorm (eval), max pool"),
+}
+RACE_METHODS = ("hessfast", "hessfast-b1", "hessfast-b8", "arpack", "arpack-1e-3", "pyhessian")
+RACE_LABELS = {
+    "hessfast": "hessfast.eigsh, block_size=None (measured), tol 1e-6",
+    "hessfast-b1": "hessfast.eigsh, block_size=1, tol 1e-6",
+    "hessfast-b8": "hessfast.eigsh, block_size=8, tol 1e-6",
+    "arpack": "SciPy eigsh (ARPACK) on H.to_scipy(), tol 1e-6",
+    "arpack-1e-3": "SciPy eigsh (ARPACK) on H.to_scipy(), tol 1e-3",
+    "pyhessian": "PyHessian (power iteration + deflation), maxIter 100, tol 1e-3",
+    "curvlinops": "curvlinops + SciPy eigsh",
+    "eigenthings": "hessian-eigenthings Lanczos",
+}
+
+
+def _race_problem(key, dev):
+    builder, size, batch, desc = RACE_PROBLEMS[key]
+    model, _, inputs, y = builder(size=size, device=dev, batch_size=batch, seed=0)
+    model = model.to(torch.float64).eval()
+    x = inputs[0]
+    x = x.to(torch.float64) if x.is_floating_point() else x
+    return model, x, y, desc
+
+
+def _race_operator(model, x, y):
+    return hessfast.HessianOperator(model, F.cross_entropy, (x, y))
+
+
+def _race_run(key, model, x, y, dev, v0):
+    """One timed solve: ``(sorted eigenvalues, products, wall, seconds in products, note)``."""
+    from scipy.sparse.linalg import eigsh as arpack
+
+    clock = Clock(dev)
+    t0 = clock.now()
+    if key.startswith("hessfast"):
+        b = {"hessfast": None, "hessfast-b1": 1, "hessfast-b8": 8}[key]
+        H = _race_operator(model, x, y)
+        ev, _, info = hessfast.eigsh(
+            H, k=K, which="LA", tol=1e-6, block_size=b, return_info=True, warn=False
+        )
+        wall = clock.now() - t0
+        ch = info.block_choice
+        note = f"b={info.block_size}, {info.iterations} steps, {info.restarts} restarts"
+        if ch.get("how") == "measured":
+            curve = ", ".join(f"t({c})={v * 1e3:.0f} ms" for c, v in ch["curve"].items())
+            note += f"; measured {curve}"
+        note += "" if info.converged else ", **not converged**"
+        vals = sorted((float(v) for v in ev), reverse=True)
+        extra = {
+            "block_size": info.block_size,
+            "block_choice": ch,
+            "seconds_total": info.seconds_total,
+        }
+        return vals, info.products, wall, info.seconds_in_products, note, extra
+    if key.startswith("arpack"):
+        tol = 1e-6 if key == "arpack" else 1e-3
+        H = _race_operator(model, x, y)
+        H.matmat = clock.wrap(H.matmat, lambda V: V.shape[1])
+        ev, _ = arpack(H.to_scipy(), k=K, which="LA", tol=tol, v0=v0)
+        wall = clock.now() - t0
+        vals = sorted((float(v) for v in ev), reverse=True)
+        return vals, clock.products, wall, clock.seconds, f"tol={tol:g}, ncv default (2k+1)", {}
+    if key == "pyhessian":
+        import pyhessian  # noqa: F401
+
+        mod = sys.modules["pyhessian.hessian"]
+        orig = mod.hessian_vector_product
+        mod.hessian_vector_product = clock.wrap(orig)
+        try:
+            torch.manual_seed(0)
+            hc = mod.hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=dev.type == "cuda")
+            ev, _ = hc.eigenvalues(maxIter=100, tol=1e-3, top_n=K)
+        finally:
+            mod.hessian_vector_product = orig
+            _clear_grads(model)
+        wall = clock.now() - t0
+        neg = sum(1 for e in ev if e < 0)
+        note = "finds the largest |λ|" + (f"; {neg} of its values negative" if neg else "")
+        return sorted(ev, reverse=True), clock.products, wall, clock.seconds, note, {}
+    raise KeyError(key)
+
+
+def run_race(args, dev) -> dict:
+    from scipy.sparse.linalg import eigsh as arpack
+
+    log = print if args.verbose else (lambda *a, **k: None)
+    out = {"problems": []}
+    for pkey in args.race_problems.split(","):
+        model, x, y, desc = _race_problem(pkey, dev)
+        P = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        v0 = np.random.default_rng(0).standard_normal(P)
+        # one-time costs: capture and the traces of widths 1, 2 (the symmetry probe) and 8
+        H = _race_operator(model, x, y)
+        warm = {}
+        for K_ in (1, 2, 8):
+            V = torch.randn(P, K_, dtype=torch.float64, device=dev)
+            times = []
+            for _ in range(3):
+                t = time.perf_counter()
+                H.matmat(V)
+                times.append(time.perf_counter() - t)
+            warm[K_] = times
+        t = time.perf_counter()
+        ref_ev = arpack(H.to_scipy(), k=K, which="LA", tol=1e-12, v0=v0)[0]
+        ref = sorted((float(v) for v in ref_ev), reverse=True)
+        ref_s = time.perf_counter() - t
+        log(f"{pkey}: P={P:,}, reference {ref_s:.1f} s; warm-up {warm}", file=sys.stderr)
+        methods = [m for m in RACE_METHODS if m not in args.skip]
+        runs: dict[str, list] = {m: [] for m in methods}
+        for r in range(args.race_rounds):
+            for m in methods:
+                if m == "pyhessian" and r > 0:
+                    continue  # one PyHessian solve: it is slow and never the contender
+                try:
+                    res = _race_run(m, model, x, y, dev, v0)
+                except ImportError as e:
+                    runs[m].append(("failed", _error(e)))
+                    continue
+                runs[m].append(res)
+                log(f"  {m}: {res[1]} products, {res[2]:.2f} s", file=sys.stderr)
+        rows = []
+        for m in methods:
+            ok = [r for r in runs[m] if r[0] != "failed"]
+            if not ok:
+                rows.append(
+                    {
+                        "method": m,
+                        "label": RACE_LABELS[m],
+                        "status": "failed",
+                        "error": runs[m][0][1] if runs[m] else "not run",
+                    }
+                )
+                continue
+            walls = [r[2] for r in ok]
+            med = ok[int(np.argsort(walls)[len(walls) // 2])]
+            vals, prods, wall, inprod, note, extra = med
+            errs = [abs(a - b) / abs(b) for a, b in zip(vals, ref)]
+            rows.append(
+                {
+                    "method": m,
+                    "label": RACE_LABELS[m],
+                    "status": "ok",
+                    "products": prods,
+                    "wall_s": wall,
+                    "walls": walls,
+                    "seconds_in_products": inprod,
+                    "max_rel_error": max(errs),
+                    "within_1e-6": sum(e <= 1e-6 for e in errs),
+                    "note": note,
+                    **{k: v for k, v in extra.items() if k != "seconds_total"},
+                }
+            )
+        for peer in ("curvlinops", "eigenthings"):
+            mod = "curvlinops" if peer == "curvlinops" else "hessian_eigenthings"
+            try:
+                __import__(mod)
+            except ImportError:
+                rows.append(
+                    {
+                        "method": peer,
+                        "label": RACE_LABELS[peer],
+                        "status": "skipped",
+                        "error": f"{mod} is not installed",
+                    }
+                )
+        base = next(
+            (r["wall_s"] for r in rows if r["method"] == "arpack" and r["status"] == "ok"), None
+        )
+        for r in rows:
+            if base and r.get("wall_s"):
+                r["vs_arpack"] = r["wall_s"] / base
+        out["problems"].append(
+            {
+                "name": pkey,
+                "description": desc,
+                "parameters": P,
+                "batch": int(y.shape[0]),
+                "reference": {
+                    "eigenvalues": ref,
+                    "seconds": ref_s,
+                    "how": "ARPACK k=10, which=LA, tol=1e-12 on the same float64 operator",
+                },
+                "warmup_seconds": warm,
+                "rows": rows,
+            }
+        )
+    if args.density:
+        out["density"] = run_density_race(args, dev)
+    return out
+
+
+def _density_model(dev):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(24, 48), nn.Tanh(), nn.Linear(48, 48), nn.Tanh(), nn.Linear(48, 6)
+    ).to(dev, torch.float64)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 24, generator=g, dtype=torch.float64).to(dev)
+    y = torch.randint(0, 6, (256,), generator=g).to(dev)
+    return model, x, y
+
+
+def run_density_race(args, dev) -> dict:
+    """SLQ (``spectral_density`` at its defaults) against the density of the exact eigenvalues
+    (dense Hessian from P unit-vector products in blocks of 256, ``eigvalsh``), both broadened by
+    the same Gaussian on the same grid; error: L1 distance of the two densities."""
+    from hessfast.algorithms.slq import _gaussians
+
+    model, x, y = _density_model(dev)
+    P = sum(p.numel() for p in model.parameters())
+    H = _race_operator(model, x, y)
+    for K_ in (2, 16, 256):  # traces: symmetry probe, SLQ probes, dense blocks
+        for _ in range(2):
+            H.matmat(torch.randn(P, K_, dtype=torch.float64, device=dev))
+    rows = {"slq": [], "dense": []}
+    dens = {}
+    for _ in range(args.race_rounds):
+        t = time.perf_counter()
+        Hs = _race_operator(model, x, y)
+        d = hessfast.spectral_density(Hs)
+        rows["slq"].append(time.perf_counter() - t)
+        dens["slq"] = d
+        t = time.perf_counter()
+        Hd = _race_operator(model, x, y)
+        cols = []
+        for a in range(0, P, 256):
+            E = torch.zeros(P, min(256, P - a), dtype=torch.float64, device=dev)
+            E[a + torch.arange(E.shape[1]), torch.arange(E.shape[1])] = 1
+            cols.append(Hd.matmat(E))
+        M = torch.cat(cols, 1)
+        lam = torch.linalg.eigvalsh((M + M.T) / 2).cpu().numpy()
+        rows["dense"].append(time.perf_counter() - t)
+        dens["dense"] = lam
+    d, lam = dens["slq"], dens["dense"]
+    grid = d.grid
+    exact = _gaussians(grid, lam, np.full(lam.size, 1.0 / lam.size), d.sigma)
+    exact = exact / np.trapezoid(exact, grid)
+    l1 = float(np.trapezoid(np.abs(d.values - exact), grid))
+    top_err = abs(d.lambda_max - lam.max()) / abs(lam.max())
+    slq_s, dense_s = statistics.median(rows["slq"]), statistics.median(rows["dense"])
+    return {
+        "model": "MLP 24-48-48-6, tanh, batch 256, float64",
+        "parameters": P,
+        "slq": {
+            "settings": "spectral_density defaults: 16 probes x 80 steps",
+            "wall_s": slq_s,
+            "walls": rows["slq"],
+            "products": 16 * 80,
+        },
+        "dense": {"wall_s": dense_s, "walls": rows["dense"], "products": P},
+        "ratio": slq_s / dense_s,
+        "l1_distance": l1,
+        "lambda_max_rel_error": top_err,
+        "sigma": d.sigma,
+    }
+
+
+def render_race(res: dict) -> str:
+    p = res["provenance"]
+    out = [
+        f"# hessfast.eigsh race: top-{K} Hessian eigenvalues, {p['device']} ({p['date']})",
+        "",
+        f"Command: `{p['command']}`",
+        "",
+        f"Machine: {p['device']} ({p['device_type']}, {p['cpu_threads']} torch threads), "
+        f"load average {_load(p['load_average'])} at the start, "
+        f"{_load(res.get('load_average_end'))} at the end. hessfast {p['hessfast']} (commit "
+        f"{p['commit']}), torch {p['torch']}, Python {p['python']}, SciPy {p['scipy']}, NumPy "
+        f"{p['numpy']}, PyHessian {p['peers'].get('pyhessian')}, curvlinops "
+        f"{p['peers'].get('curvlinops')}, hessian-eigenthings "
+        f"{p['peers'].get('hessian_eigenthings')}; float64 models and products.",
+        "",
+        "<!-- reading -->",
+    ]
+    for pr in res["problems"]:
+        w = pr["warmup_seconds"]
+        out += [
+            "",
+            f"## {pr['name']}: {pr['description']}, batch {pr['batch']}, P = {pr['parameters']:,}",
+            "",
+            f"Reference: {pr['reference']['how']} ({pr['reference']['seconds']:.1f} s); top "
+            f"{pr['reference']['eigenvalues'][0]:.6g}, 10th {pr['reference']['eigenvalues'][-1]:.6g}. "
+            "One-time costs before the race (first / second / third product of each width: "
+            "capture, trace, traced): "
+            + "; ".join(f"K={k_}: " + " / ".join(f"{t:.2f} s" for t in v) for k_, v in w.items())
+            + ".",
+            "",
+            "| method | products | wall (median) | in products | vs ARPACK tol 1e-6 | max rel. "
+            "error | within 1e-6 | notes |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in pr["rows"]:
+            if r["status"] != "ok":
+                out.append(f"| {r['label']} | — | — | — | — | {r['status']}: {r['error']} | — | |")
+                continue
+            vs = f"{r['vs_arpack']:.2f}×" if r.get("vs_arpack") else "—"
+            note = r["note"].replace("|", "\\|")
+            out.append(
+                f"| {r['label']} | {r['products']} | {_s(r['wall_s'])} | "
+                f"{_s(r['seconds_in_products'])} | {vs} | {r['max_rel_error']:.1e} | "
+                f"{r['within_1e-6']}/10 | {note} |"
+            )
+    d = res.get("density")
+    if d:
+        out += [
+            "",
+            f"## spectral density: {d['model']}, P = {d['parameters']:,}",
+            "",
+            "| method | products | wall (median) | vs dense | L1 distance to the exact density "
+            "| λ_max rel. error |",
+            "|---|---|---|---|---|---|",
+            f"| hessfast.spectral_density ({d['slq']['settings']}) | {d['slq']['products']} | "
+            f"{_s(d['slq']['wall_s'])} | {d['ratio']:.2f}× | {d['l1_distance']:.3f} | "
+            f"{d['lambda_max_rel_error']:.1e} |",
+            f"| dense Hessian (P products, 256 a call) + eigvalsh | {d['dense']['products']} | "
+            f"{_s(d['dense']['wall_s'])} | 1× | 0 | 0 |",
+            "",
+            f"Both densities broadened by the same Gaussian (σ = {d['sigma']:.3g}, SLQ's default) "
+            "on SLQ's grid.",
+        ]
+    out += [
+        "",
+        "Wall: one solve from a fresh operator, its construction and checks (symmetry probe, "
+        "hessfast's block-size measurement) included; median of the interleaved rounds "
+        "(PyHessian: one round). Errors: |λ_i − λ_i^ref| / |λ_i^ref|, sorted descending.",
+    ]
+    return "\n".join(out) + "\n"
+
+
 # ------------------------------------------------------------------------------------- CLI
 
 
@@ -760,9 +1110,22 @@ def main(argv=None) -> int:
     p.add_argument("--overhead-batch", type=int, default=256)
     p.add_argument("--overhead-block", type=int, default=8)
     p.add_argument("--overhead-steps", type=int, default=60)
+    p.add_argument(
+        "--overhead-blocks",
+        default="8",
+        help="comma-separated block sizes for --overhead ('auto' for block_size=None)",
+    )
+    p.add_argument(
+        "--race",
+        action="store_true",
+        help="instead: hessfast.eigsh against ARPACK on H.to_scipy() and the installed peers",
+    )
+    p.add_argument("--race-problems", default="cnn,mlp,vgg")
+    p.add_argument("--race-rounds", type=int, default=3)
+    p.add_argument("--density", action="store_true", help="--race: add the spectral-density race")
     args = p.parse_args(argv)
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    unknown = args.skip - set(METHODS) - {"reference"}
+    unknown = args.skip - set(METHODS) - set(RACE_METHODS) - {"reference"}
     if unknown:
         p.error(f"--skip: unknown method(s) {', '.join(sorted(unknown))}")
     args.extra = {s.strip() for s in args.extra.split(",") if s.strip()}
@@ -773,7 +1136,12 @@ def main(argv=None) -> int:
     dev = resolve_device(args.device)
     with threads(args.threads), tf32(False):
         prov = _provenance(dev, args)
-        if args.overhead:
+        if args.race:
+            res = run_race(args, dev)
+            res["provenance"] = prov
+            res["load_average_end"] = list(os.getloadavg())
+            text = render_race(res)
+        elif args.overhead:
             res = run_overhead(args, dev)
             res["provenance"] = prov
             text = render_overhead(res)

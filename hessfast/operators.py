@@ -380,7 +380,13 @@ class _ModelOperator(CurvatureOperator):
     def _vectors(self, V: Tensor) -> Vectors:
         if V.dim() != 2 or V.shape[0] != self.shape[0]:
             raise ValueError(f"V must be [P, K] with P={self.shape[0]}, got {list(V.shape)}")
-        return parse(V.T, self.selected)
+        Vt = V.T
+        if Vt.stride() != (Vt.shape[1], 1):
+            # one canonical layout of the K tangent rows: the traced product is specialised on
+            # strides, and a [P, 1] column (strides (1, 1) once transposed, as SciPy's vectors
+            # come) traced a second, slower graph (measured 1.7x on a small ResNet)
+            Vt = torch.empty(Vt.shape, dtype=V.dtype, device=V.device).copy_(Vt)
+        return parse(Vt, self.selected)
 
     def _weighs_batches(self) -> bool:
         """Whether batches may be more than one, so that their weights matter."""
