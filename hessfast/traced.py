@@ -386,6 +386,11 @@ def _first_call(trace, flat, program, param_names, values, tangents, k, loss_rul
     return ref
 
 
+def traces(program: Program) -> list[Trace]:
+    """The traces cached for ``program``, least recently used first (benchmarks replay them)."""
+    return [t for t in _traces(program).values() if isinstance(t, Trace)]
+
+
 def explain(program: Program) -> list[dict]:
     """Every trace cached for ``program``: mode, K, nodes, trace and compile seconds, calls, and
     why a signature runs the interpreter (``reason``)."""
