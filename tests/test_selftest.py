@@ -25,6 +25,8 @@ def _impl(case, backend):
 
 
 def _assert(verdict, what):
+    if verdict.declined:  # e.g. gelu(tanh) where an implementation takes only the erf form
+        pytest.skip(f"{what}: {verdict.describe()}")
     assert verdict.ok, f"{what}: {verdict.describe()}"
 
 
