@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hessfast.bench_models import Block
+from hessfast.zoo import Block
 
 
 class TiedGPT(nn.Module):
