@@ -400,3 +400,22 @@ def test_selftest_cli_exit_codes(capsys, monkeypatch):
     assert main([*argv, "--family", "activation"]) == 1
     assert "FAIL" in capsys.readouterr().out
     assert main([*argv, "--family", "nope"]) == 2
+
+
+def test_the_autograd_fallback_reports_itself():
+    class Dynamic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: export cannot capture it
+                return self.lin(x)
+            return -self.lin(x)
+
+    model = Dynamic()
+    x, y = torch.rand(4, 3), torch.tensor([0, 1, 1, 0])
+    v = torch.randn(8)
+    with pytest.warns(UserWarning, match="could not capture"):
+        _, info = hessfast.hvp(model, F.cross_entropy, x, y, v, return_info=True)
+    assert info.path == "autograd" and info.implementations == {} and info.fallback_ops == {}
