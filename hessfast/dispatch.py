@@ -9,7 +9,8 @@ takes, its tolerance per dtype, and why it declines an input
 Dispatch happens per call (per node of the captured graph, per product):
 
 - ``"auto"`` (the default): the first implementation in the order cuda → triton → torch that
-  accepts the inputs runs; a declining accelerated implementation falls back silently. The Triton
+  accepts the inputs and is trusted (below) runs; a declining accelerated implementation falls
+  back silently. The Triton
   interpreter is never chosen automatically (it is a testing tool, thousands of times slower than
   plain torch on CPU).
 - an explicit backend (``backend=`` on the API and the operators, :func:`use_backend`, or the
@@ -31,6 +32,11 @@ Automatic dispatch trusts an accelerated implementation only when measured and c
   implementation and the error, and automatic dispatch never chooses that implementation again in
   the process. An explicit backend request runs the same check and raises :class:`BackendError`
   when it fails. ``HESSFAST_SELFCHECK=0`` turns the checks off.
+
+Accelerated implementations also decline devices they were not built or written for
+(``device_reasons``, queried on first use): the CUDA extension a GPU outside its built architecture
+list or a ROCm build of torch; the Triton kernels NVIDIA GPUs older than sm_80, and float32
+attention on ROCm (3×TF32 products).
 
 Which implementations ran: :func:`recording` counts the choices of the products run inside it
 (``return_info=True`` on :func:`hessfast.hvp`, :func:`~hessfast.ggn_vp`, :func:`~hessfast.grad`
