@@ -123,7 +123,7 @@ def _compute_on(
     if profiler is not None:  # the per-rule view needs the interpreter
         return engine.run(prog, names, values, tangents, k, rule, mode, profiler=profiler), None
     res = traced.run(prog, names, values, tangents, k, rule, mode, compile)
-    return res, _last_trace(prog, compile)
+    return res, res.trace
 
 
 class _Whole:
@@ -133,16 +133,6 @@ class _Whole:
 
     def __init__(self, loss, grads, products):
         self.loss, self.grads, self.products = loss, grads, products
-
-
-def _last_trace(prog, compile) -> Any:
-    """The trace the product just used or made (the trace cache keeps the most recently used one
-    last), or ``None`` when it was interpreted."""
-    if compile == "interpret":
-        return None
-    cache = prog.__dict__.get("_traces") or {}
-    last = next(reversed(cache.values()), None) if cache else None
-    return last if isinstance(last, traced.Trace) else None
 
 
 def _finite(kind: str, values: dict[str, torch.Tensor], check: bool) -> None:

@@ -505,12 +505,13 @@ def product_info(
 ) -> ProductInfo:
     """The :class:`ProductInfo` of one product from its :func:`recording`. ``trace``: the traced
     product it replayed or traced (``None``: interpreted): the choices of its tracing are kept on
-    it (attribute ``dispatch_choices``) and reported for its replays, which dispatch nothing."""
+    it (:attr:`hessfast.traced.Trace.dispatch_choices`) and reported for its replays, which
+    dispatch nothing."""
     if trace is not None and rec.traced:
         trace.dispatch_choices = Counter(rec.traced)
     if rec.eager:
         counts, path = rec.eager, "interpreted"
-    elif trace is not None and getattr(trace, "dispatch_choices", None) is not None:
+    elif trace is not None and trace.dispatch_choices is not None:
         counts, path = trace.dispatch_choices, "traced"
     else:
         counts, path = rec.traced, "traced"

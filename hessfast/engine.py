@@ -51,6 +51,7 @@ class Result:
     grads: dict[str, torch.Tensor] | None
     products: dict[str, torch.Tensor] | None
     fallback_ops: Counter
+    trace: Any = None  # the traced product that ran or was traced (hessfast.traced.Trace)
 
 
 def _accumulate(store: dict, key: str, g: Any, gd: Any) -> None:

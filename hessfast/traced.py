@@ -91,6 +91,7 @@ class Trace:
     trace_seconds: float = 0.0
     compile_seconds: float | None = None  # first call of a compiled graph (None: not compiled)
     calls: int = 0
+    dispatch_choices: Counter | None = None  # implementations chosen while tracing (dispatch)
 
 
 def _meta(x: Any) -> Any:
@@ -331,7 +332,9 @@ def run(
                 f"compile={compile!r} needs a traced product, and this one cannot be traced "
                 f"({trace.reason}); use compile=None (which interprets it) instead"
             )
-        return engine.run(program, param_names, values, tangents, k, loss_rule, mode)
+        res = engine.run(program, param_names, values, tangents, k, loss_rule, mode)
+        res.trace = trace
+        return res
     leaves, _, tensor_idx = loss_parts
     flat = [x for x in values.values() if isinstance(x, torch.Tensor)]
     if tangents is not None:
@@ -339,10 +342,12 @@ def run(
     flat += [leaves[i] for i in tensor_idx]
     if trace.calls == 0:
         args = (program, param_names, values, tangents, k, loss_rule, mode, compile)
-        return _first_call(trace, flat, *args)
+        res = _first_call(trace, flat, *args)
+        res.trace = trace
+        return res
     trace.calls += 1
     loss, grads, prods = pytree.tree_unflatten(list(trace.fn(*flat)), trace.out_spec)
-    return engine.Result(loss, grads, prods, Counter(trace.fallback_ops))
+    return engine.Result(loss, grads, prods, Counter(trace.fallback_ops), trace)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
