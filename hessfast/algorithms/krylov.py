@@ -146,6 +146,14 @@ def rademacher(n: int, generator: torch.Generator) -> Tensor:
     return torch.randint(0, 2, (n,), generator=generator, dtype=torch.int8).double() * 2 - 1
 
 
+def unwrap(op):
+    """The operator inside any :class:`Products` wrappers (a wrapped hessfast operator is still
+    probed and measured as one)."""
+    while isinstance(op, Products):
+        op = op.op
+    return op
+
+
 def run_symmetry_check(op, products: Products, seed: int = 0, check: bool | None = True) -> None:
     """``op.check_symmetric()`` where the operator's class defines its own; otherwise the probe of
     :meth:`hessfast.operators.CurvatureOperator.check_symmetric` through ``products``.
@@ -156,6 +164,7 @@ def run_symmetry_check(op, products: Products, seed: int = 0, check: bool | None
     ``True``: two probe pairs on any operator; ``False``: nothing."""
     from ..operators import CurvatureOperator, is_model_operator
 
+    op = unwrap(op)
     if check is False or (check is None and not is_model_operator(op)):
         return
     probes = 1 if check is None else 2
@@ -248,7 +257,10 @@ class Products:
       halved automatically on CUDA out-of-memory).
 
     Counters: ``products`` (columns), ``calls``, ``seconds`` (inside ``matmat``), ``timings``
-    (``(K, seconds)`` per call) and ``symmetry`` (``None``, ``"passed"``, ``"failed"``).
+    (``(K, seconds)`` per call) and ``symmetry`` (``None``, ``"passed"``, ``"failed"``);
+    ``on_call(products)``, if given, runs after every call (a progress bar's product count).
+    Wrapping an operator in ``Products`` to count what an algorithm spends changes nothing else:
+    the algorithms probe and measure the operator inside.
 
     >>> import torch, hessfast
     >>> pr = Products(hessfast.DenseOperator(torch.eye(4)), max_columns=3)
@@ -262,8 +274,10 @@ class Products:
         max_columns: int | None = None,
         dtype: torch.dtype | None = None,
         device: Any = None,
+        on_call: Any = None,
     ):
         self.P = check_operator(op)
+        self.on_call = on_call
         self.op = op
         self.shape = (self.P, self.P)
         self.dtype = op.dtype
@@ -294,6 +308,8 @@ class Products:
         self.timings.append((K, dt))
         self.calls += 1
         self.products += K
+        if self.on_call is not None:
+            self.on_call(self)
         if not isinstance(Y, torch.Tensor) or tuple(Y.shape) != tuple(X.shape):
             got = tuple(Y.shape) if isinstance(Y, torch.Tensor) else type(Y).__name__
             raise ValueError(
