@@ -8,7 +8,11 @@
 torch.Size([67])
 """
 
-from . import selftest  # a callable module: hessfast.selftest() runs selftest.selftest()
+from . import (
+    landscape,  # a callable module: hessfast.landscape() runs landscape.landscape()
+    penalties,
+    selftest,  # a callable module: hessfast.selftest() runs selftest.selftest()
+)
 from .algorithms import (
     condition_number,
     eigsh,
@@ -28,6 +32,7 @@ from .errors import (
     NonFiniteError,
     UnsupportedOpError,
 )
+from .landscape import Landscape
 from .monitor import HessianMonitor
 from .operators import CurvatureOperator, DenseOperator, GGNOperator, HessianOperator
 
@@ -53,6 +58,9 @@ __all__ = [
     "layerwise",
     "newton_step",
     "HessianMonitor",
+    "landscape",
+    "Landscape",
+    "penalties",
     "HessfastError",
     "CaptureError",
     "DropoutError",
