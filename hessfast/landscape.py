@@ -365,7 +365,15 @@ class Landscape:
                     xytext=(0, 0),
                     arrowprops={"arrowstyle": "->", "color": "C3" if i == 1 else "C1", "lw": 1.5},
                 )
-                ax.text(u[0], u[1], f" λ = {evals[i]:.4g}", color="w", fontsize=8)
+                ax.text(
+                    0.6 * u[0],
+                    0.6 * u[1],
+                    f"λ = {evals[i]:.4g}",
+                    fontsize=8,
+                    ha="center",
+                    va="bottom",
+                    bbox={"boxstyle": "round", "fc": "w", "alpha": 0.75, "lw": 0},
+                )
             ax.plot([0], [0], marker="+", color="w", ms=10)
             ax.set_xlabel(names[0])
             ax.set_ylabel(names[1])
@@ -374,7 +382,7 @@ class Landscape:
         )
         title += " direction" + ("s" if self.ndim == 2 else "")
         if self.ndim == 2:
-            title += " (dashed: quadratic model; arrows: eigen-directions of DᵀHD)"
+            title += "\n(dashed: quadratic model; arrows: eigen-directions of DᵀHD)"
         ax.set_title(title, fontsize=9)
         fig.tight_layout()
         fig.savefig(path)
