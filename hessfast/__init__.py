@@ -12,6 +12,7 @@ from . import (
     landscape,  # a callable module: hessfast.landscape() runs landscape.landscape()
     penalties,
     selftest,  # a callable module: hessfast.selftest() runs selftest.selftest()
+    sharpness,  # a callable module: hessfast.sharpness() runs sharpness.sharpness()
 )
 from .algorithms import (
     condition_number,
@@ -35,6 +36,7 @@ from .errors import (
 from .landscape import Landscape
 from .monitor import HessianMonitor
 from .operators import CurvatureOperator, DenseOperator, GGNOperator, HessianOperator
+from .sharpness import Sharpness
 
 __version__ = "0.1.0"
 
@@ -61,6 +63,8 @@ __all__ = [
     "landscape",
     "Landscape",
     "penalties",
+    "sharpness",
+    "Sharpness",
     "HessfastError",
     "CaptureError",
     "DropoutError",
