@@ -29,10 +29,10 @@ Three ways to compute ``vᵀ H v`` and its gradient (``method=``):
 ``"fd"`` and ``u^{1/4}`` for ``"fd2"`` (the step sizes that balance truncation and rounding).
 
 Measured (``examples/flat_minima.py --bench``: a 784-128-128-10 GELU MLP, 118 k parameters,
-batch 256, float32, one thread on a shared 2-core CPU, median of 7 interleaved rounds): a training
-step's forward and backward of the loss alone 6.4 ms; with the penalty (one probe) ``"autograd"``
-38.5 ms (6.0×), ``"fd"`` 42.5 ms (6.7×), ``"fd2"`` 26.3 ms (4.1×); four probes: ``"autograd"``
-17×, ``"fd2"`` 12×. Error against the float64 ``"autograd"`` value of the same probe: ``"autograd"``
+batch 256, float32, one thread on a shared, loaded 2-core CPU, median of 7 interleaved rounds; two
+runs, the plain step taking 6.4 ms and 2.5 ms): a training step with the penalty (one probe)
+against the loss's own forward and backward: ``"autograd"`` 6.0× / 9.9×, ``"fd"`` 6.7× / 11.0×,
+``"fd2"`` 4.1× / 7.3×; four probes: ``"autograd"`` 17× / 29×, ``"fd2"`` 12× / 21×. Error against the float64 ``"autograd"`` value of the same probe: ``"autograd"``
 8e-7 (value) and 6e-7 (gradient, relative norm), ``"fd"`` 6e-6 and 5e-5, ``"fd2"`` 0.10 and
 1.5e-3 (float32 round-off in ``L/ε²``). The default is therefore ``"autograd"``: exact, no step
 size, and the fastest of the two accurate forms here. Use ``"fd"`` for BatchNorm (torch's
@@ -232,7 +232,7 @@ def hessian_trace(
         output: which entry of a container output the loss reads (as in :func:`hessfast.hvp`).
 
     Cost per training step with one probe (module docstring, measured on a 118 k-parameter MLP):
-    ``"autograd"`` 6.0× the loss's own forward and backward, ``"fd"`` 6.7×, ``"fd2"`` 4.1×.
+    ``"autograd"`` 6–10× the loss's own forward and backward, ``"fd"`` 7–11×, ``"fd2"`` 4–7×.
 
     >>> import torch, torch.nn.functional as F
     >>> from hessfast.penalties import hessian_trace
