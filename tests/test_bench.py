@@ -1,5 +1,6 @@
 """``hessfast bench``: the CPU smoke run of every built-in model (CI runs it), user models, and
-failures reported rather than dropped."""
+failures reported rather than dropped. The whole benchmark runs (each tens of seconds on two cores)
+carry the ``slow`` marker; ``pytest -m "not slow"`` keeps the unit tests."""
 
 import json
 import math
@@ -64,6 +65,7 @@ def _check_rows(rows, res):
             assert "seconds" in r, f"{label}: a wrong method is still timed"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["mlp", "resnet18", "gpt2"])
 def test_bench_tiny_smoke(model, tmp_path, capsys):
     code, data = _run(tmp_path, "--model", model)
@@ -123,6 +125,7 @@ def build_no_seed():
 '''
 
 
+@pytest.mark.slow
 def test_bench_user_model(tmp_path, monkeypatch):
     mod = tmp_path / "my_bench_models.py"
     mod.write_text(USER_MODULE)
@@ -158,6 +161,7 @@ def test_user_batches_are_rotated(tmp_path, monkeypatch):
     assert not torch.equal(w.batches[0][0][0], w.batches[1][0][0])
 
 
+@pytest.mark.slow
 def test_a_failing_compile_is_reported_not_raised(tmp_path, monkeypatch):
     def broken_compile(fn, **kw):
         def run(*a, **k):
@@ -175,6 +179,7 @@ def test_a_failing_compile_is_reported_not_raised(tmp_path, monkeypatch):
         assert "dynamo says no" in rows[label]["error"]
 
 
+@pytest.mark.slow
 def test_a_wrong_hessfast_result_fails_the_run(tmp_path, monkeypatch):
     real = hessfast.hvp
 
@@ -193,6 +198,7 @@ def test_a_wrong_hessfast_result_fails_the_run(tmp_path, monkeypatch):
     assert rows["hessfast.ggn_vp [torch]"]["status"] == "pass"
 
 
+@pytest.mark.slow
 def test_unavailable_peers_are_listed(tmp_path, monkeypatch):
     monkeypatch.setattr(bench.methods, "importable", lambda name: False)
     code, data = _run(tmp_path, "--model", "mlp")
@@ -230,6 +236,7 @@ def test_default_json_path_and_commit():
     assert commit is None or (len(commit) == 12 and int(commit, 16) >= 0)
 
 
+@pytest.mark.slow
 def test_bench_engine_wrapper(tmp_path, monkeypatch):
     path = tmp_path / "engine.json"
     script = Path(__file__).parent.parent / "benchmarks" / "bench_engine.py"
