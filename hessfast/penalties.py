@@ -32,8 +32,8 @@ Measured (``examples/flat_minima.py --bench``: a 784-128-128-10 GELU MLP, 118 k 
 batch 256, float32, one thread on a shared, loaded 2-core CPU, median of 7 interleaved rounds; two
 runs, the plain step taking 6.4 ms and 2.5 ms): a training step with the penalty (one probe)
 against the loss's own forward and backward: ``"autograd"`` 6.0× / 9.9×, ``"fd"`` 6.7× / 11.0×,
-``"fd2"`` 4.1× / 7.3×; four probes: ``"autograd"`` 17× / 29×, ``"fd2"`` 12× / 21×. Error against the float64 ``"autograd"`` value of the same probe: ``"autograd"``
-8e-7 (value) and 6e-7 (gradient, relative norm), ``"fd"`` 6e-6 and 5e-5, ``"fd2"`` 0.10 and
+``"fd2"`` 4.1× / 7.3×; four probes: ``"autograd"`` 17× / 29×, ``"fd2"`` 12× / 21×.
+Error against the float64 ``"autograd"`` value of the same probe: ``"autograd"`` 8e-7 (value) and 6e-7 (gradient, relative norm), ``"fd"`` 6e-6 and 5e-5, ``"fd2"`` 0.10 and
 1.5e-3 (float32 round-off in ``L/ε²``). The default is therefore ``"autograd"``: exact, no step
 size, and the fastest of the two accurate forms here. Use ``"fd"`` for BatchNorm (torch's
 ``batch_norm`` has no third derivative: ``"autograd"``'s ``.backward()`` raises
