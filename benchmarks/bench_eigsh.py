@@ -660,24 +660,30 @@ def run_problem(args, dev) -> dict:
 
 
 def run_overhead(args, dev) -> dict:
+    batches = [int(b) for b in str(args.overhead_batch).split(",")]
+    out = [_overhead_one(args, dev, batch) for batch in batches]
+    return {"overhead": out[0], "overheads": out}
+
+
+def _overhead_one(args, dev, batch) -> dict:
     dims = [int(d) for d in args.overhead_dims.split(",")]
     torch.manual_seed(0)
     model = bench_models._mlp_model(dims).to(dev).eval()
     g = torch.Generator().manual_seed(1000)
-    x = torch.randn(args.overhead_batch, dims[0], generator=g).to(dev)
-    y = torch.randint(0, dims[-1], (args.overhead_batch,), generator=g).to(dev)
+    x = torch.randn(batch, dims[0], generator=g).to(dev)
+    y = torch.randint(0, dims[-1], (batch,), generator=g).to(dev)
     P = sum(p.numel() for p in model.parameters())
     H = hessfast.HessianOperator(model, F.cross_entropy, (x, y))
     blocks = [s.strip() for s in args.overhead_blocks.split(",")]
-    for K_ in {1, 2, *(int(b) for b in blocks if b != "auto"), min(K, 8)}:
+    for K_ in {1, 2, *(int(b) for b in blocks)}:
         for _ in range(3):  # capture and trace every width the runs use
             H.matmat(torch.randn(P, K_, device=dev))
     grad_s = gradient_seconds(model, x, y, dev, repeats=5)
     rows = []
     for blk in blocks:
-        b = None if blk == "auto" else int(blk)
+        b = int(blk)
         # the same product budget for every block size: steps x 8 columns
-        max_iter = args.overhead_steps * 8 // (b or 8)
+        max_iter = args.overhead_steps * 8 // b
         _, _, info = hessfast.eigsh(
             H,
             k=K,
@@ -708,18 +714,18 @@ def run_overhead(args, dev) -> dict:
             }
         )
     return {
-        "overhead": {
-            "model": f"MLP {'-'.join(map(str, dims))}, GELU, batch {args.overhead_batch}",
-            "parameters": P,
-            "k": K,
-            "gradient_s": grad_s,
-            "rows": rows,
-        }
+        "model": f"MLP {'-'.join(map(str, dims))}, GELU",
+        "batch": batch,
+        "parameters": P,
+        "k": K,
+        "gradient_s": grad_s,
+        "rows": rows,
     }
 
 
 def render_overhead(res: dict) -> str:
     p, o = res["provenance"], res["overhead"]
+    rows = [r for ov in res.get("overheads", [o]) for r in ov["rows"]]
     lines = [
         f"# hessfast eigsh: time outside the products, {p['device']} ({p['date']})",
         "",
@@ -734,14 +740,14 @@ def render_overhead(res: dict) -> str:
         f"{o['model']}, P = {o['parameters']:,}; eigsh k={o['k']}, which=LA, tol=0 (never "
         "converges: a fixed budget of products), every width captured and traced beforehand.",
         "",
-        "| block size | products | steps | restarts | ncv | basis | total | in products | "
-        "elsewhere | share elsewhere | one HVP / one gradient |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| batch | block size | products | steps | restarts | ncv | basis | total | in products "
+        "| elsewhere | share elsewhere | one HVP / one gradient |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in o["rows"]:
-        how = f"{r['block_size']}" + (" (block_size=None)" if r["block"] == "auto" else "")
+    for r in rows:
+        how = f"{r['block_size']}"
         lines.append(
-            f"| {how} | {r['products']} | {r['steps']} | {r['restarts']} | {r['ncv']} | "
+            f"| {r['batch']} | {how} | {r['products']} | {r['steps']} | {r['restarts']} | {r['ncv']} | "
             f"{r['basis_bytes'] / 2**20:.0f} MiB | {_s(r['seconds_total'])} | "
             f"{_s(r['seconds_in_products'])} | {_s(r['seconds_elsewhere'])} | "
             f"{100 * r['share_elsewhere']:.1f}% | {r['grad_eq']:.2f}× |"
@@ -857,7 +863,7 @@ def run_race(args, dev) -> dict:
 
     log = print if args.verbose else (lambda *a, **k: None)
     out = {"problems": []}
-    for pkey in args.race_problems.split(","):
+    for pkey in [k_ for k_ in args.race_problems.split(",") if k_]:
         model, x, y, desc = _race_problem(pkey, dev)
         P = sum(p.numel() for p in model.parameters() if p.requires_grad)
         v0 = np.random.default_rng(0).standard_normal(P)
@@ -1141,13 +1147,13 @@ def main(argv=None) -> int:
         help="instead: hessfast eigsh's share of time outside the products on a wide MLP",
     )
     p.add_argument("--overhead-dims", default="784,1280,1280,10", help="MLP widths (P = 2.66 M)")
-    p.add_argument("--overhead-batch", type=int, default=256)
+    p.add_argument("--overhead-batch", default="256", help="comma-separated batch sizes")
     p.add_argument("--overhead-block", type=int, default=8)
     p.add_argument("--overhead-steps", type=int, default=60)
     p.add_argument(
         "--overhead-blocks",
         default="8",
-        help="comma-separated block sizes for --overhead ('auto' for block_size=None)",
+        help="comma-separated block sizes for --overhead (each at the same product budget)",
     )
     p.add_argument(
         "--race",

@@ -47,6 +47,7 @@ from .krylov import (
     check_memory,
     check_positive_int,
     default_tol,
+    eigh,
     nbytes_of,
     project_out,
     rademacher,
@@ -178,7 +179,7 @@ def _lanczos(
             runs[i].betas.append(B64)
             if not (np.isfinite(A64).all() and np.isfinite(B64).all()):
                 raise NonFiniteError(f"the Lanczos recurrence became non-finite at step {j + 1}")
-            scale[i] = max(scale[i], float(np.abs(np.linalg.eigvalsh(A64)).max()), float(S.max()))
+            scale[i] = max(scale[i], float(np.abs(eigh(A64)[0]).max()), float(S.max()))
             if j == steps - 1:
                 active[i] = False
                 continue
@@ -317,7 +318,7 @@ class LanczosTridiagonals:
         weights = np.zeros((m, steps))
         for i in range(m):
             n = int(self.num_steps[i])
-            theta, U = np.linalg.eigh(self.tridiagonal(i))
+            theta, U = eigh(self.tridiagonal(i))
             nodes[i, :n], weights[i, :n] = theta, U[0] ** 2
             nodes[i, n:] = theta[-1]
         return nodes, weights
