@@ -470,8 +470,9 @@ def landscape(
         directions: ``"top"`` (top eigenvectors of the Hessian), ``"random"`` (filter-normalised,
             seeded) or one or two user directions (a tensor ``[P]``/``[k, P]``, a dict
             ``{name: tensor}``, or a list of them); module docstring.
-        span: the coefficient range of every axis: ``s`` for ``[−s, s]``, or ``(lo, hi)``. Along unit eigenvectors the coefficient is a distance in parameter
-            space; along filter-normalised directions ``1`` is a step the size of the weights.
+        span: the coefficient range of every axis: ``s`` for ``[−s, s]``, or ``(lo, hi)``.
+            Along unit eigenvectors the coefficient is a distance in parameter space; along
+            filter-normalised directions ``1`` is a step the size of the weights.
         steps: grid points per axis (an odd number includes ``θ`` itself), or one per axis.
         ndim: 1 or 2 (default: 1 for ``"top"`` and ``"random"``, else the number of directions).
         eigenpairs: ``(eigenvalues, eigenvectors [P, k])`` as :func:`hessfast.eigsh` returns

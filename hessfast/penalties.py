@@ -15,15 +15,20 @@ Three ways to compute ``vᵀ H v`` and its gradient (``method=``):
 
 - ``"autograd"`` (default): ``g = ∇L`` with ``create_graph``, ``H v = ∇(gᵀv)`` with
   ``create_graph``; ``.backward()`` is then third-order autograd. Exact (no step size); needs
-  ops that autograd can differentiate three times.
+  ops that autograd can differentiate three times (``F.scaled_dot_product_attention`` runs on
+  its composite math backend under ``"autograd"`` and ``"fd"``, as in hessfast's autograd
+  fallback; torch's fused kernels have no second derivative).
 - ``"fd"``: central differences of gradients, ``vᵀ(∇L(θ+εv) − ∇L(θ−εv)) / 2ε``, each gradient
   with ``create_graph``; ``.backward()`` is second-order autograd. Bias ``O(ε²)``.
 - ``"fd2"``: second differences of the loss, ``(L(θ+εv) − 2L(θ) + L(θ−εv)) / ε²``; ``.backward()``
-  is first-order autograd only, so it works on models that cannot be differentiated twice (fused
-  attention kernels). Bias ``O(ε²)`` and rounding ``O(u·L/ε²)`` (``u`` the unit round-off):
+  is first-order autograd only, so it works on models that cannot be differentiated twice (ops
+  with a first derivative only; fused attention kernels run as they are). Bias ``O(ε²)`` and
+  rounding ``O(u·L/ε²)`` (``u`` the unit round-off):
   negligible in float64, but in float32 the value of one probe was off by 10% (its gradient by
   0.15%) in the measurement below — usually still inside Hutchinson's own sampling noise, but
-  not exact.
+  not exact. On ReLU networks the differences also see the kinks that autograd's Hessian
+  ignores: on the zoo's conv-BN-ReLU model one probe gave 50.3 against the exact 3.35
+  (``"fd"``, with its smaller step, 3.3517425175 against 3.3517425174).
 
 ``ε`` (``eps=None``) is relative: ``ε = r · max(‖θ‖, 1) / ‖v‖`` with ``r = u^{1/3}`` for
 ``"fd"`` and ``u^{1/4}`` for ``"fd2"`` (the step sizes that balance truncation and rounding).
@@ -33,12 +38,16 @@ batch 256, float32, one thread on a shared, loaded 2-core CPU, median of 7 inter
 runs, the plain step taking 6.4 ms and 2.5 ms): a training step with the penalty (one probe)
 against the loss's own forward and backward: ``"autograd"`` 6.0× / 9.9×, ``"fd"`` 6.7× / 11.0×,
 ``"fd2"`` 4.1× / 7.3×; four probes: ``"autograd"`` 17× / 29×, ``"fd2"`` 12× / 21×.
-Error against the float64 ``"autograd"`` value of the same probe: ``"autograd"`` 8e-7 (value) and 6e-7 (gradient, relative norm), ``"fd"`` 6e-6 and 5e-5, ``"fd2"`` 0.10 and
-1.5e-3 (float32 round-off in ``L/ε²``). The default is therefore ``"autograd"``: exact, no step
-size, and the fastest of the two accurate forms here. Use ``"fd"`` for BatchNorm (torch's
-``batch_norm`` has no third derivative: ``"autograd"``'s ``.backward()`` raises
-``RuntimeError: batch_norm does not support 3rd+ order derivatives``) and ``"fd2"`` for models that
-cannot be differentiated twice, or in float64 where its round-off is negligible.
+Error against the float64 ``"autograd"`` value of the same probe: ``"autograd"`` 8e-7 (value)
+and 6e-7 (gradient, relative norm), ``"fd"`` 6e-6 and 5e-5, ``"fd2"`` 0.10 and 1.5e-3 (float32
+round-off in ``L/ε²``). On hessfast.zoo's models (float64, three probes), ``"autograd"`` agrees
+with ``vᵀHv`` from hessfast's own products to 1e-15 (the SDPA GPT, GPT-2, conv-BN in eval mode,
+the MLP), ``"fd"`` to 1e-9, ``"fd2"`` to 1e-6 except on the ReLU model. The default is therefore
+``"autograd"``: exact, no step size, and the fastest of the two accurate forms here. Use ``"fd"``
+for BatchNorm in training mode (torch's ``batch_norm`` has no third derivative there:
+``"autograd"``'s ``.backward()`` raises ``RuntimeError: batch_norm does not support 3rd+ order
+derivatives``), and ``"fd2"`` for smooth models with an op that cannot be differentiated twice
+(a custom op with a first derivative only), preferably in float64.
 
 The penalties run their forwards through ``torch.func.functional_call`` with the perturbed
 parameters and a copy of the buffers: neither the parameters nor the buffers (BatchNorm running
@@ -55,7 +64,7 @@ import torch
 from torch import nn
 
 from . import api, losses
-from .autograd_fallback import check_no_training_dropout
+from .autograd_fallback import _math_attention, check_no_training_dropout
 from .capture import choose_output
 from .vectors import select_params
 
@@ -74,11 +83,30 @@ def call_loss(loss_fn: Callable, out: Any, targets: Any, output: str | int | Non
     if spec.is_leaf():
         if output is not None:
             raise ValueError(f"output={output!r}: the model returns one tensor; drop output=")
-        return loss_fn(out, targets)
-    idx, rebuild = choose_output(spec, output, not losses.is_closed_form(loss_fn))
-    if rebuild is not None:
-        return loss_fn(out, targets)
-    return loss_fn(leaves[idx], targets)
+        z = out
+    else:
+        idx, rebuild = choose_output(spec, output, not losses.is_closed_form(loss_fn))
+        if rebuild is not None:
+            return loss_fn(out, targets)
+        z = leaves[idx]
+    if _sequence_layout(loss_fn, z, targets):
+        # logits [B, T, C] with targets [B, T]: the mean over all tokens, as hessfast reads it
+        return loss_fn(z.flatten(0, -2), targets.flatten())
+    return loss_fn(z, targets)
+
+
+def _sequence_layout(loss_fn: Callable, z: Any, targets: Any) -> bool:
+    """Whether a built-in cross-entropy or NLL loss reads ``z`` with classes last (``[B, T, C]``
+    logits, ``[B, T]`` class targets), which hessfast's rules accept and torch's call does not."""
+    if not (isinstance(z, torch.Tensor) and isinstance(targets, torch.Tensor)) or z.dim() < 3:
+        return False
+    fn, _ = losses._identify(loss_fn)
+    if fn not in (torch.nn.functional.cross_entropy, torch.nn.functional.nll_loss):
+        return False
+    if targets.is_floating_point():
+        return False
+    shape, ts = tuple(z.shape), tuple(targets.shape)
+    return ts == shape[:-1] and ts != (shape[0], *shape[2:])
 
 
 def _check_method(method: str) -> None:
@@ -115,7 +143,11 @@ class _Objective:
         over = self._fresh_buffers()
         if shift is not None:
             over.update({n: p + s for n, p, s in zip(self.names, self.params, shift)})
-        out = torch.func.functional_call(self.model, over, self.args, self.kwargs)
+        if self.method == "fd2":  # first-order only: any attention kernel
+            out = torch.func.functional_call(self.model, over, self.args, self.kwargs)
+        else:  # differentiated two or three times: SDPA on its composite math backend
+            with _math_attention():
+                out = torch.func.functional_call(self.model, over, self.args, self.kwargs)
         loss = call_loss(self.loss_fn, out, self.targets, self.output)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise ValueError("loss_fn must return a scalar tensor")

@@ -50,7 +50,9 @@ from .operators import HessianOperator
 __all__ = ["sharpness", "Sharpness", "INVARIANCE"]
 
 INVARIANCE = {
-    "lambda_max": "not invariant: layer rescaling of ReLU nets changes it at will (Dinh et al. 2017)",
+    "lambda_max": (
+        "not invariant: layer rescaling of ReLU nets changes it at will (Dinh et al. 2017)"
+    ),
     "relative_flatness": (
         "invariant to a global rescaling of scale-invariant parameters (L(αθ) = L(θ)); not to "
         "layer-wise rescaling (Petzka et al. 2021's layer-wise measure is)"

@@ -101,11 +101,21 @@ def test_top_direction_matches_the_eigenvalue_and_writes_files(problem, tmp_path
     assert ls.png == png and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rec = json.loads(js.read_text())
     assert rec["kind"] == "top" and len(rec["loss"]) == 3 and rec["eigenvalues"] == ls.eigenvalues
+    ev, vecs = torch.linalg.eigh(H)  # eigenpairs given (ascending, as eigsh returns them)
     two = hessfast.landscape(
-        model, F.cross_entropy, data, "top", ndim=2, span=0.5, steps=5, out=tmp_path
+        model,
+        F.cross_entropy,
+        data,
+        "top",
+        ndim=2,
+        span=0.5,
+        steps=5,
+        out=tmp_path,
+        eigenpairs=(ev, vecs),
     )
-    assert two.eigenvalues[0] >= two.eigenvalues[1]
-    assert two.eigenvalues[1] == pytest.approx(float(evals[-2]), rel=1e-6)
+    assert two.eigenvalues == [float(ev[-1]), float(ev[-2])]
+    np.testing.assert_allclose(two.curvature, np.diag(two.eigenvalues))
+    assert torch.equal(two.directions, vecs[:, [-1, -2]].T)
     assert (tmp_path / "landscape_2d.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "landscape_2d.json").read_text())["ndim"] == 2
     _assert_untouched(model, snap)
@@ -208,3 +218,19 @@ def test_bad_arguments(problem):
         hessfast.landscape(model, F.cross_entropy, data, "random", span=-1.0)
     with pytest.raises(ValueError, match="entries"):
         hessfast.landscape(model, F.cross_entropy, data, torch.ones(5, dtype=torch.float64))
+
+
+def test_sequence_logits_read_as_hessfast_reads_them():
+    # logits [B, T, C] with targets [B, T]: the mean over all tokens (torch's own call would
+    # take dim 1 for the classes); checked on the loss and gradient pass, without products
+    from hessfast.landscape import DataLoss
+    from hessfast.operators import HessianOperator
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(7, 5), torch.nn.Linear(5, 7)).double()
+    idx, y = torch.randint(0, 7, (3, 4)), torch.randint(0, 7, (3, 4))
+    val, grad = DataLoss(HessianOperator(model, F.cross_entropy, (idx, y))).value_and_grad()
+    want = F.cross_entropy(model(idx).flatten(0, 1), y.flatten())
+    assert val == pytest.approx(float(want.detach()), rel=1e-13)
+    g = torch.autograd.grad(want, list(model.parameters()))
+    torch.testing.assert_close(grad, torch.cat([t.reshape(-1) for t in g]), rtol=1e-12, atol=0)
