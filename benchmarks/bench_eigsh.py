@@ -696,6 +696,7 @@ def _overhead_one(args, dev, batch) -> dict:
         )
         rows.append(
             {
+                "batch": batch,
                 "block": blk,
                 "block_size": info.block_size,
                 "block_choice": info.block_choice,

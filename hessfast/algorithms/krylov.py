@@ -294,6 +294,12 @@ class Products:
         self.col_norms: Tensor | None = None  # of the last call's result
         self._sync = self.device.type == "cuda"
 
+    def __getattr__(self, name: str):
+        # anything else (``groups`` for layerwise, ``kind``, ...) is the wrapped operator's
+        if name == "op":
+            raise AttributeError(name)
+        return getattr(self.op, name)
+
     # one call of the operator
     def _matmat(self, X: Tensor) -> Tensor:
         if self._sync:

@@ -96,3 +96,21 @@ def test_block_tridiagonal_ritz_values():
         t.betas.append(torch.tensor([[b]]).numpy())
     theta, _, res = t.ritz()
     assert theta.round(12).tolist() == [1.0, 3.0] and res.tolist() == [0.0, 0.0]
+
+
+def test_products_wrapper_forwards_groups_to_layerwise():
+    import torch.nn.functional as F
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).to(D)
+    x, y = torch.randn(12, 5, dtype=D), torch.randint(0, 3, (12,))
+    H = hessfast.HessianOperator(model, F.cross_entropy, (x, y))
+    counted = krylov.Products(H)
+    res = hessfast.layerwise(counted, lanczos_steps=5, seed=0)
+    ref = hessfast.layerwise(
+        hessfast.HessianOperator(model, F.cross_entropy, (x, y)), lanczos_steps=5, seed=0
+    )
+    assert set(res) == set(ref) == {"0", "2"} and counted.products > 0
+    for lab in res:
+        assert abs(res[lab].lambda_max - ref[lab].lambda_max) <= 1e-10
