@@ -129,6 +129,9 @@ def sharpness(
     >>> s = hessfast.sharpness(model, F.cross_entropy, data, rho=0.05, ascent_steps=3)
     >>> len(s.sam_trace), s.sam >= s.sam_first_step, sorted(s.invariance)
     (3, True, ['lambda_max', 'relative_flatness', 'sam'])
+    >>> s2 = hessfast.sharpness(model, F.cross_entropy, data, lambda_max=s.lambda_max)  # no eigsh
+    >>> s2.relative_flatness == s.relative_flatness
+    True
     """
     if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):
         raise ValueError(f"rho must be a positive number, got {rho!r}")
