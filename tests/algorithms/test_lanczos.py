@@ -349,3 +349,19 @@ def test_block_size_none_measures_the_cost_curve(monkeypatch):
         check_pairs(evals, evecs, lam, Q, 4, "LA", A)
     _, _, info = eigsh(Timed(A), k=4, block_size=2, return_info=True)
     assert info.block_size == 2 and info.block_choice["how"] == "given"
+
+
+@pytest.mark.parametrize("which", ["LA", "SA"])
+def test_block_and_single_vector_agree(which):
+    lam = SPECTRA["bulk_outliers"][0]
+    A, Q = dense(lam)
+    runs = {}
+    for b in (1, 3, 8):
+        H = hessfast.DenseOperator(A)
+        runs[b] = eigsh(H, k=6, which=which, block_size=b, tol=1e-10, return_info=True)
+        assert runs[b][2].converged and runs[b][2].block_size == b
+        check_pairs(runs[b][0], runs[b][1], lam, Q, 6, which, A)
+    torch.testing.assert_close(runs[1][0], runs[8][0], rtol=0, atol=1e-9)
+    # single vectors need the fewest products (blocks: 2-3x at the well separated top, 9x at
+    # the bottom, inside the bulk)
+    assert runs[1][2].products <= runs[3][2].products <= runs[8][2].products
