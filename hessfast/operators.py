@@ -478,8 +478,9 @@ class _ModelOperator(CurvatureOperator):
 
     def _needs_determinism_check(self) -> bool:
         """Whether two passes could differ: more than one batch (a DataLoader may shuffle, drop
-        a ragged last batch, or augment), or train-mode BatchNorm or dropout."""
-        if not self.single:
+        a ragged last batch, or augment), or train-mode BatchNorm or dropout. Always under a
+        process group: every rank must make the same number of all-reduces."""
+        if not self.single or self.process_group is not None:
             return True
         return _has_train_batchnorm(self.model) or _has_active_dropout(self.model)
 
