@@ -38,9 +38,11 @@ thick-restart Lanczos) on the Krylov layer of :mod:`hessfast.algorithms.krylov`:
   Ritz values unchanged. When the basis spans the whole space (``P`` small), Lanczos stops.
 
 Block size (``block_size=None``): a block of ``b`` columns needs more products than single-vector
-Lanczos to converge, but one K-batched product of ``b`` columns can cost far less than ``b``
-single products (a conv net on a CPU: about 1.1 gradients per column at K = 8 against 6 for one
-column) or about the same (a plain MLP's GEMMs). So on operators with ``P ≥ 4096`` eigsh measures
+Lanczos to converge, but one K-batched product of ``b`` columns (its primal forward and backward
+shared by the K columns, docs/architecture.md §3) can cost far less than ``b`` single products
+(a GPU; a conv net on a CPU: about 1.1 gradients per column at K = 8 against 6 for one column)
+or nearly as much (measured in ``benchmarks/results/cpu-eigsh-race-2026-12-02.md``: a K = 8
+product at 3–6× a single one on small float64 CNNs and MLPs on a CPU). So on operators with ``P ≥ 4096`` eigsh measures
 the cost curve on its first products: it multiplies the start block's first column and the whole
 start block ``B = min(k, 8)`` in turn until two consecutive calls of each width agree (two calls
 each once hessfast has traced both widths in this process; up to four on a cold start, where a
@@ -54,6 +56,8 @@ and the other width's product are spent on measuring: ``info.block_choice["produ
 choice, the curve and the expected times are in ``info.block_choice``. Smaller operators use
 ``min(k, 8)`` without measuring; an explicit ``block_size`` always wins. Use at least the
 multiplicity of the eigenvalues you need: single-vector Lanczos finds one vector per eigenvalue.
+The inflation model holds for well separated ends (the top of a Hessian); ends inside a dense
+bulk cost blocks far more (bottom 6 of a Gaussian bulk: 9× the products at b = 8).
 
 Default basis size ``ncv``: ``max(2k + 1, 20)`` vectors for ``b = 1`` (ARPACK's default) and
 ``2k + max(20, 4b)`` for blocks, capped at ``P``. Ends inside a dense bulk converge in far fewer
