@@ -163,8 +163,10 @@ class HessianMonitor:
 
     # -------------------------------------------------------------------------------------
 
-    def __call__(self, step: int, force: bool = False) -> dict[str, Any] | None:
-        return self.step(step, force)
+    def __call__(
+        self, step: int, force: bool = False, loss: float | torch.Tensor | None = None
+    ) -> dict[str, Any] | None:
+        return self.step(step, force, loss)
 
     def due(self, step: int) -> bool:
         """Whether :meth:`step` would record at ``step``."""
@@ -222,15 +224,21 @@ class HessianMonitor:
             self._deterministic_checked = True
         return float(evals[0]), float(info.residuals[0]), bool(info.converged), info.products
 
-    def step(self, step: int, force: bool = False) -> dict[str, Any] | None:
+    def step(
+        self, step: int, force: bool = False, loss: float | torch.Tensor | None = None
+    ) -> dict[str, Any] | None:
         """Record the metrics if ``step % every == 0`` (or ``force``); returns the record or
-        ``None``."""
+        ``None``. ``loss`` (the training loss at this step, a number or a scalar tensor) is kept
+        in the record as ``"loss"`` and drawn above the curvature by :meth:`plot`."""
         if not force and not self.due(step):
             return None
         from .algorithms import trace
 
         t0 = time.perf_counter()
         rec: dict[str, Any] = {"step": int(step)}
+        if loss is not None:
+            value = loss.detach().item() if isinstance(loss, torch.Tensor) else loss
+            rec["loss"] = float(value)
         products = 0
         try:
             with self._mode(), torch.enable_grad():
@@ -291,15 +299,17 @@ class HessianMonitor:
         records: list[dict[str, Any]] | None = None,
     ) -> Path:
         """A PNG with one panel per metric against the training step (log scale where every value
-        is positive); returns ``path``. ``records`` defaults to this monitor's."""
+        is positive), the training loss on top where the records carry it (``step(...,
+        loss=...)``); returns ``path``. ``records`` defaults to this monitor's."""
         from matplotlib.figure import Figure
 
         recs = self.records if records is None else records
         if not recs:
             raise ValueError("no records to plot yet: call step() first")
-        keys = [m for m in METRICS if any(r.get(m) is not None for r in recs)]
+        keys = [m for m in ("loss", *METRICS) if any(r.get(m) is not None for r in recs)]
         fig = Figure(figsize=(6.5, 2.2 * len(keys) + 0.6), dpi=110)
         labels = {
+            "loss": "training loss",
             "lambda_max": "λ_max",
             "lambda_min": "λ_min",
             "trace": "trace",

@@ -55,7 +55,7 @@ def test_monitor_records_promised_metrics(tmp_path):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        rec = mon(step)
+        rec = mon(step, loss=loss)
         if step % 2:
             assert rec is None
         else:
@@ -72,6 +72,7 @@ def test_monitor_records_promised_metrics(tmp_path):
             rec
         )
         evals, tr = dense[rec["step"]]
+        assert isinstance(rec["loss"], float) and rec["loss"] > 0
         assert abs(rec["lambda_max"] - float(evals[-1])) <= 1e-4 * float(evals[-1])
         assert abs(rec["lambda_min"] - float(evals[0])) <= 1e-4 * float(evals[-1])
         assert abs(rec["trace"] - tr) <= 1e-4 * abs(tr)
@@ -122,3 +123,26 @@ def test_monitor_validates_arguments():
         HessianMonitor(model, F.cross_entropy, (x, y), metrics=("sharpness",))
     with pytest.raises(ValueError, match="every"):
         HessianMonitor(model, F.cross_entropy, (x, y), every=0)
+
+
+def test_monitor_plot_puts_the_loss_above_the_curvature(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    recs = [
+        {"step": s, "loss": 1.0 / (s + 1), "lambda_max": 2.0 + s, "trace": 5.0 - s}
+        for s in range(4)
+    ]
+    model, x, y = _setup()
+    mon = HessianMonitor(model, F.cross_entropy, (x, y))
+    seen = []
+    real = matplotlib.figure.Figure.add_subplot
+
+    def spy(self, *args, **kwargs):
+        ax = real(self, *args, **kwargs)
+        seen.append(ax)
+        return ax
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "add_subplot", spy)
+    png = mon.plot(tmp_path / "m.png", records=recs)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert [ax.get_ylabel() for ax in seen] == ["training loss", "λ_max", "trace"]
