@@ -12,6 +12,9 @@ on purpose (Hugging Face's RMSNorm upcasts to float32 by design).
 
 A case hessfast gets wrong today is ``xfail(strict=True)`` with the precise cause: the failure
 stays visible and a fix flips it to XPASS, which fails until the mark is removed.
+
+The zoo carries the ``slow`` marker (minutes on two cores in all): the whole suite runs it,
+``pytest -m "not slow"`` leaves it out (``tests/test_models.py`` keeps the small models there).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ import hessfast
 
 D = torch.float64
 B, T, VOCAB, HID = 2, 6, 20, 16
+pytestmark = pytest.mark.slow
+
 K = 2
 
 
