@@ -21,13 +21,6 @@ With ``A_n = Σ_c a_{n,c}``: gradient ``∂L/∂z_n = A_n p_n − a_n`` and Hess
 NLL takes log-probabilities ``x`` and is linear: ``L = −Σ a_{n,c} x_{n,c}`` (hard targets, no
 smoothing), gradient ``−a``, Hessian zero.
 
-Subnormal probabilities. A class whose probability lies below ``2⁶⁴`` times the dtype's smallest
-normal number (≈ 4e-21 in float32, 4e-289 in float64) gets probability exactly 0 in the gradient and
-Hessian products (:func:`flush_log_probs`; the loss value keeps every term). Its contribution to any
-entry is below the dtype's resolution of that entry, and without the flush such a row of a
-confident or randomly initialised large-vocabulary head turns into subnormal numbers, which every
-CPU matmul downstream processes 10–100× slower.
-
 The fused model head. When the logits come from a linear layer, ``z = h Wᵀ + b``, the engine
 evaluates the layer and the loss together (:class:`LinearCrossEntropy`), a chunk of rows at a time,
 so that neither ``z [N, V]`` nor its tangents ``ż [K, N, V]`` exist for the whole batch. The
@@ -187,7 +180,6 @@ class CrossEntropyLoss:
             neg_a = aten.nll_loss_backward(
                 loss.new_ones(()), logp, tl, w, red, self.ignore_index, total
             )
-            logp = flush_log_probs(logp)
             g = None
             if want_g:
                 g = unrows(aten._log_softmax_backward_data(neg_a, logp, 1, logp.dtype))
@@ -202,7 +194,7 @@ class CrossEntropyLoss:
             zr, t, self.weight, self.ignore_index, self.reduction, self.label_smoothing, self.soft
         )
         loss = -(a * logp).sum()
-        p = flush_log_probs(logp).exp()
+        p = logp.exp()
         A = a.sum(-1, keepdim=True)
         g = unrows(A * p - a) if want_g else None
         gd = None
@@ -211,13 +203,6 @@ class CrossEntropyLoss:
             pu = p * u
             gd = unrows(A * (pu - p * pu.sum(-1, keepdim=True)))
         return loss, g, gd
-
-
-def flush_log_probs(logp: Tensor) -> Tensor:
-    """``logp`` with entries whose probability would be below ``2⁶⁴ · finfo.tiny`` set to
-    ``-inf`` (probability exactly 0; see the module docstring)."""
-    floor = math.log(torch.finfo(logp.dtype).tiny) + 64 * math.log(2.0)
-    return logp.masked_fill(logp < floor, float("-inf"))
 
 
 ROWS_OP = "hessfast::cross_entropy_rows"
@@ -257,7 +242,7 @@ def cross_entropy_rows_ref(
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
     V = z.shape[-1]
     logp = torch.log_softmax(z.to(acc), dim=-1)
-    p = flush_log_probs(logp).exp()
+    p = logp.exp()
     valid = target != ignore_index
     y = torch.where(valid, target, torch.zeros_like(target)).long()
     vf = valid.to(acc)
