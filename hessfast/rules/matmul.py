@@ -16,6 +16,13 @@ A 2-D ``b`` against a batched ``a`` (a linear layer written ``h @ W.T``) is comp
 does, with ``a``'s batch folded into rows, ``a₂ [R, I]``: ``ḡ_b = a₂ᵀ ḡ₂`` is one GEMM, not a
 batched product followed by a reduction; the K tangents likewise (``ȧ₂ᵀ ḡ₂``, ``a₂ᵀ ġ₂``, ``a₂ ḃ``).
 
+Layouts, as autograd's ``mm`` backward: the cotangent of a 2-D operand stored column-major (a
+transposed view, e.g. ``W.T`` of a tied head) is computed transposed, ``ḡ_b = (ḡᵀ a)ᵀ`` and
+``ḡ_a = (b ḡᵀ)ᵀ``, so it comes out in the operand's own layout (the transpose node above it hands
+the parameter a contiguous gradient) and the GEMM reads the cotangent as its left operand: on the
+CPU a GEMM whose right operand holds subnormal numbers (a saturated softmax's gradient) is an
+order of magnitude slower.
+
 Declined: ``matmul`` with a 1-D operand (vector products; the fallback handles them).
 """
 
@@ -68,18 +75,19 @@ class MatMul(Rule):
             tuple(a.shape),
             tuple(b.shape),
             nd,
+            (_column_major(a), _column_major(b)),
         )
         return y, ydot, res
 
     def bwd_jvp(self, res, g, gdot):
-        a, b, ta, tb, act_a, act_b, sa, sb, nd = res
+        a, b, ta, tb, act_a, act_b, sa, sb, nd, (cm_a, cm_b) = res
         if _folds(sa, sb):
             return self._bwd_folded(res, g, gdot)
         ga = gb = gda = gdb = None
         if act_a:
             bt = b.mT
             if g is not None:
-                ga = sum_to(torch.matmul(g, bt), sa, False)
+                ga = sum_to(_left_product(g, bt, cm_a), sa, False)
             gd = torch.matmul(gdot, bt) if gdot is not None else None
             if g is not None and tb is not None:
                 gd = add(gd, torch.matmul(g, lift(tb, nd).mT))
@@ -87,17 +95,17 @@ class MatMul(Rule):
         if act_b:
             at = a.mT
             if g is not None:
-                gb = sum_to(torch.matmul(at, g), sb, False)
-            gd = torch.matmul(at, gdot) if gdot is not None else None
+                gb = sum_to(_left_product(at, g, cm_b), sb, False)
+            gd = _left_product(at, gdot, cm_b) if gdot is not None else None
             if g is not None and ta is not None:
-                gd = add(gd, torch.matmul(lift(ta, nd).mT, g))
+                gd = add(gd, _left_product(lift(ta, nd).mT, g, cm_b))
             gdb = sum_to(gd, sb, True)
         return (ga, gb), (gda, gdb)
 
     @staticmethod
     def _bwd_folded(res, g, gdot):
         """The backward for a 2-D ``b`` and a batched ``a``, rows folded (module docstring)."""
-        a, b, ta, tb, act_a, act_b, sa, sb, nd = res
+        a, b, ta, tb, act_a, act_b, sa, sb, nd, (_, cm_b) = res
         i, o = sb
         g2 = g.reshape(-1, o) if g is not None else None
         gd2 = gdot.reshape(gdot.shape[0], -1, o) if gdot is not None else None
@@ -114,12 +122,26 @@ class MatMul(Rule):
         if act_b:
             a2t = a.reshape(-1, i).mT
             if g2 is not None:
-                gb = a2t @ g2
-            gd = torch.matmul(a2t, gd2) if gd2 is not None else None  # [K, I, O]
+                gb = _left_product(a2t, g2, cm_b)
+            gd = _left_product(a2t, gd2, cm_b) if gd2 is not None else None  # [K, I, O]
             if g2 is not None and ta is not None:
-                gd = add(gd, torch.matmul(ta.reshape(ta.shape[0], -1, i).mT, g2))
+                gd = add(gd, _left_product(ta.reshape(ta.shape[0], -1, i).mT, g2, cm_b))
             gdb = gd
         return (ga, gb), (gda, gdb)
+
+
+def _column_major(x: Tensor) -> bool:
+    """A 2-D tensor stored column-major (a transposed view), as autograd's ``mm`` backward tests
+    it."""
+    return x.dim() == 2 and x.stride(0) == 1 and x.stride(1) == x.shape[0] and x.shape[1] > 1
+
+
+def _left_product(p: Tensor, q: Tensor, transposed: bool) -> Tensor:
+    """``p @ q`` (broadcasting), computed as ``(qᵀ pᵀ)ᵀ`` when ``transposed``: the result
+    column-major in its last two axes, ``q`` read as the left operand."""
+    if transposed:
+        return torch.matmul(q.mT, p.mT).mT
+    return torch.matmul(p, q)
 
 
 def _folds(sa, sb) -> bool:
