@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hessfast
-from hessfast import bench_models
+from hessfast import bench_models, zoo
 from hessfast.bench import provenance, resolve_device, tf32, threads
 
 K = 10
@@ -668,7 +668,7 @@ def run_overhead(args, dev) -> dict:
 def _overhead_one(args, dev, batch) -> dict:
     dims = [int(d) for d in args.overhead_dims.split(",")]
     torch.manual_seed(0)
-    model = bench_models._mlp_model(dims).to(dev).eval()
+    model = zoo.mlp_model(dims).to(dev).eval()
     g = torch.Generator().manual_seed(1000)
     x = torch.randn(batch, dims[0], generator=g).to(dev)
     y = torch.randint(0, dims[-1], (batch,), generator=g).to(dev)
@@ -983,7 +983,7 @@ def run_density_race(args, dev) -> dict:
     """SLQ (``spectral_density`` at its defaults) against the density of the exact eigenvalues
     (dense Hessian from P unit-vector products in blocks of 256, ``eigvalsh``), both broadened by
     the same Gaussian on the same grid; error: L1 distance of the two densities."""
-    from hessfast.algorithms.slq import _gaussians
+    from hessfast.algorithms.slq import gaussians
 
     model, x, y = _density_model(dev)
     P = sum(p.numel() for p in model.parameters())
@@ -1012,7 +1012,7 @@ def run_density_race(args, dev) -> dict:
         dens["dense"] = lam
     d, lam = dens["slq"], dens["dense"]
     grid = d.grid
-    exact = _gaussians(grid, lam, np.full(lam.size, 1.0 / lam.size), d.sigma)
+    exact = gaussians(grid, lam, np.full(lam.size, 1.0 / lam.size), d.sigma)
     exact = exact / np.trapezoid(exact, grid)
     l1 = float(np.trapezoid(np.abs(d.values - exact), grid))
     top_err = abs(d.lambda_max - lam.max()) / abs(lam.max())

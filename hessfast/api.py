@@ -79,9 +79,6 @@ def compute(
     return res.loss, res.grads, res.products
 
 
-_compute = compute  # the old private name, until every caller says ``compute``
-
-
 def _compute_on(
     model, loss_fn, inputs, targets, selected, vec, mode, strict, profiler, compile, output
 ):

@@ -52,9 +52,6 @@ from .zoo import (  # noqa: F401  (the classes were defined here; their old name
 
 SIZES = ("tiny", "small", "full")
 
-#: The old private name, which ``benchmarks/bench_eigsh.py`` uses.
-_mlp_model = mlp_model
-
 
 # ---------------------------------------------------------------------------- built-in presets
 

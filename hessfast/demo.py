@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp
 
-from .analyze import _version, analyze, check_out_folder, format_summary, write_report
+from .analyze import analyze, check_out_folder, format_summary, version, write_report
 from .api import hvp
 from .operators import HessianOperator
 
@@ -289,7 +289,7 @@ def _run(out: str, device: str, quick: bool, seed: int, dtype: str, progress: bo
     js, png = write_report(report, out)
     tr = s.training
     where = f"{dev}, {torch.get_num_threads()} thread(s)" if dev.type == "cpu" else str(dev)
-    print(f"hessfast {_version()} demo on {where}, {dtype}{', --quick' if quick else ''}")
+    print(f"hessfast {version()} demo on {where}, {dtype}{', --quick' if quick else ''}")
     print(
         f"  data:  synthetic {cfg.classes}-class Gaussian mixture, {cfg.dim} features, "
         f"{cfg.samples:,} samples ({len(data)} batches of {cfg.batch})"

@@ -270,7 +270,7 @@ def closed_form(fn: Callable, kwargs: dict, target: torch.Tensor, output_shape: 
 _ELEMENTWISE = (MSELoss, HuberLoss)
 
 
-def _identify(loss_fn: Callable) -> tuple[Callable | None, dict]:
+def identify(loss_fn: Callable) -> tuple[Callable | None, dict]:
     """``(function, keyword arguments)`` of a recognised loss, ``(None, {})`` otherwise."""
     if isinstance(loss_fn, functools.partial) and not loss_fn.args:
         if loss_fn.func in _MODULES.values():
@@ -427,7 +427,7 @@ def read_output(rule: Any, out_spec: Any, output: Any) -> tuple[int, Any]:
 def is_closed_form(loss_fn: Callable) -> bool:
     """Whether ``loss_fn`` is one of the losses with a closed-form rule (it reads a tensor), as
     opposed to a custom callable (which may read a container the model returns)."""
-    return _identify(loss_fn)[0] is not None
+    return identify(loss_fn)[0] is not None
 
 
 def resolve(loss_fn: Callable, target: Any, output_shape: tuple | None = None):
@@ -445,7 +445,7 @@ def resolve(loss_fn: Callable, target: Any, output_shape: tuple | None = None):
             "an operator over a dataset skips them"
         )
     rule = None
-    fn, kw = _identify(loss_fn)
+    fn, kw = identify(loss_fn)
     if fn is not None and isinstance(target, torch.Tensor):
         rule = _from_function(fn, kw, target)
     if (

@@ -445,7 +445,7 @@ class _ModelOperator(CurvatureOperator):
                 if self._custom_reduction(inputs, targets) == "sum":
                     w = None
             seen += 1
-            _, _, prods = api._compute(
+            _, _, prods = api.compute(
                 self.model,
                 self.loss_fn,
                 inputs,

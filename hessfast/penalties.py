@@ -100,7 +100,7 @@ def _sequence_layout(loss_fn: Callable, z: Any, targets: Any) -> bool:
     logits, ``[B, T]`` class targets), which hessfast's rules accept and torch's call does not."""
     if not (isinstance(z, torch.Tensor) and isinstance(targets, torch.Tensor)) or z.dim() < 3:
         return False
-    fn, _ = losses._identify(loss_fn)
+    fn, _ = losses.identify(loss_fn)
     if fn not in (torch.nn.functional.cross_entropy, torch.nn.functional.nll_loss):
         return False
     if targets.is_floating_point():

@@ -61,9 +61,6 @@ from .krylov import (
 Tensor = torch.Tensor
 Rows = slice | Tensor
 
-#: the product wrapper of the Krylov layer (kept under its old name for code that patches it)
-_Products = Products
-
 __all__ = [
     "spectral_density",
     "SpectralDensity",
@@ -416,7 +413,7 @@ class Outlier:
         }
 
 
-def _gaussians(x: np.ndarray, nodes: np.ndarray, weights: np.ndarray, sigma: float) -> np.ndarray:
+def gaussians(x: np.ndarray, nodes: np.ndarray, weights: np.ndarray, sigma: float) -> np.ndarray:
     out = np.zeros(x.shape)
     norm = 1.0 / (sigma * math.sqrt(2 * math.pi))
     for a in range(0, x.size, 256):
@@ -494,7 +491,7 @@ class SpectralDensity:
         """The broadened density (not renormalised) at the points ``x``."""
         nodes, w, _ = self._valid()
         x = np.asarray(x, dtype=np.float64)
-        return _gaussians(x.reshape(-1), nodes, w, sigma or self.sigma).reshape(x.shape)
+        return gaussians(x.reshape(-1), nodes, w, sigma or self.sigma).reshape(x.shape)
 
     def moment(self, power: int) -> float:
         """``(1/m) Σ_i Σ_j τ_ij² θ_ij^power``: an unbiased estimate of ``tr(H^power) / P``
@@ -703,7 +700,7 @@ def spectral_density(
         gap = float(outlier_gap)
     if grid is None:
         x = np.linspace(lo - 5 * sigma, hi + 5 * sigma, npts)
-        values = _gaussians(x, pooled, pw, sigma)
+        values = gaussians(x, pooled, pw, sigma)
         total = float(np.trapezoid(values, x)) if npts > 1 else 0.0
         if total > 0:
             values = values / total
@@ -711,7 +708,7 @@ def spectral_density(
         x = np.asarray(grid, dtype=np.float64).reshape(-1)
         if x.size < 1 or not np.isfinite(x).all():
             raise ValueError("grid must be a non-empty 1-D array of finite numbers")
-        values = _gaussians(x, pooled, pw, sigma)
+        values = gaussians(x, pooled, pw, sigma)
     return SpectralDensity(
         grid=x,
         values=values,

@@ -60,8 +60,6 @@ from .report import (
     write_report,
 )
 
-_version = version  # the name hessfast.demo imports
-
 __all__ = [
     "analyze",
     "count_outliers",

@@ -50,27 +50,6 @@ class _Phases:
             self.bar.close()
 
 
-class _Counted:
-    """The operator, counting the columns it multiplies (and showing them on the phase bar)."""
-
-    def __init__(self, op, phases: _Phases):
-        self.op = op
-        self.shape = tuple(op.shape)
-        self.dtype = op.dtype
-        self.device = op.device
-        self.products = 0
-        self._phases = phases
-
-    def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        Y = self.op.matmat(V)
-        self.products += int(V.shape[1])
-        self._phases.products(self.products)
-        return Y
-
-    def groups(self, by="module"):
-        return self.op.groups(by)
-
-
 def _bulk_edge(density: dict) -> tuple[float, float]:
     """Upper end of the bulk of an SLQ density (its heaviest cluster of pooled Ritz values, split
     where neighbours lie more than ``outlier_gap`` apart, as :func:`hessfast.spectral_density`
@@ -177,7 +156,7 @@ def analyze(
     from ..algorithms import eigsh, spectral_density
     from ..algorithms import layerwise as layerwise_fn
     from ..algorithms import trace as trace_fn
-    from ..algorithms.lanczos import check_operator
+    from ..algorithms.krylov import Products, check_operator
 
     P = check_operator(op)
     k = max(1, min(int(top_k), P))
@@ -192,7 +171,7 @@ def analyze(
     if layerwise and can_layer:
         names.append("per-layer")
     phases = _Phases(names, progress, desc="analysis")
-    counted = _Counted(op, phases)
+    counted = Products(op, on_call=phases.products)
     report: dict[str, Any] = {
         "hessfast_version": version(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

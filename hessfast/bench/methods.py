@@ -79,7 +79,7 @@ def _quiet(fn: Callable[[int], Any]) -> Callable[[int], Any]:
 def _loss_module(loss_fn: Callable) -> nn.Module:
     if isinstance(loss_fn, nn.Module):
         return loss_fn
-    fn, kw = losses._identify(loss_fn)
+    fn, kw = losses.identify(loss_fn)
     red = kw.get("reduction", "mean")
     if fn is F.cross_entropy:
         return nn.CrossEntropyLoss(

@@ -43,7 +43,7 @@ def autograd_loss(loss_fn: Callable, out_shape: tuple, targets: Any) -> Callable
 
 
 def needs_flatten(loss_fn: Callable, out_shape: tuple, targets: Any) -> bool:
-    fn, _ = losses._identify(loss_fn)
+    fn, _ = losses.identify(loss_fn)
     if fn not in (F.cross_entropy, F.nll_loss) or not isinstance(targets, torch.Tensor):
         return False
     if targets.is_floating_point() or len(out_shape) < 3:

@@ -51,7 +51,7 @@ def compute(model, loss_fn, inputs, targets, v, mode, params=None, compile="inte
     counts one product's row calls; the traced product has its own test)."""
     sel = select_params(model, params)
     vec = parse({n: v[n] for n, _ in sel}, sel) if mode != "grad" else None
-    return api._compute(model, loss_fn, inputs, targets, sel, vec, mode, True, compile=compile)
+    return api.compute(model, loss_fn, inputs, targets, sel, vec, mode, True, compile=compile)
 
 
 def unfused(monkeypatch, *args, **kw):
@@ -263,7 +263,7 @@ def test_profiler_records_the_fused_head(spy, monkeypatch):
     sel = select_params(model, None)
     vec = parse(vectors(model, 2), sel)
     prof = Profiler(torch.device("cpu"))
-    api._compute(model, loss_fn, inputs, targets, sel, vec, "hvp", True, profiler=prof)
+    api.compute(model, loss_fn, inputs, targets, sel, vec, "hvp", True, profiler=prof)
     loss = [(r.name, nb) for s, r, p, _, nb in prof.records if p == "loss"]
     assert len(loss) == 1 and loss[0][0] == "linear_cross_entropy" and loss[0][1] > 0
     linears = [s for s, _, p, _, _ in prof.records if s is not None and p == "forward"]
