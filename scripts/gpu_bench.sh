@@ -5,7 +5,7 @@
 #   models     hessfast bench, MLP, ResNet-18 and GPT-2 small at the baseline shapes, float32:
 #              gradient, exact HVP, GGN-VP and K=8 HVP as ratios to the gradient, backends torch
 #              and auto, the traced graph and CUDA graphs (targets: HVP <= 2.6x, GGN-VP <= 1.7x,
-#              K=8 <= 2.1x per vector of the gradient; ../shared/baselines/)
+#              K=8 <= 2.1x per vector of the gradient; benchmarks/baselines/)
 #   compiled   the same through Inductor (--modes traced,inductor), compile time in its own
 #              column, with torch.compile of torch.func's HVP (which fails on ResNet-18 and GPT-2)
 #   head       benchmarks/bench_cross_entropy.py --size full: the fused cross-entropy head at
