@@ -3,10 +3,11 @@
 Users write the loss of a sequence model as a callable, ``lambda z, y: F.cross_entropy(z.reshape(-1,
 z.shape[-1]), y.reshape(-1))``; as an arbitrary callable it would be differentiated at the output by
 ``torch.func`` (:class:`hessfast.losses.FuncLoss`), a few times the cost of the closed-form rule
-and outside what a traced product can fuse. :func:`lower` runs the callable once per signature on
+and outside what a traced product can fuse. :func:`lower` runs the callable on every product on
 ``meta`` tensors (shapes only, no data, no compute) under a ``TorchFunctionMode`` that records
-every torch call. When the record is nothing but reshapes (``reshape``, ``view``, ``flatten``,
-``contiguous`` and shape queries) of the output and of the targets, followed by one call of a loss
+every torch call; nothing is cached, since the options it passes may change between calls. When
+the record is nothing but reshapes (``reshape``, ``view``, ``flatten``, ``contiguous`` and shape
+queries) of the output and of the targets, followed by one call of a loss
 with a closed-form rule (``F.cross_entropy``, ``F.nll_loss``, ``F.mse_loss``, ... or their
 ``nn`` modules) on those two tensors whose value the callable returns, the loss is
 ``ℓ(reshape(z), reshape(t))``. Reshaping is linear and keeps the elements, so the closed-form rule
@@ -28,7 +29,6 @@ Example:
 from __future__ import annotations
 
 import inspect
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -96,10 +96,6 @@ class _Record(TorchFunctionMode):
         return out
 
 
-#: Per loss callable (weakly): signature -> recipe, or ``None`` where it does not lower.
-_RECIPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def _recipe(loss_fn: Callable, z_meta: Tensor, t_meta: Tensor):
     """``(function, keyword arguments, output shape, target shape)`` of the built-in loss the
     callable applies to reshapes of its two arguments, or ``None``."""
@@ -159,16 +155,10 @@ def lower(rule: Any, z: Tensor) -> Any:
     target = rule.target
     if not isinstance(target, Tensor) or not isinstance(z, Tensor):
         return rule
-    key = (tuple(z.shape), z.dtype, tuple(target.shape), target.dtype)
-    try:
-        per_fn = _RECIPES.get(rule.loss_fn)
-        if per_fn is None:
-            per_fn = _RECIPES[rule.loss_fn] = {}
-    except TypeError:  # not weakly referenceable: no cache
-        per_fn = {}
-    if key not in per_fn:
-        per_fn[key] = _recipe(rule.loss_fn, _meta(z), _meta(target))
-    recipe = per_fn[key]
+    # recorded on every product (meta tensors: no data, no compute), never cached: the callable
+    # may read options that change between calls (a label-smoothing schedule in a global), and
+    # the closed-form rule's options are part of the traced product's key
+    recipe = _recipe(rule.loss_fn, _meta(z), _meta(target))
     if recipe is None:
         return rule
     fn, arguments, z_shape, t_shape = recipe

@@ -132,3 +132,25 @@ def test_products_equal_the_oracle(name):
     want = torch.autograd.grad(fn(model(x), y), list(params.values()))
     for n, w in zip(params, want):
         torch.testing.assert_close(g[n], w, rtol=1e-10, atol=1e-12)
+
+
+SMOOTHING = {"eps": 0.0}
+
+
+def _scheduled(z, t):
+    return F.cross_entropy(
+        z.flatten(0, 1), t.flatten(), label_smoothing=SMOOTHING["eps"]
+    )  # an option read from outside, changed between products
+
+
+def test_an_option_the_callable_reads_from_outside_is_read_at_every_product():
+    torch.manual_seed(0)
+    model = _Seq().double()
+    x, y = _targets(), _targets().flip(0)
+    v = {n: torch.randn(1, *p.shape, dtype=p.dtype) for n, p in model.named_parameters()}
+    for eps in (0.0, 0.0, 0.3, 0.3):  # traced on the second product, then the option changes
+        SMOOTHING["eps"] = eps
+        got = hessfast.hvp(model, _scheduled, x, y, v)
+        want = _oracles(model, _scheduled, x, y)[0](v)
+        for n in want:
+            torch.testing.assert_close(got[n], want[n], rtol=1e-10, atol=1e-12)
