@@ -96,18 +96,26 @@ class _Record(TorchFunctionMode):
         return out
 
 
-def _recipe(loss_fn: Callable, z_meta: Tensor, t_meta: Tensor):
-    """``(function, keyword arguments, output shape, target shape)`` of the built-in loss the
-    callable applies to reshapes of its two arguments, or ``None``."""
+def _record(loss_fn: Callable, z_meta: Any, t_meta: Any) -> tuple[list, Any] | None:
+    """The torch calls of ``loss_fn(z_meta, t_meta)`` and its result, or ``None`` when it cannot
+    run on meta tensors (a tensor it holds on a real device, a host read of a value)."""
     rec = _Record()
     try:
         with rec:
             out = loss_fn(z_meta, t_meta)
     except Exception:
         return None
+    return rec.calls, out
+
+
+def _recipe(calls: list, out: Any, z_meta: Tensor, t_meta: Any):
+    """``(function, keyword arguments, output shape, target shape)`` of the built-in loss the
+    recorded callable applies to reshapes of its two arguments, or ``None``."""
+    if not isinstance(t_meta, Tensor):
+        return None
     origin = {id(z_meta): "z", id(t_meta): "t"}
     found = None
-    for func, args, kwargs, res in rec.calls:
+    for func, args, kwargs, res in calls:
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
         touched = {origin[id(a)] for a in tensors if id(a) in origin}
         if not touched:
@@ -141,6 +149,53 @@ def _recipe(loss_fn: Callable, z_meta: Tensor, t_meta: Tensor):
     return found[:4]
 
 
+class CallSignature:
+    """What a custom loss callable did on one product, as a hashable key: every torch call with
+    its non-tensor arguments, and the identity, version, shape and dtype of every tensor it used
+    that is not derived from the output or targets. A traced product of a :class:`FuncLoss` bakes
+    the callable's Python state into its graph; keyed on this, a changed option (a schedule read
+    from a global, a rebound or updated tensor) traces anew instead of replaying a stale graph."""
+
+    def __init__(self, calls: list, inputs: set[int]):
+        derived = set(inputs)
+        parts = []
+        for func, args, kwargs, res in calls:
+            parts.append(
+                (
+                    func,
+                    tuple(_arg_key(a, derived) for a in args),
+                    tuple((k, _arg_key(v, derived)) for k, v in sorted(kwargs.items())),
+                )
+            )
+            for r in torch.utils._pytree.tree_leaves(res):
+                if isinstance(r, Tensor):
+                    derived.add(id(r))
+        self.parts = tuple(parts)
+        self._hash = hash(self.parts)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CallSignature) and other.parts == self.parts
+
+    def __hash__(self) -> int:
+        return self._hash
+
+
+def _arg_key(a: Any, derived: set[int]) -> Any:
+    if isinstance(a, Tensor):
+        if id(a) in derived:
+            return ("input",)
+        return ("tensor", id(a), a._version, tuple(a.shape), a.dtype, str(a.device))
+    if isinstance(a, (list, tuple)):
+        return (type(a).__name__, *(_arg_key(x, derived) for x in a))
+    if isinstance(a, dict):
+        return ("dict", *((k, _arg_key(v, derived)) for k, v in sorted(a.items(), key=str)))
+    try:
+        hash(a)
+    except TypeError:
+        return ("repr", type(a).__name__, repr(a))
+    return a
+
+
 def _meta(t: Tensor) -> Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device="meta")
 
@@ -148,21 +203,35 @@ def _meta(t: Tensor) -> Tensor:
 def lower(rule: Any, z: Tensor) -> Any:
     """``rule`` (a :class:`~hessfast.losses.FuncLoss`) as a closed-form rule for a model output
     like ``z`` (its shape and dtype are read, nothing else) where the callable is a built-in loss
-    of reshaped tensors; else ``rule`` itself. Target errors (range, dtype) raise as for the
+    of reshaped tensors. Otherwise ``rule`` itself, with ``rule.call_signature`` set: the
+    :class:`CallSignature` of this product, or ``None`` when the callable could not be recorded
+    (the product must then be interpreted). Target errors (range, dtype) raise as for the
     built-in loss."""
-    if not isinstance(rule, losses.FuncLoss) or isinstance(rule.loss_fn, losses.RebuiltOutput):
+    if not isinstance(rule, losses.FuncLoss):
         return rule
-    target = rule.target
-    if not isinstance(target, Tensor) or not isinstance(z, Tensor):
+    rule.call_signature = None
+    if not isinstance(z, Tensor):
         return rule
+    z_meta = _meta(z)
+    t_meta = torch.utils._pytree.tree_map(
+        lambda x: _meta(x) if isinstance(x, Tensor) else x, rule.target
+    )
     # recorded on every product (meta tensors: no data, no compute), never cached: the callable
     # may read options that change between calls (a label-smoothing schedule in a global), and
     # the closed-form rule's options are part of the traced product's key
-    recipe = _recipe(rule.loss_fn, _meta(z), _meta(target))
-    if recipe is None:
+    record = _record(rule.loss_fn, z_meta, t_meta)
+    if record is None:
         return rule
-    fn, arguments, z_shape, t_shape = recipe
-    inner = losses.closed_form(fn, arguments, target.reshape(t_shape), z_shape)
-    if inner is None:
-        return rule
-    return inner if z_shape == tuple(z.shape) else Reshaped(inner, z_shape)
+    calls, out = record
+    inputs = {id(z_meta)} | {
+        id(x) for x in torch.utils._pytree.tree_leaves(t_meta) if isinstance(x, Tensor)
+    }
+    if not isinstance(rule.loss_fn, losses.RebuiltOutput):
+        recipe = _recipe(calls, out, z_meta, t_meta)
+        if recipe is not None:
+            fn, arguments, z_shape, t_shape = recipe
+            inner = losses.closed_form(fn, arguments, rule.target.reshape(t_shape), z_shape)
+            if inner is not None:
+                return inner if z_shape == tuple(z.shape) else Reshaped(inner, z_shape)
+    rule.call_signature = CallSignature(calls, inputs)
+    return rule

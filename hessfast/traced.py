@@ -55,6 +55,7 @@ from torch.utils import _pytree as pytree
 from . import engine, lower_loss
 from .capture import Program, hashable_spec
 from .dispatch import requested
+from .losses import FuncLoss
 from .rules import cross_entropy
 
 log = logging.getLogger("hessfast")
@@ -311,6 +312,17 @@ def run(
     check_mode(compile)
     loss_rule = lower_loss.lower(loss_rule, program.output.meta.get("val"))
     if compile == "interpret":
+        return engine.run(program, param_names, values, tangents, k, loss_rule, mode)
+    if isinstance(loss_rule, FuncLoss) and loss_rule.call_signature is None:
+        # a custom loss that cannot be recorded on meta tensors: what it reads cannot be keyed,
+        # so a graph could replay stale Python state; the interpreter calls it afresh
+        if compile is not None:
+            raise RuntimeError(
+                f"compile={compile!r} needs a traced product, and this custom loss_fn cannot be "
+                "recorded on meta tensors (it holds a tensor on a real device or reads a value "
+                "on the host), so its state cannot be keyed; use compile=None (which interprets "
+                "it) instead"
+            )
         return engine.run(program, param_names, values, tangents, k, loss_rule, mode)
     if compile == "cudagraphs":
         dev = next((x.device for x in values.values() if isinstance(x, torch.Tensor)), None)

@@ -154,3 +154,49 @@ def test_an_option_the_callable_reads_from_outside_is_read_at_every_product():
         want = _oracles(model, _scheduled, x, y)[0](v)
         for n in want:
             torch.testing.assert_close(got[n], want[n], rtol=1e-10, atol=1e-12)
+
+
+TEMPERATURE = {"t": 1.0}
+CLASS_WEIGHT = {"w": torch.ones(V, dtype=torch.float64)}
+
+
+def _tempered(z, t):  # not a reshape-and-built-in: stays a torch.func loss, traced with its state
+    return F.cross_entropy(z.flatten(0, 1) / TEMPERATURE["t"], t.flatten())
+
+
+def _weighted(z, t):  # holds a tensor of its own, on the CPU: cannot be recorded on meta tensors
+    return F.cross_entropy(z.flatten(0, 1), t.flatten(), weight=CLASS_WEIGHT["w"])
+
+
+@pytest.mark.parametrize(
+    "fn, change",
+    [
+        (_tempered, lambda: TEMPERATURE.update(t=3.0)),
+        (_weighted, lambda: CLASS_WEIGHT["w"].mul_(2.0).add_(torch.arange(V) / V)),
+    ],
+    ids=["python-scalar", "held-tensor-in-place"],
+)
+def test_custom_loss_state_changed_between_products_is_never_replayed_stale(fn, change):
+    TEMPERATURE.update(t=1.0)
+    CLASS_WEIGHT["w"] = torch.ones(V, dtype=torch.float64)
+    torch.manual_seed(0)
+    model = _Seq().double()
+    x, y = _targets(), _targets().flip(0)
+    v = {n: torch.randn(1, *p.shape, dtype=p.dtype) for n, p in model.named_parameters()}
+    for step in range(
+        4
+    ):  # traced (where it can be) on the second product, changed before the third
+        if step == 2:
+            change()
+        got = hessfast.hvp(model, fn, x, y, v)
+        want = _oracles(model, fn, x, y)[0](v)
+        for n in want:
+            torch.testing.assert_close(got[n], want[n], rtol=1e-10, atol=1e-12)
+
+
+def test_a_custom_loss_that_cannot_be_recorded_refuses_compile():
+    model = _Seq().double()
+    x, y = _targets(), _targets().flip(0)
+    v = {n: torch.randn(1, *p.shape, dtype=p.dtype) for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="cannot be recorded"):
+        hessfast.hvp(model, _weighted, x, y, v, compile="inductor")
