@@ -66,11 +66,11 @@ def compute(
     the ``hessfast`` logger gets it as one DEBUG line either way."""
     traced.check_mode(compile)
     with use_backend(backend) as requested, dispatch.recording() as rec:
-        res, trace = _compute_on(
+        res = _compute_on(
             model, loss_fn, inputs, targets, selected, vec, mode, strict, profiler, compile, output
         )
     if info is not None or log.isEnabledFor(logging.DEBUG):
-        what = dispatch.product_info(rec, mode, requested, res.fallback_ops, trace)
+        what = dispatch.product_info(rec, mode, requested, res.fallback_ops, res.trace)
         if isinstance(res, _Whole):
             what.path = "autograd"
         log.debug("hessfast: %s", what)
@@ -82,8 +82,8 @@ def compute(
 def _compute_on(
     model, loss_fn, inputs, targets, selected, vec, mode, strict, profiler, compile, output
 ):
-    """``(result, trace)``: the engine's result (``loss``, ``grads``, ``products``,
-    ``fallback_ops``) and the traced product that ran or was traced (``None``: interpreted)."""
+    """The engine's result (``loss``, ``grads``, ``products``, ``fallback_ops`` and ``trace``,
+    the traced product that ran or was traced; ``None``: interpreted)."""
     inputs, kwargs = split_inputs(inputs)
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, not {type(model).__name__}")
@@ -107,7 +107,7 @@ def _compute_on(
         loss, grads, prods = autograd_fallback.run(
             model, rule, inputs, selected, tangents, k, mode, kwargs=kwargs, output=output
         )
-        return _Whole(loss, grads, prods), None
+        return _Whole(loss, grads, prods)
     values: dict[str, torch.Tensor] = {}
     for ph, t in prog.state(model):
         values[ph] = t.detach()
@@ -118,15 +118,15 @@ def _compute_on(
     rule = losses.resolve(loss_fn, targets, tuple(out_meta.shape) if out_meta is not None else None)
     _, rule = losses.read_output(rule, prog.out_spec, output)
     if profiler is not None:  # the per-rule view needs the interpreter
-        return engine.run(prog, names, values, tangents, k, rule, mode, profiler=profiler), None
-    res = traced.run(prog, names, values, tangents, k, rule, mode, compile)
-    return res, res.trace
+        return engine.run(prog, names, values, tangents, k, rule, mode, profiler=profiler)
+    return traced.run(prog, names, values, tangents, k, rule, mode, compile)
 
 
 class _Whole:
     """The autograd whole-loss fallback's result, shaped like the engine's (no rule ran)."""
 
     fallback_ops = None
+    trace = None
 
     def __init__(self, loss, grads, products):
         self.loss, self.grads, self.products = loss, grads, products
