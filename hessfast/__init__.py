@@ -35,7 +35,13 @@ from .errors import (
 )
 from .landscape import Landscape
 from .monitor import HessianMonitor
-from .operators import CurvatureOperator, DenseOperator, GGNOperator, HessianOperator
+from .operators import (
+    CurvatureOperator,
+    DenseOperator,
+    GGNOperator,
+    HessianOperator,
+    ResidualOperator,
+)
 from .sharpness import Sharpness
 
 __version__ = "0.1.0"
@@ -53,6 +59,7 @@ __all__ = [
     "DenseOperator",
     "HessianOperator",
     "GGNOperator",
+    "ResidualOperator",
     "eigsh",
     "condition_number",
     "spectral_density",

@@ -61,7 +61,8 @@ def compute(
     info: list | None = None,
 ):
     """``(loss, grads, products)`` of one engine run: what ``hvp``/``ggn_vp``/``grad`` and the
-    operators, the profiler and the benchmarks call (``mode``: ``"hvp"``, ``"ggn"`` or ``"grad"``).
+    operators, the profiler and the benchmarks call (``mode``: ``"hvp"``, ``"ggn"``, ``"grad"`` or
+    ``"residual"``, see :mod:`hessfast.engine`).
     With ``info`` (a list) the run's :class:`~hessfast.dispatch.ProductInfo` is appended to it;
     the ``hessfast`` logger gets it as one DEBUG line either way."""
     traced.check_mode(compile)

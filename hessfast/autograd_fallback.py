@@ -1,7 +1,8 @@
 """The whole-loss autograd path, for models that ``torch.export`` cannot capture.
 
 HVP by double backward (``∇(⟨∇L, v⟩)``), GGN-VP by the double-VJP trick for ``J v`` followed by the
-loss rule's Hessian and one VJP. One backward per vector: a loop over K. Buffers (BatchNorm running
+loss rule's Hessian and one VJP; the residual ``R = H − G`` by double backward with ``∂L/∂z`` held
+constant. One backward per vector: a loop over K. Buffers (BatchNorm running
 statistics) are restored afterwards, so a call has no side effects on the model.
 
 Everything runs under SDPA's math backend: the fused attention kernels (flash, memory-efficient,
@@ -72,18 +73,20 @@ def _run(model, loss_rule, inputs, selected, tangents, k, mode, kwargs, output):
             z, loss_rule = select_output(model(*inputs, **kwargs), loss_rule, output)
             loss, gz, _ = loss_rule.evaluate(z, None, "grad")
             grads = products = None
-            if mode in ("grad", "hvp"):
+            if mode in ("grad", "hvp", "residual"):
+                # residual: R V = ∇_θ((∂L/∂z)ᵀ z(θ)) · V with ∂L/∂z held constant, i.e. without
+                # the loss Hessian's term
                 g = torch.autograd.grad(
                     z,
                     params,
-                    gz,
-                    create_graph=(mode == "hvp"),
+                    gz.detach() if mode == "residual" else gz,
+                    create_graph=(mode != "grad"),
                     allow_unused=True,
                     retain_graph=True,
                 )
                 g = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, params)]
-                grads = {n: gi.detach() for n, gi in zip(names, g)}
-            if mode == "hvp":
+                grads = {n: gi.detach() for n, gi in zip(names, g)} if mode != "residual" else None
+            if mode in ("hvp", "residual"):
                 products = {n: [] for n in names}
                 live = [(n, gi) for n, gi in zip(names, g) if gi.requires_grad]
                 for i in range(k):

@@ -6,7 +6,11 @@ turns the output and its tangent into ``(ḡ_z, ġ_z)``. Backward pass in revers
 ``(ḡ, ġ)`` cotangents; at the parameters ``ġ_θ = H V`` (or ``G V`` in GGN mode, where ``ḡ`` is
 never formed and every second-order term drops out) and ``ḡ_θ = ∇L``.
 
-Modes: ``"hvp"`` (ḡ and ġ), ``"ggn"`` (ġ only, no primal backward), ``"grad"`` (ḡ only, no tangents).
+Modes: ``"hvp"`` (ḡ and ġ), ``"ggn"`` (ġ only, no primal backward), ``"grad"`` (ḡ only, no tangents)
+and ``"residual"``: ``ġ_θ = R V = (H − G) V``, the Hessian's part from the model's second
+derivatives, ``Σ_i (∂L/∂z_i) ∇²_θ z_i · V``. It is an HVP pass whose loss rule returns no ``ġ_z``
+(the loss Hessian's term ``Jᵀ H_L J V`` is the GGN's), so only the rules' second-order terms, driven
+by ``ḡ``, produce ``ġ``; the fused head is off (its ``ġ`` mixes both terms).
 
 The fused head: when the loss is softmax cross-entropy with hard targets and the model output is a
 linear layer's (``aten.linear``, possibly followed by views and reshapes that keep the class axis
@@ -197,7 +201,8 @@ def run(
             "the model output does not depend on the differentiated parameters; "
             "check `params=` (every selected parameter is unused by this forward)"
         )
-    head = _find_head(program, plan, loss_rule, k)
+    loss_mode = "grad" if mode == "residual" else mode
+    head = None if mode == "residual" else _find_head(program, plan, loss_rule, k)
     gm = program.graph_module
     env: dict[str, Any] = dict(values)
     tan: dict[str, Any] = {}
@@ -306,7 +311,15 @@ def run(
             z = env[out]
             zdot = tan.get(out)
             loss, gz, gdz = _timed(
-                profiler, None, loss_rule, "loss", (z, zdot), loss_rule.evaluate, z, zdot, mode
+                profiler,
+                None,
+                loss_rule,
+                "loss",
+                (z, zdot),
+                loss_rule.evaluate,
+                z,
+                zdot,
+                loss_mode,
             )
             env.clear()
             tan.clear()
@@ -330,7 +343,7 @@ def run(
             _scatter(cot, plan, step.args, gargs, gdargs)
 
     grads: dict[str, torch.Tensor] | None = {} if mode in ("hvp", "grad") else None
-    prods: dict[str, torch.Tensor] | None = {} if mode in ("hvp", "ggn") else None
+    prods: dict[str, torch.Tensor] | None = {} if mode in ("hvp", "ggn", "residual") else None
     for ph, name in program.params.items():
         if not plan[ph]:
             continue

@@ -615,6 +615,29 @@ class GGNOperator(_ModelOperator):
     kind = "GGN"
 
 
+class ResidualOperator(_ModelOperator):
+    """The residual ``R = H − G`` of the Gauss-Newton decomposition: ``Σ_i (∂L/∂z_i) ∇²_θ z_i``,
+    the Hessian's part from the model outputs' second derivatives (symmetric, indefinite; all of
+    the Hessian's negative curvature for a convex loss). One product is one engine pass, an HVP
+    pass without the loss Hessian's term, so it costs about an HVP, not an HVP and a GGN-VP.
+    Same arguments as :class:`HessianOperator`.
+
+    Example::
+
+        >>> import torch, torch.nn.functional as F, hessfast
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+        >>> H, G = (C(model, F.cross_entropy, (x, y)) for C in (HessianOperator, GGNOperator))
+        >>> R = ResidualOperator(model, F.cross_entropy, (x, y))
+        >>> v = torch.randn(R.shape[0])
+        >>> torch.allclose(R @ v, H @ v - G @ v, atol=1e-5)
+        True
+    """
+
+    mode = "residual"
+    kind = "residual (H − G)"
+
+
 def bytes_needed(P: int, columns: int, dtype: torch.dtype) -> int:
     """Bytes of a ``[P, columns]`` basis in ``dtype`` (for memory errors in algorithms)."""
     return P * columns * torch.empty(0, dtype=dtype).element_size()
