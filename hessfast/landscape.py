@@ -8,6 +8,8 @@ curvature predicts (along the top eigenvector: ``L₀ + g₁ t + ½ λ t²``). D
 
 - ``"top"``: the top one or two eigenvectors of the Hessian (:func:`hessfast.eigsh`, or
   ``eigenpairs=`` computed before); unit vectors, so the axes are distances in parameter space.
+  With ``curvature="ggn"`` the GGN's eigenvectors, and the quadratic model is the Gauss-Newton
+  model ``L₀ + g₁ t + ½ λ_GGN t²`` (the loss on the grid is the same).
 - ``"random"``: filter-normalised Gaussian directions (Li, Xu, Taylor, Studer and Goldstein,
   "Visualizing the Loss Landscape of Neural Nets", NeurIPS 2018): each filter (row along the
   first axis) of a weight scaled to the norm of the same filter of ``θ``; parameters with at most
@@ -43,12 +45,12 @@ from torch import nn
 
 from . import api, losses
 from .autograd_fallback import check_no_training_dropout
-from .operators import HessianOperator
+from .operators import GGNOperator, HessianOperator
 from .penalties import call_loss
 
 Tensor = torch.Tensor
 
-__all__ = ["landscape", "Landscape", "filter_normalized_directions"]
+__all__ = ["landscape", "Landscape", "filter_normalized_directions", "loss_operator", "auto_span"]
 
 
 class ModelGuard:
@@ -83,6 +85,42 @@ def _same_bits(a: Tensor, b: Tensor) -> bool:
         ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
         return torch.equal(a.contiguous().view(ints), b.contiguous().view(ints))
     return torch.equal(a, b)
+
+
+def loss_operator(
+    model: nn.Module,
+    loss_fn: Callable,
+    data: Any,
+    *,
+    curvature: str = "hessian",
+    params: str | Sequence[str] | None = None,
+    max_batch_size: int | None = None,
+    reduction: str | None = None,
+    output: str | int | None = None,
+) -> HessianOperator | GGNOperator:
+    """The local (``process_group=False``) Hessian or GGN operator of ``loss_fn`` over ``data``
+    that :func:`landscape` and :func:`hessfast.sharpness` read the loss, the gradient and the
+    curvature from; ``ValueError`` for a ``curvature`` other than ``"hessian"`` or ``"ggn"``.
+
+    >>> import torch, torch.nn.functional as F
+    >>> from hessfast.landscape import loss_operator
+    >>> model = torch.nn.Linear(3, 2)
+    >>> loss_operator(model, F.cross_entropy, (torch.randn(4, 3), torch.tensor([0, 1, 1, 0]))).shape
+    (8, 8)
+    """
+    ops = {"hessian": HessianOperator, "ggn": GGNOperator}
+    if curvature not in ops:
+        raise ValueError(f'curvature={curvature!r}: "hessian" or "ggn"')
+    return ops[curvature](
+        model,
+        loss_fn,
+        data,
+        params=params,
+        max_batch_size=max_batch_size,
+        process_group=False,
+        reduction=reduction,
+        output=output,
+    )
 
 
 class DataLoss:
@@ -263,11 +301,13 @@ class Landscape:
 
     ``coords``: one float64 array of step coefficients per axis; ``loss``: the dataset loss on the
     grid, ``[steps]`` or ``[steps₁, steps₂]`` (first index the first direction); ``quadratic``: the
-    quadratic model on the same grid; ``loss0``, ``slope`` (``Dᵀ∇L``), ``curvature`` (``DᵀHD``,
-    ``diag(λ)`` for eigenvectors): its terms; ``eigenvalues``: the top eigenvalues for
-    ``"top"``; ``directions``: ``[k, P]``; ``norms``: each direction's norm; ``kind``;
-    ``evaluation``: ``"vmap"`` or ``"sequential"``; ``products``/``seconds``: cost; ``png``,
-    ``json``: the files written.
+    quadratic model on the same grid; ``loss0``, ``slope`` (``Dᵀ∇L``), ``curvature`` (``DᵀCD``
+    for the curvature ``C``, ``diag(λ)`` for its eigenvectors): its terms; ``operator``: which
+    curvature (``"Hessian"`` or ``"GGN"``: the quadratic model along GGN eigenvectors is the
+    Gauss-Newton model); ``eigenvalues``: the top eigenvalues for ``"top"``; ``directions``:
+    ``[k, P]`` (``None`` in a landscape read back by :meth:`from_dict`); ``norms``: each
+    direction's norm; ``kind``; ``evaluation``: ``"vmap"`` or ``"sequential"``;
+    ``points``/``seconds``: cost; ``png``, ``json``: the files written.
     """
 
     kind: str
@@ -277,7 +317,7 @@ class Landscape:
     loss0: float
     slope: np.ndarray
     curvature: np.ndarray
-    directions: Tensor
+    directions: Tensor | None
     norms: list[float]
     eigenvalues: list[float] | None = None
     evaluation: str = "vmap"
@@ -285,17 +325,36 @@ class Landscape:
     seconds: float = 0.0
     png: Path | None = None
     json: Path | None = None
+    operator: str = "Hessian"
     extra: dict = field(default_factory=dict)
 
     @property
     def ndim(self) -> int:
         return len(self.coords)
 
+    @property
+    def axes(self) -> list[str]:
+        """The axis labels of the plot, one per direction."""
+        return _axis_names(self.kind, self.ndim, self.operator)
+
     def to_dict(self) -> dict:
-        """Everything but the direction vectors, as JSON-ready Python values."""
-        return {
+        """Everything but the direction vectors, as JSON-ready Python values (lists, floats;
+        a non-finite loss, e.g. an overflow far from ``θ``, becomes ``None``); the files by
+        name. :meth:`from_dict` reads it back.
+
+        >>> import torch, torch.nn.functional as F, hessfast
+        >>> model = torch.nn.Linear(3, 2)
+        >>> data = (torch.randn(8, 3), torch.randint(0, 2, (8,)))
+        >>> d = hessfast.landscape(model, F.cross_entropy, data, steps=3).to_dict()
+        >>> d["kind"], d["operator"], len(d["coords"][0]), len(d["eigenvalues"]), d["files"]
+        ('top', 'Hessian', 3, 1, {})
+        """
+        files = {k: Path(v).name for k, v in (("png", self.png), ("json", self.json)) if v}
+        d = {
             "kind": self.kind,
+            "operator": self.operator,
             "ndim": self.ndim,
+            "axes": self.axes,
             "coords": [c.tolist() for c in self.coords],
             "loss": self.loss.tolist(),
             "quadratic": self.quadratic.tolist(),
@@ -307,21 +366,59 @@ class Landscape:
             "evaluation": self.evaluation,
             "points": self.points,
             "seconds": self.seconds,
+            "files": files,
             **self.extra,
         }
+        return _finite_or_none(d)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Landscape:
+        """The landscape of a :meth:`to_dict` record (a ``report.json`` section), without its
+        direction vectors: enough to :meth:`plot` it again (``None`` reads back as NaN)."""
+        known = {
+            "kind", "operator", "ndim", "axes", "coords", "loss", "quadratic", "loss0", "slope",
+            "curvature", "eigenvalues", "direction_norms", "evaluation", "points", "seconds",
+            "files",
+        }  # fmt: skip
+
+        def arr(x: Any) -> np.ndarray:
+            return np.array(_none_to_nan(x), dtype=np.float64)
+
+        return cls(
+            kind=d["kind"],
+            coords=[arr(c) for c in d["coords"]],
+            loss=arr(d["loss"]),
+            quadratic=arr(d["quadratic"]),
+            loss0=float("nan") if d["loss0"] is None else float(d["loss0"]),
+            slope=arr(d["slope"]),
+            curvature=arr(d["curvature"]),
+            directions=None,
+            norms=list(d.get("direction_norms") or []),
+            eigenvalues=d.get("eigenvalues"),
+            evaluation=d.get("evaluation", "vmap"),
+            points=int(d.get("points", 0)),
+            seconds=float(d.get("seconds") or 0.0),
+            operator=d.get("operator", "Hessian"),
+            extra={k: v for k, v in d.items() if k not in known},
+        )
 
     def save_json(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`to_dict` as strict JSON (no NaN) to ``path``."""
         path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=True) + "\n")
+        path.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
         return path
 
     def plot(self, path: str | os.PathLike) -> Path:
         """A PNG: 1-D, the loss and the quadratic model against the step; 2-D, filled contours
         of the loss, dashed contours of the quadratic model and the eigen-directions of
-        ``DᵀHD`` (for ``"top"``: the two axes) marked from the centre with their eigenvalues."""
+        ``DᵀCD`` (for ``"top"``: the two axes) marked from the centre with their eigenvalues.
+        The title names the curvature (Hessian or GGN) whose eigenvectors or quadratic model
+        are shown."""
         from matplotlib.figure import Figure
 
-        names = _axis_names(self.kind, self.ndim)
+        names = self.axes
+        ggn = self.operator == "GGN"
+        model_name = "Gauss-Newton model" if ggn else "quadratic model"
         fig = Figure(figsize=(6.4, 4.6) if self.ndim == 1 else (6.4, 5.4), dpi=110)
         ax = fig.add_subplot(1, 1, 1)
         if self.ndim == 1:
@@ -330,16 +427,17 @@ class Landscape:
             ax.plot(
                 t, self.loss, color="C0", lw=1.6, marker="o", ms=2.5, label="loss over the data"
             )
-            sym = "λ" if self.kind == "top" else "dᵀHd"
+            sym = "λ" if self.kind == "top" else ("dᵀGd" if ggn else "dᵀHd")
             ax.plot(
                 t,
                 self.quadratic,
                 color="C3",
                 ls="--",
                 lw=1.2,
-                label=f"quadratic model L₀ + g·t + ½{sym}t², {sym} = {lam:.4g}",
+                label=f"{model_name} L₀ + g·t + ½{sym}t², {sym} = {lam:.4g}",
             )
-            lo, hi = float(np.nanmin(self.loss)), float(np.nanmax(self.loss))
+            finite = self.loss[np.isfinite(self.loss)]
+            lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
             pad = 0.1 * (hi - lo) if hi > lo else 1.0
             ax.set_ylim(lo - pad, hi + pad)
             ax.set_xlabel(names[0])
@@ -377,21 +475,46 @@ class Landscape:
             ax.plot([0], [0], marker="+", color="w", ms=10)
             ax.set_xlabel(names[0])
             ax.set_ylabel(names[1])
-        title = {"top": "top Hessian eigenvector", "random": "filter-normalised random"}.get(
-            self.kind, "given"
-        )
+        title = {
+            "top": f"top {self.operator} eigenvector",
+            "random": "filter-normalised random",
+        }.get(self.kind, "given")
         title += " direction" + ("s" if self.ndim == 2 else "")
         if self.ndim == 2:
-            title += "\n(dashed: quadratic model; arrows: eigen-directions of DᵀHD)"
+            cur = "DᵀGD" if ggn else "DᵀHD"
+            title += f"\n(dashed: {model_name}; arrows: eigen-directions of {cur})"
+        elif ggn and self.kind != "top":
+            title += " (curvature: GGN)"
         ax.set_title(title, fontsize=9)
         fig.tight_layout()
         fig.savefig(path)
         return Path(path)
 
 
-def _axis_names(kind: str, ndim: int) -> list[str]:
+def _finite_or_none(x: Any) -> Any:
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite_or_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_or_none(v) for v in x]
+    return x
+
+
+def _none_to_nan(x: Any) -> Any:
+    if x is None:
+        return float("nan")
+    if isinstance(x, list):
+        return [_none_to_nan(v) for v in x]
+    return x
+
+
+def _axis_names(kind: str, ndim: int, operator: str = "Hessian") -> list[str]:
     if kind == "top":
-        return ["t along v₁ (top eigenvector)", "t along v₂ (second eigenvector)"][:ndim]
+        return [
+            f"t along v₁ (top {operator} eigenvector)",
+            f"t along v₂ (second {operator} eigenvector)",
+        ][:ndim]
     return [f"α along d{'₁₂'[i]}" for i in range(ndim)]
 
 
@@ -424,22 +547,47 @@ def _user_directions(directions: Any, op: HessianOperator) -> Tensor:
     return D
 
 
-def _grid(span: Any, steps: Any, ndim: int) -> list[np.ndarray]:
+def _span(span: Any) -> tuple[float, float] | None:
+    """``(lo, hi)`` of ``span``, or ``None`` for ``"auto"``; ``ValueError`` otherwise."""
+    if isinstance(span, str) and span == "auto":
+        return None
+    bad = f'span must be a positive number, a (lo, hi) pair or "auto", got {span!r}'
     if isinstance(span, (int, float)) and not isinstance(span, bool):
         lo, hi = -float(span), float(span)
     elif isinstance(span, (tuple, list)) and len(span) == 2:
-        lo, hi = float(span[0]), float(span[1])
+        try:
+            lo, hi = float(span[0]), float(span[1])
+        except (TypeError, ValueError):
+            raise ValueError(bad) from None
     else:
-        raise ValueError(f"span must be a positive number or a (lo, hi) pair, got {span!r}")
+        raise ValueError(bad)
     if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
-        raise ValueError(f"span must be a positive number or a (lo, hi) pair, got {span!r}")
+        raise ValueError(bad)
+    return lo, hi
+
+
+def _steps(steps: Any, ndim: int) -> list[int]:
     counts = list(steps) if isinstance(steps, (list, tuple)) else [steps] * ndim
     if len(counts) != ndim:
         raise ValueError(f"steps: one number or {ndim}, got {steps!r}")
     for n in counts:
         if isinstance(n, bool) or not isinstance(n, int) or n < 2:
             raise ValueError(f"steps must be an integer ≥ 2, got {n!r}")
-    return [np.linspace(lo, hi, n) for n in counts]
+    return counts
+
+
+def auto_span(loss0: float, lam: float | None) -> float:
+    """The half-width ``s`` of ``span="auto"``: where the curvature term ``½λ₁s²`` of the
+    quadratic model equals ``|L₀|`` (the loss at ``θ``; at least 1e-3), i.e.
+    ``s = √(2|L₀|/λ₁)``; 1 when ``λ₁`` is unknown or not positive.
+
+    >>> from hessfast.landscape import auto_span
+    >>> auto_span(0.5, 4.0), auto_span(0.5, None)
+    (0.5, 1.0)
+    """
+    if lam is None or not lam > 0 or not math.isfinite(lam):
+        return 1.0
+    return math.sqrt(2 * max(abs(loss0), 1e-3) / lam)
 
 
 def landscape(
@@ -447,11 +595,12 @@ def landscape(
     loss_fn: Callable,
     data: Any,
     directions: str | Tensor | dict | Sequence = "top",
-    span: float | tuple[float, float] = 1.0,
+    span: float | tuple[float, float] | str = 1.0,
     steps: int | tuple[int, int] = 21,
     *,
     ndim: int | None = None,
     eigenpairs: tuple[Tensor, Tensor] | None = None,
+    curvature: str = "hessian",
     seed: int = 0,
     params: str | Sequence[str] | None = None,
     points_per_pass: int = 16,
@@ -467,16 +616,21 @@ def landscape(
         model, loss_fn, data: as for :class:`hessfast.HessianOperator` (``data`` one
             ``(inputs, targets)`` batch or an iterable of batches; every batch counts, weighted
             as the operator weights it).
-        directions: ``"top"`` (top eigenvectors of the Hessian), ``"random"`` (filter-normalised,
-            seeded) or one or two user directions (a tensor ``[P]``/``[k, P]``, a dict
-            ``{name: tensor}``, or a list of them); module docstring.
-        span: the coefficient range of every axis: ``s`` for ``[−s, s]``, or ``(lo, hi)``.
+        directions: ``"top"`` (top eigenvectors of the curvature), ``"random"``
+            (filter-normalised, seeded) or one or two user directions (a tensor ``[P]``/``[k, P]``,
+            a dict ``{name: tensor}``, or a list of them); module docstring.
+        span: the coefficient range of every axis: ``s`` for ``[−s, s]``, ``(lo, hi)``, or
+            ``"auto"``: ``±√(2|L₀|/λ₁)`` for ``"top"``, where the curvature term ``½λ₁t²``
+            reaches the loss at ``θ`` (:func:`auto_span`; ``±1`` for other directions).
             Along unit eigenvectors the coefficient is a distance in parameter space; along
             filter-normalised directions ``1`` is a step the size of the weights.
         steps: grid points per axis (an odd number includes ``θ`` itself), or one per axis.
         ndim: 1 or 2 (default: 1 for ``"top"`` and ``"random"``, else the number of directions).
         eigenpairs: ``(eigenvalues, eigenvectors [P, k])`` as :func:`hessfast.eigsh` returns
-            them, instead of computing them for ``"top"``.
+            them, instead of computing them for ``"top"`` (of the ``curvature`` named).
+        curvature: ``"hessian"`` or ``"ggn"``: whose eigenvectors ``"top"`` follows and whose
+            ``DᵀCD`` is the quadratic model's curvature (the GGN's: the Gauss-Newton model).
+            The loss on the grid is the same either way.
         seed: seeds :func:`hessfast.eigsh` and the random directions.
         params: names or glob patterns: the slice moves only these parameters.
         points_per_pass: grid points evaluated together under ``torch.func.vmap`` (1: one at a
@@ -502,15 +656,19 @@ def landscape(
     >>> d = torch.randn(26)  # a direction of your own; "top": the top eigenvector(s)
     >>> hessfast.landscape(model, F.cross_entropy, data, d, span=0.1, steps=3).loss.shape
     (3,)
+    >>> top = hessfast.landscape(model, F.cross_entropy, data, span="auto", curvature="ggn")
+    >>> top.operator, bool(abs(top.quadratic[-1] - top.loss0 - top.slope[0] * top.coords[0][-1]
+    ...     - abs(top.loss0)) < 1e-5)  # at the end of the auto span, ½λt² is |L₀|
+    ('GGN', True)
     """
     t0 = time.perf_counter()
-    op = HessianOperator(
+    op = loss_operator(
         model,
         loss_fn,
         data,
+        curvature=curvature,
         params=params,
         max_batch_size=max_batch_size,
-        process_group=False,
         reduction=reduction,
         output=output,
     )
@@ -522,13 +680,22 @@ def landscape(
         raise ValueError(f"points_per_pass must be a positive integer, got {points_per_pass!r}")
     if ndim is not None and ndim not in (1, 2):
         raise ValueError(f"ndim must be 1 or 2, got {ndim!r}")
+    if not isinstance(directions, str):
+        D = _user_directions(directions, op)
+        if ndim is not None and ndim != D.shape[0]:
+            raise ValueError(f"ndim={ndim} but {D.shape[0]} directions given")
+        kind, k = "user", D.shape[0]
+    elif directions in ("top", "random"):
+        kind, k = directions, ndim or 1
+    else:
+        raise ValueError(f'directions={directions!r}: "top", "random" or vectors')
+    limits = _span(span)
+    counts = _steps(steps, k)
     with ModelGuard(model):
         dl = DataLoss(op)
         eigenvalues = None
         products = 0
-        if isinstance(directions, str) and directions == "top":
-            kind = "top"
-            k = ndim or 1
+        if kind == "top":
             if eigenpairs is None:
                 evals, evecs, info = eigsh_top(op, k, seed, tol)
                 products = info.products
@@ -541,24 +708,18 @@ def landscape(
             order = torch.argsort(torch.as_tensor(evals, dtype=torch.float64), descending=True)[:k]
             D = evecs[:, order].T.to(op.device, op.dtype)
             eigenvalues = [float(torch.as_tensor(evals, dtype=torch.float64)[i]) for i in order]
-        elif isinstance(directions, str) and directions == "random":
-            kind = "random"
-            D = filter_normalized_directions(model, ndim or 1, seed, params)
+        elif kind == "random":
+            D = filter_normalized_directions(model, k, seed, params)
             if (D.norm(dim=1) == 0).any():
                 raise ValueError(
                     "filter-normalised directions are zero: the selected parameters have no "
                     "weight with two or more axes (biases only); pass user directions"
                 )
-        elif isinstance(directions, str):
-            raise ValueError(f'directions={directions!r}: "top", "random" or vectors')
-        else:
-            kind = "user"
-            D = _user_directions(directions, op)
-            if ndim is not None and ndim != D.shape[0]:
-                raise ValueError(f"ndim={ndim} but {D.shape[0]} directions given")
-        k = D.shape[0]
-        coords = _grid(span, steps, k)
         loss0, g = dl.value_and_grad()
+        if limits is None:
+            s = auto_span(loss0, eigenvalues[0] if eigenvalues else None)
+            limits = (-s, s)
+        coords = [np.linspace(*limits, n) for n in counts]
         Dd = D.double().cpu()
         slope = (Dd @ g.cpu()).numpy()
         if eigenvalues is not None:
@@ -587,16 +748,17 @@ def landscape(
             eigenvalues=eigenvalues,
             evaluation=mode,
             points=int(mesh.shape[0]),
+            operator=op.kind,
             extra={"products": products, "parameters": op.shape[0], "seed": seed},
         )
     res.seconds = time.perf_counter() - t0
-    res.extra["seconds"] = res.seconds
     if out is not None:
         d = Path(out)
         d.mkdir(parents=True, exist_ok=True)
         stem = f"landscape_{k}d"
         res.png = res.plot(d / f"{stem}.png")
-        res.json = res.save_json(d / f"{stem}.json")
+        res.json = d / f"{stem}.json"
+        res.save_json(res.json)
     return res
 
 

@@ -44,8 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .landscape import DataLoss, ModelGuard, eigsh_top
-from .operators import HessianOperator
+from .landscape import DataLoss, ModelGuard, eigsh_top, loss_operator
 
 __all__ = ["sharpness", "Sharpness", "INVARIANCE"]
 
@@ -138,13 +137,12 @@ def sharpness(
     if isinstance(ascent_steps, bool) or not isinstance(ascent_steps, int) or ascent_steps < 1:
         raise ValueError(f"ascent_steps must be a positive integer, got {ascent_steps!r}")
     t0 = time.perf_counter()
-    op = HessianOperator(
+    op = loss_operator(
         model,
         loss_fn,
         data,
         params=params,
         max_batch_size=max_batch_size,
-        process_group=False,
         reduction=reduction,
         output=output,
     )
