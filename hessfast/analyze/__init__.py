@@ -15,10 +15,13 @@ optional:
 - the spectral density (stochastic Lanczos quadrature, :func:`hessfast.spectral_density`);
 - per-layer ``λ_max`` and trace (:func:`hessfast.layerwise`, one group per module);
 - the outliers: how many of the top eigenvalues separate from the bulk of the spectrum (see
-  :func:`count_outliers`), against the number of classes when it is known.
+  :func:`count_outliers`), against the number of classes when it is known;
+- optionally the loss landscape along the top one or two eigenvectors, beside the quadratic
+  model of their eigenvalues (:func:`~hessfast.analyze.analysis.landscape_step`).
 
 It returns a JSON-ready dict (non-finite numbers become ``None``) and, given ``out``, writes
-``report.json`` and ``spectrum.png`` there (:func:`write_report`). :func:`format_summary` turns the
+``report.json`` and ``spectrum.png`` there, and ``landscape_1d.png`` / ``landscape_2d.png`` with a
+landscape (:func:`write_report`). :func:`format_summary` turns the
 dict into the printed summary.
 
 ``hessfast analyze`` (:func:`main`) loads a model and data from ``module:function`` entry points

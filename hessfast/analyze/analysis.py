@@ -1,5 +1,6 @@
 """The analysis of a curvature operator: top eigenvalues, ``λ_min`` and the condition number,
-trace, spectral density, per-layer curvature, outliers; a JSON-ready dict."""
+trace, spectral density, per-layer curvature, outliers, the loss landscape along the top
+eigenvectors; a JSON-ready dict."""
 
 from __future__ import annotations
 
@@ -127,6 +128,9 @@ def analyze(
     density_steps: int = 60,
     layer_steps: int = 20,
     layer_trace_probes: int = 16,
+    landscape: int | None = None,
+    landscape_span: float | str = "auto",
+    landscape_steps: int | None = None,
     progress: bool = False,
     out: str | os.PathLike | None = None,
     extra: dict | None = None,
@@ -140,9 +144,15 @@ def analyze(
     number of outliers. ``tol``: Lanczos residual tolerance of the top eigenvalues (and of
     ``λ_min``, whose run stops after ``min_max_iter`` steps anyway). ``trace_matvecs``,
     ``density_probes`` × ``density_steps``, ``layer_steps`` and ``layer_trace_probes`` set the
-    work of the other phases. ``progress``: a progress bar over the phases. ``extra``: entries
-    merged into the report (e.g. how the model was trained). ``out``: a folder to write
-    ``report.json`` and ``spectrum.png`` into (see :func:`write_report`).
+    work of the other phases. ``landscape``: 1 or 2 adds the loss over the data along the top
+    one or two eigenvectors of ``op`` beside its quadratic model (:func:`landscape_step`;
+    ``op`` must be a :class:`~hessfast.HessianOperator` or :class:`~hessfast.GGNOperator` in
+    one process, and ``top_k`` at least ``landscape``), over ``landscape_span`` (a half-width,
+    or ``"auto"``: :func:`hessfast.landscape.auto_span`) with ``landscape_steps`` points per
+    axis (default 21 in 1-D, 15 in 2-D). ``progress``: a progress bar over the phases.
+    ``extra``: entries merged into the report (e.g. how the model was trained). ``out``: a
+    folder to write ``report.json``, ``spectrum.png`` and, with a landscape,
+    ``landscape_1d.png`` or ``landscape_2d.png`` into (see :func:`write_report`).
 
     >>> import torch, hessfast
     >>> from hessfast.analyze import analyze
@@ -160,6 +170,8 @@ def analyze(
 
     P = check_operator(op)
     k = max(1, min(int(top_k), P))
+    if landscape is not None:
+        landscape_steps = check_landscape(op, landscape, landscape_span, landscape_steps, k)
     names = ["top eigenvalues"]
     if lambda_min:
         names.append("lambda_min")
@@ -170,6 +182,8 @@ def analyze(
     can_layer = callable(getattr(op, "groups", None))
     if layerwise and can_layer:
         names.append("per-layer")
+    if landscape is not None:
+        names.append("landscape")
     phases = _Phases(names, progress, desc="analysis")
     counted = Products(op, on_call=phases.products)
     report: dict[str, Any] = {
@@ -196,7 +210,7 @@ def analyze(
     try:
         phases.start("top eigenvalues")
         before = counted.products
-        evals, _, info = eigsh(
+        evals, evecs, info = eigsh(
             counted,
             k=k,
             which="LA",
@@ -315,6 +329,20 @@ def analyze(
         elif layerwise:
             report["layerwise"] = None
             report["layerwise_note"] = f"{type(op).__name__} has no parameter groups"
+
+        if landscape is not None:
+            phases.start("landscape")
+            before = counted.products
+            report["landscape"] = landscape_step(
+                op,
+                evals,
+                evecs,
+                ndim=landscape,
+                span=landscape_span,
+                steps=landscape_steps,
+                seed=seed,
+            )
+            step_done("landscape", before)
     finally:
         phases.close()
     report["products"] = products
@@ -323,6 +351,85 @@ def analyze(
     if out is not None:
         write_report(report, out)
     return report
+
+
+def check_landscape(op, ndim: Any, span: Any, steps: Any, top_k: int) -> int:
+    """``ValueError`` naming the fix unless :func:`analyze` can draw the landscape of ``op``
+    with these options (checked before any product); returns the points per axis (default 21
+    in 1-D, 15 in 2-D).
+
+    >>> import torch, hessfast
+    >>> from hessfast.analyze.analysis import check_landscape
+    >>> H = hessfast.HessianOperator(torch.nn.Linear(3, 2), torch.nn.functional.mse_loss,
+    ...                              (torch.randn(4, 3), torch.randn(4, 2)))
+    >>> check_landscape(H, 2, "auto", None, top_k=5)
+    15
+    >>> check_landscape(H, 2, "auto", None, top_k=1)
+    Traceback (most recent call last):
+    ValueError: a 2-D landscape needs the top 2 eigenvectors: top_k >= 2
+    """
+    from ..landscape import _span, _steps
+    from ..operators import is_model_operator
+
+    if isinstance(ndim, bool) or ndim not in (1, 2):
+        raise ValueError(f"landscape must be 1 or 2 (dimensions of the slice), got {ndim!r}")
+    if not is_model_operator(op):
+        raise ValueError(
+            "the landscape needs the model, loss and data of a HessianOperator or GGNOperator; "
+            f"{type(op).__name__} has none"
+        )
+    if op.process_group is not None:
+        raise ValueError(
+            "the landscape is evaluated in one process, on the data it is given: run it without "
+            "torchrun (or on an operator with process_group=False)"
+        )
+    if top_k < ndim:
+        raise ValueError(f"a {ndim}-D landscape needs the top {ndim} eigenvectors: top_k >= {ndim}")
+    _span(span)
+    steps = (21 if ndim == 1 else 15) if steps is None else steps
+    _steps(steps, ndim)
+    return steps
+
+
+def landscape_step(
+    op, evals: torch.Tensor, evecs: torch.Tensor, *, ndim: int, span: Any, steps: Any, seed: int
+) -> dict[str, Any]:
+    """The loss over the data along the top ``ndim`` eigenvectors of ``op`` (computed before:
+    ``evals``, ``evecs [P, k]`` as :func:`hessfast.eigsh` returns them; no eigensolver runs
+    again) beside the quadratic model ``L₀ + gᵀa + ½ Σ λᵢaᵢ²`` of those eigenvalues (for a GGN:
+    the Gauss-Newton model), by :func:`hessfast.landscape.landscape` on ``op``'s model, loss,
+    data, parameters and micro-batches: :meth:`hessfast.Landscape.to_dict`.
+
+    >>> import torch, torch.nn.functional as F, hessfast
+    >>> from hessfast.analyze.analysis import landscape_step
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    >>> data = (torch.randn(8, 3), torch.arange(8) % 2)
+    >>> H = hessfast.HessianOperator(model, F.cross_entropy, data)
+    >>> evals, evecs = hessfast.eigsh(H, k=2)
+    >>> d = landscape_step(H, evals, evecs, ndim=1, span=0.5, steps=5, seed=0)
+    >>> d["coords"], d["eigenvalues"] == [float(evals.max())], d["products"]
+    ([[-0.5, -0.25, 0.0, 0.25, 0.5]], True, 0)
+    """
+    from ..landscape import landscape
+
+    order = torch.argsort(evals, descending=True)[:ndim]
+    ls = landscape(
+        op.model,
+        op.loss_fn,
+        op.data,
+        "top",
+        span,
+        steps,
+        ndim=ndim,
+        eigenpairs=(evals[order], evecs[:, order]),
+        curvature="ggn" if op.kind == "GGN" else "hessian",
+        seed=seed,
+        params=op.params,
+        max_batch_size=op.max_batch_size,
+        reduction=op.reduction,
+        output=op.output,
+    )
+    return ls.to_dict()
 
 
 def version() -> str:

@@ -4,6 +4,7 @@ bad input a :class:`UsageError`), the analysis, the report; ``torchrun`` support
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -51,7 +52,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "analyze",
         help="Hessian / GGN analysis of your model on your data, with report.json and spectrum.png",
         description="Top eigenvalues, lambda_min, condition number, trace, spectral density and "
-        "per-layer curvature of a model's loss over a dataset. Exit code 0 on success, 2 for bad "
+        "per-layer curvature of a model's loss over a dataset, and with --landscape the loss along "
+        "the top eigenvectors. Exit code 0 on success, 2 for bad "
         "input (entry point, checkpoint, device, shapes), 1 when the analysis fails.",
     )
     p.add_argument("--model", required=True, help="module:function (or file.py:function) -> model")
@@ -75,6 +77,25 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--trace", action="store_true", help="the trace (Hutch++)")
     p.add_argument("--layerwise", action="store_true", help="per-module lambda_max and trace")
     p.add_argument("--no-lambda-min", action="store_true", help="skip lambda_min")
+    p.add_argument(
+        "--landscape",
+        choices=["1d", "2d"],
+        default=None,
+        help="the loss over the data along the top eigenvector (1d) or the top two (2d), beside "
+        "the quadratic model of their eigenvalues: landscape_1d.png / landscape_2d.png",
+    )
+    p.add_argument(
+        "--landscape-span",
+        default="auto",
+        help="half-width of the slice in parameter space, or auto: where 1/2 lambda_max t^2 "
+        "reaches the loss (default: auto)",
+    )
+    p.add_argument(
+        "--landscape-steps",
+        type=int,
+        default=None,
+        help="points per axis of the slice (default: 21 for 1d, 15 for 2d)",
+    )
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--max-batch-size", type=int, default=None, help="micro-batch size")
@@ -102,6 +123,7 @@ def _prepare(args) -> tuple[Any, dict]:
         raise UsageError(f"--top-k must be at least 1, got {args.top_k}")
     if args.max_batch_size is not None and args.max_batch_size < 1:
         raise UsageError(f"--max-batch-size must be at least 1, got {args.max_batch_size}")
+    landscape = _landscape_options(args)
     build = load_entry_point(args.model, "--model")
     get_data = load_entry_point(args.data, "--data")
     loss_fn = resolve_loss(args.loss)
@@ -122,6 +144,10 @@ def _prepare(args) -> tuple[Any, dict]:
             "(inputs, targets) batches"
         )
     shard, is_main, distributed = _distributed_hooks()
+    if distributed and landscape:
+        raise UsageError(
+            "--landscape is evaluated in one process on the whole data: run it without torchrun"
+        )
     raw = shard(raw)
     if _is_pair(raw):
         raw = [raw]
@@ -167,8 +193,39 @@ def _prepare(args) -> tuple[Any, dict]:
         "world_size": torch.distributed.get_world_size() if distributed else 1,
         "_classes": classes,
         "_is_main": is_main,
+        "_landscape": landscape,
     }
     return op, meta
+
+
+def _landscape_options(args) -> dict:
+    """``analyze``'s landscape arguments from ``--landscape``, ``--landscape-span`` and
+    ``--landscape-steps`` (empty without ``--landscape``); ``UsageError`` for a bad value."""
+    extra = [f for f, v in (("--landscape-steps", args.landscape_steps),) if v is not None]
+    if args.landscape_span != "auto":
+        extra.append("--landscape-span")
+    if args.landscape is None:
+        if extra:
+            raise UsageError(f"{' and '.join(extra)} without --landscape 1d|2d: add it")
+        return {}
+    ndim = int(args.landscape[0])
+    span: float | str = args.landscape_span
+    if span != "auto":
+        try:
+            span = float(span)
+        except ValueError:
+            span = math.nan
+        if not (math.isfinite(span) and span > 0):
+            raise UsageError(
+                f"--landscape-span {args.landscape_span}: a positive number (a distance in "
+                "parameter space along the unit eigenvectors) or auto"
+            )
+    if ndim > args.top_k:
+        raise UsageError("--landscape 2d needs the top two eigenvectors: --top-k 2 or more")
+    steps = args.landscape_steps
+    if steps is not None and steps < 2:
+        raise UsageError(f"--landscape-steps must be at least 2, got {steps}")
+    return {"landscape": ndim, "landscape_span": span, "landscape_steps": steps}
 
 
 def _progress(args) -> bool:
@@ -191,6 +248,7 @@ def main(args) -> int:
         return 2
     classes = meta.pop("_classes")
     is_main = meta.pop("_is_main")
+    landscape = meta.pop("_landscape")
     try:
         report = analyze(
             op,
@@ -204,6 +262,7 @@ def main(args) -> int:
             seed=args.seed,
             progress=_progress(args),
             extra=meta,
+            **landscape,
         )
     except UsageError as e:
         print(f"hessfast analyze: error: {e}", file=sys.stderr)
@@ -225,5 +284,8 @@ def main(args) -> int:
         f"analysed), {m['mode']} mode; {op.device}, {args.dtype}"
     )
     print(format_summary(report))
-    print(f"  wrote {js} and {png} ({time.perf_counter() - t0:.1f} s in all)")
+    files = f"{js} and {png}"
+    if "landscape" in report["files"]:
+        files = f"{js}, {png} and {report['files']['landscape']}"
+    print(f"  wrote {files} ({time.perf_counter() - t0:.1f} s in all)")
     return 0

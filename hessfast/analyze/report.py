@@ -1,5 +1,6 @@
-"""The report of an analysis: ``report.json`` and ``spectrum.png`` in a folder (checked before
-the analysis runs), and the printed summary."""
+"""The report of an analysis: ``report.json``, ``spectrum.png`` and, with a landscape,
+``landscape_1d.png`` or ``landscape_2d.png`` in a folder (checked before the analysis runs), and
+the printed summary."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def json_safe(x: Any) -> Any:
 
 
 REPORT_FILES = ("report.json", "spectrum.png")
+LANDSCAPE_FILES = ("landscape_1d.png", "landscape_2d.png")
 
 
 def check_out_folder(out: str | os.PathLike, flag: str = "--out") -> None:
@@ -49,7 +51,7 @@ def check_out_folder(out: str | os.PathLike, flag: str = "--out") -> None:
             f"{flag} {out}: is an existing file; the report goes into a folder "
             f"({', '.join(REPORT_FILES)}): give a folder name"
         )
-    for name in REPORT_FILES:
+    for name in REPORT_FILES + LANDSCAPE_FILES:
         if (folder / name).is_dir():
             raise UsageError(f"{flag} {out}: {folder / name} is a folder; cannot write the report")
     base = folder
@@ -65,21 +67,36 @@ def check_out_folder(out: str | os.PathLike, flag: str = "--out") -> None:
 
 
 def write_report(report: dict, out: str | os.PathLike) -> tuple[Path, Path]:
-    """Write ``report.json`` and ``spectrum.png`` into the folder ``out`` (created if needed);
-    record their paths in ``report["files"]`` and return them. Each file is written under a
-    temporary name and renamed at the end, so an interrupted run leaves no partial report."""
+    """Write ``report.json`` and ``spectrum.png`` into the folder ``out`` (created if needed),
+    and ``landscape_1d.png`` / ``landscape_2d.png`` when the report has a ``"landscape"``
+    section (drawn from it by :meth:`hessfast.Landscape.plot`); record their paths in
+    ``report["files"]`` (the landscape's also by name in ``report["landscape"]["files"]``) and
+    return the first two. Each file is written under a temporary name and renamed at the end,
+    so an interrupted run leaves no partial report."""
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     js, png = folder / "report.json", folder / "spectrum.png"
     report["files"] = {"report": str(js), "spectrum": str(png)}
     tmp_js, tmp_png = folder / ".report.json.partial", folder / ".spectrum.partial.png"
+    moves = [(tmp_png, png)]
+    land = report.get("landscape")
+    if land:
+        name = f"landscape_{land['ndim']}d.png"
+        moves.append((folder / ".landscape.partial.png", folder / name))
+        report["files"]["landscape"] = str(folder / name)
+        land["files"] = {"png": name}
     try:
         plot_spectrum(report, tmp_png)
+        if land:
+            from ..landscape import Landscape
+
+            Landscape.from_dict(land).plot(moves[1][0])
         tmp_js.write_text(json.dumps(json_safe(report), indent=1, allow_nan=False) + "\n")
-        os.replace(tmp_png, png)
+        for tmp, final in moves:
+            os.replace(tmp, final)
         os.replace(tmp_js, js)
     finally:
-        for t in (tmp_js, tmp_png):
+        for t in [tmp_js] + [tmp for tmp, _ in moves]:
             t.unlink(missing_ok=True)
     return js, png
 
@@ -232,7 +249,44 @@ def format_summary(report: dict) -> str:
                 f"              {lab:<{w}} {r['size']:>10,} {_g(r['lambda_max']):>11} "
                 f"{_g(r['trace']):>11}"
             )
+    land = report.get("landscape")
+    if land:
+        lines += _landscape_lines(land)
     secs = report.get("seconds") or {}
     if secs:
         lines += _wrap("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in secs.items()), "    ")
     return "\n".join(lines)
+
+
+def _landscape_lines(land: dict) -> list[str]:
+    """The landscape's lines of the summary: where the loss and its quadratic model stand at
+    the ends of the slice (1-D) or how far apart they get on the grid (2-D)."""
+    op = land.get("operator", "Hessian")
+    model = "Gauss-Newton model" if op == "GGN" else "quadratic model"
+    lams = ", ".join(_g(v) for v in land.get("eigenvalues") or [])
+    c = land["coords"]
+    rng = f"[{_g(c[0][0], 3)}, {_g(c[0][-1], 3)}]"
+    if land["ndim"] == 1:
+        loss, quad = land["loss"], land["quadratic"]
+        text = (
+            f"  landscape along the top {op} eigenvector, t in {rng} ({len(c[0])} points): loss "
+            f"{_g(land['loss0'])} at t = 0, {_g(loss[0])} and {_g(loss[-1])} at the ends, where "
+            f"the {model} L0 + g t + 1/2 lambda t^2 (lambda = {lams}) gives {_g(quad[0])} and "
+            f"{_g(quad[-1])}"
+        )
+    else:
+        pairs = [
+            (a, b)
+            for ra, rb in zip(land["loss"], land["quadratic"])
+            for a, b in zip(ra, rb)
+            if a is not None and b is not None
+        ]
+        top = max((a for a, _ in pairs), default=None)
+        gap = max((abs(a - b) for a, b in pairs), default=None)
+        text = (
+            f"  landscape on the top 2 {op} eigenvectors, {rng} x [{_g(c[1][0], 3)}, "
+            f"{_g(c[1][-1], 3)}] ({len(c[0])} x {len(c[1])} points): loss {_g(land['loss0'])} "
+            f"at the centre, up to {_g(top)}; the {model} (lambda = {lams}) is off by up to "
+            f"{_g(gap)}"
+        )
+    return _wrap(text, "    ")
