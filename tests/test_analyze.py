@@ -2,8 +2,10 @@
 without ``--params``, and exit code 2 with a clear message for bad input."""
 
 import json
+import math
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -264,3 +266,149 @@ def test_analyze_failure_exit_code_1(entry, capsys, tmp_path):
     assert code == 1
     assert "the analysis failed" in err and "NaN" in err
     assert not (tmp_path / "report.json").exists()
+
+
+def _oriented(got, want):
+    """``want`` or its reverse, whichever is closer to ``got``: an eigenvector's sign is free, and
+    the loss along ``-v`` is the loss along ``v`` read backwards."""
+    want = np.asarray(want)
+    flip = want[::-1] if want.ndim == 1 else want[::-1, ::-1]
+    return want if np.abs(got - want).max() <= np.abs(got - flip).max() else flip
+
+
+def test_analyze_landscape_1d_matches_dense_and_hessfast_landscape(entry, tmp_path, capsys):
+    import hessfast
+
+    out = tmp_path / "res"
+    code, stdout, err = _run(
+        [
+            "--model", f"{entry}:build",
+            "--data", f"{entry}:loader",
+            "--dtype", "float64",
+            "--top-k", "3",
+            "--landscape", "1d",
+            "--landscape-span", "0.5",
+            "--landscape-steps", "5",
+            "--out", str(out),
+        ],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "landscape along the top Hessian eigenvector, t in [-0.5, 0.5] (5 points)" in stdout
+    assert f"and {out / 'landscape_1d.png'} (" in stdout
+    assert (out / "landscape_1d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((out / "report.json").read_text())
+    land = report["landscape"]
+    assert report["files"]["landscape"] == str(out / "landscape_1d.png")
+    assert land["files"] == {"png": "landscape_1d.png"}
+    assert land["kind"] == "top" and land["operator"] == "Hessian" and land["ndim"] == 1
+    assert land["coords"] == [[-0.5, -0.25, 0.0, 0.25, 0.5]]
+    assert len(land["loss"]) == len(land["quadratic"]) == 5
+    assert land["products"] == 0 and report["products"]["landscape"] == 0  # no second eigsh
+    assert land["eigenvalues"] == report["eigenvalues"]["values"][:1]
+    # against the dense float64 Hessian: λ_max, and the loss along its top eigenvector
+    H, _ = _dense(entry)
+    ev, vecs = torch.linalg.eigh(H)
+    assert land["eigenvalues"][0] == pytest.approx(float(ev[-1]), rel=1e-8)
+    mod = _load(entry)
+    model = mod.build().double().eval()
+    batches = [(x.double(), y) for x, y in mod.loader()]
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    want = []
+    for t in land["coords"][0]:
+        params, off, flat = {}, 0, theta + t * vecs[:, -1]
+        for n, p in model.named_parameters():
+            params[n] = flat[off : off + p.numel()].view_as(p)
+            off += p.numel()
+        want.append(float(F.cross_entropy(torch.func.functional_call(model, params, (x,)), y)))
+    got = np.asarray(land["loss"])
+    np.testing.assert_allclose(got, _oriented(got, want), rtol=1e-7)  # eigsh's vector to 1e-5
+    # the same numbers as hessfast.landscape called directly with those eigenpairs
+    direct = hessfast.landscape(
+        model, F.cross_entropy, batches, "top", span=0.5, steps=5, eigenpairs=(ev, vecs)
+    ).to_dict()
+    assert set(direct) == set(land)
+    np.testing.assert_allclose(got, _oriented(got, direct["loss"]), rtol=1e-7)
+    q = np.asarray(land["quadratic"])
+    np.testing.assert_allclose(q, _oriented(q, direct["quadratic"]), rtol=1e-7)
+    assert land["loss0"] == pytest.approx(direct["loss0"], rel=1e-12)
+    assert abs(land["slope"][0]) == pytest.approx(abs(direct["slope"][0]), rel=1e-5)
+
+
+def test_analyze_landscape_2d_ggn_names_the_gauss_newton_model(entry, tmp_path, capsys):
+    out = tmp_path / "res"
+    code, stdout, err = _run(
+        [
+            "--model", f"{entry}:build",
+            "--data", f"{entry}:loader",
+            "--dtype", "float64",
+            "--curvature", "ggn",
+            "--top-k", "2",
+            "--no-lambda-min",
+            "--landscape", "2d",
+            "--landscape-steps", "3",
+            "--out", str(out),
+        ],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "landscape on the top 2 GGN eigenvectors" in stdout and "Gauss-Newton model" in stdout
+    report = json.loads((out / "report.json").read_text())
+    land = report["landscape"]
+    assert land["operator"] == "GGN" and land["ndim"] == 2
+    assert "GGN" in land["axes"][0] and "GGN" in land["axes"][1]
+    assert np.asarray(land["loss"]).shape == (3, 3) == np.asarray(land["quadratic"]).shape
+    lams = report["eigenvalues"]["values"]
+    assert land["eigenvalues"] == lams[:2]
+    np.testing.assert_allclose(land["curvature"], np.diag(lams[:2]))
+    # the default span: where ½λ_max t² reaches the loss at θ
+    s = math.sqrt(2 * land["loss0"] / lams[0])
+    np.testing.assert_allclose(land["coords"], [[-s, 0.0, s]] * 2, rtol=1e-12)
+    a = np.stack(np.meshgrid(*land["coords"], indexing="ij"), axis=-1)
+    quad = land["loss0"] + a @ land["slope"] + 0.5 * (a**2) @ np.asarray(lams[:2])
+    np.testing.assert_allclose(land["quadratic"], quad, rtol=1e-12)
+    assert land["loss"][1][1] == pytest.approx(land["loss0"], rel=1e-12)
+    assert (out / "landscape_2d.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (out / "landscape_1d.png").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--landscape", "1d", "--landscape-span", "-1"], "--landscape-span -1: a positive number"),
+        (["--landscape", "1d", "--landscape-span", "wide"], "--landscape-span wide: a positive"),
+        (["--landscape", "1d", "--landscape-span", "inf"], "--landscape-span inf: a positive"),
+        (["--landscape", "1d", "--landscape-steps", "1"], "--landscape-steps must be at least 2"),
+        (["--landscape", "2d", "--top-k", "1"], "--landscape 2d needs the top two eigenvectors"),
+        (["--landscape-steps", "5"], "--landscape-steps without --landscape 1d|2d"),
+        (["--landscape-span", "0.1"], "--landscape-span without --landscape 1d|2d"),
+    ],
+)
+def test_analyze_landscape_bad_options_exit_code_2(entry, tmp_path, capsys, extra, message):
+    args = ["--model", f"{entry}:build", "--data", f"{entry}:loader", "--out", str(tmp_path)]
+    code, _, err = _run([*args, *extra], capsys)
+    assert code == 2
+    assert err.startswith("hessfast analyze: error:") and message in err
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_analyze_landscape_choices_and_python_errors(entry, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["analyze", "--model", f"{entry}:build", "--data", "x:y", "--landscape", "3d"])
+    assert e.value.code == 2 and "invalid choice: '3d'" in capsys.readouterr().err
+    import hessfast
+    from hessfast.analyze import analyze
+
+    dense = hessfast.DenseOperator(torch.eye(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="needs the model, loss and data"):
+        analyze(dense, top_k=2, landscape=1, lambda_min=False, trace=False, density=False)
+    mod = _load(entry)
+    H = hessfast.HessianOperator(
+        mod.build().double(), F.cross_entropy, [(torch.randn(4, 6).double(), torch.arange(4))]
+    )
+    with pytest.raises(ValueError, match="landscape must be 1 or 2"):
+        analyze(H, top_k=2, landscape=3)
+    with pytest.raises(ValueError, match="steps must be an integer"):
+        analyze(H, top_k=2, landscape=1, landscape_steps=1.5)

@@ -57,7 +57,11 @@ def test_demo_quick_runs_and_writes_the_report(demo_run):
     assert code == 0, out
     assert "relative error" in out
     assert "separate from the bulk (10 classes)" in out
-    assert f"wrote {folder / 'report.json'} and {folder / 'spectrum.png'}" in out
+    assert (
+        f"wrote {folder / 'report.json'}, {folder / 'spectrum.png'} and "
+        f"{folder / 'landscape_1d.png'}"
+    ) in out
+    assert "landscape along the top Hessian eigenvector" in out
     report = _strict((folder / "report.json").read_text())
     for key in (
         "eigenvalues",
@@ -70,13 +74,17 @@ def test_demo_quick_runs_and_writes_the_report(demo_run):
         "layerwise",
         "hvp_check",
         "training",
+        "landscape",
     ):
         assert key in report, key
     assert report["hvp_check"]["ok"]
     assert report["classes"] == 10 and report["outliers"]["classes"] == 10
     assert report["eigenvalues"]["converged"]
-    png = (folder / "spectrum.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    for name in ("spectrum.png", "landscape_1d.png"):
+        png = (folder / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000, name
+    assert report["files"]["landscape"] == str(folder / "landscape_1d.png")
+    assert report["landscape"]["files"] == {"png": "landscape_1d.png"}
 
 
 def test_demo_report_matches_dense_eigendecomposition(demo_run, dense):
@@ -141,3 +149,43 @@ def test_demo_missing_device_is_a_usage_error(capsys):
         main(["demo", "--quick", "--device", "cuda"])
     assert e.value.code == 2
     assert "torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_demo_landscape_panel_against_the_dense_top_eigenvector(demo_run, dense):
+    """The panel's loss is the training loss along the top eigenvector of the dense Hessian, and
+    its quadratic model is ``L₀ + g t + ½λ_max t²`` over ``±√(2L₀/λ_max)``."""
+    code, _, folder = demo_run
+    assert code == 0
+    report = json.loads((folder / "report.json").read_text())
+    land = report["landscape"]
+    H, offsets = dense
+    ev, vecs = torch.linalg.eigh(H)
+    lam = float(ev[-1])
+    assert land["kind"] == "top" and land["operator"] == "Hessian" and land["ndim"] == 1
+    assert land["eigenvalues"] == report["eigenvalues"]["values"][:1]
+    assert abs(land["eigenvalues"][0] - lam) <= report["lambda_max"]["residual"] + 1e-4 * lam
+    t = np.asarray(land["coords"][0])
+    assert len(t) == 21 and t[10] == 0.0
+    s = math.sqrt(2 * land["loss0"] / land["eigenvalues"][0])
+    np.testing.assert_allclose(t[[0, -1]], [-s, s], rtol=1e-12)
+    quad = land["loss0"] + land["slope"][0] * t + 0.5 * land["eigenvalues"][0] * t**2
+    np.testing.assert_allclose(land["quadratic"], quad, rtol=1e-12)
+
+    st = setup(quick=True, seed=0)
+    model = st.model.double()
+    x = torch.cat([b[0] for b in st.data]).double()
+    y = torch.cat([b[1] for b in st.data])
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    want = []
+    for ti in t:
+        flat, params = theta + float(ti) * vecs[:, -1], {}
+        for name, (a, b) in offsets.items():
+            params[name] = flat[a:b].view_as(dict(model.named_parameters())[name])
+        want.append(float(F.cross_entropy(torch.func.functional_call(model, params, (x,)), y)))
+    want = np.asarray(want)
+    got = np.asarray(land["loss"])
+    if np.abs(got - want).max() > np.abs(got - want[::-1]).max():
+        want = want[::-1]  # the eigenvector's sign is free
+    # float32 products and a Lanczos vector, against float64 along the exact eigenvector
+    np.testing.assert_allclose(got, want, rtol=2e-5)  # measured: 5e-8
+    assert land["loss"][10] == pytest.approx(report["training"]["loss"], rel=1e-5)

@@ -234,3 +234,99 @@ def test_sequence_logits_read_as_hessfast_reads_them():
     assert val == pytest.approx(float(want.detach()), rel=1e-13)
     g = torch.autograd.grad(want, list(model.parameters()))
     torch.testing.assert_close(grad, torch.cat([t.reshape(-1) for t in g]), rtol=1e-12, atol=0)
+
+
+def _dense_ggn(model, x, y):
+    """The float64 GGN ``JᵀH_LJ`` of the mean cross-entropy over ``(x, y)``, column by column
+    (the oracle's ``jvp``-Hessian-``vjp`` on the identity)."""
+    from oracle import ggn_vp
+
+    named = list(model.named_parameters())
+    P = sum(p.numel() for _, p in named)
+    eye, v, off = torch.eye(P, dtype=torch.float64), {}, 0
+    for n, p in named:
+        v[n] = eye[:, off : off + p.numel()].reshape(P, *p.shape)
+        off += p.numel()
+    cols = ggn_vp(model, F.cross_entropy, (x,), y, v)
+    return torch.cat([cols[n].reshape(P, -1) for n, _ in named], dim=1)
+
+
+def test_ggn_curvature_gives_the_gauss_newton_model(problem, tmp_path):
+    model, x, y, data = problem
+    snap = _snapshot(model)
+    G = _dense_ggn(model, x, y)
+    P = G.shape[0]
+    d = torch.randn(P, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    gn = hessfast.landscape(model, F.cross_entropy, data, d, span=0.3, steps=3, curvature="ggn")
+    hs = hessfast.landscape(model, F.cross_entropy, data, d, span=0.3, steps=3)
+    assert gn.operator == "GGN" and hs.operator == "Hessian"
+    np.testing.assert_allclose(gn.curvature, [[float(d @ G @ d)]], rtol=1e-10)
+    assert np.array_equal(gn.loss, hs.loss)  # the loss on the grid does not depend on it
+    assert not np.allclose(gn.curvature, hs.curvature, rtol=1e-3)  # H ≠ G off the minimum
+    # "top" with the GGN: its largest eigenvalue, and the auto span where ½λt² = L₀
+    top = hessfast.landscape(
+        model, F.cross_entropy, data, "top", span="auto", steps=5, curvature="ggn", out=tmp_path
+    )
+    lam = float(torch.linalg.eigvalsh(G)[-1])
+    assert top.eigenvalues[0] == pytest.approx(lam, rel=1e-8)
+    assert top.coords[0][-1] == pytest.approx(math.sqrt(2 * top.loss0 / lam), rel=1e-8)
+    rec = json.loads((tmp_path / "landscape_1d.json").read_text())
+    assert rec["operator"] == "GGN" and "GGN" in rec["axes"][0]
+    assert rec["files"] == {"png": "landscape_1d.png", "json": "landscape_1d.json"}
+    with pytest.raises(ValueError, match="curvature"):
+        hessfast.landscape(model, F.cross_entropy, data, d, curvature="fisher")
+    _assert_untouched(model, snap)
+
+
+def test_auto_span_reaches_the_loss_along_the_top_hessian_eigenvector(problem):
+    model, x, y, data = problem
+    theta = _flat(model)
+    lam = float(
+        torch.linalg.eigvalsh(torch.func.hessian(lambda t: _loss_at(model, x, y, t))(theta))[-1]
+    )
+    ls = hessfast.landscape(model, F.cross_entropy, data, "top", span="auto", steps=(7,))
+    s = math.sqrt(2 * ls.loss0 / lam)
+    np.testing.assert_allclose(ls.coords[0], np.linspace(-s, s, 7), rtol=1e-8)
+    # at the ends the curvature term of the quadratic model is the loss at θ
+    ends = ls.quadratic[[0, -1]] - ls.loss0 - ls.slope[0] * ls.coords[0][[0, -1]]
+    np.testing.assert_allclose(ends, [ls.loss0, ls.loss0], rtol=1e-8)
+    # directions other than "top" have no eigenvalue: ±1
+    P = theta.numel()
+    user = hessfast.landscape(model, F.cross_entropy, data, torch.ones(P, dtype=torch.float64),
+                              span="auto", steps=3)  # fmt: skip
+    assert user.coords[0].tolist() == [-1.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match='"auto"'):
+        hessfast.landscape(model, F.cross_entropy, data, "top", span="wide")
+
+
+def test_to_dict_is_strict_json_and_reads_back(problem, tmp_path):
+    model, x, y, data = problem
+    P = _flat(model).numel()
+    d = torch.randn(2, P, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    ls = hessfast.landscape(model, F.cross_entropy, data, d, span=0.2, steps=3)
+    ls.loss[0, 0] = math.inf  # a point where the loss overflowed
+    rec = ls.to_dict()
+    text = json.dumps(rec, allow_nan=False)  # no NaN or Infinity in the JSON
+    back = json.loads(text)
+    assert back["loss"][0][0] is None and back["loss"][1][1] == ls.loss[1, 1]
+    assert back["axes"] == ["α along d₁", "α along d₂"] and back["files"] == {}
+    assert back["curvature"] == ls.curvature.tolist() and back["slope"] == ls.slope.tolist()
+    again = hessfast.Landscape.from_dict(back)
+    assert again.directions is None and again.operator == "Hessian" and again.kind == "user"
+    assert np.isnan(again.loss[0, 0])
+    np.testing.assert_array_equal(again.loss[1:], ls.loss[1:])
+    np.testing.assert_array_equal(again.quadratic, ls.quadratic)
+    assert again.extra["parameters"] == P
+    assert again.plot(tmp_path / "again.png").read_bytes()[:4] == b"\x89PNG"
+    again.save_json(tmp_path / "again.json")
+    assert json.loads((tmp_path / "again.json").read_text())["loss"] == back["loss"]
+
+
+def test_loss_operator_is_local_and_checks_its_curvature(problem):
+    from hessfast.landscape import loss_operator
+
+    model, x, y, data = problem
+    op = loss_operator(model, F.cross_entropy, data, curvature="ggn", params="2.*")
+    assert op.kind == "GGN" and op.process_group is None and op.shape == (21, 21)
+    with pytest.raises(ValueError, match='"hessian" or "ggn"'):
+        loss_operator(model, F.cross_entropy, data, curvature="Hessian")
