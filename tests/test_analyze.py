@@ -412,3 +412,32 @@ def test_analyze_landscape_choices_and_python_errors(entry, capsys):
         analyze(H, top_k=2, landscape=3)
     with pytest.raises(ValueError, match="steps must be an integer"):
         analyze(H, top_k=2, landscape=1, landscape_steps=1.5)
+
+
+def test_landscape_panel_is_written_with_the_report_or_not_at_all(tmp_path, monkeypatch):
+    import hessfast
+    from hessfast.analyze import UsageError, check_out_folder, write_report
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    data = (torch.randn(8, 3), torch.arange(8) % 2)
+    land = hessfast.landscape(model, F.cross_entropy, data, steps=3).to_dict()
+    report = {"eigenvalues": {"values": land["eigenvalues"]}, "landscape": land}
+
+    def broken(self, path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hessfast.Landscape, "plot", broken)
+    with pytest.raises(KeyboardInterrupt):
+        write_report(report, tmp_path / "r")
+    assert list((tmp_path / "r").iterdir()) == []  # no spectrum, no partial files
+    monkeypatch.undo()
+    js, _ = write_report(report, tmp_path / "r")
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [
+        "landscape_1d.png",
+        "report.json",
+        "spectrum.png",
+    ]
+    assert json.loads(js.read_text())["landscape"]["loss"] == land["loss"]
+    (tmp_path / "s" / "landscape_2d.png").mkdir(parents=True)
+    with pytest.raises(UsageError, match="landscape_2d.png is a folder"):
+        check_out_folder(tmp_path / "s")

@@ -55,6 +55,7 @@ from .entry import (
     resolve_loss,
 )
 from .report import (
+    LANDSCAPE_FILES,
     REPORT_FILES,
     check_out_folder,
     format_summary,
@@ -86,4 +87,5 @@ __all__ = [
     "CLASSIFICATION",
     "DTYPES",
     "REPORT_FILES",
+    "LANDSCAPE_FILES",
 ]
