@@ -547,7 +547,7 @@ def _user_directions(directions: Any, op: HessianOperator) -> Tensor:
     return D
 
 
-def _span(span: Any) -> tuple[float, float] | None:
+def check_span(span: Any) -> tuple[float, float] | None:
     """``(lo, hi)`` of ``span``, or ``None`` for ``"auto"``; ``ValueError`` otherwise."""
     if isinstance(span, str) and span == "auto":
         return None
@@ -566,7 +566,9 @@ def _span(span: Any) -> tuple[float, float] | None:
     return lo, hi
 
 
-def _steps(steps: Any, ndim: int) -> list[int]:
+def check_steps(steps: Any, ndim: int) -> list[int]:
+    """The points per axis of ``steps`` (one number or one per axis, each an integer ≥ 2);
+    ``ValueError`` otherwise."""
     counts = list(steps) if isinstance(steps, (list, tuple)) else [steps] * ndim
     if len(counts) != ndim:
         raise ValueError(f"steps: one number or {ndim}, got {steps!r}")
@@ -689,8 +691,8 @@ def landscape(
         kind, k = directions, ndim or 1
     else:
         raise ValueError(f'directions={directions!r}: "top", "random" or vectors')
-    limits = _span(span)
-    counts = _steps(steps, k)
+    limits = check_span(span)
+    counts = check_steps(steps, k)
     with ModelGuard(model):
         dl = DataLoss(op)
         eigenvalues = None

@@ -221,6 +221,9 @@ def analyze(
             warn=False,
         )
         order = torch.argsort(evals, descending=True)
+        # the landscape's directions: only the columns it needs are kept (P × k can be large)
+        kept = order[: landscape or 0]
+        evecs = evecs[:, kept].clone() if landscape else None
         report["eigenvalues"] = {
             "which": "largest algebraic",
             "k": k,
@@ -335,7 +338,7 @@ def analyze(
             before = counted.products
             report["landscape"] = landscape_step(
                 op,
-                evals,
+                evals[kept],
                 evecs,
                 ndim=landscape,
                 span=landscape_span,
@@ -368,7 +371,7 @@ def check_landscape(op, ndim: Any, span: Any, steps: Any, top_k: int) -> int:
     Traceback (most recent call last):
     ValueError: a 2-D landscape needs the top 2 eigenvectors: top_k >= 2
     """
-    from ..landscape import _span, _steps
+    from ..landscape import check_span, check_steps
     from ..operators import is_model_operator
 
     if isinstance(ndim, bool) or ndim not in (1, 2):
@@ -385,9 +388,9 @@ def check_landscape(op, ndim: Any, span: Any, steps: Any, top_k: int) -> int:
         )
     if top_k < ndim:
         raise ValueError(f"a {ndim}-D landscape needs the top {ndim} eigenvectors: top_k >= {ndim}")
-    _span(span)
+    check_span(span)
     steps = (21 if ndim == 1 else 15) if steps is None else steps
-    _steps(steps, ndim)
+    check_steps(steps, ndim)
     return steps
 
 
