@@ -87,6 +87,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--landscape-span",
         default="auto",
+        metavar="S",
         help="half-width of the slice in parameter space, or auto: where 1/2 lambda_max t^2 "
         "reaches the loss (default: auto)",
     )
@@ -94,6 +95,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--landscape-steps",
         type=int,
         default=None,
+        metavar="N",
         help="points per axis of the slice (default: 21 for 1d, 15 for 2d)",
     )
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
