@@ -8,6 +8,13 @@ samples, or tokens not ignored, weighted by class weights — see each loss rule
 batches into micro-batches weighted the same way: it bounds memory and changes nothing beyond
 round-off.
 
+``num_data=N`` states the divisor instead: the dataset loss is then ``(1/N) Σ_b S_b`` with ``S_b``
+batch ``b``'s *summed* loss (``n_b · L_b`` for a mean loss, ``n_b`` the terms it averages;
+``L_b`` itself for a sum loss). For a loss that sums over micro-batches of a dataset of ``N``
+samples this is the mean over the dataset; for a mean over samples with ``N`` the number of
+samples it changes nothing. ``op.gradient_and_loss()`` / ``op.gradient()`` return the gradient
+and loss of the same dataset loss, weighted as the products are.
+
 A custom ``loss_fn`` (a lambda, any callable hessfast does not recognise) hides its reduction: the
 operator finds it once, from the loss on the model's output for the first batch and on that batch
 duplicated (a sum doubles, a mean does not; a mean must also be the row-weighted average of the
@@ -217,7 +224,17 @@ class _ModelOperator(CurvatureOperator):
         compile: str | None = None,
         output: str | int | None = None,
         check_deterministic: bool = True,
+        num_data: int | None = None,
     ):
+        if num_data is not None and (
+            isinstance(num_data, bool) or not isinstance(num_data, numbers.Integral) or num_data < 1
+        ):
+            raise ValueError(
+                f"num_data must be a positive integer (the N the dataset loss divides by), "
+                f"got {num_data!r}"
+            )
+        #: the divisor of the dataset loss when given (see the module docstring), else None
+        self.num_data = None if num_data is None else int(num_data)
         if backend is not None:
             _check_choice(backend, f"{type(self).__name__}(backend=...)")
         traced.check_mode(compile)
@@ -322,7 +339,12 @@ class _ModelOperator(CurvatureOperator):
             compile=self.compile,
             output=self.output,
             check_deterministic=self.check_deterministic,
+            **self._options(),
         )
+
+    def _options(self) -> dict[str, Any]:
+        """Keyword options a subclass adds, passed on to :meth:`block`."""
+        return {"num_data": self.num_data}
 
     def groups(self, by: str | Sequence[str] = "module") -> dict[str, list[tuple[int, int]]]:
         """Partition of the flat parameter vector into labelled groups of ``(start, stop)`` ranges.
@@ -423,14 +445,12 @@ class _ModelOperator(CurvatureOperator):
             self._probed = losses.probe_reduction(rule.loss_fn, z, targets)
         return self._probed
 
-    def _partial(self, vec: Vectors) -> tuple[Tensor | None, float, int]:
-        """This process's ``(Σ_b w_b · H_b V [K, P] or None, Σ_b w_b, number of batches)``.
-
-        Empty batches (targets with no sample) and, for a mean, batches with nothing to count
-        (every target ``ignore_index``) contribute nothing and are skipped."""
-        total = None
-        weight_sum = 0.0
-        seen = 0
+    def _weighted_batches(self) -> Iterator[tuple[Any, Any, float | None]]:
+        """``(inputs, targets, w)`` of every batch that counts: ``w`` is the batch's weight in
+        the dataset loss (its loss ``mean`` divides by, so that ``w · L_b`` is its summed loss),
+        ``None`` for a batch whose loss is a sum. Empty batches (targets with no sample) and, for
+        a mean, batches with nothing to count (every target ``ignore_index``) are skipped and
+        recorded in ``self._skipped``."""
         self._skipped = []
         for inputs, targets in self.batches():
             if losses.is_empty_batch(targets):
@@ -444,6 +464,15 @@ class _ModelOperator(CurvatureOperator):
             if isinstance(rule, losses.FuncLoss):
                 if self._custom_reduction(inputs, targets) == "sum":
                     w = None
+            yield inputs, targets, w
+
+    def _partial(self, vec: Vectors) -> tuple[Tensor | None, float, int]:
+        """This process's ``(Σ_b w_b · H_b V [K, P] or None, Σ_b w_b, number of batches)``
+        (``w_b`` from :meth:`_weighted_batches`; a sum batch adds ``H_b V`` and no weight)."""
+        total = None
+        weight_sum = 0.0
+        seen = 0
+        for inputs, targets, w in self._weighted_batches():
             seen += 1
             _, _, prods = api.compute(
                 self.model,
@@ -464,6 +493,13 @@ class _ModelOperator(CurvatureOperator):
                 flat = flat * w
             total = flat if total is None else total + flat
         return total, weight_sum, seen
+
+    def _normalise(self, total: Tensor, weight_sum: float) -> Tensor:
+        """The dataset quantity from the summed batch terms: divided by ``num_data`` when
+        given, else by the summed weights of the mean batches (none: a sum, left as it is)."""
+        if self.num_data is not None:
+            return total / self.num_data
+        return total / weight_sum if weight_sum else total
 
     def _pass(self, V: Tensor, vec: Vectors) -> tuple[Tensor | None, float, int]:
         if self.process_group is None:
@@ -491,26 +527,14 @@ class _ModelOperator(CurvatureOperator):
             if not self._needs_determinism_check():
                 self.deterministic = "not needed"
             elif seen:
-                first = total / weight_sum if weight_sum else total
+                first = self._normalise(total, weight_sum)
                 total, weight_sum, seen = self._pass(V, vec)
-                second = total / weight_sum if weight_sum else total
+                second = self._normalise(total, weight_sum)
                 self._check_same(first, second)
                 self.deterministic = "passed"
         if not seen:
-            skipped = getattr(self, "_skipped", [])
-            if skipped and all(s == "empty" for s in skipped):
-                why = f"every batch is empty ({len(skipped)} batches with no sample)"
-            elif skipped:
-                why = (
-                    "no batch has a target that counts (every target equals ignore_index, or the "
-                    "batch is empty): the mean loss over the data is undefined"
-                )
-            else:
-                why = "data is empty: the operator needs at least one batch"
-            raise ValueError(why + (" (on every rank)" if self.process_group is not None else ""))
-        if weight_sum:
-            total = total / weight_sum
-        total = total.to(self.dtype)
+            self._no_batch_error()
+        total = self._normalise(total, weight_sum).to(self.dtype)
         bad = first_non_finite({"product": total})
         if bad is not None:
             raise NonFiniteError(
@@ -518,6 +542,94 @@ class _ModelOperator(CurvatureOperator):
                 "the loss scale and the dtype"
             )
         return total.T
+
+    def gradient_and_loss(self) -> tuple[Tensor, Tensor]:
+        """The gradient ``[P]`` (flat, in ``named_parameters()`` order over this operator's
+        parameters) and the loss (a 0-d tensor) of the dataset loss whose curvature the operator
+        is: the batches weighted exactly as in its products (ragged batches, ``ignore_index``,
+        class weights, a custom loss's reduction, ``num_data``, the shards of a process group),
+        so that ``newton_step(H, H.gradient())`` needs no hand weighting. One pass over the data
+        (``hessfast.grad``'s engine per batch); raises ``ValueError`` as a product does when no
+        batch counts.
+
+        >>> import torch, torch.nn.functional as F, hessfast
+        >>> model = torch.nn.Linear(3, 2)
+        >>> data = [(torch.randn(4, 3), torch.randint(0, 2, (4,))), (torch.randn(1, 3), torch.tensor([1]))]
+        >>> H = hessfast.GGNOperator(model, F.cross_entropy, data)
+        >>> g, loss = H.gradient_and_loss()
+        >>> x, y = torch.cat([b[0] for b in data]), torch.cat([b[1] for b in data])
+        >>> bool(torch.allclose(loss, F.cross_entropy(model(x), y)))
+        True
+        """
+        P = self.shape[0]
+
+        def partial() -> tuple[Tensor | None, float, int]:
+            total, weight_sum, seen = None, 0.0, 0
+            for inputs, targets, w in self._weighted_batches():
+                seen += 1
+                loss, grads, _ = api.compute(
+                    self.model,
+                    self.loss_fn,
+                    inputs,
+                    targets,
+                    self.selected,
+                    None,
+                    "grad",
+                    False,
+                    backend=self.backend,
+                    compile=self.compile,
+                    output=self.output,
+                )
+                row = torch.cat(
+                    [grads[n].reshape(-1) for n in self.names] + [loss.detach().reshape(1)]
+                )[None].to(torch.promote_types(self.dtype, torch.float32))
+                if w is not None:
+                    weight_sum += w
+                    row = row * w
+                total = row if total is None else total + row
+            return total, weight_sum, seen
+
+        if self.process_group is None:
+            total, weight_sum, seen = partial()
+        else:
+            marker = torch.zeros(P + 1, 1, dtype=self.dtype, device=self.device)
+            total, weight_sum, seen = _dist.all_reduce_product(
+                self.process_group, marker, partial, "gradient", params=self.model.parameters()
+            )
+        if not seen:
+            self._no_batch_error()
+        row = self._normalise(total[0], weight_sum)
+        if first_non_finite({"gradient": row}) is not None:
+            raise NonFiniteError(
+                "the gradient or loss over the data contains NaN or Inf: check the data, the "
+                "loss scale and the dtype"
+            )
+        return row[:P].to(self.dtype), row[P].to(self.dtype)
+
+    def gradient(self) -> Tensor:
+        """The gradient ``[P]`` of the dataset loss: :meth:`gradient_and_loss` without the loss.
+
+        >>> import torch, torch.nn.functional as F, hessfast
+        >>> H = hessfast.HessianOperator(torch.nn.Linear(3, 2), F.mse_loss,
+        ...                              (torch.randn(5, 3), torch.randn(5, 2)))
+        >>> H.gradient().shape
+        torch.Size([8])
+        """
+        return self.gradient_and_loss()[0]
+
+    def _no_batch_error(self) -> None:
+        """Raise the ``ValueError`` of a pass over the data in which no batch counted."""
+        skipped = getattr(self, "_skipped", [])
+        if skipped and all(s == "empty" for s in skipped):
+            why = f"every batch is empty ({len(skipped)} batches with no sample)"
+        elif skipped:
+            why = (
+                "no batch has a target that counts (every target equals ignore_index, or the "
+                "batch is empty): the mean loss over the data is undefined"
+            )
+        else:
+            why = "data is empty: the operator needs at least one batch"
+        raise ValueError(why + (" (on every rank)" if self.process_group is not None else ""))
 
     def _check_same(self, first: Tensor | None, second: Tensor | None) -> None:
         """Raise ``ValueError`` naming the likely cause unless two passes over the data gave the
@@ -592,7 +704,8 @@ class HessianOperator(_ModelOperator):
 
     ``HessianOperator(model, loss_fn, data, params=None, max_batch_size=None, progress=False,
     process_group=None, backend=None, reduction=None, compile=None, output=None,
-    check_deterministic=True)``: ``check_deterministic`` runs the first product twice where two
+    check_deterministic=True, num_data=None)``: ``num_data`` divides the summed batch losses by
+    ``N`` (module docstring); ``check_deterministic`` runs the first product twice where two
     passes could differ and raises ``ValueError`` naming the likely cause if they do (module
     docstring); ``reduction`` states how a custom
     ``loss_fn`` reduces over a batch (``"mean"``/``"sum"``; ``None``: found from ``loss_fn``,
