@@ -16,8 +16,11 @@ from . import (
 )
 from .algorithms import (
     condition_number,
+    diagonal,
     eigsh,
+    frobenius_norm,
     layerwise,
+    layerwise_diagonal,
     newton_step,
     spectral_density,
     trace,
@@ -65,6 +68,9 @@ __all__ = [
     "spectral_density",
     "trace",
     "layerwise",
+    "layerwise_diagonal",
+    "diagonal",
+    "frobenius_norm",
     "newton_step",
     "HessianMonitor",
     "landscape",

@@ -7,8 +7,9 @@
 10.0
 """
 
+from .diagonal import DiagonalEstimate, FrobeniusEstimate, diagonal, frobenius_norm
 from .lanczos import ConditionNumber, EigshInfo, condition_number, eigsh
-from .layerwise import BlockSpectrum, layerwise
+from .layerwise import BlockSpectrum, layerwise, layerwise_diagonal
 from .newton import NewtonStep, newton_step
 from .slq import SpectralDensity, spectral_density
 from .trace import TraceEstimate
@@ -26,5 +27,10 @@ __all__ = [
     "trace",
     "TraceEstimate",
     "layerwise",
+    "layerwise_diagonal",
     "BlockSpectrum",
+    "diagonal",
+    "DiagonalEstimate",
+    "frobenius_norm",
+    "FrobeniusEstimate",
 ]

@@ -32,13 +32,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from .diagonal import diagonal
 from .krylov import Operator, Products, as_operator, check_positive_int, rademacher, work_dtype
 from .slq import _lanczos
 from .trace import _stderr
 
 Tensor = torch.Tensor
 
-__all__ = ["layerwise", "BlockSpectrum", "WHICH"]
+__all__ = ["layerwise", "layerwise_diagonal", "BlockSpectrum", "WHICH"]
 
 WHICH = ("lambda_max", "lambda_min", "trace")
 
@@ -314,3 +315,34 @@ def layerwise(
         res.method, res.steps = "lanczos", run.steps
         fill(res, theta, resid)
     return results
+
+
+def layerwise_diagonal(
+    H: Operator | Tensor,
+    groups: Any = "module",
+    num_matvecs: int = 100,
+    method: str = "xdiag",
+    seed: int = 0,
+    block_size: int | None = None,
+) -> dict[str, Tensor]:
+    """The diagonal of ``H`` split by group: ``{label: diag(H)[group]}``, each a 1-D tensor of
+    the group's entries in the order of its index ranges (for ``groups="parameter"``, reshape
+    with the parameter's shape).
+
+    The diagonal of a block ``H_gg`` is the diagonal of ``H`` on ``g``, so one
+    :func:`~hessfast.algorithms.diagonal.diagonal` run over the whole operator serves every
+    group; ``num_matvecs``, ``method``, ``seed`` and ``block_size`` are passed to it (its
+    estimators' errors per entry are those of the whole-operator estimate). ``groups`` as in
+    :func:`layerwise`.
+
+    >>> import torch
+    >>> from hessfast.algorithms.layerwise import layerwise_diagonal
+    >>> A = torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64))
+    >>> out = layerwise_diagonal(A, groups={"a": [(0, 2)], "b": [(2, 5)]}, method="exact")
+    >>> out["a"].tolist(), out["b"].tolist()
+    ([1.0, 2.0], [3.0, 4.0, 5.0])
+    """
+    op = as_operator(H)
+    groups_ = _resolve_groups(op, groups)
+    d = diagonal(op, num_matvecs, method, seed, block_size).diagonal
+    return {lab: d[_index(ranges).to(d.device)] for lab, ranges in groups_.items()}
