@@ -36,6 +36,7 @@ from .errors import (
     NonFiniteError,
     UnsupportedOpError,
 )
+from .fisher import EmpiricalFisherOperator, MCFisherOperator
 from .landscape import Landscape
 from .monitor import HessianMonitor
 from .operators import (
@@ -63,6 +64,8 @@ __all__ = [
     "HessianOperator",
     "GGNOperator",
     "ResidualOperator",
+    "EmpiricalFisherOperator",
+    "MCFisherOperator",
     "eigsh",
     "condition_number",
     "spectral_density",
