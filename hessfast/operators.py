@@ -411,8 +411,14 @@ class _ModelOperator(CurvatureOperator):
         return parse(Vt, self.selected)
 
     def _weighs_batches(self) -> bool:
-        """Whether batches may be more than one, so that their weights matter."""
-        return not self.single or self.max_batch_size is not None or self.process_group is not None
+        """Whether batches may be more than one, or ``num_data`` divides their summed losses, so
+        that their weights matter."""
+        return (
+            not self.single
+            or self.max_batch_size is not None
+            or self.process_group is not None
+            or self.num_data is not None
+        )
 
     def _model_output(self, inputs: Any) -> Any:
         """One plain forward without gradients; buffers (BatchNorm statistics) and the RNG state

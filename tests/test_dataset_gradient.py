@@ -142,6 +142,24 @@ def test_num_data_replaces_the_divisor_of_a_mean_loss():
     torch.testing.assert_close(half.gradient(), ref.gradient() / 2, rtol=1e-12, atol=1e-14)
 
 
+def test_num_data_with_a_custom_sum_loss_on_one_batch():
+    """A custom loss's reduction matters once num_data divides the summed loss, even for one
+    batch: a sum is divided by N as it is, not first multiplied by its elements."""
+    model = mlp().double()
+    x, y = cat(ragged_ce_data(torch.Generator().manual_seed(9)))
+
+    def loss_sum(z, t):
+        return F.cross_entropy(z, t, reduction="sum")
+
+    H = hessfast.HessianOperator(model, loss_sum, (x, y), num_data=4)
+    g, loss = H.gradient_and_loss()
+    g_ref, loss_ref = oracle_grad_loss(model, loss_sum, x, y)
+    torch.testing.assert_close(g, g_ref / 4, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(loss, loss_ref / 4, rtol=1e-12, atol=1e-14)
+    dense = dense_hessian(model, loss_sum, (x,), y) / 4
+    torch.testing.assert_close(H @ torch.eye(H.shape[0], dtype=torch.float64), dense)
+
+
 def test_newton_step_with_the_operator_gradient_solves_the_dataset_system():
     model = mlp().double()
     data = ragged_ce_data(torch.Generator().manual_seed(7))
