@@ -206,13 +206,17 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
     shards = [data[:2], data[2:]]  # ragged: 7 samples on rank 0, 4 on rank 1
     H = hessfast.GGNOperator(model, F.cross_entropy, shards[rank])
     g, loss = H.gradient_and_loss()
+    E = hessfast.EmpiricalFisherOperator(model, F.cross_entropy, shards[rank])
+    ev = E @ torch.ones(E.shape[0], dtype=torch.float64)
     with open(f"{out}/rank{rank}.json", "w") as f:
-        json.dump({"g": g.tolist(), "loss": float(loss)}, f)
+        json.dump({"g": g.tolist(), "loss": float(loss), "ef": ev.tolist()}, f)
     dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_gradient_over_shards_equals_the_whole_data(tmp_path):
+    """Two gloo ranks with ragged shards: the gradient, the loss and an empirical Fisher product
+    equal those of one process over all the data."""
     import json
     import os
     import socket
@@ -239,9 +243,12 @@ def test_gradient_over_shards_equals_the_whole_data(tmp_path):
     model = mlp().double()
     data = ragged_ce_data(torch.Generator().manual_seed(8), sizes=(5, 2, 4))
     g_ref, loss_ref = oracle_grad_loss(model, F.cross_entropy, *cat(data))
+    E = hessfast.EmpiricalFisherOperator(model, F.cross_entropy, data)
+    ev_ref = E @ torch.ones(E.shape[0], dtype=torch.float64)
     for r in range(2):
         res = json.loads((tmp_path / f"rank{r}.json").read_text())
         torch.testing.assert_close(torch.tensor(res["g"], dtype=torch.float64), g_ref)
+        torch.testing.assert_close(torch.tensor(res["ef"], dtype=torch.float64), ev_ref)
         assert res["loss"] == pytest.approx(float(loss_ref), rel=1e-12)
 
 
