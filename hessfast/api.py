@@ -59,16 +59,30 @@ def compute(
     compile=None,
     output=None,
     info: list | None = None,
+    grads: bool = True,
 ):
     """``(loss, grads, products)`` of one engine run: what ``hvp``/``ggn_vp``/``grad`` and the
     operators, the profiler and the benchmarks call (``mode``: ``"hvp"``, ``"ggn"``, ``"grad"`` or
     ``"residual"``, see :mod:`hessfast.engine`).
     With ``info`` (a list) the run's :class:`~hessfast.dispatch.ProductInfo` is appended to it;
-    the ``hessfast`` logger gets it as one DEBUG line either way."""
+    the ``hessfast`` logger gets it as one DEBUG line either way. ``grads=False`` (``"hvp"``
+    mode): the caller does not read the gradient, and it is ``None`` in the result; the traced
+    graph then omits the parameters' primal cotangents (one GEMM per weight)."""
     traced.check_mode(compile)
     with use_backend(backend) as requested, dispatch.recording() as rec:
         res = _compute_on(
-            model, loss_fn, inputs, targets, selected, vec, mode, strict, profiler, compile, output
+            model,
+            loss_fn,
+            inputs,
+            targets,
+            selected,
+            vec,
+            mode,
+            strict,
+            profiler,
+            compile,
+            output,
+            grads,
         )
     if info is not None or log.isEnabledFor(logging.DEBUG):
         what = dispatch.product_info(rec, mode, requested, res.fallback_ops, res.trace)
@@ -77,11 +91,11 @@ def compute(
         log.debug("hessfast: %s", what)
         if info is not None:
             info.append(what)
-    return res.loss, res.grads, res.products
+    return res.loss, res.grads if grads else None, res.products
 
 
 def _compute_on(
-    model, loss_fn, inputs, targets, selected, vec, mode, strict, profiler, compile, output
+    model, loss_fn, inputs, targets, selected, vec, mode, strict, profiler, compile, output, grads
 ):
     """The engine's result (``loss``, ``grads``, ``products``, ``fallback_ops`` and ``trace``,
     the traced product that ran or was traced; ``None``: interpreted)."""
@@ -120,7 +134,7 @@ def _compute_on(
     _, rule = losses.read_output(rule, prog.out_spec, output)
     if profiler is not None:  # the per-rule view needs the interpreter
         return engine.run(prog, names, values, tangents, k, rule, mode, profiler=profiler)
-    return traced.run(prog, names, values, tangents, k, rule, mode, compile)
+    return traced.run(prog, names, values, tangents, k, rule, mode, compile, grads)
 
 
 class _Whole:
@@ -206,6 +220,7 @@ def hvp(
         compile=compile,
         output=output,
         info=info,
+        grads=return_grad,
     )
     _finite("Hessian-vector product", prods, check_finite)
     out = (

@@ -492,6 +492,7 @@ class _ModelOperator(CurvatureOperator):
                 backend=self.backend,
                 compile=self.compile,
                 output=self.output,
+                grads=False,
             )
             flat = torch.cat([prods[n].reshape(vec.k, -1) for n in self.names], dim=1)
             if w is not None:

@@ -7,7 +7,9 @@ capture signature and product kind it always does the same thing, so :func:`run`
 caches the graph beside the program and replays its generated code on later products: no per-node
 Python, no rule lookup, no dispatch.
 
-What a trace is specialised on (the cache key): the product mode (``hvp``/``ggn``/``grad``), K,
+What a trace is specialised on (the cache key): the product mode (``hvp``/``ggn``/``grad``/
+``residual``) and, for an HVP, whether the caller reads the gradient (without, the graph has no
+parameter cotangents: a traced graph keeps only what its outputs need), K,
 the differentiated parameters, the backend request, the fused-head setting, the shapes, strides,
 dtypes and devices of every input (parameters, buffers, constants, user inputs, tangents, the loss
 rule's tensors) and the loss rule's non-tensor settings (reduction, ``ignore_index``, the callable
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -84,8 +87,8 @@ def check_mode(compile: Any) -> None:
 class Trace:
     """One traced product: the callable on flat inputs, or why there is none."""
 
-    fn: Any = None  # flat tensors -> flat outputs
-    out_spec: Any = None
+    fn: Any = None  # flat tensors -> flat outputs: the loss, then the gradients, the products
+    layout: Any = None  # (gradient names or None, product names or None)
     reason: str | None = None  # why the signature runs the interpreter
     fallback_ops: Counter = field(default_factory=Counter)
     nodes: int = 0
@@ -137,7 +140,7 @@ def _split_loss(loss_rule: Any) -> tuple[list, Any, list]:
     return leaves, spec, tensors
 
 
-def _key(param_names, values, tangents, k, loss_rule, mode, compile, loss_parts) -> tuple:
+def _key(param_names, values, tangents, k, loss_rule, mode, compile, loss_parts, grads) -> tuple:
     leaves, spec, _ = loss_parts
     return (
         mode,
@@ -152,6 +155,7 @@ def _key(param_names, values, tangents, k, loss_rule, mode, compile, loss_parts)
         tuple(_meta(x) for x in leaves),
         tuple((n, _meta(x)) for n, x in values.items()),
         None if tangents is None else tuple((n, _meta(x)) for n, x in tangents.items()),
+        grads or mode != "hvp",
     )
 
 
@@ -172,14 +176,14 @@ def _traces(program: Program) -> dict:
     return cache
 
 
-def _trace(program, param_names, values, tangents, k, loss_rule, mode, compile, loss_parts):
+def _trace(program, param_names, values, tangents, k, loss_rule, mode, compile, loss_parts, grads):
     global TRACE_COUNT
     leaves, spec, tensor_idx = loss_parts
     flat_in, in_spec = pytree.tree_flatten((values, tangents, [leaves[i] for i in tensor_idx]))
     is_tensor = [isinstance(x, torch.Tensor) for x in flat_in]
     statics = [None if t else x for x, t in zip(flat_in, is_tensor)]
     fell_back: Counter = Counter()
-    out_spec: list = [None]
+    layout: list = [None]
 
     def product(*tensors):
         it = iter(tensors)
@@ -191,8 +195,10 @@ def _trace(program, param_names, values, tangents, k, loss_rule, mode, compile, 
         rule = _rebuild(loss_rule, pytree.tree_unflatten(state_leaves, spec))
         res = engine.run(program, param_names, vals, tans, k, rule, mode)
         fell_back.update(res.fallback_ops)
-        flat_out, out_spec[0] = pytree.tree_flatten((res.loss, res.grads, res.products))
-        return tuple(flat_out)
+        g = res.grads if grads else None
+        p = res.products
+        layout[0] = (None if g is None else list(g), None if p is None else list(p))
+        return (res.loss, *(g or {}).values(), *(p or {}).values())
 
     TRACE_COUNT += 1
     example = [x for x, t in zip(flat_in, is_tensor) if t]
@@ -210,8 +216,9 @@ def _trace(program, param_names, values, tangents, k, loss_rule, mode, compile, 
     except Exception as e:  # any failure to trace means: this signature is interpreted
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         return Trace(reason=f"{type(e).__name__}: {msg}")
+    prune(gm)
     trace = Trace(
-        out_spec=out_spec[0],
+        layout=layout[0],
         fallback_ops=fell_back,
         nodes=len(gm.graph.nodes),
         trace_seconds=time.perf_counter() - t0,
@@ -222,6 +229,45 @@ def _trace(program, param_names, values, tangents, k, loss_rule, mode, compile, 
         trace.fn = torch.compile(gm, backend=compile, fullgraph=True, dynamic=False)
         trace.compile_seconds = 0.0  # measured on the first call
     return trace
+
+
+def prune(gm: torch.fx.GraphModule) -> None:
+    """Drop the work no output of ``gm`` reads. ``make_fx`` records every op that ran: a
+    gradient nobody asked for, a rule's residual that a mode does not use. Dead nodes go
+    (mutating ops count as used), and a multi-output backward op with an ``output_mask``
+    (``convolution_backward``, the normalisations' backwards) stops computing the outputs no
+    node reads, e.g. a convolution's weight cotangent in an HVP whose caller does not want the
+    gradient."""
+    graph = gm.graph
+    graph.eliminate_dead_code()
+    for node in graph.nodes:
+        op = node.target
+        if node.op != "call_function" or not isinstance(op, torch._ops.OpOverload):
+            continue
+        names = [a.name for a in op._schema.arguments]
+        if "output_mask" not in names:
+            continue
+        used = set()
+        for user in node.users:
+            if user.target is operator.getitem:
+                used.add(user.args[1])
+            else:  # the tuple itself is read: keep every output
+                used = None
+                break
+        if used is None:
+            continue
+        i = names.index("output_mask")
+        if i < len(node.args):
+            mask = list(node.args[i])
+            new = [bool(m) and j in used for j, m in enumerate(mask)]
+            if new != mask:
+                node.args = (*node.args[:i], new, *node.args[i + 1 :])
+        elif "output_mask" in node.kwargs:
+            mask = list(node.kwargs["output_mask"])
+            new = [bool(m) and j in used for j, m in enumerate(mask)]
+            if new != mask:
+                node.kwargs = {**node.kwargs, "output_mask": new}
+    gm.recompile()
 
 
 class Direct:
@@ -270,12 +316,13 @@ def lookup(
     mode: str,
     compile: str | None,
     loss_parts: tuple,
+    grads: bool = True,
 ) -> Trace | None:
     """The (cached) trace of this product, traced now if it is due; ``None`` while the signature
     is still interpreted (its first :data:`TRACE_AFTER` products under ``compile=None``).
     ``loss_parts``: :func:`_split_loss` of ``loss_rule``."""
     cache = _traces(program)
-    key = _key(param_names, values, tangents, k, loss_rule, mode, compile, loss_parts)
+    key = _key(param_names, values, tangents, k, loss_rule, mode, compile, loss_parts, grads)
     trace = cache.pop(key, None)
     if isinstance(trace, int):  # interpreted products so far
         if compile is None and trace < TRACE_AFTER:
@@ -287,7 +334,7 @@ def lookup(
         return None
     if trace is None:
         trace = _trace(
-            program, param_names, values, tangents, k, loss_rule, mode, compile, loss_parts
+            program, param_names, values, tangents, k, loss_rule, mode, compile, loss_parts, grads
         )
         while len(cache) >= MAX_TRACES:
             cache.pop(next(iter(cache)))
@@ -306,6 +353,7 @@ def run(
     loss_rule: Any,
     mode: str,
     compile: str | None = None,
+    grads: bool = True,
 ) -> engine.Result:
     """One product like :func:`hessfast.engine.run`, through its traced graph (see the module
     docstring for ``compile``)."""
@@ -335,7 +383,9 @@ def run(
         plan = program.plan(param_names)
         tangents = {n: tangents[n] for ph, n in program.params.items() if plan.get(ph, False)}
     loss_parts = _split_loss(loss_rule)
-    trace = lookup(program, param_names, values, tangents, k, loss_rule, mode, compile, loss_parts)
+    trace = lookup(
+        program, param_names, values, tangents, k, loss_rule, mode, compile, loss_parts, grads
+    )
     if trace is None:
         return engine.run(program, param_names, values, tangents, k, loss_rule, mode)
     if trace.fn is None:
@@ -353,13 +403,21 @@ def run(
         flat += tangents.values()
     flat += [leaves[i] for i in tensor_idx]
     if trace.calls == 0:
-        args = (program, param_names, values, tangents, k, loss_rule, mode, compile)
+        args = (program, param_names, values, tangents, k, loss_rule, mode, compile, grads)
         res = _first_call(trace, flat, *args)
         res.trace = trace
         return res
     trace.calls += 1
-    loss, grads, prods = pytree.tree_unflatten(list(trace.fn(*flat)), trace.out_spec)
-    return engine.Result(loss, grads, prods, Counter(trace.fallback_ops), trace)
+    out = trace.fn(*flat)
+    gnames, pnames = trace.layout
+    grads = prods = None
+    i = 1
+    if gnames is not None:
+        grads = dict(zip(gnames, out[1 : 1 + len(gnames)]))
+        i += len(gnames)
+    if pnames is not None:
+        prods = dict(zip(pnames, out[i:]))
+    return engine.Result(out[0], grads, prods, Counter(trace.fallback_ops), trace)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -367,7 +425,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
-def _first_call(trace, flat, program, param_names, values, tangents, k, loss_rule, mode, compile):
+def _first_call(
+    trace, flat, program, param_names, values, tangents, k, loss_rule, mode, compile, grads
+):
     """A trace's first replay, checked against the interpreter on the same inputs: tracing ran on
     fake tensors, whose strides or kernels can differ from the real ones. A replay that raises or
     disagrees beyond the dtype's tolerance retires the trace (the signature is interpreted from
@@ -385,7 +445,11 @@ def _first_call(trace, flat, program, param_names, values, tangents, k, loss_rul
         return ref
     if trace.compile_seconds == 0.0:
         trace.compile_seconds = time.perf_counter() - t0
-    want = pytree.tree_leaves((ref.loss, ref.grads, ref.products))
+    want = [
+        ref.loss,
+        *((ref.grads or {}).values() if grads else ()),
+        *(ref.products or {}).values(),
+    ]
     worst = max(
         (_rel(a, b) for a, b in zip(out, want) if isinstance(b, torch.Tensor)),
         default=0.0,
@@ -416,6 +480,7 @@ def explain(program: Program) -> list[dict]:
             "mode": key[0],
             "k": key[1],
             "compile": key[6],
+            "grads": key[-1],
             "traced": t.fn is not None,
             "reason": t.reason,
             "nodes": t.nodes,
