@@ -39,6 +39,7 @@ from .errors import (
 from .fisher import EmpiricalFisherOperator, MCFisherOperator
 from .landscape import Landscape
 from .monitor import HessianMonitor
+from .operator_algebra import IdentityOperator
 from .operators import (
     CurvatureOperator,
     DenseOperator,
@@ -66,6 +67,7 @@ __all__ = [
     "ResidualOperator",
     "EmpiricalFisherOperator",
     "MCFisherOperator",
+    "IdentityOperator",
     "eigsh",
     "condition_number",
     "spectral_density",

@@ -80,11 +80,23 @@ class CurvatureOperator:
     """A symmetric ``(P, P)`` operator: ``shape``, ``dtype``, ``device`` and ``matmat``.
 
     ``op @ v`` takes a flat ``[P]`` vector or a ``[P, K]`` block and returns the same shape.
+
+    Operators combine lazily (:mod:`hessfast.operator_algebra`): ``H - G``, ``H + G``, ``a * H``,
+    ``H / a``, ``-H``, ``H + λ * hessfast.IdentityOperator(P)`` or ``H.shift(λ)``, ``A @ B`` (an
+    operator times an operator), ``H.T``; each is again an operator. ``symmetric`` says whether
+    the operator is known to be symmetric (a product of different operators is not).
+
+    >>> import torch, hessfast
+    >>> A = hessfast.DenseOperator(torch.diag(torch.tensor([3.0, 1.0], dtype=torch.float64)))
+    >>> ((A - 0.5 * A.shift(1.0)) @ torch.ones(2, dtype=torch.float64)).tolist()
+    [1.0, 0.0]
     """
 
     shape: tuple[int, int]
     dtype: torch.dtype
     device: torch.device
+    symmetric: bool = True
+    __array_ufunc__ = None  # NumPy scalars defer to __rmul__: np.float64(2) * H is an operator
 
     def matmat(self, V: Tensor) -> Tensor:
         raise NotImplementedError
@@ -99,10 +111,88 @@ class CurvatureOperator:
             if v.dim() == 2:
                 return self.matmat(v)
             raise ValueError(f"operator @ v: v must be [P] or [P, K], got {list(v.shape)}")
+        if isinstance(v, CurvatureOperator):
+            from . import operator_algebra
+
+            return operator_algebra.compose(self, v)
         return NotImplemented
 
+    def __add__(self, other):
+        from . import operator_algebra
+
+        if isinstance(other, CurvatureOperator):
+            return operator_algebra.add(self, other)
+        if _is_zero(other):  # sum([H, G]) starts from 0
+            return self
+        if isinstance(other, (numbers.Number, torch.Tensor)):
+            raise TypeError(
+                f"operator + {type(other).__name__}: adding a number to an operator is "
+                "ambiguous; for H + λI write H.shift(λ) or H + λ * hessfast.IdentityOperator(P)"
+            )
+        return NotImplemented
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        if isinstance(other, CurvatureOperator):
+            return self + (-other)
+        if _is_zero(other):
+            return self
+        return self.__add__(other)
+
+    def __rsub__(self, other):
+        return (-self).__add__(other)
+
+    def __neg__(self):
+        return self * -1.0
+
+    def __pos__(self):
+        return self
+
+    def __mul__(self, alpha):
+        from . import operator_algebra
+
+        if isinstance(alpha, CurvatureOperator):
+            raise TypeError("operator * operator: use A @ B for the product of two operators")
+        return operator_algebra.scale(self, operator_algebra.scalar(alpha, "operator * a"))
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, alpha):
+        from . import operator_algebra
+
+        a = operator_algebra.scalar(alpha, "operator / a")
+        if a == 0.0:
+            raise ZeroDivisionError("operator / 0: division of an operator by zero")
+        return operator_algebra.scale(self, 1.0 / a)
+
+    def shift(self, lam: float) -> CurvatureOperator:
+        """``self + lam·I``, the identity taking this operator's size, dtype and device.
+
+        >>> import torch, hessfast
+        >>> A = hessfast.DenseOperator(torch.eye(2, dtype=torch.float64))
+        >>> (A.shift(0.5) @ torch.ones(2, dtype=torch.float64)).tolist()
+        [1.5, 1.5]
+        """
+        from . import operator_algebra
+
+        lam = operator_algebra.scalar(lam, "operator.shift(λ)")
+        return self + lam * operator_algebra.identity_like(self)
+
+    def adjoint(self) -> CurvatureOperator:
+        """The adjoint (transpose): the operator itself when it is symmetric."""
+        if self.symmetric:
+            return self
+        raise TypeError(f"{type(self).__name__} is not symmetric and defines no adjoint()")
+
+    @property
+    def T(self) -> CurvatureOperator:
+        """The transpose, :meth:`adjoint`."""
+        return self.adjoint()
+
     def to_scipy(self):
-        """A ``scipy.sparse.linalg.LinearOperator`` (float64 NumPy in and out) over this operator."""
+        """A ``scipy.sparse.linalg.LinearOperator`` (float64 NumPy in and out) over this operator;
+        its ``rmatvec`` is the adjoint's product."""
         import numpy as np
 
         try:
@@ -110,14 +200,20 @@ class CurvatureOperator:
         except ImportError as e:
             raise ImportError("to_scipy() needs SciPy: pip install scipy") from e
 
-        def mm(X):
-            X = np.asarray(X)
-            one = X.ndim == 1
-            T = torch.as_tensor(X.reshape(X.shape[0], -1)).to(self.device, self.dtype)
-            out = self.matmat(T).to("cpu", torch.float64).numpy()
-            return out[:, 0] if one else out
+        def product(op):
+            def mm(X):
+                X = np.asarray(X)
+                one = X.ndim == 1
+                T = torch.as_tensor(X.reshape(X.shape[0], -1)).to(self.device, self.dtype)
+                out = op.matmat(T).to("cpu", torch.float64).numpy()
+                return out[:, 0] if one else out
 
-        return LinearOperator(self.shape, matvec=mm, matmat=mm, rmatvec=mm, dtype=np.float64)
+            return mm
+
+        mm, rmm = product(self), product(self.adjoint())
+        return LinearOperator(
+            self.shape, matvec=mm, matmat=mm, rmatvec=rmm, rmatmat=rmm, dtype=np.float64
+        )
 
     def check_symmetric(self, num_probes: int = 2, seed: int = 0, rtol: float | None = None):
         """Raise ``ValueError`` unless ``⟨u, H v⟩ = ⟨H u, v⟩`` on ``num_probes`` random probe
@@ -142,7 +238,14 @@ class CurvatureOperator:
             raise ValueError(
                 f"operator is not symmetric: <u, Hv> - <Hu, v> = {(a - b).abs().max():.3g} on "
                 f"random probes (tolerance {tol:g} relative), and the symmetric algorithms "
-                "(Lanczos, CG, SLQ) would return meaningless numbers. Likely causes: randomness "
+                "(Lanczos, CG, SLQ) would return meaningless numbers. "
+                + (
+                    "It is a product of different operators, which is symmetric only when they "
+                    "commute: use A @ A, A @ B @ A or (A @ B + B @ A) / 2. "
+                    if getattr(self, "symmetric", True) is False
+                    else ""
+                )
+                + "Likely causes: randomness "
                 "in forward (dropout, noise, sampling), a model or loss that is not twice "
                 "differentiable where it is evaluated, a tensor changed between products, or an "
                 "op whose custom autograd formula treats a value as constant on one side only. "
@@ -764,6 +867,12 @@ def bytes_needed(P: int, columns: int, dtype: torch.dtype) -> int:
 
 
 def is_model_operator(op: Any) -> bool:
-    """Whether ``op`` is one of hessfast's curvature operators of a model (Hessian, GGN), whose
+    """Whether ``op`` is one of hessfast's curvature operators of a model (Hessian, GGN), or an
+    operator built from them by operator arithmetic (:mod:`hessfast.operator_algebra`), whose
     symmetry the algorithms probe by default."""
-    return isinstance(op, _ModelOperator)
+    return isinstance(op, _ModelOperator) or bool(getattr(op, "model_operators", None))
+
+
+def _is_zero(x: Any) -> bool:
+    """``x`` is the number 0 (the start of ``sum()``)."""
+    return isinstance(x, numbers.Number) and not isinstance(x, bool) and x == 0

@@ -159,13 +159,15 @@ def run_symmetry_check(op, products: Products, seed: int = 0, check: bool | None
     :meth:`hessfast.operators.CurvatureOperator.check_symmetric` through ``products``.
 
     ``check=None`` is the algorithms' default: one probe pair (a single two-column product) for
-    hessfast's model operators (Hessian, GGN), whose symmetry a model can break (a constant
-    hessfast cannot see, a loss that is not twice differentiable); nothing for other operators.
-    ``True``: two probe pairs on any operator; ``False``: nothing."""
+    hessfast's model operators (Hessian, GGN, and sums and products of them), whose symmetry a
+    model can break (a constant hessfast cannot see, a loss that is not twice differentiable),
+    and for operators not known to be symmetric (``op.symmetric is False``: a product ``A @ B``);
+    nothing for other operators. ``True``: two probe pairs on any operator; ``False``: nothing."""
     from ..operators import CurvatureOperator, is_model_operator
 
     op = unwrap(op)
-    if check is False or (check is None and not is_model_operator(op)):
+    probe_by_default = is_model_operator(op) or getattr(op, "symmetric", True) is False
+    if check is False or (check is None and not probe_by_default):
         return
     probes = 1 if check is None else 2
     own = getattr(type(op), "check_symmetric", None)
