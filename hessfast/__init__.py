@@ -9,6 +9,7 @@ torch.Size([67])
 """
 
 from . import (
+    decompose,  # a callable module: hessfast.decompose() runs decompose.decompose()
     landscape,  # a callable module: hessfast.landscape() runs landscape.landscape()
     penalties,
     selftest,  # a callable module: hessfast.selftest() runs selftest.selftest()
@@ -27,6 +28,7 @@ from .algorithms import (
 )
 from .api import ggn_vp, grad, hvp
 from .capture import clear_cache
+from .decompose import Decomposition
 from .dispatch import BackendError, backends, use_backend
 from .distributed import DistributedError
 from .errors import (
@@ -77,6 +79,8 @@ __all__ = [
     "diagonal",
     "frobenius_norm",
     "newton_step",
+    "decompose",
+    "Decomposition",
     "HessianMonitor",
     "landscape",
     "Landscape",

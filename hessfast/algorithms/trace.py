@@ -20,7 +20,7 @@ from .krylov import Operator, Products, as_operator, check_positive_int, rademac
 
 Tensor = torch.Tensor
 
-__all__ = ["trace", "TraceEstimate"]
+__all__ = ["trace", "TraceEstimate", "TraceProbes", "trace_probes", "trace_with_probes"]
 
 METHODS = ("hutchinson", "hutch++")
 
@@ -76,6 +76,151 @@ def _quad_forms(products: Products, Z: Tensor, batch: int) -> Tensor:
     return torch.cat(out)
 
 
+@dataclass
+class TraceProbes:
+    """The probes of one trace estimate, to be shared by several operators
+    (:func:`trace_probes`, :func:`trace_with_probes`).
+
+    ``basis``: ``[P, s]`` orthonormal columns whose part of the trace is computed exactly
+    (Hutch++'s sketch ``Q``; ``s = 0`` for Hutchinson); ``probes``: ``[P, m]`` Rademacher probes
+    with ``QQᵀ`` projected out; both in the work dtype on the operator's device, ``None`` for
+    ``method="exact"`` (the ``P`` unit vectors, made chunk by chunk). ``sketch_matvecs``: the
+    products that built ``basis``.
+    """
+
+    basis: Tensor | None
+    probes: Tensor | None
+    method: str
+    size: int
+    sketch_matvecs: int = 0
+
+    @property
+    def num_matvecs(self) -> int:
+        """Products one operator spends on these probes."""
+        if self.method == "exact":
+            return self.size
+        return int(self.basis.shape[1] + self.probes.shape[1])
+
+
+def _check(H: Operator | Tensor, num_matvecs: int, method: str, batch_size: int | None):
+    op = as_operator(H)
+    n = check_positive_int("num_matvecs", num_matvecs)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if batch_size is not None:
+        check_positive_int("batch_size", batch_size)
+    return op, n
+
+
+def _make_probes(
+    products: Products, n: int, method: str, seed: int, batch_size: int | None
+) -> TraceProbes:
+    op = products.op
+    P = op.shape[0]
+    if n >= P:
+        return TraceProbes(None, None, "exact", P)
+    work = work_dtype(op.dtype, None)
+    dev = op.device
+    g = torch.Generator().manual_seed(int(seed))
+
+    def probes(k: int) -> Tensor:
+        if k == 0:
+            return torch.zeros(P, 0, dtype=work, device=dev)
+        return torch.stack([rademacher(P, g) for _ in range(k)], 1).to(dev, work)
+
+    batch = n if batch_size is None else batch_size
+    s = n // 3 if method == "hutch++" else 0
+    if s == 0:
+        return TraceProbes(probes(0), probes(n), method, P)
+    S = probes(s)
+    HS = torch.cat(
+        [products.matmat(S[:, a : a + batch].to(dev, op.dtype)) for a in range(0, s, batch)], 1
+    )
+    Q, _ = torch.linalg.qr(HS.to(work))
+    G = probes(n - 2 * s)
+    G = G - Q @ (Q.T @ G)
+    return TraceProbes(Q, G, method, P, sketch_matvecs=s)
+
+
+def _estimate(products: Products, tp: TraceProbes, batch_size: int | None) -> TraceEstimate:
+    op = products.op
+    P = op.shape[0]
+    if tp.size != P:
+        raise ValueError(f"the probes are for an operator of size {tp.size}, not {P}")
+    dev = op.device
+    if tp.method == "exact":
+        batch = P if batch_size is None else batch_size
+        total = 0.0
+        for a in range(0, P, batch):
+            b = min(P, a + batch)
+            X = torch.zeros(P, b - a, dtype=op.dtype, device=dev)
+            idx = torch.arange(a, b, device=dev)
+            X[idx, idx - a] = 1
+            HX = products.matmat(X)
+            total += float(HX[idx, idx - a].double().sum())
+        return TraceEstimate(total, 0.0, P, "exact")
+    s = tp.basis.shape[1]
+    Z = torch.cat([tp.basis, tp.probes], 1).to(dev)
+    batch = Z.shape[1] if batch_size is None else batch_size
+    forms = _quad_forms(products, Z, batch)
+    samples = forms[s:]
+    return TraceEstimate(
+        float(forms[:s].sum()) + float(samples.mean()), _stderr(samples), Z.shape[1], tp.method
+    )
+
+
+def trace_probes(
+    H: Operator | Tensor,
+    num_matvecs: int = 100,
+    method: str = "hutch++",
+    seed: int = 0,
+    batch_size: int | None = None,
+) -> TraceProbes:
+    """The probes :func:`trace` would use, for :func:`trace_with_probes` on several operators.
+
+    Hutch++ builds its sketch basis from products of ``H`` (``num_matvecs // 3`` of them, in
+    ``sketch_matvecs``); the Rademacher probes are drawn from ``seed`` exactly as :func:`trace`
+    draws them, so ``trace_with_probes(H, trace_probes(H, n, m, seed))`` is ``trace(H, n, m,
+    seed)`` (``num_matvecs`` there counts only the probes' products).
+
+    >>> import torch
+    >>> from hessfast.algorithms.trace import trace_probes
+    >>> tp = trace_probes(torch.eye(50, dtype=torch.float64), num_matvecs=30)
+    >>> tuple(tp.basis.shape), tuple(tp.probes.shape), tp.sketch_matvecs, tp.num_matvecs
+    ((50, 10), (50, 10), 10, 20)
+    """
+    op, n = _check(H, num_matvecs, method, batch_size)
+    return _make_probes(Products(op, batch_size), n, method, seed, batch_size)
+
+
+def trace_with_probes(
+    H: Operator | Tensor, probes: TraceProbes, batch_size: int | None = None
+) -> TraceEstimate:
+    """``tr(H)`` estimated on given probes (:func:`trace_probes`): the exact trace of ``H`` over
+    ``probes.basis`` plus the Hutchinson mean over ``probes.probes``.
+
+    The estimate is linear in ``H`` for fixed probes, so operators estimated on the same probes
+    add up: the estimates of ``A``, ``B`` and ``A + B`` satisfy ``tr A + tr B = tr(A + B)`` up to
+    the rounding of the products (how :func:`hessfast.decompose` gets ``tr H = tr G + tr R``).
+    ``num_matvecs`` of the result counts this operator's products only.
+
+    >>> import torch
+    >>> from hessfast.algorithms.trace import trace_probes, trace_with_probes
+    >>> A = torch.diag(torch.linspace(1.0, 2.0, 40, dtype=torch.float64))
+    >>> B = torch.diag(torch.linspace(-1.0, 3.0, 40, dtype=torch.float64))
+    >>> tp = trace_probes(A, num_matvecs=12, seed=0)
+    >>> a, b, ab = (trace_with_probes(M, tp).estimate for M in (A, B, A + B))
+    >>> abs(a + b - ab) < 1e-12
+    True
+    """
+    op = as_operator(H)
+    if batch_size is not None:
+        check_positive_int("batch_size", batch_size)
+    if not isinstance(probes, TraceProbes):
+        raise TypeError(f"probes must come from trace_probes(), got {type(probes).__name__}")
+    return _estimate(Products(op, batch_size), probes, batch_size)
+
+
 def trace(
     H: Operator | Tensor,
     num_matvecs: int = 100,
@@ -110,50 +255,10 @@ def trace(
     >>> trace(H, num_matvecs=100).estimate, trace(H, num_matvecs=100).method
     (5050.0, 'exact')
     """
-    op = as_operator(H)
-    n = check_positive_int("num_matvecs", num_matvecs)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if batch_size is not None:
-        check_positive_int("batch_size", batch_size)
+    op, n = _check(H, num_matvecs, method, batch_size)
     products = Products(op, batch_size)
-    P = op.shape[0]
-    work = work_dtype(op.dtype, None)
-    dev = op.device
-    batch = P if batch_size is None else batch_size
-
-    if n >= P:
-        total = 0.0
-        for a in range(0, P, batch):
-            b = min(P, a + batch)
-            X = torch.zeros(P, b - a, dtype=op.dtype, device=dev)
-            idx = torch.arange(a, b, device=dev)
-            X[idx, idx - a] = 1
-            HX = products.matmat(X)
-            total += float(HX[idx, idx - a].double().sum())
-        return TraceEstimate(total, 0.0, P, "exact")
-
-    g = torch.Generator().manual_seed(int(seed))
-
-    def probes(k: int) -> Tensor:
-        if k == 0:
-            return torch.zeros(P, 0, dtype=work, device=dev)
-        return torch.stack([rademacher(P, g) for _ in range(k)], 1).to(dev, work)
-
-    batch = n if batch_size is None else batch_size
-    s = n // 3 if method == "hutch++" else 0
-    if s == 0:
-        samples = _quad_forms(products, probes(n), batch)
-        return TraceEstimate(float(samples.mean()), _stderr(samples), n, method)
-
-    S = probes(s)
-    HS = torch.cat(
-        [products.matmat(S[:, a : a + batch].to(dev, op.dtype)) for a in range(0, s, batch)], 1
-    )
-    Q, _ = torch.linalg.qr(HS.to(work))
-    G = probes(n - 2 * s)
-    G = G - Q @ (Q.T @ G)
-    forms = _quad_forms(products, torch.cat([Q, G], 1), batch)
-    exact_part = float(forms[:s].sum())
-    samples = forms[s:]
-    return TraceEstimate(exact_part + float(samples.mean()), _stderr(samples), n, method)
+    tp = _make_probes(products, n, method, seed, batch_size)
+    est = _estimate(products, tp, batch_size)
+    if tp.method != "exact":
+        est.num_matvecs = n
+    return est
