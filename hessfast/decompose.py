@@ -49,7 +49,7 @@ from .algorithms.trace import TraceEstimate, trace_probes, trace_with_probes
 
 Tensor = torch.Tensor
 
-__all__ = ["decompose", "decompose_operators", "Decomposition"]
+__all__ = ["decompose", "decompose_operators", "Decomposition", "plot_decomposition"]
 
 PARTS = ("hessian", "ggn", "residual")
 _LABELS = {"hessian": "H (Hessian)", "ggn": "G (Gauss-Newton)", "residual": "R = H - G"}
@@ -120,41 +120,44 @@ class Decomposition:
     def plot(self, path: str | os.PathLike) -> str:
         """Write a PNG of the three spectral densities on one axis (log scale; without densities,
         the top eigenvalues by rank); returns ``path``. Needs matplotlib."""
-        try:
-            from matplotlib.figure import Figure
-        except ImportError as e:  # pragma: no cover - matplotlib is a dependency
-            raise ImportError("Decomposition.plot needs matplotlib: pip install matplotlib") from e
-        fig = Figure(figsize=(7.5, 4.2), dpi=120)
-        ax = fig.add_subplot(1, 1, 1)
-        if self.density is not None:
-            top = max(float(np.max(d.values)) for d in self.density.values())
-            floor = (top if top > 0 else 1.0) * 1e-12
-            for i, part in enumerate(PARTS):
-                d = self.density[part]
-                ax.plot(
-                    d.grid, np.maximum(d.values, floor), color=f"C{i}", lw=1.2, label=_LABELS[part]
-                )
-            ax.set_yscale("log")
-            ax.set_ylim(floor, top * 3)
-            ax.set_xlabel("eigenvalue")
-            ax.set_ylabel("density (log scale)")
-        else:
-            for i, part in enumerate(PARTS):
-                vals = self.eigenvalues[part]
-                ax.plot(
-                    range(1, len(vals) + 1), vals, "o-", color=f"C{i}", ms=4, label=_LABELS[part]
-                )
-            ax.set_xlabel("rank")
-            ax.set_ylabel("eigenvalue")
-        ax.set_title(
-            f"Gauss-Newton decomposition H = G + R, P = {self.size:,}: top-{self.k} overlap of H "
-            f"and G {self.overlap:.3f}",
-            fontsize=9,
-        )
-        ax.legend(loc="best", fontsize=8, framealpha=0.9)
-        fig.tight_layout()
-        fig.savefig(path)
-        return str(path)
+        return plot_decomposition(self.to_dict(), path)
+
+
+def plot_decomposition(report: dict[str, Any], path: str | os.PathLike) -> str:
+    """:meth:`Decomposition.plot` from its :meth:`~Decomposition.to_dict` (as ``report.json``
+    of ``hessfast analyze --decompose`` holds it); returns ``path``."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as e:  # pragma: no cover - matplotlib is a dependency
+        raise ImportError("the decomposition plot needs matplotlib: pip install matplotlib") from e
+    fig = Figure(figsize=(7.5, 4.2), dpi=120)
+    ax = fig.add_subplot(1, 1, 1)
+    dens = report.get("density")
+    if dens:
+        top = max(float(np.max(dens[p]["values"])) for p in PARTS)
+        floor = (top if top > 0 else 1.0) * 1e-12
+        for i, part in enumerate(PARTS):
+            y = np.maximum(np.asarray(dens[part]["values"], dtype=np.float64), floor)
+            ax.plot(dens[part]["grid"], y, color=f"C{i}", lw=1.2, label=_LABELS[part])
+        ax.set_yscale("log")
+        ax.set_ylim(floor, top * 3)
+        ax.set_xlabel("eigenvalue")
+        ax.set_ylabel("density (log scale)")
+    else:
+        for i, part in enumerate(PARTS):
+            vals = report["eigenvalues"][part]
+            ax.plot(range(1, len(vals) + 1), vals, "o-", color=f"C{i}", ms=4, label=_LABELS[part])
+        ax.set_xlabel("rank")
+        ax.set_ylabel("eigenvalue")
+    ax.set_title(
+        f"Gauss-Newton decomposition H = G + R, P = {report['size']:,}: overlap of the top-"
+        f"{report['k']} eigenspaces of H and G {report['overlap']:.3f}",
+        fontsize=9,
+    )
+    ax.legend(loc="best", fontsize=8, framealpha=0.9)
+    fig.tight_layout()
+    fig.savefig(path)
+    return str(path)
 
 
 def decompose(

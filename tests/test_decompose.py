@@ -121,3 +121,59 @@ def test_without_densities_and_bad_k(problem, tmp_path):
             hessfast.HessianOperator(model, lf, data, params=["0.weight", "0.bias", "2.bias"]),
             hessfast.GGNOperator(model, lf, data, params=["2.weight"]),
         )
+
+
+ENTRY = """
+import torch
+from torch import nn
+
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+
+
+def loader():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 5, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(2)]
+"""
+
+
+def test_analyze_decompose_writes_the_section_and_the_plot(tmp_path, capsys):
+    import importlib.util
+
+    import torch.nn.functional as F
+
+    from hessfast.cli import main
+
+    path = tmp_path / "hf_decompose_entry.py"
+    path.write_text(ENTRY)
+    out = tmp_path / "res"
+    args = ["--model", f"{path}:build", "--data", f"{path}:loader", "--dtype", "float64"]
+    code = main(
+        ["analyze", "--no-progress", *args, "--top-k", "3", "--decompose", "--density"]
+        + ["--no-lambda-min", "--out", str(out)]
+    )
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    assert "Gauss-Newton decomposition H = G + R" in stdout and "top R:" in stdout
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "decomposition.png").read_bytes()[:4] == b"\x89PNG"
+    assert report["files"]["decomposition"] == str(out / "decomposition.png")
+    dec = report["decompose"]
+    spec = importlib.util.spec_from_file_location("hf_decompose_entry_ref", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = mod.build().double().eval()
+    x = torch.cat([b[0] for b in mod.loader()]).double()
+    y = torch.cat([b[1] for b in mod.loader()])
+    Hd = oracle.dense_hessian(model, F.cross_entropy, (x,), y)
+    Gd = _dense(oracle.ggn_vp, model, F.cross_entropy, (x,), y)
+    for part, M in {"hessian": Hd, "ggn": Gd, "residual": Hd - Gd}.items():
+        ref = torch.linalg.eigvalsh(M).flip(0)[:3]
+        got = torch.tensor(dec["eigenvalues"][part], dtype=D)
+        torch.testing.assert_close(got, ref, rtol=1e-7, atol=1e-10)
+    assert dec["lambda_min"]["residual"]["value"] == pytest.approx(
+        float(torch.linalg.eigvalsh(Hd - Gd)[0]), rel=1e-6, abs=1e-10
+    )
+    assert report["products"]["decompose"] == sum(dec["products"].values())

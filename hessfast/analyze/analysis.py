@@ -134,6 +134,7 @@ def analyze(
     progress: bool = False,
     out: str | os.PathLike | None = None,
     extra: dict | None = None,
+    decompose: bool = False,
 ) -> dict[str, Any]:
     """Analyse a curvature operator; returns the report as a JSON-ready dict.
 
@@ -153,6 +154,9 @@ def analyze(
     ``extra``: entries merged into the report (e.g. how the model was trained). ``out``: a
     folder to write ``report.json``, ``spectrum.png`` and, with a landscape,
     ``landscape_1d.png`` or ``landscape_2d.png`` into (see :func:`write_report`).
+    ``decompose``: the Gauss-Newton decomposition ``H = G + R`` of a Hessian or GGN operator's
+    model (:func:`decompose_section`; ``report["decompose"]``, and ``decomposition.png`` with
+    ``out``).
 
     >>> import torch, hessfast
     >>> from hessfast.analyze import analyze
@@ -184,6 +188,8 @@ def analyze(
         names.append("per-layer")
     if landscape is not None:
         names.append("landscape")
+    if decompose:
+        names.append("decompose")
     phases = _Phases(names, progress, desc="analysis")
     counted = Products(op, on_call=phases.products)
     report: dict[str, Any] = {
@@ -346,6 +352,21 @@ def analyze(
                 seed=seed,
             )
             step_done("landscape", before)
+        if decompose:
+            phases.start("decompose")
+            report["decompose"] = decompose_section(
+                op,
+                k=k,
+                tol=tol,
+                seed=seed,
+                trace_matvecs=trace_matvecs,
+                density=density,
+                density_probes=density_probes,
+                density_steps=density_steps,
+                min_max_iter=min_max_iter,
+            )
+            products["decompose"] = sum(report["decompose"]["products"].values())
+            phases.done()
     finally:
         phases.close()
     report["products"] = products
@@ -433,6 +454,35 @@ def landscape_step(
         output=op.output,
     )
     return ls.to_dict()
+
+
+def decompose_section(op, **kwargs: Any) -> dict[str, Any]:
+    """``report["decompose"]``: :func:`hessfast.decompose` of the model, loss, data, parameters
+    and settings of the Hessian or GGN operator ``op`` (``op`` itself stands for its own part);
+    ``kwargs`` go to :func:`hessfast.decompose.decompose_operators`. Raises ``ValueError`` for an
+    operator of no model."""
+    from ..decompose import decompose_operators
+    from ..operators import GGNOperator, HessianOperator
+
+    if type(op) not in (HessianOperator, GGNOperator):
+        raise ValueError(
+            f"the decomposition needs a HessianOperator or GGNOperator, not {type(op).__name__}"
+        )
+    settings = dict(
+        max_batch_size=op.max_batch_size,
+        progress=op.progress,
+        process_group=op.process_group if op.process_group is not None else False,
+        backend=op.backend,
+        reduction=op.reduction,
+        compile=op.compile,
+        output=op.output,
+        check_deterministic=op.check_deterministic,
+    )
+    H, G = (
+        op if type(op) is cls else cls(op.model, op.loss_fn, op.data, op.names, **settings)
+        for cls in (HessianOperator, GGNOperator)
+    )
+    return decompose_operators(H, G, **kwargs).to_dict()
 
 
 def version() -> str:

@@ -98,6 +98,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
         metavar="N",
         help="points per axis of the slice (default: 21 for 1d, 15 for 2d)",
     )
+    p.add_argument(
+        "--decompose",
+        action="store_true",
+        help="the Gauss-Newton decomposition H = G + R: top eigenvalues, lambda_min, traces and "
+        "densities of H, G and R, the overlap of H's and G's top eigenspaces (decomposition.png)",
+    )
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--max-batch-size", type=int, default=None, help="micro-batch size")
@@ -265,6 +271,7 @@ def main(args) -> int:
             progress=_progress(args),
             extra=meta,
             **landscape,
+            decompose=args.decompose,
         )
     except UsageError as e:
         print(f"hessfast analyze: error: {e}", file=sys.stderr)
@@ -286,8 +293,9 @@ def main(args) -> int:
         f"analysed), {m['mode']} mode; {op.device}, {args.dtype}"
     )
     print(format_summary(report))
-    files = f"{js} and {png}"
-    if "landscape" in report["files"]:
-        files = f"{js}, {png} and {report['files']['landscape']}"
-    print(f"  wrote {files} ({time.perf_counter() - t0:.1f} s in all)")
+    files = [str(js), str(png)] + [
+        report["files"][k] for k in ("landscape", "decomposition") if k in report["files"]
+    ]
+    written = ", ".join(files[:-1]) + " and " + files[-1]
+    print(f"  wrote {written} ({time.perf_counter() - t0:.1f} s in all)")
     return 0

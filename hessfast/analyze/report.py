@@ -51,7 +51,7 @@ def check_out_folder(out: str | os.PathLike, flag: str = "--out") -> None:
             f"{flag} {out}: is an existing file; the report goes into a folder "
             f"({', '.join(REPORT_FILES)}): give a folder name"
         )
-    for name in REPORT_FILES + LANDSCAPE_FILES:
+    for name in REPORT_FILES + LANDSCAPE_FILES + ("decomposition.png",):
         if (folder / name).is_dir():
             raise UsageError(f"{flag} {out}: {folder / name} is a folder; cannot write the report")
     base = folder
@@ -85,12 +85,20 @@ def write_report(report: dict, out: str | os.PathLike) -> tuple[Path, Path]:
         moves.append((folder / ".landscape.partial.png", folder / name))
         report["files"]["landscape"] = str(folder / name)
         land["files"] = {"png": name}
+    dec = report.get("decompose")
+    if dec:
+        moves.append((folder / ".decomposition.partial.png", folder / "decomposition.png"))
+        report["files"]["decomposition"] = str(folder / "decomposition.png")
     try:
         plot_spectrum(report, tmp_png)
         if land:
             from ..landscape import Landscape
 
             Landscape.from_dict(land).plot(moves[1][0])
+        if dec:
+            from ..decompose import plot_decomposition
+
+            plot_decomposition(dec, moves[-1][0])
         tmp_js.write_text(json.dumps(json_safe(report), indent=1, allow_nan=False) + "\n")
         for tmp, final in moves:
             os.replace(tmp, final)
@@ -252,6 +260,8 @@ def format_summary(report: dict) -> str:
     land = report.get("landscape")
     if land:
         lines += _landscape_lines(land)
+    if report.get("decompose"):
+        lines += format_decompose(report["decompose"])
     secs = report.get("seconds") or {}
     if secs:
         lines += _wrap("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in secs.items()), "    ")
@@ -290,3 +300,35 @@ def _landscape_lines(land: dict) -> list[str]:
             f"{_g(gap)}"
         )
     return _wrap(text, "    ")
+
+
+def format_decompose(dec: dict) -> list[str]:
+    """The summary lines of ``report["decompose"]`` (the Gauss-Newton decomposition)."""
+    how = (
+        "one pass per product"
+        if dec["residual_operator"] == "ResidualOperator"
+        else "H and G products"
+    )
+    lines = [f"  Gauss-Newton decomposition H = G + R (R: {dec['residual_operator']}, {how}):"]
+    for part, name in (("hessian", "H"), ("ggn", "G"), ("residual", "R")):
+        vals = " ".join(_g(v) for v in dec["eigenvalues"][part])
+        n = dec["outliers"][part]["count"]
+        lines += _wrap(f"    top {name}: {vals} ({n} outlier{'s' if n != 1 else ''})", "      ")
+    lm = dec["lambda_min"]
+    lines.append(
+        f"    lambda_min: H {_g(lm['hessian']['value'], 6)}, R {_g(lm['residual']['value'], 6)}"
+        + ("" if all(v["converged"] for v in lm.values()) else " (not all converged)")
+    )
+    tr = {p: dec["trace"][p]["estimate"] for p in ("hessian", "ggn", "residual")}
+    lines.append(
+        f"    trace: H {_g(tr['hessian'], 6)} = G {_g(tr['ggn'], 6)} + R {_g(tr['residual'], 6)}"
+        + (
+            " (exact)"
+            if dec["trace"]["hessian"]["method"] == "exact"
+            else f" (one set of {dec['trace']['hessian']['method']} probes for all three)"
+        )
+    )
+    lines.append(
+        f"    overlap of the top-{dec['k']} eigenspaces of H and G: {_g(dec['overlap'], 4)}"
+    )
+    return lines
