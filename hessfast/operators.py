@@ -867,10 +867,9 @@ def bytes_needed(P: int, columns: int, dtype: torch.dtype) -> int:
 
 
 def is_model_operator(op: Any) -> bool:
-    """Whether ``op`` is one of hessfast's curvature operators of a model (Hessian, GGN), or an
-    operator built from them by operator arithmetic (:mod:`hessfast.operator_algebra`), whose
+    """Whether ``op`` is one of hessfast's curvature operators of a model (Hessian, GGN), whose
     symmetry the algorithms probe by default."""
-    return isinstance(op, _ModelOperator) or bool(getattr(op, "model_operators", None))
+    return isinstance(op, _ModelOperator)
 
 
 def _is_zero(x: Any) -> bool:

@@ -9,7 +9,6 @@ from models import zoo
 
 import hessfast
 from hessfast import operator_algebra as oa
-from hessfast.operators import is_model_operator
 
 D = torch.float64
 
@@ -116,7 +115,7 @@ def test_algorithms_accept_composites(problem):
     ref = torch.linalg.eigvalsh(Rd)
     evals, evecs, info = hessfast.eigsh(R, k=3, which="BE", return_info=True)
     torch.testing.assert_close(evals, torch.cat([ref[:1], ref[-2:]]), rtol=1e-7, atol=1e-9)
-    assert info.symmetry_probe == "passed"  # composites of model operators are probed
+    assert info.symmetry_probe == "passed"  # the one-pass residual is a model operator
     resid = Rd @ evecs - evecs * evals
     assert float(resid.norm()) < 1e-5 * float(ref.abs().max())
 
@@ -234,23 +233,50 @@ def test_bad_arithmetic_says_what_to_do(problem):
         hessfast.IdentityOperator(0)
 
 
-def test_h_minus_g_is_the_one_pass_residual_when_settings_agree(problem):
+def test_h_minus_g_is_the_one_pass_residual_when_settings_agree(problem, monkeypatch):
     model, lf, data, H, G, Hd, Gd = problem
     V = _V(H.shape[0])
+    I = hessfast.IdentityOperator(H.shape[0], dtype=D)
+    H @ V, G @ V  # both have run their determinism checks
     R = H - G
-    has_residual = oa._residual_class() is not None
-    if has_residual:
-        from hessfast.operators import ResidualOperator
-
-        assert isinstance(R, ResidualOperator) and isinstance(-G + H, ResidualOperator)
-        assert isinstance(G - H, oa.ScaledOperator) and isinstance((G - H).op, ResidualOperator)
-    else:
-        assert isinstance(R, oa.SumOperator) and [c for c, _ in R.terms] == [1.0, -1.0]
+    assert type(R) is hessfast.ResidualOperator and R.mode == "residual"
+    assert R.names == H.names and R.max_batch_size is None and R.deterministic == "passed"
+    assert type(-G + H) is hessfast.ResidualOperator
     torch.testing.assert_close(R @ V, (Hd - Gd) @ V, rtol=1e-9, atol=1e-11)
-    # other settings (micro-batches): a lazy difference, still H - G
+    for op, M in [
+        (G - H, Gd - Hd),
+        (2 * H - 2 * G, 2 * (Hd - Gd)),
+        (H + I - G, Hd + torch.eye(H.shape[0], dtype=D) - Gd),
+    ]:
+        leaves = [op.op] if isinstance(op, oa.ScaledOperator) else [t for _, t in op.terms]
+        assert any(type(t) is hessfast.ResidualOperator for t in leaves), op
+        assert not any(type(t) in (hessfast.HessianOperator, hessfast.GGNOperator) for t in leaves)
+        torch.testing.assert_close(op @ V, M @ V, rtol=1e-9, atol=1e-11)
+    # one engine pass per product: R's matmat calls the engine once per batch, H - G twice
+    calls = []
+    compute = hessfast.api.compute
+
+    def counting(*args, **kwargs):
+        calls.append(args[6])  # the engine mode
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(hessfast.api, "compute", counting)
+    R @ V
+    assert calls == ["residual"] * len(data)
+
+
+def test_other_settings_give_the_lazy_difference(problem):
+    model, lf, data, H, G, Hd, Gd = problem
+    V = _V(H.shape[0])
     G_mb = hessfast.GGNOperator(model, lf, data, max_batch_size=3)
     assert not oa.residual_pair(H, G_mb)
     lazy = H - G_mb
-    assert isinstance(lazy, oa.SumOperator)
+    assert isinstance(lazy, oa.SumOperator) and lazy.model_operators == [H, G_mb]
     torch.testing.assert_close(lazy @ V, (Hd - Gd) @ V, rtol=1e-9, atol=1e-11)
-    assert is_model_operator(lazy) and lazy.model_operators == [H, G_mb]
+    G_other_loss = hessfast.GGNOperator(model, lambda z, t: lf(z, t), data)
+    assert isinstance(H - G_other_loss, oa.SumOperator)
+    # a lazy composite of model operators is probed for symmetry by default, as they are
+    info = hessfast.eigsh(lazy, k=1, return_info=True)[2]
+    assert info.symmetry_probe == "passed"
+    info = hessfast.eigsh(H + G, k=1, return_info=True)[2]
+    assert info.symmetry_probe == "passed"

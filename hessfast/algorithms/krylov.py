@@ -166,7 +166,11 @@ def run_symmetry_check(op, products: Products, seed: int = 0, check: bool | None
     from ..operators import CurvatureOperator, is_model_operator
 
     op = unwrap(op)
-    probe_by_default = is_model_operator(op) or getattr(op, "symmetric", True) is False
+    probe_by_default = (
+        is_model_operator(op)
+        or bool(getattr(op, "model_operators", None))  # a sum or product of model operators
+        or getattr(op, "symmetric", True) is False
+    )
     if check is False or (check is None and not probe_by_default):
         return
     probes = 1 if check is None else 2
