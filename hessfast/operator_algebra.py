@@ -53,6 +53,7 @@ Tensor = torch.Tensor
 __all__ = ["IdentityOperator", "ScaledOperator", "SumOperator", "ProductOperator"]
 
 #: the settings of a model operator that the one-pass residual must share with its H and G
+#: (``num_data`` where this hessfast's operators have it)
 RESIDUAL_SETTINGS = (
     "backend",
     "compile",
@@ -60,6 +61,7 @@ RESIDUAL_SETTINGS = (
     "reduction",
     "max_batch_size",
     "process_group",
+    "num_data",
 )
 
 
@@ -405,7 +407,7 @@ def residual_pair(h: Any, g: Any) -> bool:
         and h.loss_fn is g.loss_fn
         and _same_data(h.data, g.data)
         and list(h.names) == list(g.names)
-        and all(getattr(h, s) == getattr(g, s) for s in RESIDUAL_SETTINGS)
+        and all(getattr(h, s, None) == getattr(g, s, None) for s in RESIDUAL_SETTINGS)
     )
 
 
@@ -431,10 +433,18 @@ def _residual(cls: type, h: Any, g: Any) -> CurvatureOperator:
         compile=h.compile,
         output=h.output,
         check_deterministic=h.check_deterministic or g.check_deterministic,
+        **operator_options(h),
     )
     if h.deterministic == g.deterministic and h.deterministic in ("passed", "not needed"):
         r.deterministic = h.deterministic  # the same model and data: checked already
     return r
+
+
+def operator_options(op: Any) -> dict[str, Any]:
+    """The keyword options a model operator passes on to operators derived from it (its
+    ``block``), where this hessfast's operators have them (``num_data``)."""
+    options = getattr(op, "_options", None)
+    return options() if callable(options) else {}
 
 
 def _label(op: Any) -> str:

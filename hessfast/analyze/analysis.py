@@ -462,6 +462,7 @@ def decompose_section(op, **kwargs: Any) -> dict[str, Any]:
     ``kwargs`` go to :func:`hessfast.decompose.decompose_operators`. Raises ``ValueError`` for an
     operator of no model."""
     from ..decompose import decompose_operators
+    from ..operator_algebra import operator_options
     from ..operators import GGNOperator, HessianOperator
 
     if type(op) not in (HessianOperator, GGNOperator):
@@ -477,6 +478,7 @@ def decompose_section(op, **kwargs: Any) -> dict[str, Any]:
         compile=op.compile,
         output=op.output,
         check_deterministic=op.check_deterministic,
+        **operator_options(op),
     )
     H, G = (
         op if type(op) is cls else cls(op.model, op.loss_fn, op.data, op.names, **settings)
