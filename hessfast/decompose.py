@@ -98,24 +98,29 @@ class Decomposition:
         return t["hessian"].estimate - (t["ggn"].estimate + t["residual"].estimate)
 
     def to_dict(self) -> dict[str, Any]:
-        """Everything but the eigenvectors, as JSON-ready lists, floats and dicts."""
-        return {
-            "k": self.k,
-            "size": self.size,
-            "eigenvalues": {p: list(v) for p, v in self.eigenvalues.items()},
-            "residual_norms": {p: list(v) for p, v in self.residual_norms.items()},
-            "converged": dict(self.converged),
-            "lambda_min": {p: dict(v) for p, v in self.lambda_min.items()},
-            "trace": {p: t.to_dict() for p, t in self.trace.items()},
-            "trace_gap": self.trace_gap,
-            "overlap": self.overlap,
-            "outliers": {p: dict(v) for p, v in self.outliers.items()},
-            "density": None
-            if self.density is None
-            else {p: d.to_dict() for p, d in self.density.items()},
-            "products": dict(self.products),
-            "residual_operator": self.residual_operator,
-        }
+        """Everything but the eigenvectors, as JSON-ready lists, floats and dicts (a non-finite
+        number, such as the ``inf`` stderr of a single Hutchinson sample, becomes ``None``)."""
+        from .analyze.report import json_safe
+
+        return json_safe(
+            {
+                "k": self.k,
+                "size": self.size,
+                "eigenvalues": {p: list(v) for p, v in self.eigenvalues.items()},
+                "residual_norms": {p: list(v) for p, v in self.residual_norms.items()},
+                "converged": dict(self.converged),
+                "lambda_min": {p: dict(v) for p, v in self.lambda_min.items()},
+                "trace": {p: t.to_dict() for p, t in self.trace.items()},
+                "trace_gap": self.trace_gap,
+                "overlap": self.overlap,
+                "outliers": {p: dict(v) for p, v in self.outliers.items()},
+                "density": None
+                if self.density is None
+                else {p: d.to_dict() for p, d in self.density.items()},
+                "products": dict(self.products),
+                "residual_operator": self.residual_operator,
+            }
+        )
 
     def plot(self, path: str | os.PathLike) -> str:
         """Write a PNG of the three spectral densities on one axis (log scale; without densities,

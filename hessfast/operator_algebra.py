@@ -109,7 +109,8 @@ class _Composite(CurvatureOperator):
         named = [x for x in leaves if getattr(x, "names", None) is not None]
         #: parameter names and sizes when the parts that have them share them, else None
         self.names = list(named[0].names) if named else None
-        self.sizes = list(getattr(named[0], "sizes", None) or []) or None if named else None
+        sizes = getattr(named[0], "sizes", None) if named else None
+        self.sizes = list(sizes) if sizes is not None else None
         groups = [x for x in named if callable(getattr(x, "groups", None))]
         if groups:
             self.groups = groups[0].groups
@@ -168,7 +169,7 @@ class SumOperator(_Composite):
         for c, op in self.terms:
             y = op.matmat(V)
             y = y if c == 1.0 else y * c
-            out = y if out is None else out.add_(y)
+            out = y if out is None else out + y  # not in place: a term may return V itself
         return out
 
     def adjoint(self) -> CurvatureOperator:

@@ -110,8 +110,12 @@ def test_report_dict_plot_and_outliers(dec, tmp_path):
 
 def test_without_densities_and_bad_k(problem, tmp_path):
     model, lf, data, Hd, _ = problem
-    d = hessfast.decompose(model, lf, data, k=2, density=False, trace_matvecs=9)
+    d = hessfast.decompose(model, lf, data, k=2, density=False, trace_matvecs=3)
     assert d.density is None and d.to_dict()["density"] is None
+    # one Hutchinson sample beside a one-column sketch: no spread, an infinite stderr -> None
+    assert d.trace["hessian"].stderr == float("inf")
+    assert json.loads(json.dumps(d.to_dict(), allow_nan=False))["trace"]["ggn"]["stderr"] is None
+    assert abs(d.trace_gap) <= 1e-12 * abs(d.trace["ggn"].estimate)
     assert d.outliers["hessian"]["method"] == "gap"
     d.plot(tmp_path / "ranks.png")
     with pytest.raises(ValueError, match="k must be a positive integer"):

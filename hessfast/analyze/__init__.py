@@ -17,7 +17,10 @@ optional:
 - the outliers: how many of the top eigenvalues separate from the bulk of the spectrum (see
   :func:`count_outliers`), against the number of classes when it is known;
 - optionally the loss landscape along the top one or two eigenvectors, beside the quadratic
-  model of their eigenvalues (:func:`~hessfast.analyze.analysis.landscape_step`).
+  model of their eigenvalues (:func:`~hessfast.analyze.analysis.landscape_step`);
+- optionally the Gauss-Newton decomposition ``H = G + R`` of a Hessian or GGN operator's model
+  (:func:`~hessfast.analyze.analysis.decompose_section`, :func:`hessfast.decompose`), drawn in
+  ``decomposition.png``.
 
 It returns a JSON-ready dict (non-finite numbers become ``None``) and, given ``out``, writes
 ``report.json`` and ``spectrum.png`` there, and ``landscape_1d.png`` / ``landscape_2d.png`` with a
