@@ -181,3 +181,19 @@ def test_analyze_decompose_writes_the_section_and_the_plot(tmp_path, capsys):
         float(torch.linalg.eigvalsh(Hd - Gd)[0]), rel=1e-6, abs=1e-10
     )
     assert report["products"]["decompose"] == sum(dec["products"].values())
+
+
+def test_decompose_section_builds_h_from_a_ggn_operator_with_its_settings(problem):
+    from hessfast.analyze.analysis import decompose_section
+
+    model, lf, data, Hd, Gd = problem
+    G = hessfast.GGNOperator(model, lf, data, max_batch_size=4)
+    sec = decompose_section(G, k=2, density=False, trace_matvecs=9)
+    assert sec["residual_operator"] == "ResidualOperator"  # H built with G's max_batch_size
+    for part, M in {"hessian": Hd, "ggn": Gd, "residual": Hd - Gd}.items():
+        ref = torch.linalg.eigvalsh(M).flip(0)[:2]
+        torch.testing.assert_close(
+            torch.tensor(sec["eigenvalues"][part], dtype=D), ref, rtol=1e-7, atol=1e-10
+        )
+    with pytest.raises(ValueError, match="HessianOperator or GGNOperator"):
+        decompose_section(hessfast.DenseOperator(Hd), k=2)
