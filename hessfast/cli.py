@@ -13,12 +13,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="train a small MLP on built-in data and analyse its Hessian (report.json, "
-        "spectrum.png, landscape_1d.png)",
+        "spectrum.png, landscape_1d.png, decomposition.png)",
         description="Train a GELU MLP briefly on a synthetic 10-class Gaussian mixture, then "
         "analyse the Hessian of its training loss: top eigenvalues and outliers, lambda_min, "
-        "condition number, trace, spectral density, per-layer curvature, and the first HVP "
+        "condition number, trace, spectral density, per-layer curvature, the loss along the top "
+        "eigenvector, the Gauss-Newton decomposition H = G + R, and the first HVP "
         "checked and timed against torch.func. Writes report.json, spectrum.png and "
-        "landscape_1d.png (the loss along the top eigenvector).",
+        "landscape_1d.png and decomposition.png.",
     )
     demo.add_argument(
         "--out", default="hessfast-demo", help="output folder (default: hessfast-demo)"

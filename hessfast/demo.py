@@ -8,11 +8,15 @@ against the number of classes (a trained classifier's Hessian typically has abou
 ``C`` outliers for ``C`` classes), ``λ_min``, the condition number over the computed ends, the
 trace, the spectral density, per-layer ``λ_max`` and trace, and the loss over the training set
 along the top eigenvector beside its quadratic model ``L₀ + g t + ½λ_max t²`` (the landscape
-panel, over ``±√(2L₀/λ_max)``, where ``½λ_max t²`` reaches the loss). The first exact HVP is
+panel, over ``±√(2L₀/λ_max)``, where ``½λ_max t²`` reaches the loss), and the Gauss-Newton
+decomposition ``H = G + R`` (:func:`hessfast.decompose`: top eigenvalues of H, G and R, λ_min of H
+and R, the three traces on shared probes, the overlap of H's and G's top eigenspaces, the three
+densities). The first exact HVP is
 checked and timed against ``torch.func.jvp(grad(loss))`` (forward-over-reverse autograd, median of
 a few calls after a warm-up).
 
-It prints a summary and writes ``report.json``, ``spectrum.png`` and ``landscape_1d.png`` into
+It prints a summary and writes ``report.json``, ``spectrum.png``, ``landscape_1d.png`` and
+``decomposition.png`` into
 ``--out`` (default ``./hessfast-demo``). Exit code 0 when hessfast's HVP agrees with autograd (1 otherwise).
 ``--quick`` runs a smaller model and lighter analysis (a few seconds; the CI test).
 """
@@ -286,11 +290,13 @@ def _run(out: str, device: str, quick: bool, seed: int, dtype: str, progress: bo
         density_steps=cfg.density_steps,
         layer_steps=cfg.layer_steps,
         landscape=1,
+        decompose=True,
         progress=progress,
         extra=extra,
     )
     js, png = write_report(report, out)
     land = report["files"]["landscape"]
+    dec = report["files"]["decomposition"]
     tr = s.training
     where = f"{dev}, {torch.get_num_threads()} thread(s)" if dev.type == "cpu" else str(dev)
     print(f"hessfast {version()} demo on {where}, {dtype}{', --quick' if quick else ''}")
@@ -313,7 +319,7 @@ def _run(out: str, device: str, quick: bool, seed: int, dtype: str, progress: bo
         f"first hessfast call, which captures the model, {check['first_call_seconds']:.2f} s"
     )
     print(format_summary(report))
-    print(f"  wrote {js}, {png} and {land} ({time.perf_counter() - t0:.1f} s in all)")
+    print(f"  wrote {js}, {png}, {land} and {dec} ({time.perf_counter() - t0:.1f} s in all)")
     if not check["ok"]:
         print("  MISMATCH: hessfast's HVP disagrees with autograd")
         return 1

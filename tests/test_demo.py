@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import dense_hessian, param_offsets
+from oracle import dense_hessian, ggn_vp, param_offsets
 
 from hessfast.analyze import count_outliers
 from hessfast.cli import main
@@ -58,9 +58,10 @@ def test_demo_quick_runs_and_writes_the_report(demo_run):
     assert "relative error" in out
     assert "separate from the bulk (10 classes)" in out
     assert (
-        f"wrote {folder / 'report.json'}, {folder / 'spectrum.png'} and "
-        f"{folder / 'landscape_1d.png'}"
+        f"wrote {folder / 'report.json'}, {folder / 'spectrum.png'}, "
+        f"{folder / 'landscape_1d.png'} and {folder / 'decomposition.png'}"
     ) in out
+    assert "Gauss-Newton decomposition H = G + R" in out
     assert "landscape along the top Hessian eigenvector" in out
     report = _strict((folder / "report.json").read_text())
     for key in (
@@ -75,12 +76,13 @@ def test_demo_quick_runs_and_writes_the_report(demo_run):
         "hvp_check",
         "training",
         "landscape",
+        "decompose",
     ):
         assert key in report, key
     assert report["hvp_check"]["ok"]
     assert report["classes"] == 10 and report["outliers"]["classes"] == 10
     assert report["eigenvalues"]["converged"]
-    for name in ("spectrum.png", "landscape_1d.png"):
+    for name in ("spectrum.png", "landscape_1d.png", "decomposition.png"):
         png = (folder / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000, name
     assert report["files"]["landscape"] == str(folder / "landscape_1d.png")
@@ -189,3 +191,43 @@ def test_demo_landscape_panel_against_the_dense_top_eigenvector(demo_run, dense)
     # float32 products and a Lanczos vector, against float64 along the exact eigenvector
     np.testing.assert_allclose(got, want, rtol=2e-5)  # measured: 5e-8
     assert land["loss"][10] == pytest.approx(report["training"]["loss"], rel=1e-5)
+
+
+def test_demo_decomposition_against_dense_h_g_and_r(demo_run, dense):
+    """The demo's Gauss-Newton decomposition: top eigenvalues of H, G and R = H − G and λ_min of
+    H and R against the dense float64 matrices of the same model and data (G from the
+    ``torch.func`` oracle, column by column), the traces within their error bars, and the trace
+    identity on the shared probes."""
+    code, _, folder = demo_run
+    assert code == 0
+    dec = _strict((folder / "report.json").read_text())["decompose"]
+    H, _ = dense
+    s = setup(quick=True, seed=0)
+    model = s.model.double()
+    x = torch.cat([b[0] for b in s.data]).double()
+    y = torch.cat([b[1] for b in s.data])
+    P = H.shape[0]
+    eye = torch.eye(P, dtype=torch.float64)
+    v, off = {}, 0
+    for n, p in model.named_parameters():
+        v[n] = eye[:, off : off + p.numel()].reshape(P, *p.shape)
+        off += p.numel()
+    cols = ggn_vp(model, F.cross_entropy, (x,), y, v)
+    G = torch.cat([cols[n].reshape(P, -1) for n, _ in model.named_parameters()], dim=1)
+    G = (G + G.T) / 2
+    mats = {"hessian": H, "ggn": G, "residual": H - G}
+    fp32 = 1e-4 * float(torch.linalg.eigvalsh(H)[-1])  # the demo's products are float32
+    for part, M in mats.items():
+        evals = torch.linalg.eigvalsh(M)
+        want = evals.flip(0)[: dec["k"]].tolist()
+        for got, w, r in zip(dec["eigenvalues"][part], want, dec["residual_norms"][part]):
+            assert abs(got - w) <= r + fp32, (part, got, w, r)
+        exact = float(M.trace())
+        t = dec["trace"][part]
+        assert abs(t["estimate"] - exact) <= 5 * t["stderr"] + 1e-3 * abs(exact), (part, t, exact)
+        if part in dec["lambda_min"]:
+            lm = dec["lambda_min"][part]
+            assert abs(lm["value"] - float(evals[0])) <= lm["residual"] + fp32, (part, lm)
+    tr = dec["trace"]
+    total = tr["ggn"]["estimate"] + tr["residual"]["estimate"]
+    assert abs(tr["hessian"]["estimate"] - total) <= 1e-5 * abs(tr["hessian"]["estimate"])
