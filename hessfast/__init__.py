@@ -26,7 +26,7 @@ from .algorithms import (
     spectral_density,
     trace,
 )
-from .api import ggn_vp, grad, hvp
+from .api import ggn_vp, grad, hvp, residual_vp
 from .capture import clear_cache
 from .decompose import Decomposition
 from .dispatch import BackendError, backends, use_backend
@@ -56,6 +56,7 @@ __version__ = "0.1.0"
 __all__ = [
     "hvp",
     "ggn_vp",
+    "residual_vp",
     "grad",
     "clear_cache",
     "backends",

@@ -263,6 +263,90 @@ def ggn_vp(
         >>> hessfast.ggn_vp(model, F.cross_entropy, x, y, v).shape
         torch.Size([7, 8])
     """
+    return _product(
+        "ggn",
+        "GGN-vector product",
+        model,
+        loss_fn,
+        inputs,
+        targets,
+        v,
+        params,
+        strict,
+        check_finite,
+        backend,
+        compile,
+        output,
+        return_info,
+    )
+
+
+def residual_vp(
+    model: nn.Module,
+    loss_fn: Callable,
+    inputs: Any,
+    targets: Any,
+    v: dict[str, torch.Tensor] | torch.Tensor,
+    *,
+    params: Params = None,
+    strict: bool = False,
+    check_finite: bool = True,
+    backend: str | None = None,
+    compile: str | None = None,
+    output: str | int | None = None,
+    return_info: bool = False,
+):
+    """The Gauss-Newton residual ``R = H − G`` times ``v``: ``Σ_i (∂L/∂z_i) ∇²_θ z_i · v``, the
+    Hessian's part from the model outputs' second derivatives (symmetric, indefinite). One engine
+    pass (an HVP pass without the loss Hessian's term), about the cost of one :func:`hvp`, not of
+    an HVP and a GGN-VP. ``v`` and the result are structured as in :func:`hvp`;
+    ``return_info=True`` returns ``(result, info)`` as there.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, hessfast
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> x, y = torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1])
+        >>> v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+        >>> r = hessfast.residual_vp(model, F.cross_entropy, x, y, v)
+        >>> h, g = (f(model, F.cross_entropy, x, y, v) for f in (hessfast.hvp, hessfast.ggn_vp))
+        >>> all(torch.allclose(r[n], h[n] - g[n], atol=1e-6) for n in v)
+        True
+    """
+    return _product(
+        "residual",
+        "Gauss-Newton residual product",
+        model,
+        loss_fn,
+        inputs,
+        targets,
+        v,
+        params,
+        strict,
+        check_finite,
+        backend,
+        compile,
+        output,
+        return_info,
+    )
+
+
+def _product(
+    mode,
+    what,
+    model,
+    loss_fn,
+    inputs,
+    targets,
+    v,
+    params,
+    strict,
+    check_finite,
+    backend,
+    compile,
+    output,
+    return_info,
+):
+    """A product without a gradient (``"ggn"``, ``"residual"``) in ``v``'s structure."""
     selected = select_params(model, params)
     vec = parse(v, selected)
     info: list = []
@@ -273,14 +357,14 @@ def ggn_vp(
         targets,
         selected,
         vec,
-        "ggn",
+        mode,
         strict,
         backend=backend,
         compile=compile,
         output=output,
         info=info,
     )
-    _finite("GGN-vector product", prods, check_finite)
+    _finite(what, prods, check_finite)
     if vec.batched:
         out = format_like(prods, vec)
     else:

@@ -16,7 +16,14 @@ from hessfast import bench
 from hessfast.cli import main
 
 STATUSES = {"pass", "fail", "error", "unavailable"}
-HESSFAST = ["hessfast.grad", "hessfast.hvp", "hessfast.ggn_vp", "hessfast.hvp K=2"]
+HESSFAST = [
+    "hessfast.grad",
+    "hessfast.hvp",
+    "hessfast.ggn_vp",
+    "hessfast.hvp K=2",
+    "hessfast.residual_vp (R = H − G, one pass)",
+    "hessfast.hvp − hessfast.ggn_vp (two passes)",
+]
 AUTOGRAD = ["torch.func jvp(grad)", "double backward", "torch.func GGN (jvp+vjp)"]
 
 

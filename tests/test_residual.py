@@ -132,3 +132,26 @@ def test_residual_top_eigenvalues_match_dense():
     hi = hessfast.eigsh(R, k=1, which="LA", tol=1e-10)[0]
     assert abs(float(lo[0]) - float(want[0])) < 1e-8 * float(want.abs().max())
     assert abs(float(hi[0]) - float(want[-1])) < 1e-8 * float(want.abs().max())
+
+
+@pytest.mark.parametrize("layout", ["dict", "dict K", "flat", "flat K"])
+def test_residual_vp_matches_oracle_in_every_vector_layout(layout):
+    model, loss_fn, inputs, targets = zoo.resnet()
+    named = list(model.named_parameters())
+    P = sum(p.numel() for _, p in named)
+    V = torch.randn(P, 2, dtype=D, generator=torch.Generator().manual_seed(4))
+    want = _oracle_residual(model, loss_fn, inputs, targets, V).T  # [K, P]
+    batched = layout.endswith("K")
+    flat = V.T if batched else V[:, 0]
+    if layout.startswith("flat"):
+        got = hessfast.residual_vp(model, loss_fn, *inputs, targets, flat)
+        got = got if batched else got[None]
+    else:
+        v, off = {}, 0
+        for n, p in named:
+            piece = flat[..., off : off + p.numel()]
+            v[n] = piece.reshape(*piece.shape[:-1], *p.shape)
+            off += p.numel()
+        out = hessfast.residual_vp(model, loss_fn, *inputs, targets, v)
+        got = torch.cat([out[n].reshape(2 if batched else 1, -1) for n, _ in named], dim=1)
+    assert rel_err(got, want if batched else want[:1]) < 1e-10

@@ -44,7 +44,7 @@ class Method:
 
     label: str
     family: str  # autograd | hessfast | torch.func | torch.compile | peer
-    kind: str  # grad | hvp | ggn | hvpK
+    kind: str  # grad | hvp | ggn | hvpK | residual (H − G)
     vectors: int
     fn: Callable[[int], dict] | None
     backend: str | None = None
@@ -212,11 +212,23 @@ def build_methods(
                 x, y = batches[i]
                 return hessfast.hvp(model, loss_fn, x, y, V, compile=c)
 
+            def h_residual(i, c=c):
+                x, y = batches[i]
+                return hessfast.residual_vp(model, loss_fn, x, y, v1, compile=c)
+
+            def h_residual_two(i, c=c):
+                x, y = batches[i]
+                h = hessfast.hvp(model, loss_fn, x, y, v1, compile=c)
+                g = hessfast.ggn_vp(model, loss_fn, x, y, v1, compile=c)
+                return {n: h[n] - g[n] for n in h}
+
             for label, kind, per, fn in (
                 ("hessfast.grad", "grad", 1, h_grad),
                 ("hessfast.hvp", "hvp", 1, h_hvp),
                 ("hessfast.ggn_vp", "ggn", 1, h_ggn),
                 (f"hessfast.hvp K={k}", "hvpK", k, h_hvp_k),
+                ("hessfast.residual_vp (R = H − G, one pass)", "residual", 1, h_residual),
+                ("hessfast.hvp − hessfast.ggn_vp (two passes)", "residual", 1, h_residual_two),
             ):
                 methods.append(
                     Method(

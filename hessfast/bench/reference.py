@@ -43,7 +43,8 @@ def reference_model(model: nn.Module, ref_dtype: torch.dtype) -> nn.Module:
 def reference(
     w: Workload, V: dict, names: list[str], lf: Callable, ref_dtype: torch.dtype
 ) -> tuple[dict[str, dict], str]:
-    """``({"grad", "hvp", "ggn", "hvpK"} -> {name: tensor}, how)`` on batch 0: ``torch.func`` on a
+    """``({"grad", "hvp", "ggn", "hvpK", "residual"} -> {name: tensor}, how)`` on batch 0
+    (``residual``: ``hvp − ggn``): ``torch.func`` on a
     ``ref_dtype`` copy of the model, math SDPA backend, TF32 off. Where ``torch.func`` raises
     (torch 2.14 cannot take ``jvp(grad(F.mse_loss))``: "ZeroTensors are immutable") the same
     quantities come from double backward in the same precision, and ``how`` says so."""
@@ -92,7 +93,8 @@ def _reference_func(model, named, x, y, Vr, names, lf):
     _, hjv = jvp(grad(lambda o: lf(o, y)), (out,), (jv,))
     ggn = pull(hjv)[0]
     hvpK = {n: torch.stack([h[n] for h in hvps]) for n in names}
-    return {"grad": g, "hvp": hvps[0], "ggn": ggn, "hvpK": hvpK}
+    res = {n: hvps[0][n] - ggn[n] for n in names}
+    return {"grad": g, "hvp": hvps[0], "ggn": ggn, "hvpK": hvpK, "residual": res}
 
 
 def _reference_autograd(model, named, x, y, Vr, names, lf):
@@ -117,7 +119,8 @@ def _reference_autograd(model, named, x, y, Vr, names, lf):
         hjv = torch.autograd.grad(gz, zd, jv)[0]
         ggn = as_dict(torch.autograd.grad(z, plist, hjv))
     hvpK = {n: torch.stack([h[n] for h in hvps]) for n in names}
-    return {"grad": as_dict(g), "hvp": hvps[0], "ggn": ggn, "hvpK": hvpK}
+    res = {n: hvps[0][n] - ggn[n] for n in names}
+    return {"grad": as_dict(g), "hvp": hvps[0], "ggn": ggn, "hvpK": hvpK, "residual": res}
 
 
 def rel_error(out: dict, ref: dict, names: list[str], batched: bool) -> float:
