@@ -22,6 +22,12 @@ def pytest_configure(config):
     # so every other test is unaffected.
     if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
+    # Under pytest-xdist (``-n auto``) the workers share the cores: each gets its share of torch
+    # threads instead of all of them (tiny tensors gain nothing from more, and oversubscribed
+    # threads spin against each other).
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture
@@ -50,6 +56,17 @@ def kernel_device():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _no_selfchecks(monkeypatch):
+    """Accelerated implementations run without their first-use self-check
+    (``hessfast.dispatch.selfcheck``): it compares the kernel with the torch rule on a problem of
+    the call's shape, which the kernel tests do against float64 oracles anyway, and under Triton's
+    interpreter it costs more than the test itself. The tests of the self-checks
+    (``tests/test_selfcheck.py``, the dispatch tests that read verdicts) turn them back on with
+    ``monkeypatch.delenv("HESSFAST_SELFCHECK")``."""
+    monkeypatch.setenv("HESSFAST_SELFCHECK", "0")
 
 
 @pytest.fixture(autouse=True)

@@ -114,9 +114,11 @@ def double_backward_hvp(model, loss_fn, inputs, targets, v: dict) -> dict:
 
 def dense_hessian(model, loss_fn, inputs, targets) -> torch.Tensor:
     """The dense float64 Hessian over all parameters (``named_parameters()`` order), by double
-    backward column by column (``torch.autograd.functional.hessian``) on a float64 copy of the
-    model. Not ``torch.func.hessian``: its ``jacfwd(jacrev)`` gets training-mode BatchNorm wrong
-    on torch 2.14."""
+    backward (``torch.autograd.functional.hessian``) on a float64 copy of the model, the rows
+    batched (``vectorize=True``: reverse over reverse, vmapped over the rows; the same numbers as
+    one backward per row, to the last bit on the zoo's models, and tens of times faster). Not
+    ``torch.func.hessian``: its ``jacfwd(jacrev)`` gets training-mode BatchNorm wrong on torch
+    2.14."""
     model = without_running_stats(model).double()
     loss_fn = torch_loss(loss_fn)
     inputs = tuple(x.double() if x.is_floating_point() else x for x in inputs)
@@ -132,7 +134,7 @@ def dense_hessian(model, loss_fn, inputs, targets) -> torch.Tensor:
         with math_attention():
             return loss_fn(functional_call(model, {**ps, **buffers}, inputs), targets)
 
-    return torch.autograd.functional.hessian(loss, theta)
+    return torch.autograd.functional.hessian(loss, theta, vectorize=True)
 
 
 def param_offsets(model) -> dict[str, tuple[int, int]]:

@@ -327,20 +327,25 @@ def test_stall_message_names_the_checks():
 
 
 def test_block_size_none_measures_the_cost_curve(monkeypatch):
+    """The block size follows the measured cost of a one-column and a B-column product. The
+    products' clock (``krylov.time``) is a fake that each product advances by its cost: the test
+    depends on no real timing."""
     from hessfast.algorithms import lanczos
 
     lam = _cat(_bulk(590, 0.05, 2), torch.linspace(4, 5, 10))
     A, Q = dense(lam)
     monkeypatch.setattr(lanczos, "MEASURE_MIN_P", 100)
-    for slow_single, want in ((True, 4), (False, 1)):
+    clock = {"now": 0.0, "cost": None}
+    fake_time = type("FakeTime", (), {"perf_counter": staticmethod(lambda: clock["now"])})
+    monkeypatch.setattr(krylov, "time", fake_time)
 
-        class Timed(hessfast.DenseOperator):  # a K-column product costs ~1 (or ~K) units
-            def matmat(self, V):
-                import time
+    class Timed(hessfast.DenseOperator):  # a K-column product costs clock["cost"](K) seconds
+        def matmat(self, V):
+            clock["now"] += clock["cost"](V.shape[1])
+            return super().matmat(V)
 
-                time.sleep(0.2 if slow_single else 0.05 * V.shape[1])
-                return super().matmat(V)
-
+    for cost, want in ((lambda k: 0.2, 4), (lambda k: 0.05 * k, 1)):
+        clock["cost"] = cost
         H = Timed(A)
         evals, evecs, info = eigsh(H, k=4, tol=1e-10, return_info=True)
         assert info.block_size == want and info.block_choice["how"] == "measured"
