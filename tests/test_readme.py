@@ -45,3 +45,17 @@ def test_readme_analyze_usage_matches_the_parser():
     usage = re.search(r"```bash\nhessfast analyze (.*?)```", README.read_text(), re.S).group(1)
     named = set(re.findall(r"(--[a-z-]+)", usage))
     assert named and named <= _options("analyze"), named - _options("analyze")
+
+
+def test_ci_runs_the_readme_test_command():
+    """``.ci/run`` runs the suite exactly as the README's set-up line and its development section
+    say (the same pytest line, the whole suite), and the development loop is that line with
+    ``-m "not slow"``."""
+    readme = README.read_text()
+    setup = re.search(r'-e "\.\[test\]" && (python -m pytest[^#\n]*?)\s+#', readme).group(1)
+    ci = (README.parent / ".ci" / "run").read_text()
+    ci_lines = [ln for ln in ci.splitlines() if ln.startswith("python -m pytest")]
+    assert ci_lines == [setup], (ci_lines, setup)
+    dev = README.read_text().split("## Development", 1)[1]
+    dev_lines = re.findall(r"^(python -m pytest[^#\n]*?)\s+#", dev, re.M)
+    assert dev_lines == [setup, f'{setup} -m "not slow"'], dev_lines
