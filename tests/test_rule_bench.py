@@ -1,9 +1,11 @@
 """The per-rule benchmark harness (benchmarks/rule_bench.py) runs, checks agreement and reports
 every implementation with its compulsory bandwidth."""
 
+import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from hessfast import rules
@@ -49,3 +51,27 @@ def test_compulsory_bytes_counts_new_residuals_once():
     # forward: x, ẋ read; y, ẏ written. backward: residuals x and ẋ, ḡ, ġ read; ḡ_x, ġ_x written
     got = rule_bench.compulsory_bytes(rule, call, g, gdot)
     assert got == n * (1 + 3 + 1 + 3) + n * (1 + 3 + 1 + 3 + 1 + 3)
+
+
+@pytest.mark.slow  # a fresh pytest process
+def test_rule_benchmarks_collect_and_run_under_pytest_benchmark():
+    """``benchmarks/test_rules.py`` collects every family's cases and runs them (untimed here:
+    ``--benchmark-disable``); a method that cannot run the case is skipped with its reason."""
+    pytest.importorskip("pytest_benchmark")
+    root = Path(__file__).parent.parent
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+         "benchmarks/test_rules.py", "-k", "tanh or linear 128"],
+        cwd=root, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout and "failed" not in done.stdout, done.stdout[-3000:]
+    listed = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only",
+         "benchmarks/test_rules.py"],
+        cwd=root, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    families = {p.stem.removeprefix("bench_") for p in (root / "benchmarks").glob("bench_*.py")
+                if "rule_bench.main(" in p.read_text()}  # fmt: skip
+    for family in families:
+        assert f"test_rule[{family}-" in listed.stdout, family
