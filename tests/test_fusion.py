@@ -141,6 +141,7 @@ def test_weight_with_another_shape_is_not_absorbed():
     _check_products(model, x, y)
 
 
+@pytest.mark.slow  # a transformers model, traced: tens of seconds on two cores
 def test_hf_llama_is_fused_and_matches_oracle():
     """zoo's hf_llama (LlamaRMSNorm in the model dtype): 2 layers × 2 norms + the final norm,
     each one aten.rms_norm with its weight and eps 1e-6; HVP and GGN-VP equal the oracles."""

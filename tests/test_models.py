@@ -23,7 +23,7 @@ def _vectors(model, k, seed=1):
     }
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", zoo.params(MODELS))
 def test_hvp_matches_forward_over_reverse_oracle(name):
     _needs(name)
     model, loss_fn, inputs, targets = zoo.MODELS[name]()
@@ -32,7 +32,7 @@ def test_hvp_matches_forward_over_reverse_oracle(name):
     assert rel_err(got, hvp(model, loss_fn, inputs, targets, v)) < TOL
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", zoo.params(MODELS))
 def test_hvp_matches_double_backward_oracle(name):
     _needs(name)
     model, loss_fn, inputs, targets = zoo.MODELS[name]()
@@ -41,7 +41,7 @@ def test_hvp_matches_double_backward_oracle(name):
     assert rel_err(got, double_backward_hvp(model, loss_fn, inputs, targets, v)) < TOL
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", zoo.params(MODELS))
 def test_ggn_vp_matches_oracle(name):
     _needs(name)
     model, loss_fn, inputs, targets = zoo.MODELS[name]()
@@ -50,7 +50,7 @@ def test_ggn_vp_matches_oracle(name):
     assert rel_err(got, ggn_vp(model, loss_fn, inputs, targets, v)) < TOL
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", zoo.params(MODELS))
 def test_grad_matches_autograd(name):
     _needs(name)
     model, loss_fn, inputs, targets = zoo.MODELS[name]()

@@ -34,6 +34,7 @@ def _setup():
     return model, x, y
 
 
+@pytest.mark.slow  # a training run with every metric: about ten seconds on two cores
 def test_monitor_records_promised_metrics(tmp_path):
     model, x, y = _setup()
     path = tmp_path / "curv.jsonl"

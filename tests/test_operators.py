@@ -41,6 +41,7 @@ def test_micro_batching_changes_nothing():
     torch.testing.assert_close(micro, ref, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.slow  # tens of seconds on two cores
 def test_token_weighting_is_exact_with_ignore_index():
     """Batches with different numbers of counted tokens: weighted by tokens, not by samples."""
     model, lf, (idx,), y = zoo.gpt()
@@ -100,6 +101,7 @@ def test_to_scipy_matches():
     assert S.shape == H.shape
 
 
+@pytest.mark.slow  # about ten seconds on two cores
 def test_symmetry_check_passes_for_hessian():
     model, lf, (x,), y = zoo.gpt()
     hessfast.HessianOperator(model, lf, ((x,), y)).check_symmetric()

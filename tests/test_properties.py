@@ -20,7 +20,7 @@ def _dot(a, b):
 
 
 @pytest.mark.parametrize("fn", ["hvp", "ggn_vp"])
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", zoo.params(MODELS, slow=("gpt",)))
 def test_symmetric(name, fn):
     model, lf, x, y, P = _setup(name)
     op = getattr(hessfast, fn)
@@ -29,7 +29,7 @@ def test_symmetric(name, fn):
     assert abs(_dot(u, hv) - _dot(hu, v)) <= 1e-10 * (abs(_dot(u, hv)) + 1e-12)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", zoo.params(MODELS, slow=("gpt",)))
 def test_linear_in_v(name):
     model, lf, x, y, P = _setup(name)
     u, v = torch.randn(P, dtype=torch.float64), torch.randn(P, dtype=torch.float64)
@@ -39,7 +39,7 @@ def test_linear_in_v(name):
 
 
 @pytest.mark.parametrize("fn", ["hvp", "ggn_vp"])
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", zoo.params(MODELS, slow=("gpt",)))
 def test_k_batched_equals_loop(name, fn):
     model, lf, x, y, P = _setup(name)
     op = getattr(hessfast, fn)
@@ -49,14 +49,14 @@ def test_k_batched_equals_loop(name, fn):
     torch.testing.assert_close(batched, loop, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", zoo.params(MODELS, slow=("gpt",)))
 def test_deterministic(name):
     model, lf, x, y, P = _setup(name)
     V = torch.randn(2, P, dtype=torch.float64)
     assert torch.equal(hessfast.hvp(model, lf, x, y, V), hessfast.hvp(model, lf, x, y, V))
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", zoo.params(MODELS, slow=("gpt",)))
 def test_ggn_psd_for_cross_entropy(name):
     model, lf, x, y, P = _setup(name)
     V = torch.randn(8, P, dtype=torch.float64)

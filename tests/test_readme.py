@@ -20,6 +20,7 @@ def _one_thread():
     torch.set_num_threads(old)
 
 
+@pytest.mark.slow  # the README's whole example: training with the monitor, plots
 def test_readme_api_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the examples write files (the training monitor's JSONL and plot)
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)

@@ -50,7 +50,12 @@ _CHEAP = {"activation", "layer_norm", "cross_entropy_rows"}
 
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize(
+    "case",
+    # attention: tens of seconds a case in the interpreter
+    [pytest.param(c, marks=pytest.mark.slow if c.family == "attention" else ()) for c in CASES],
+    ids=IDS,
+)
 def test_triton_matches_the_torch_rule(case, dtype):
     pytest.importorskip("triton")
     dev = _triton_device()

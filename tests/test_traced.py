@@ -27,7 +27,7 @@ def _traces(model, inputs):
     return traced.explain(capture.capture(model, tuple(inputs)))
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", zoo.params(MODELS))
 def test_traced_equals_interpreter_on_the_zoo(name):
     if name.startswith("hf_"):
         pytest.importorskip("transformers")
@@ -145,6 +145,7 @@ def test_compile_argument_is_checked():
         hessfast.grad(model, loss_fn, x, y, compile="cudagraphs")
 
 
+@pytest.mark.slow  # compiles the graph with Inductor
 def test_inductor_equals_interpreter():
     """One small model through Inductor (compiling costs tens of seconds on the CPU)."""
     torch.manual_seed(0)

@@ -1,6 +1,8 @@
 """The models every engine test runs on: :mod:`hessfast.zoo`'s problems, under the name the tests
 import (``from models import zoo``)."""
 
+import pytest
+
 from hessfast.zoo import (  # noqa: F401
     MODELS,
     LogitsOnly,
@@ -11,3 +13,13 @@ from hessfast.zoo import (  # noqa: F401
     mlp,
     resnet,
 )
+
+
+def params(names=MODELS, slow=()):
+    """``names`` as pytest parameters, the Hugging Face problems (seconds each: they build a
+    ``transformers`` model) and those in ``slow`` marked ``slow``: ``pytest -m "not slow"`` keeps
+    the small models."""
+    return [
+        pytest.param(n, id=n, marks=pytest.mark.slow if n.startswith("hf_") or n in slow else ())
+        for n in names
+    ]

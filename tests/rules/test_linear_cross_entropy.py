@@ -365,7 +365,9 @@ def test_row_reference_low_precision_dtypes():
         torch.testing.assert_close(a.double(), b, rtol=2e-2, atol=2e-3)
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize(
+    "name", [pytest.param(m, marks=pytest.mark.slow if m == "gpt" else ()) for m in MODELS]
+)  # the GPT traced twice: about ten seconds on two cores
 def test_traced_fused_head_reads_each_batch_count(name, monkeypatch):
     """The fused head's mean denominator is a tensor of the graph: one trace serves batches with
     different numbers of ignored targets, and equals the interpreter and the unfused path."""

@@ -228,6 +228,7 @@ def test_dispatch_picks_the_kernel_only_when_asked(kernel_device):
         assert rule_for(SDPA, call, "auto") is not IMPL
 
 
+@pytest.mark.slow  # a whole GPT through the interpreter
 def test_gpt_hvp_and_ggn_with_triton_attention_equal_plain_torch(kernel_device, monkeypatch):
     """A whole GPT (zoo ``gpt``: SDPA with ``is_causal``, LayerNorm, tied head) in float32: the HVP
     and the GGN-VP with ``backend="triton"`` equal ``backend="torch"``, and the Triton attention

@@ -157,7 +157,11 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("family", list(CASES))
+@pytest.mark.parametrize(
+    "family",
+    # attention: the interpreter runs its kernels for each of opcheck's checks (tens of seconds)
+    [pytest.param(f, marks=pytest.mark.slow if f == "attention" else ()) for f in CASES],
+)
 def test_opcheck(family, kernel_device):
     """opcheck's four default checks (schema, autograd registration, fake tensors, AOT dispatch
     with dynamic shapes) on every case of the family."""
@@ -257,6 +261,7 @@ def test_mlp_gelu_layer_norm_traces_the_triton_ops(kernel_device):
     assert all(t["calls"] >= 1 for t in traced.explain(capture.capture(model, (x,))))
 
 
+@pytest.mark.slow  # a whole GPT through the interpreter, traced
 def test_tiny_gpt_traces_the_triton_attention(kernel_device):
     """The zoo's GPT (SDPA with is_causal, LayerNorm, GELU, tied head) in float32; one layer in
     the interpreter (a second repeats the same launches)."""
