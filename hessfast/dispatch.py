@@ -74,11 +74,10 @@ from typing import Any
 import torch
 
 from .errors import HessfastError
+from .registry import ORDER, implementations
 
 log = logging.getLogger("hessfast")
 
-#: Backends in dispatch priority order.
-ORDER = ("cuda", "triton", "torch")
 CHOICES = ("auto", *ORDER)
 ENV = "HESSFAST_BACKEND"
 
@@ -572,8 +571,6 @@ class _Backends:
     ORDER = ORDER
 
     def __call__(self) -> dict[str, BackendInfo]:
-        from .rules import implementations
-
         ops: dict[str, list[str]] = {b: [] for b in ORDER}
         for op, impls in implementations().items():
             for impl in impls:

@@ -12,7 +12,7 @@ from torch import nn
 
 import hessfast
 from hessfast import dispatch as B
-from hessfast import rules
+from hessfast import registry, rules
 from hessfast.rules import activation
 from hessfast.rules.base import Call
 
@@ -45,7 +45,7 @@ def fakes(monkeypatch):
     The routing tests count the fakes' calls, so their self-checks (which call them too; tested in
     ``tests/test_selfcheck.py``) are off, and the process's verdicts are the test's own."""
     table = {}
-    monkeypatch.setattr(rules, "_ACCELERATED", table)
+    monkeypatch.setattr(registry, "_ACCELERATED", table)
     monkeypatch.setenv("HESSFAST_SELFCHECK", "0")
     monkeypatch.setattr(B, "_VERDICTS", {})
     monkeypatch.setattr(B, "_DISTRUSTED", {})
@@ -71,10 +71,10 @@ def _call(x):
 
 
 def test_auto_on_cpu_uses_the_torch_reference_and_never_loads_accelerated(monkeypatch):
-    monkeypatch.setattr(rules, "_ACCELERATED", None)
+    monkeypatch.setattr(registry, "_ACCELERATED", None)
     rule = rules.rule_for(TANH, _call(torch.randn(3)), "auto")
     assert rule.backend == "torch"
-    assert rules._ACCELERATED is None  # a CPU run under auto dispatch imports no kernels
+    assert registry._ACCELERATED is None  # a CPU run under auto dispatch imports no kernels
 
 
 def test_auto_takes_the_first_implementation_that_accepts(fakes):

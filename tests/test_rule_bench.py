@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hessfast import rules
+from hessfast import registry, rules
 from hessfast.rules import activation
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
@@ -26,7 +26,7 @@ class FakeTriton(activation.ElementwiseUnary):
 
 
 def test_rule_bench_reports_each_implementation(monkeypatch, capsys):
-    monkeypatch.setattr(rules, "_ACCELERATED", {TANH: [FakeTriton()]})
+    monkeypatch.setattr(registry, "_ACCELERATED", {TANH: [FakeTriton()]})
     argv = ["--size", "small", "--k", "2", "--repeats", "1", "--threads", "1"]
     rows = bench_activation.main([*argv, "--cases", "tanh 256×512,relu 256×512"])
     out = capsys.readouterr().out

@@ -18,7 +18,7 @@ import hessfast
 import hessfast.cuda as hcuda
 import hessfast.triton as htriton
 from hessfast import dispatch as B
-from hessfast import rules, selftest
+from hessfast import registry, rules, selftest
 from hessfast.rules import activation
 from hessfast.rules.base import Call
 
@@ -57,7 +57,7 @@ def fresh(monkeypatch):
     monkeypatch.setattr(B, "_VERDICTS", {})
     monkeypatch.setattr(B, "_DISTRUSTED", {})
     table = {}
-    monkeypatch.setattr(rules, "_ACCELERATED", table)
+    monkeypatch.setattr(registry, "_ACCELERATED", table)
     checks = []
     real = selftest.check_call
 
