@@ -61,7 +61,7 @@ def test_rule_benchmarks_collect_and_run_under_pytest_benchmark():
     root = Path(__file__).parent.parent
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
-         "benchmarks/test_rules.py", "-k", "tanh or linear 128"],
+         "benchmarks/test_rules.py", "-k", "activation-tanh"],
         cwd=root, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
