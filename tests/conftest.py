@@ -30,6 +30,16 @@ def pytest_configure(config):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-model tests (``pytestmark =
+    pytest.mark.usefixtures("one_thread")``): as fast, and much faster on a busy machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture
 def device():
     """Tests run on the CPU; GPU-only tests ask for ``cuda_device`` instead."""

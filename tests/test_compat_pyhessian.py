@@ -15,16 +15,10 @@ from hessfast.compat.pyhessian import hessian
 pyhessian = pytest.importorskip("pyhessian")
 
 # PyHessian itself calls loss.backward(create_graph=True)
-pytestmark = pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph:UserWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one torch thread is as fast, and much faster on a busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph:UserWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 def _problem():

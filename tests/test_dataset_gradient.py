@@ -11,13 +11,7 @@ from torch.func import functional_call, grad
 
 import hessfast
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
 
 
 def mlp(seed=0, out=3):

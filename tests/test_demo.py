@@ -16,14 +16,7 @@ from hessfast.analyze import count_outliers
 from hessfast.cli import main
 from hessfast.demo import setup
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one torch thread is as fast, and much faster on a busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
 
 
 def _strict(s: str):

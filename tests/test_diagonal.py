@@ -13,13 +13,7 @@ import hessfast
 from hessfast.algorithms import krylov
 from hessfast.algorithms.krylov import rademacher
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
 
 
 def sym(P, seed=0, rank=None, noise=0.0):

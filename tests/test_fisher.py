@@ -12,13 +12,7 @@ import torch.nn.functional as F
 
 import hessfast
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
 
 
 def mlp(out=3, seed=0):

@@ -13,14 +13,7 @@ from torch import nn
 import hessfast
 from hessfast import HessianMonitor
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one torch thread is as fast, and much faster on a busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
 
 
 def _dense_hessian(model, x, y):

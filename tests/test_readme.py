@@ -4,20 +4,13 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from hessfast.cli import subcommand
 
 README = Path(__file__).parent.parent / "README.md"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one torch thread is as fast, and much faster on a busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
 
 
 @pytest.mark.slow  # the README's whole example: training with the monitor, plots
