@@ -257,16 +257,15 @@ def prune(gm: torch.fx.GraphModule) -> None:
         if used is None:
             continue
         i = names.index("output_mask")
-        if i < len(node.args):
-            mask = list(node.args[i])
-            new = [bool(m) and j in used for j, m in enumerate(mask)]
-            if new != mask:
-                node.args = (*node.args[:i], new, *node.args[i + 1 :])
-        elif "output_mask" in node.kwargs:
-            mask = list(node.kwargs["output_mask"])
-            new = [bool(m) and j in used for j, m in enumerate(mask)]
-            if new != mask:
-                node.kwargs = {**node.kwargs, "output_mask": new}
+        positional = i < len(node.args)
+        mask = list(node.args[i] if positional else node.kwargs.get("output_mask", ()))
+        new = [bool(m) and j in used for j, m in enumerate(mask)]
+        if new == mask:
+            continue
+        if positional:
+            node.args = (*node.args[:i], new, *node.args[i + 1 :])
+        else:
+            node.kwargs = {**node.kwargs, "output_mask": new}
     gm.recompile()
 
 

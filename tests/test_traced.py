@@ -234,3 +234,30 @@ def test_direct_calls_equal_the_graph_module():
     trace.fn = real
     for a, b in zip(real(*seen["args"]), real.gm(*seen["args"])):
         assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_hvp_without_the_gradient_prunes_its_graph_and_agrees_with_double_backward():
+    """An HVP whose caller does not read the gradient is its own trace, without the parameters'
+    primal cotangents (fewer nodes) and with BatchNorm's backward asked for the input cotangent
+    only; its result still equals double backward, and the HVP that returns the gradient too
+    keeps both outputs right."""
+    model, loss_fn, inputs, targets = zoo.cnn_bn()
+    v = _vectors(model, 2)
+    for _ in range(2):  # interpreted, then traced and checked against the interpreter
+        hv = hessfast.hvp(model, loss_fn, *inputs, targets, v)
+        hv2, g = hessfast.hvp(model, loss_fn, *inputs, targets, v, return_grad=True)
+    want = double_backward_hvp(model, loss_fn, inputs, targets, v)
+    assert rel_err(hv, want) < 1e-10 and rel_err(hv2, want) < 1e-10
+    g_ref = hessfast.grad(model, loss_fn, *inputs, targets, compile="interpret")
+    assert rel_err(g, g_ref) < 1e-12
+    prog = capture.capture(model, tuple(inputs))
+    info = {t["grads"]: t for t in traced.explain(prog) if t["mode"] == "hvp"}
+    assert info[False]["traced"] and info[True]["traced"]
+    assert info[False]["nodes"] < info[True]["nodes"]
+    lean = next(t for t in traced.traces(prog) if t.layout[0] is None)
+    masks = [
+        list(n.args[-1])
+        for n in lean.fn.graph.nodes
+        if n.target is torch.ops.aten.native_batch_norm_backward.default
+    ]
+    assert masks and all(m[1:] == [False, False] for m in masks)
