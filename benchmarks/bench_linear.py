@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
 import rule_bench  # noqa: E402
@@ -67,8 +68,20 @@ CASES = {
 }
 
 
+def flops(args, active, k, mode):
+    """Floating-point operations of one ``hvp``/``ggn`` of the torch rule on ``args``, counted by
+    ``FlopCounterMode`` (the GEMMs; the FLOP model the TFLOP/s column divides by)."""
+    op = aten.linear.default if len(args) == 3 else aten.addmm.default
+    call = rule_bench.make_call(op, args, active, k)
+    g, gdot = rule_bench.make_cotangents(rule_bench.invoke(op, args), k)
+    rule = rule_bench.registered_rule(op)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        rule.bwd_jvp(rule.fwd_jvp(call)[2], g if mode == "hvp" else None, gdot)
+    return counter.get_total_flops()
+
+
 def main(argv=None):
-    return rule_bench.main("linear", CASES, __doc__, argv)
+    return rule_bench.main("linear", CASES, __doc__, argv, flops=flops)
 
 
 if __name__ == "__main__":
