@@ -53,6 +53,9 @@ Rows = slice | Tensor
 
 #: DGKS: a column is projected again when one pass kept less than this share of its norm
 DGKS = 1 / math.sqrt(2)
+#: size of the temporaries of chunked in-place basis updates: small enough to stay in cache and to
+#: be reused by the allocator (a fresh temporary of tens of MB costs its page faults, ~1 GB/s)
+CHUNK_BYTES = 2 * 2**20
 
 
 class Operator(Protocol):
@@ -504,9 +507,18 @@ def orthonormalize(
             Qt.copy_(Q.mT)
             return Qt.mT, R2.double().cpu() @ R, sigma
         Linv = torch.linalg.solve_triangular(L, torch.eye(r, dtype=torch.float64), upper=False)
-        Qt.copy_(Linv.to(W.device, W.dtype) @ Qt)
+        left_multiply(Qt, Linv.to(W.device, W.dtype))
         R = L.T @ R
     return Qt.mT, R, sigma
+
+
+def left_multiply(Xt: Tensor, M: Tensor) -> None:
+    """``Xt[:m] = M @ Xt`` in place for rows ``Xt`` ``[r, P]`` and ``M`` ``[m, r]`` (``m ≤ r``),
+    column chunk by column chunk: no temporary the size of ``Xt``."""
+    m, r = M.shape
+    cols = max(1, CHUNK_BYTES // max(1, (r + m) * Xt.element_size()))
+    for c0 in range(0, Xt.shape[1], cols):
+        Xt[:m, c0 : c0 + cols] = M @ Xt[:, c0 : c0 + cols]
 
 
 def random_block(
@@ -592,6 +604,7 @@ __all__ = [
     "project_out",
     "orthonormalize",
     "random_block",
+    "left_multiply",
     "check_operator",
     "as_operator",
     "check_memory",

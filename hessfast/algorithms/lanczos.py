@@ -79,21 +79,23 @@ from dataclasses import dataclass, field
 import torch
 
 from .krylov import (
+    CHUNK_BYTES,
     DGKS,
     Products,
     check_memory,
     check_operator,
+    left_multiply,
     orthonormalize,
     project_out,
     random_block,
     run_symmetry_check,
     subtract,
 )
+from .reorthogonalization import OmegaEstimate
 
 Tensor = torch.Tensor
 
 WHICH = ("LA", "SA", "LM", "BE")
-_CHUNK_BYTES = 64 * 2**20  # column chunk of the in-place restart
 #: a restart keeps k + _KEEP·(ncv − b − k) Ritz vectors (measured on synthetic Hessian spectra)
 _KEEP_SINGLE = 0.5
 _KEEP_BLOCK = 0.5
@@ -226,29 +228,20 @@ def _check_memory(P, C, b, dtype, device) -> int:
 
 def _compress(Vt: Tensor, e: int, Zk: Tensor) -> None:
     """``Vt[:p] = Zkᵀ Vt[:e]`` in place, column chunk by column chunk (no second basis)."""
-    P, p = Vt.shape[1], Zk.shape[1]
     Zt = torch.where(Zk.abs() < _TINY, 0.0, Zk).T.contiguous().to(Vt.device, Vt.dtype)
-    cols = max(1, _CHUNK_BYTES // max(1, (e + p) * Vt.element_size()))
-    for c0 in range(0, P, cols):
-        Vt[:p, c0 : c0 + cols] = Zt @ Vt[:e, c0 : c0 + cols]
+    left_multiply(Vt[:e], Zt)
 
 
-#: the older basis is projected out only once the new block's components along it exceed
-#: ``eps^_SEMI`` of its norm (semi-orthogonality, kept well below √eps so that the returned vectors
-#: are orthonormal to ~eps^_SEMI); the coefficients are always computed (one read of the basis)
+#: a full pass subtracts the older basis's coefficients only where they exceed ``eps^_SEMI`` of
+#: the block's norm (below that they are rounding noise and subtracting them changes nothing)
 _SEMI = 0.75
 
 
-def _project(Vt: Tensor, W: Tensor, s: int, e: int, lo: int, wcol: Tensor, semi: float):
-    """Orthogonalise the product ``W`` of the block ``Vt[s:e]`` against the basis ``Vt[:e]``, in
-    place: the local part ``Vt[lo:e]`` (the previous and the current block, where the three-term
-    recurrence puts nearly all of ``W``; twice when it cancelled more than ``1 − 1/√2``), then
-    the older rows ``Vt[:lo]``, whose coefficients are computed by one GEMM and subtracted only
-    when they exceed ``semi ×`` the remaining norm (``Vt[:lo]ᵀ W`` is zero in exact arithmetic).
-    Returns ``(h [e, b], reorthogonalised)``, or ``None`` when ``lo == 0`` (project everything).
-    """
-    if lo <= 0:
-        return None
+def _project_local(Vt: Tensor, W: Tensor, lo: int, e: int, wcol: Tensor) -> tuple[Tensor, Tensor]:
+    """Orthogonalise ``W`` in place against the local part ``Vt[lo:e]`` (the previous and the
+    current block, where the three-term recurrence puts nearly all of ``W``; twice when it
+    cancelled more than ``1 − 1/√2``). Returns the coefficients ``[e − lo, b]`` and the column
+    norms left."""
     Vl = Vt[lo:e]
     hl = Vl @ W
     subtract(W, Vl.mT, hl)
@@ -258,18 +251,29 @@ def _project(Vt: Tensor, W: Tensor, s: int, e: int, lo: int, wcol: Tensor, semi:
         subtract(W, Vl.mT, c)
         hl += c
         beta = torch.linalg.vector_norm(W, dim=0)
+    return hl, beta
+
+
+def _project_older(
+    Vt: Tensor, W: Tensor, lo: int, e: int, beta: Tensor, semi: float, om: OmegaEstimate, wcol
+) -> tuple[Tensor, Tensor | None]:
+    """The full pass: ``W``'s coefficients along the older rows ``Vt[:lo]`` by one GEMM (one
+    read of the basis), recorded in ``om``, and subtracted where they exceed ``semi ×`` the
+    block's norm (then a second pass over the whole basis after heavy cancellation). Returns the
+    coefficients ``[e, b]`` the pass subtracted (zero rows where it subtracted nothing) and the
+    coefficients it left in ``W`` (float64 on the host; ``None`` when it subtracted them)."""
     h = W.new_zeros(e, W.shape[1])
-    h[lo:e] = hl
     Vo = Vt[:lo]
     c = Vo @ W
+    om.measured(c, beta, wcol)
     if not bool((c.abs().amax(0) > semi * beta).any()):
-        return h, False
+        return h, c.double().cpu()
     subtract(W, Vo.mT, c)
     h[:lo] = c
     after = torch.linalg.vector_norm(W, dim=0)
     if bool((after < DGKS * beta).any()):
         h += project_out(Vt[:e], W, max_passes=2)
-    return h, True
+    return h, None
 
 
 #: multiple of ``eps(operator dtype) · ‖H‖`` below which a true residual is product rounding noise
@@ -281,7 +285,7 @@ def _rayleigh_ritz(Y: Tensor, HY: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     (float64, CPU, ascending), the rotated vectors (``Y``'s dtype) and true residual norms.
     Row chunk by row chunk: float64 accumulation without float64 copies of ``Y`` and ``HY``."""
     P, k = Y.shape
-    rows = max(1, _CHUNK_BYTES // max(1, 16 * k))
+    rows = max(1, CHUNK_BYTES // max(1, 16 * k))
     G = torch.zeros(k, k, dtype=torch.float64, device=Y.device)
     M = torch.zeros_like(G)
     for r0 in range(0, P, rows):
@@ -302,6 +306,22 @@ def _rayleigh_ritz(Y: Tensor, HY: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         Yr[r0 : r0 + rows] = Yc
         sq += ((HY[r0 : r0 + rows].double() @ C - Yc * w) ** 2).sum(0)
     return w.cpu(), Yr, sq.sqrt().cpu()
+
+
+def _orthonormalize_columns(Y: Tensor) -> None:
+    """Cholesky-QR of the columns of ``Y`` ``[P, k]`` in place, the Gram matrix accumulated in
+    float64 row chunk by row chunk."""
+    P, k = Y.shape
+    rows = max(1, CHUNK_BYTES // max(1, 8 * k))
+    G = torch.zeros(k, k, dtype=torch.float64, device=Y.device)
+    for r0 in range(0, P, rows):
+        Yc = Y[r0 : r0 + rows].double()
+        G += Yc.T @ Yc
+    L = torch.linalg.cholesky((G + G.T) / 2)
+    eye = torch.eye(k, dtype=L.dtype, device=L.device)
+    C = torch.linalg.solve_triangular(L, eye, upper=False).T.contiguous()
+    for r0 in range(0, P, rows):
+        Y[r0 : r0 + rows] = Y[r0 : r0 + rows].double() @ C
 
 
 def _measure_block(
@@ -507,13 +527,20 @@ def eigsh(
     C = min(m + b, P)  # basis capacity: ncv vectors plus the next block
     keep_target = k + int((m - b - k) * (_KEEP_SINGLE if b == 1 else _KEEP_BLOCK))
 
-    Vt = torch.zeros(C, P, dtype=bdtype, device=bdevice)  # the basis, one vector per row
+    Vt = torch.empty(C, P, dtype=bdtype, device=bdevice)  # the basis, one vector per row
     T = torch.zeros(C, C, dtype=torch.float64)
     Vt[: start.shape[1]] = start.T
     s, e, lo = 0, start.shape[1], 0  # current block [s, e); local part of the next projection
+    arrow = False  # the step after a restart: the coefficients of the rows [:lo] are known
 
     anorm = 0.0
     semi = eps**_SEMI
+    if verify is None:
+        verify = bdtype != torch.float64
+    # the level of orthogonality kept: Simon's semi-orthogonality (√eps, with a margin) when the
+    # final float64 Rayleigh-Ritz step re-orthonormalises the returned vectors, eps^(3/4) when the
+    # Ritz vectors V z are returned as they are (orthonormal to about that level)
+    om = OmegaEstimate(C + b, eps, math.sqrt(eps) if verify else eps**_SEMI)
     restarts = deflations = reorths = 0
     confirm = None  # wanted Ritz values awaiting confirmation after a breakdown
     converged = False
@@ -530,13 +557,29 @@ def eigsh(
             wcol = torch.linalg.vector_norm(W, dim=0)
         wn = float(wcol.max())
         anorm = max(anorm, wn)
-        h = _project(Vt, W, s, e, lo, wcol, semi)
-        if h is None:
-            h = project_out(Vt[:e], W)
-        else:
-            reorths += int(h[1])
-            h = h[0]
-        h = h.double().cpu()
+        if lo > 0:
+            h = torch.zeros(e, W.shape[1], dtype=torch.float64)
+            ref = wcol
+            if arrow:
+                # first step after a thick restart: W's components along the kept Ritz vectors
+                # y_i are known, y_iᵀ H Q = s_i (H y_i = θ_i y_i + Q s_i): subtract them without
+                # reading the basis for them; the ω estimate covers what rounding leaves
+                h[:lo] = T[:lo, s:e]
+                subtract(W, Vt[:lo].mT, h[:lo].to(W.device, W.dtype))
+                ref = torch.linalg.vector_norm(W, dim=0)
+            hl, beta = _project_local(Vt, W, lo, e, ref)
+            h[lo:e] = hl.double().cpu()
+            T[:e, s:e] = h
+            X = om.estimate(T, s, e, lo, wcol)
+            full = om.decide(X, beta)
+            if full:
+                reorths += 1
+                ho, X = _project_older(Vt, W, lo, e, beta, semi, om, wcol)
+                h += ho.double().cpu()
+        else:  # the first steps and the first after a restart: the whole basis is local
+            om.decide(None, wcol)
+            X = None
+            h = project_out(Vt[:e], W).double().cpu()
         T[:e, s:e] = h
         T[s:e, :e] = h.T
         T[s:e, s:e] = (h[s:e] + h[s:e].T) / 2
@@ -555,6 +598,7 @@ def eigsh(
             R = torch.cat([R, torch.zeros(fresh.shape[1], R.shape[1], dtype=torch.float64)])
             Vt[e : e + Q.shape[1]] = Q.T
         bq = Q.shape[1]
+        om.update(X, R, lo, e)
 
         theta, Z = torch.linalg.eigh(T[:e, :e])
         anorm = max(anorm, float(theta.abs().max()))
@@ -584,6 +628,7 @@ def eigsh(
             p = min(keep_target, C - 2 * b)
             keep = order_by_which(theta, which)[:p]
             _compress(Vt, e, Z[:, keep])
+            om.restart(e, Z[:, keep], p, bq)
             Vt[p : p + bq] = Q.T  # rows e.. hold Q; p + bq <= e: no overlap
             S = R @ Z[s:e, keep]  # [bq, p]: coupling of the Ritz vectors to the next block
             # couplings of converged pairs shrink geometrically from restart to restart; flush
@@ -593,12 +638,12 @@ def eigsh(
             T[:p, :p] = torch.diag(theta[keep])
             T[p : p + bq, :p] = S
             T[:p, p : p + bq] = S.T
-            s, e, lo = p, p + bq, 0
+            s, e, lo, arrow = p, p + bq, p, True
             restarts += 1
             # the basis now starts with the kept Ritz vectors: their pairs in basis coordinates
             theta, Z, res = theta[keep], torch.eye(p, dtype=torch.float64), res[keep]
         else:
-            s, e, lo = e, e + bq, s
+            s, e, lo, arrow = e, e + bq, s, False
 
     wanted = order_by_which(theta, which)[:k]
     wanted = wanted[torch.argsort(theta[wanted], stable=True)]
@@ -608,8 +653,6 @@ def eigsh(
     residuals = res[wanted].clone()
     thresh = tol * torch.clamp(evals.abs(), min=floor_rel * anorm)
     mask = residuals <= thresh
-    if verify is None:
-        verify = bdtype != torch.float64
     if verify:
         evals, Y, residuals = _rayleigh_ritz(Y, products.apply(Y))
         # a true residual cannot fall below the rounding noise of the products themselves
@@ -618,6 +661,10 @@ def eigsh(
         noise = _NOISE * torch.finfo(op_dtype).eps * anorm
         thresh = torch.clamp(tol * torch.clamp(evals.abs(), min=floor_rel * anorm), min=noise)
         mask = residuals <= thresh
+    elif om.full_passes < steps:
+        # partial reorthogonalisation keeps the basis orthogonal to eps^(3/4) only: restore the
+        # returned vectors' orthonormality (their Ritz values move by O(eps^(3/4)·‖H‖) at most)
+        _orthonormalize_columns(Y)
     converged = bool(mask.all())
     if not converged and warn:
         warnings.warn(
