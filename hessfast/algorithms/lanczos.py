@@ -6,12 +6,23 @@ thick-restart Lanczos) on the Krylov layer of :mod:`hessfast.algorithms.krylov`:
 - **one product per step**: each step multiplies the operator by one block of ``b`` basis vectors
   (one K-batched pass of the model with ``K = b``) through :class:`~.krylov.Products`, which
   counts, times and checks it; nothing else touches the operator;
-- **full reorthogonalisation at the cost of one pass**: the new block is first orthogonalised
-  against the last two blocks (the three-term part of the recurrence, which cancels most of its
-  norm), then against the whole basis by one classical Gram-Schmidt pass as two BLAS-3 GEMMs
-  (:func:`~.krylov.project_out`); a second pass runs only for columns that lost more than
-  ``1 − 1/√2`` of their norm in the first (DGKS). The basis is kept as rows ``[n, P]`` in its own
-  dtype (no float64 copy), so each GEMM reads it once;
+- **partial reorthogonalisation**: the new block is first orthogonalised against the last two
+  blocks (the three-term part of the recurrence, which cancels most of its norm; twice when it
+  cancelled more than ``1 − 1/√2``, DGKS). Reading the older basis (one classical Gram-Schmidt
+  pass as two BLAS-3 GEMMs, :func:`~.krylov.project_out`) costs one pass over ``n`` vectors of
+  length ``P``, so it runs only when Simon's ω-recurrence, which estimates the loss of
+  orthogonality from ``T`` alone on the host (:mod:`~.reorthogonalization`), says the block's
+  components along the older basis exceed ``eps^(3/4)`` of its norm, and on the step after
+  (Simon); a full pass subtracts only components above that level. The rounding the products
+  put along the basis is measured on the first full passes; when it alone is above half the
+  level (float32 Hessian-vector products of large models: about 1e-5 of their norm), or when a
+  full pass measures a loss above 4× the estimate, every later step reads the whole basis. The
+  level is ``eps^(3/4)``, not Simon's semi-orthogonality ``√eps``: a thick restart treats the
+  kept Ritz vectors as orthonormal, and at ``√eps`` float32 runs on clustered and degenerate
+  spectra lost two to three orders of magnitude in eigenvalue accuracy (measured). The basis is
+  kept as rows ``[n, P]`` in its own dtype (no float64 copy), so each GEMM reads it once; the
+  returned vectors are re-orthonormalised (a Cholesky-QR of the ``k`` vectors) when steps
+  skipped the older basis and ``verify`` is off;
 - **the projected problem in float64**: the coefficients of these passes *are* the entries of
   ``T = Vᵀ H V`` (block tridiagonal after a plain start, an arrow head plus a block tridiagonal
   tail after a restart); ``T`` lives on the host in float64 and ``torch.linalg.eigh`` gives the
@@ -63,9 +74,9 @@ Default basis size ``ncv``: ``max(2k + 1, 20)`` vectors for ``b = 1`` (ARPACK's 
 ``2k + max(20, 4b)`` for blocks, capped at ``P``. Ends inside a dense bulk converge in far fewer
 products with a larger ``ncv``.
 
-Cost per step besides the product: ``4 · P · n · b`` flops of Gram-Schmidt (one pass, ``n`` the
-basis size; a second only after heavy cancellation) and an ``n × n`` float64 ``eigh`` on the host;
-a restart adds ``2 · P · n · p``.
+Cost per step besides the product: ``8 · P · b²`` flops of the local Gram-Schmidt, ``4 · P · n · b``
+more on steps that read the older basis (``n`` the basis size), and an ``n × n`` float64 ``eigh``
+and the ω update on the host; a restart adds ``2 · P · n · p`` (in place, in 2 MiB column chunks).
 """
 
 from __future__ import annotations
@@ -144,8 +155,13 @@ class EigshInfo:
             "products": products spent measuring beyond the first step}``.
         symmetry_probe: ``"passed"``, or ``None`` when no probe ran.
         calls: ``matmat`` calls.
-        reorthogonalizations: steps that projected the new block against the older basis (the
-            others found it orthogonal to ``eps^(3/4)`` and skipped the subtraction).
+        reorthogonalizations: steps that read the older basis (a full pass: the new block's
+            components along every older vector); the others relied on the estimated loss of
+            orthogonality (partial reorthogonalisation, module docstring).
+        orthogonality: the partial reorthogonalisation: ``{"level": the loss of orthogonality
+            kept (eps^(3/4) of the basis dtype), "noise": the measured share of a product's norm
+            its rounding puts along the basis, "worst": the largest loss a full pass measured,
+            "fallback": None, or why every step read the whole basis}``.
     """
 
     products: int
@@ -165,6 +181,7 @@ class EigshInfo:
     symmetry_probe: str | None = None
     calls: int = 0
     reorthogonalizations: int = 0
+    orthogonality: dict = field(default_factory=dict)
 
     @property
     def seconds_elsewhere(self) -> float:
@@ -531,16 +548,15 @@ def eigsh(
     T = torch.zeros(C, C, dtype=torch.float64)
     Vt[: start.shape[1]] = start.T
     s, e, lo = 0, start.shape[1], 0  # current block [s, e); local part of the next projection
-    arrow = False  # the step after a restart: the coefficients of the rows [:lo] are known
 
     anorm = 0.0
     semi = eps**_SEMI
     if verify is None:
         verify = bdtype != torch.float64
-    # the level of orthogonality kept: Simon's semi-orthogonality (√eps, with a margin) when the
-    # final float64 Rayleigh-Ritz step re-orthonormalises the returned vectors, eps^(3/4) when the
-    # Ritz vectors V z are returned as they are (orthonormal to about that level)
-    om = OmegaEstimate(C + b, eps, math.sqrt(eps) if verify else eps**_SEMI)
+    # the loss of orthogonality kept: eps^(3/4), not Simon's √eps: the kept Ritz vectors of a
+    # thick restart are treated as orthonormal, and at √eps that cost float32 runs on clustered
+    # and degenerate spectra 100-1000x in eigenvalue accuracy (measured)
+    om = OmegaEstimate(C + b, eps, eps**_SEMI)
     restarts = deflations = reorths = 0
     confirm = None  # wanted Ritz values awaiting confirmation after a breakdown
     converged = False
@@ -559,15 +575,7 @@ def eigsh(
         anorm = max(anorm, wn)
         if lo > 0:
             h = torch.zeros(e, W.shape[1], dtype=torch.float64)
-            ref = wcol
-            if arrow:
-                # first step after a thick restart: W's components along the kept Ritz vectors
-                # y_i are known, y_iᵀ H Q = s_i (H y_i = θ_i y_i + Q s_i): subtract them without
-                # reading the basis for them; the ω estimate covers what rounding leaves
-                h[:lo] = T[:lo, s:e]
-                subtract(W, Vt[:lo].mT, h[:lo].to(W.device, W.dtype))
-                ref = torch.linalg.vector_norm(W, dim=0)
-            hl, beta = _project_local(Vt, W, lo, e, ref)
+            hl, beta = _project_local(Vt, W, lo, e, wcol)
             h[lo:e] = hl.double().cpu()
             T[:e, s:e] = h
             X = om.estimate(T, s, e, lo, wcol)
@@ -638,12 +646,12 @@ def eigsh(
             T[:p, :p] = torch.diag(theta[keep])
             T[p : p + bq, :p] = S
             T[:p, p : p + bq] = S.T
-            s, e, lo, arrow = p, p + bq, p, True
+            s, e, lo = p, p + bq, 0
             restarts += 1
             # the basis now starts with the kept Ritz vectors: their pairs in basis coordinates
             theta, Z, res = theta[keep], torch.eye(p, dtype=torch.float64), res[keep]
         else:
-            s, e, lo, arrow = e, e + bq, s, False
+            s, e, lo = e, e + bq, s
 
     wanted = order_by_which(theta, which)[:k]
     wanted = wanted[torch.argsort(theta[wanted], stable=True)]
@@ -695,6 +703,12 @@ def eigsh(
         symmetry_probe=products.symmetry,
         calls=products.calls,
         reorthogonalizations=reorths,
+        orthogonality={
+            "level": om.delta,
+            "noise": om.noise,
+            "worst": om.worst,
+            "fallback": om.fallback,
+        },
     )
     return evals, evecs, info
 

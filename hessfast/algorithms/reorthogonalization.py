@@ -153,17 +153,22 @@ class OmegaEstimate:
 
     def restart(self, e: int, Zk: Tensor, p: int, bq: int) -> None:
         """The basis was compressed to ``Vt[:p] = Zkᵀ Vt[:e]`` followed by the rows ``[e, e+bq)``
-        moved to ``[p, p+bq)``: rotate the estimate alike."""
+        moved to ``[p, p+bq)``: rotate the estimate alike (``Zkᵀ Ω Zk`` among the kept Ritz
+        vectors, whose 2-norm cannot grow). A rotated estimate ``zᵢᵀ ω`` of the next block can
+        cancel where the true inner products do not, so its entries are raised to the
+        Cauchy-Schwarz bound ``|zᵢᵀ ω| ≤ ‖ω‖`` keeping the sign of the rotation."""
         Om = self.Om
         old, N = Om[:e, :e], Om[e : e + bq, :e]
         NN = Om[e : e + bq, e : e + bq].clone()
-        new_rr = Zk.T @ old @ Zk
-        new_qr = N @ Zk
+        rr = Zk.T @ old @ Zk
+        qr = N @ Zk
+        qr_bound = torch.linalg.vector_norm(N, dim=1, keepdim=True).clamp_min(self.floor)
+        qr = torch.where(qr < 0, -1.0, 1.0) * torch.maximum(qr.abs(), qr_bound)
         Om.zero_()
-        Om[:p, :p] = new_rr
+        Om[:p, :p] = rr
         Om[:p, :p].fill_diagonal_(0.0)
-        Om[p : p + bq, :p] = new_qr
-        Om[:p, p : p + bq] = new_qr.T
+        Om[p : p + bq, :p] = qr
+        Om[:p, p : p + bq] = qr.T
         Om[p : p + bq, p : p + bq] = NN
         self.force = False
 
