@@ -6,23 +6,12 @@ thick-restart Lanczos) on the Krylov layer of :mod:`hessfast.algorithms.krylov`:
 - **one product per step**: each step multiplies the operator by one block of ``b`` basis vectors
   (one K-batched pass of the model with ``K = b``) through :class:`~.krylov.Products`, which
   counts, times and checks it; nothing else touches the operator;
-- **partial reorthogonalisation**: the new block is first orthogonalised against the last two
-  blocks (the three-term part of the recurrence, which cancels most of its norm; twice when it
-  cancelled more than ``1 − 1/√2``, DGKS). Reading the older basis (one classical Gram-Schmidt
-  pass as two BLAS-3 GEMMs, :func:`~.krylov.project_out`) costs one pass over ``n`` vectors of
-  length ``P``, so it runs only when Simon's ω-recurrence, which estimates the loss of
-  orthogonality from ``T`` alone on the host (:mod:`~.reorthogonalization`), says the block's
-  components along the older basis exceed ``eps^(3/4)`` of its norm, and on the step after
-  (Simon); a full pass subtracts only components above that level. The rounding the products
-  put along the basis is measured on the first full passes; when it alone is above half the
-  level (float32 Hessian-vector products of large models: about 1e-5 of their norm), or when a
-  full pass measures a loss above 4× the estimate, every later step reads the whole basis. The
-  level is ``eps^(3/4)``, not Simon's semi-orthogonality ``√eps``: a thick restart treats the
-  kept Ritz vectors as orthonormal, and at ``√eps`` float32 runs on clustered and degenerate
-  spectra lost two to three orders of magnitude in eigenvalue accuracy (measured). The basis is
-  kept as rows ``[n, P]`` in its own dtype (no float64 copy), so each GEMM reads it once; the
-  returned vectors are re-orthonormalised (a Cholesky-QR of the ``k`` vectors) when steps
-  skipped the older basis and ``verify`` is off;
+- **full reorthogonalisation at the cost of one pass**: the new block is first orthogonalised
+  against the last two blocks (the three-term part of the recurrence, which cancels most of its
+  norm), then against the whole basis by one classical Gram-Schmidt pass as two BLAS-3 GEMMs
+  (:func:`~.krylov.project_out`); a second pass runs only for columns that lost more than
+  ``1 − 1/√2`` of their norm in the first (DGKS). The basis is kept as rows ``[n, P]`` in its own
+  dtype (no float64 copy), so each GEMM reads it once;
 - **the projected problem in float64**: the coefficients of these passes *are* the entries of
   ``T = Vᵀ H V`` (block tridiagonal after a plain start, an arrow head plus a block tridiagonal
   tail after a restart); ``T`` lives on the host in float64 and ``torch.linalg.eigh`` gives the
@@ -35,7 +24,7 @@ thick-restart Lanczos) on the Krylov layer of :mod:`hessfast.algorithms.krylov`:
   eigenvalues at zero from asking for an impossible relative accuracy). ``verify=True`` spends
   ``k`` more products on the true residuals ``‖H y − θ y‖``;
 - **thick restart**: the basis holds at most ``ncv`` vectors plus the next block. When it is full,
-  it is compressed in place (column chunk by column chunk, no second copy) to the ``p`` most
+  it is compressed in place (2 MiB column chunks, no second copy) to the ``p`` most
   wanted Ritz vectors, followed by the next block; the relation ``H V = V T + Q R Eᵀ`` survives
   the restart exactly, so no product is ever repeated and ``max_iter`` bounds the total work;
 - **breakdown**: the new block is made orthonormal by a rank-revealing step
@@ -74,9 +63,9 @@ Default basis size ``ncv``: ``max(2k + 1, 20)`` vectors for ``b = 1`` (ARPACK's 
 ``2k + max(20, 4b)`` for blocks, capped at ``P``. Ends inside a dense bulk converge in far fewer
 products with a larger ``ncv``.
 
-Cost per step besides the product: ``8 · P · b²`` flops of the local Gram-Schmidt, ``4 · P · n · b``
-more on steps that read the older basis (``n`` the basis size), and an ``n × n`` float64 ``eigh``
-and the ω update on the host; a restart adds ``2 · P · n · p`` (in place, in 2 MiB column chunks).
+Cost per step besides the product: ``4 · P · n · b`` flops of Gram-Schmidt (one pass, ``n`` the
+basis size; a second only after heavy cancellation) and an ``n × n`` float64 ``eigh`` on the host;
+a restart adds ``2 · P · n · p``.
 """
 
 from __future__ import annotations
@@ -102,7 +91,6 @@ from .krylov import (
     run_symmetry_check,
     subtract,
 )
-from .reorthogonalization import OmegaEstimate
 
 Tensor = torch.Tensor
 
@@ -155,13 +143,8 @@ class EigshInfo:
             "products": products spent measuring beyond the first step}``.
         symmetry_probe: ``"passed"``, or ``None`` when no probe ran.
         calls: ``matmat`` calls.
-        reorthogonalizations: steps that read the older basis (a full pass: the new block's
-            components along every older vector); the others relied on the estimated loss of
-            orthogonality (partial reorthogonalisation, module docstring).
-        orthogonality: the partial reorthogonalisation: ``{"level": the loss of orthogonality
-            kept (eps^(3/4) of the basis dtype), "noise": the measured share of a product's norm
-            its rounding puts along the basis, "worst": the largest loss a full pass measured,
-            "fallback": None, or why every step read the whole basis}``.
+        reorthogonalizations: steps that projected the new block against the older basis (the
+            others found it orthogonal to ``eps^(3/4)`` and skipped the subtraction).
     """
 
     products: int
@@ -181,7 +164,6 @@ class EigshInfo:
     symmetry_probe: str | None = None
     calls: int = 0
     reorthogonalizations: int = 0
-    orthogonality: dict = field(default_factory=dict)
 
     @property
     def seconds_elsewhere(self) -> float:
@@ -249,16 +231,22 @@ def _compress(Vt: Tensor, e: int, Zk: Tensor) -> None:
     left_multiply(Vt[:e], Zt)
 
 
-#: a full pass subtracts the older basis's coefficients only where they exceed ``eps^_SEMI`` of
-#: the block's norm (below that they are rounding noise and subtracting them changes nothing)
+#: the older basis is projected out only once the new block's components along it exceed
+#: ``eps^_SEMI`` of its norm (semi-orthogonality, kept well below √eps so that the returned vectors
+#: are orthonormal to ~eps^_SEMI); the coefficients are always computed (one read of the basis)
 _SEMI = 0.75
 
 
-def _project_local(Vt: Tensor, W: Tensor, lo: int, e: int, wcol: Tensor) -> tuple[Tensor, Tensor]:
-    """Orthogonalise ``W`` in place against the local part ``Vt[lo:e]`` (the previous and the
-    current block, where the three-term recurrence puts nearly all of ``W``; twice when it
-    cancelled more than ``1 − 1/√2``). Returns the coefficients ``[e − lo, b]`` and the column
-    norms left."""
+def _project(Vt: Tensor, W: Tensor, s: int, e: int, lo: int, wcol: Tensor, semi: float):
+    """Orthogonalise the product ``W`` of the block ``Vt[s:e]`` against the basis ``Vt[:e]``, in
+    place: the local part ``Vt[lo:e]`` (the previous and the current block, where the three-term
+    recurrence puts nearly all of ``W``; twice when it cancelled more than ``1 − 1/√2``), then
+    the older rows ``Vt[:lo]``, whose coefficients are computed by one GEMM and subtracted only
+    when they exceed ``semi ×`` the remaining norm (``Vt[:lo]ᵀ W`` is zero in exact arithmetic).
+    Returns ``(h [e, b], reorthogonalised)``, or ``None`` when ``lo == 0`` (project everything).
+    """
+    if lo <= 0:
+        return None
     Vl = Vt[lo:e]
     hl = Vl @ W
     subtract(W, Vl.mT, hl)
@@ -268,29 +256,18 @@ def _project_local(Vt: Tensor, W: Tensor, lo: int, e: int, wcol: Tensor) -> tupl
         subtract(W, Vl.mT, c)
         hl += c
         beta = torch.linalg.vector_norm(W, dim=0)
-    return hl, beta
-
-
-def _project_older(
-    Vt: Tensor, W: Tensor, lo: int, e: int, beta: Tensor, semi: float, om: OmegaEstimate, wcol
-) -> tuple[Tensor, Tensor | None]:
-    """The full pass: ``W``'s coefficients along the older rows ``Vt[:lo]`` by one GEMM (one
-    read of the basis), recorded in ``om``, and subtracted where they exceed ``semi ×`` the
-    block's norm (then a second pass over the whole basis after heavy cancellation). Returns the
-    coefficients ``[e, b]`` the pass subtracted (zero rows where it subtracted nothing) and the
-    coefficients it left in ``W`` (float64 on the host; ``None`` when it subtracted them)."""
     h = W.new_zeros(e, W.shape[1])
+    h[lo:e] = hl
     Vo = Vt[:lo]
     c = Vo @ W
-    om.measured(c, beta, wcol)
     if not bool((c.abs().amax(0) > semi * beta).any()):
-        return h, c.double().cpu()
+        return h, False
     subtract(W, Vo.mT, c)
     h[:lo] = c
     after = torch.linalg.vector_norm(W, dim=0)
     if bool((after < DGKS * beta).any()):
         h += project_out(Vt[:e], W, max_passes=2)
-    return h, None
+    return h, True
 
 
 #: multiple of ``eps(operator dtype) · ‖H‖`` below which a true residual is product rounding noise
@@ -323,22 +300,6 @@ def _rayleigh_ritz(Y: Tensor, HY: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         Yr[r0 : r0 + rows] = Yc
         sq += ((HY[r0 : r0 + rows].double() @ C - Yc * w) ** 2).sum(0)
     return w.cpu(), Yr, sq.sqrt().cpu()
-
-
-def _orthonormalize_columns(Y: Tensor) -> None:
-    """Cholesky-QR of the columns of ``Y`` ``[P, k]`` in place, the Gram matrix accumulated in
-    float64 row chunk by row chunk."""
-    P, k = Y.shape
-    rows = max(1, CHUNK_BYTES // max(1, 8 * k))
-    G = torch.zeros(k, k, dtype=torch.float64, device=Y.device)
-    for r0 in range(0, P, rows):
-        Yc = Y[r0 : r0 + rows].double()
-        G += Yc.T @ Yc
-    L = torch.linalg.cholesky((G + G.T) / 2)
-    eye = torch.eye(k, dtype=L.dtype, device=L.device)
-    C = torch.linalg.solve_triangular(L, eye, upper=False).T.contiguous()
-    for r0 in range(0, P, rows):
-        Y[r0 : r0 + rows] = Y[r0 : r0 + rows].double() @ C
 
 
 def _measure_block(
@@ -544,19 +505,14 @@ def eigsh(
     C = min(m + b, P)  # basis capacity: ncv vectors plus the next block
     keep_target = k + int((m - b - k) * (_KEEP_SINGLE if b == 1 else _KEEP_BLOCK))
 
-    Vt = torch.empty(C, P, dtype=bdtype, device=bdevice)  # the basis, one vector per row
+    # the basis, one vector per row (every row is written before it is read)
+    Vt = torch.empty(C, P, dtype=bdtype, device=bdevice)
     T = torch.zeros(C, C, dtype=torch.float64)
     Vt[: start.shape[1]] = start.T
     s, e, lo = 0, start.shape[1], 0  # current block [s, e); local part of the next projection
 
     anorm = 0.0
     semi = eps**_SEMI
-    if verify is None:
-        verify = bdtype != torch.float64
-    # the loss of orthogonality kept: eps^(3/4), not Simon's √eps: the kept Ritz vectors of a
-    # thick restart are treated as orthonormal, and at √eps that cost float32 runs on clustered
-    # and degenerate spectra 100-1000x in eigenvalue accuracy (measured)
-    om = OmegaEstimate(C + b, eps, eps**_SEMI)
     restarts = deflations = reorths = 0
     confirm = None  # wanted Ritz values awaiting confirmation after a breakdown
     converged = False
@@ -573,21 +529,13 @@ def eigsh(
             wcol = torch.linalg.vector_norm(W, dim=0)
         wn = float(wcol.max())
         anorm = max(anorm, wn)
-        if lo > 0:
-            h = torch.zeros(e, W.shape[1], dtype=torch.float64)
-            hl, beta = _project_local(Vt, W, lo, e, wcol)
-            h[lo:e] = hl.double().cpu()
-            T[:e, s:e] = h
-            X = om.estimate(T, s, e, lo, wcol)
-            full = om.decide(X, beta)
-            if full:
-                reorths += 1
-                ho, X = _project_older(Vt, W, lo, e, beta, semi, om, wcol)
-                h += ho.double().cpu()
-        else:  # the first steps and the first after a restart: the whole basis is local
-            om.decide(None, wcol)
-            X = None
-            h = project_out(Vt[:e], W).double().cpu()
+        h = _project(Vt, W, s, e, lo, wcol, semi)
+        if h is None:
+            h = project_out(Vt[:e], W)
+        else:
+            reorths += int(h[1])
+            h = h[0]
+        h = h.double().cpu()
         T[:e, s:e] = h
         T[s:e, :e] = h.T
         T[s:e, s:e] = (h[s:e] + h[s:e].T) / 2
@@ -606,7 +554,6 @@ def eigsh(
             R = torch.cat([R, torch.zeros(fresh.shape[1], R.shape[1], dtype=torch.float64)])
             Vt[e : e + Q.shape[1]] = Q.T
         bq = Q.shape[1]
-        om.update(X, R, lo, e)
 
         theta, Z = torch.linalg.eigh(T[:e, :e])
         anorm = max(anorm, float(theta.abs().max()))
@@ -636,7 +583,6 @@ def eigsh(
             p = min(keep_target, C - 2 * b)
             keep = order_by_which(theta, which)[:p]
             _compress(Vt, e, Z[:, keep])
-            om.restart(e, Z[:, keep], p, bq)
             Vt[p : p + bq] = Q.T  # rows e.. hold Q; p + bq <= e: no overlap
             S = R @ Z[s:e, keep]  # [bq, p]: coupling of the Ritz vectors to the next block
             # couplings of converged pairs shrink geometrically from restart to restart; flush
@@ -661,6 +607,8 @@ def eigsh(
     residuals = res[wanted].clone()
     thresh = tol * torch.clamp(evals.abs(), min=floor_rel * anorm)
     mask = residuals <= thresh
+    if verify is None:
+        verify = bdtype != torch.float64
     if verify:
         evals, Y, residuals = _rayleigh_ritz(Y, products.apply(Y))
         # a true residual cannot fall below the rounding noise of the products themselves
@@ -669,10 +617,6 @@ def eigsh(
         noise = _NOISE * torch.finfo(op_dtype).eps * anorm
         thresh = torch.clamp(tol * torch.clamp(evals.abs(), min=floor_rel * anorm), min=noise)
         mask = residuals <= thresh
-    elif om.full_passes < steps:
-        # partial reorthogonalisation keeps the basis orthogonal to eps^(3/4) only: restore the
-        # returned vectors' orthonormality (their Ritz values move by O(eps^(3/4)·‖H‖) at most)
-        _orthonormalize_columns(Y)
     converged = bool(mask.all())
     if not converged and warn:
         warnings.warn(
@@ -703,12 +647,6 @@ def eigsh(
         symmetry_probe=products.symmetry,
         calls=products.calls,
         reorthogonalizations=reorths,
-        orthogonality={
-            "level": om.delta,
-            "noise": om.noise,
-            "worst": om.worst,
-            "fallback": om.fallback,
-        },
     )
     return evals, evecs, info
 
