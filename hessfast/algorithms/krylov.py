@@ -514,7 +514,13 @@ def orthonormalize(
 
 def left_multiply(Xt: Tensor, M: Tensor) -> None:
     """``Xt[:m] = M @ Xt`` in place for rows ``Xt`` ``[r, P]`` and ``M`` ``[m, r]`` (``m ≤ r``),
-    column chunk by column chunk: no temporary the size of ``Xt``."""
+    column chunk by column chunk: no temporary the size of ``Xt``.
+
+    >>> Xt = torch.arange(6.0).reshape(2, 3)
+    >>> left_multiply(Xt, torch.tensor([[1.0, 1.0]]))
+    >>> Xt.tolist()
+    [[3.0, 5.0, 7.0], [3.0, 4.0, 5.0]]
+    """
     m, r = M.shape
     cols = max(1, CHUNK_BYTES // max(1, (r + m) * Xt.element_size()))
     for c0 in range(0, Xt.shape[1], cols):

@@ -114,3 +114,18 @@ def test_products_wrapper_forwards_groups_to_layerwise():
     assert set(res) == set(ref) == {"0", "2"} and counted.products > 0
     for lab in res:
         assert abs(res[lab].lambda_max - ref[lab].lambda_max) <= 1e-10
+
+
+@pytest.mark.parametrize("m", [1, 3, 5])
+def test_left_multiply_in_place_over_many_chunks(monkeypatch, m):
+    """The in-place row update of restarts and Cholesky-QR passes equals the dense product, also
+    when the column chunks are far narrower than the rows (and the last chunk is partial)."""
+    monkeypatch.setattr(krylov, "CHUNK_BYTES", 64)
+    g = torch.Generator().manual_seed(0)
+    Xt = torch.randn(5, 103, generator=g, dtype=torch.float64)
+    M = torch.randn(m, 5, generator=g, dtype=torch.float64)
+    want = M @ Xt
+    rest = Xt[m:].clone()
+    krylov.left_multiply(Xt, M)
+    torch.testing.assert_close(Xt[:m], want, rtol=1e-14, atol=1e-14)
+    assert torch.equal(Xt[m:], rest)
