@@ -14,7 +14,7 @@ Environment:
   real toolkit directory, also when that ``nvcc`` is a wrapper script elsewhere — or
   ``/usr/local/cuda``.
 - ``TORCH_CUDA_ARCH_LIST``: the GPU architectures (default ``8.0;9.0+PTX``: A100, H100/H200 and,
-  through the PTX, newer GPUs).
+  through the PTX, newer GPUs), compiled into the extension as ``hessfast._C.BUILT_ARCHS``.
 - ``MAX_JOBS``: parallel compile jobs (default: from the CPU cores and the available memory, about
   3 GiB per nvcc job).
 
@@ -95,6 +95,13 @@ def max_jobs() -> int:
     return max(1, jobs)
 
 
+def archs_define(arch_list: str) -> str:
+    """``TORCH_CUDA_ARCH_LIST`` as the value of the ``HESSFAST_CUDA_ARCHS`` define that
+    ``hessfast._C.BUILT_ARCHS`` reports: its entries joined by ``,`` (no ``;`` or space, which
+    the compile command's shell would split)."""
+    return ",".join(re.findall(r"[0-9A-Za-z.+]+", arch_list))
+
+
 def _skip(why: str, want: str) -> tuple[list, dict]:
     if want == "1":
         raise RuntimeError(
@@ -141,7 +148,10 @@ def extensions() -> tuple[list, dict]:
         sources,
         include_dirs=[str(CSRC)],
         extra_compile_args={
-            "cxx": ["-O3"],
+            "cxx": [
+                "-O3",
+                f"-DHESSFAST_CUDA_ARCHS={archs_define(os.environ['TORCH_CUDA_ARCH_LIST'])}",
+            ],
             "nvcc": ["-O3", "--expt-relaxed-constexpr"],
         },
     )

@@ -3,7 +3,7 @@
 // For y = f(x) the rule needs f'(x) (forward tangent ẏ = f' ẋ, cotangent ḡ_x = f' ḡ) and f''(x)
 // (second-order term of the cotangent's tangent, ġ_x = f' ġ + f'' ẋ ḡ). As in
 // hessfast/rules/activation.py, the derivatives of relu, tanh and sigmoid are functions of the
-// result y (the residual the backward keeps); those of gelu and silu are functions of x:
+// result y (the residual the backward keeps); those of gelu, silu and hardswish are functions of x:
 //
 //   relu        f' = [y > 0]                         f'' = 0
 //   gelu (erf)  f' = Φ(x) + x φ(x)                   f'' = φ(x) (2 − x²)
@@ -13,6 +13,11 @@
 //   silu        f' = s (1 + x (1−s)), s = σ(x)       f'' = s (1−s) (2 + x (1−2s))
 //   tanh        f' = 1 − y²                          f'' = −2 y (1 − y²)
 //   sigmoid     f' = y (1 − y)                       f'' = y (1 − y) (1 − 2y)
+//   hardswish   y = x relu6(x + 3) / 6:
+//               f' = 0 (x ≤ −3), x/3 + ½ (−3 < x < 3), 1 (x ≥ 3)
+//               f'' = 1/3 on (−3, 3), 0 elsewhere
+//               (y = x (x + 3)/6 on (−3, 3), whose derivatives are (2x + 3)/6 and 1/3; at the
+//               kinks the sides torch's hardswish_backward and its double backward take)
 //
 // Evaluated without cancellation where the plain formulas lose relative accuracy: Φ(x) =
 // ½ erfc(−x/√2) (not ½ (1 + erf(x/√2)), which cancels for x ≪ 0); for gelu (tanh)
@@ -25,7 +30,15 @@
 
 namespace hessfast {
 
-enum class Act : int { Relu = 0, Gelu = 1, GeluTanh = 2, Silu = 3, Tanh = 4, Sigmoid = 5 };
+enum class Act : int {
+  Relu = 0,
+  Gelu = 1,
+  GeluTanh = 2,
+  Silu = 3,
+  Tanh = 4,
+  Sigmoid = 5,
+  Hardswish = 6
+};
 
 // from_result: the derivatives are functions of y (the backward's residual is y, else x);
 // curved: f'' is not identically zero (the backward then needs the input tangent ẋ).
@@ -68,6 +81,13 @@ HF_HD void gelu_tanh_parts(T x, T& sp, T& sm, T& du) {
   du = G::c * (T(1) + T(3) * G::kappa * x2);
 }
 
+// Hardswish's f' and f'' (for NaN x: f' = 1, f'' = 0, as the torch rule's where-chain).
+template <typename T>
+HF_HD void hardswish_d1_d2(T x, T& d1, T& d2) {
+  d1 = x <= T(-3) ? T(0) : (x < T(3) ? x / T(3) + T(0.5) : T(1));
+  d2 = x > T(-3) && x < T(3) ? T(1) / T(3) : T(0);
+}
+
 // y = f(x) and f'(x) (for from_result activations f' is computed from the unrounded y).
 template <Act A, typename T>
 HF_HD void act_value_d1(T x, T& y, T& d1) {
@@ -91,9 +111,15 @@ HF_HD void act_value_d1(T x, T& y, T& d1) {
   } else if constexpr (A == Act::Tanh) {
     y = hf_tanh(x);
     d1 = T(1) - y * y;
-  } else {
+  } else if constexpr (A == Act::Sigmoid) {
     y = sigmoid(x);
     d1 = y * (T(1) - y);
+  } else {
+    static_assert(A == Act::Hardswish);
+    T d2;
+    hardswish_d1_d2(x, d1, d2);
+    const T r = x + T(3);
+    y = x * (r < T(0) ? T(0) : (r > T(6) ? T(6) : r)) / T(6);
   }
 }
 
@@ -125,10 +151,13 @@ HF_HD void act_d1_d2(T src, T& d1, T& d2) {
     const T y = src;
     d1 = T(1) - y * y;
     d2 = T(-2) * y * d1;
-  } else {
+  } else if constexpr (A == Act::Sigmoid) {
     const T y = src;
     d1 = y * (T(1) - y);
     d2 = d1 * (T(1) - T(2) * y);
+  } else {
+    static_assert(A == Act::Hardswish);
+    hardswish_d1_d2(src, d1, d2);
   }
 }
 
@@ -149,6 +178,8 @@ void dispatch_act(Act a, Fn&& fn) {
       return fn(std::integral_constant<Act, Act::Tanh>{});
     case Act::Sigmoid:
       return fn(std::integral_constant<Act, Act::Sigmoid>{});
+    case Act::Hardswish:
+      return fn(std::integral_constant<Act, Act::Hardswish>{});
   }
 }
 

@@ -113,8 +113,9 @@ Act parse_act(c10::string_view name) {
   if (name == "silu") return Act::Silu;
   if (name == "tanh") return Act::Tanh;
   if (name == "sigmoid") return Act::Sigmoid;
+  if (name == "hardswish") return Act::Hardswish;
   TORCH_CHECK(false, "hessfast: unknown activation '", std::string(name.data(), name.size()),
-              "' (argument 'act'); choose relu, gelu, gelu_tanh, silu, tanh or sigmoid");
+              "' (argument 'act'); choose relu, gelu, gelu_tanh, silu, tanh, sigmoid or hardswish");
 }
 
 bool act_curved(Act a) { return a != Act::Relu; }
@@ -354,68 +355,60 @@ Tensor3 cross_entropy_rows_meta(const at::Tensor& z, const OptTensor& zdot,
 
 }  // namespace hessfast
 
-TORCH_LIBRARY(hessfast, m) {
-  // y = f(x), ẏ = f'(x) ẋ for K tangents tx [K, *x.shape] (ẏ is [0, *x.shape] without tx).
-  m.def("act_fwd_jvp(Tensor x, Tensor? tx, str act) -> (Tensor y, Tensor ydot)");
-  // ḡ_x = f' ḡ, ġ_x = f' ġ + f'' ẋ ḡ from the residual src (y for relu, tanh and sigmoid, else x).
-  m.def(
-      "act_bwd_jvp(Tensor src, Tensor? g, Tensor? gdot, Tensor? tx, str act) -> "
-      "(Tensor gx, Tensor gdx)");
-  // Layer (center) or RMS norm of rows x [M, N] and its tangent; stats [M, 2] = (mean, rstd),
-  // tstats [K, M, 2] = (mean ẋ, mean(x̂ ẋ)) for the backward.
-  m.def(
-      "norm_fwd_jvp(Tensor x, Tensor? weight, Tensor? bias, Tensor? tx, Tensor? tweight, "
-      "Tensor? tbias, float eps, bool center) -> "
-      "(Tensor y, Tensor ydot, Tensor stats, Tensor tstats)");
-  // The cotangents of x, weight, bias and their tangents.
-  m.def(
-      "norm_bwd_jvp(Tensor x, Tensor? weight, Tensor? tx, Tensor? tweight, Tensor stats, "
-      "Tensor tstats, Tensor? g, Tensor? gdot, bool center, bool need_x, bool need_weight, "
-      "bool need_bias) -> "
-      "(Tensor gx, Tensor gdx, Tensor gweight, Tensor gdweight, Tensor gbias, Tensor gdbias)");
-  // Softmax cross-entropy rows: loss [M], gradient [M, V], Hessian times K tangents [K, M, V].
-  m.def(
-      "cross_entropy_rows(Tensor z, Tensor? zdot, Tensor target, Tensor? weight, "
-      "int ignore_index, float label_smoothing, float scale, bool want_grad) -> "
-      "(Tensor loss, Tensor gz, Tensor gdz)");
-}
+// Every op of the table HESSFAST_OPS (ops.h): its schema, its CPU, CUDA and Meta implementations
+// (name_cpu, name_cuda, name_meta), and the Autograd fallback: the ops compute derivatives
+// themselves and are not differentiable, so differentiating through one raises instead of silently
+// returning a zero gradient.
+#define HF_DEF(name, schema) m.def(schema);
+#define HF_IMPL(key)                                                  \
+  TORCH_LIBRARY_IMPL(hessfast, key, m) {                              \
+    HESSFAST_OPS(HF_IMPL_##key)                                       \
+  }
+#define HF_IMPL_CPU(name, schema) m.impl(#name, &hessfast::name##_cpu);
+#define HF_IMPL_CUDA(name, schema) m.impl(#name, &hessfast::name##_cuda);
+#define HF_IMPL_Meta(name, schema) m.impl(#name, &hessfast::name##_meta);
+#define HF_IMPL_Autograd(name, schema) \
+  m.impl(#name, torch::autograd::autogradNotImplementedFallback());
 
-TORCH_LIBRARY_IMPL(hessfast, CPU, m) {
-  m.impl("act_fwd_jvp", &hessfast::act_fwd_jvp_cpu);
-  m.impl("act_bwd_jvp", &hessfast::act_bwd_jvp_cpu);
-  m.impl("norm_fwd_jvp", &hessfast::norm_fwd_jvp_cpu);
-  m.impl("norm_bwd_jvp", &hessfast::norm_bwd_jvp_cpu);
-  m.impl("cross_entropy_rows", &hessfast::cross_entropy_rows_cpu);
-}
+TORCH_LIBRARY(hessfast, m) { HESSFAST_OPS(HF_DEF) }
+HF_IMPL(CPU)
+HF_IMPL(CUDA)
+HF_IMPL(Meta)
+HF_IMPL(Autograd)
 
-TORCH_LIBRARY_IMPL(hessfast, CUDA, m) {
-  m.impl("act_fwd_jvp", &hessfast::act_fwd_jvp_cuda);
-  m.impl("act_bwd_jvp", &hessfast::act_bwd_jvp_cuda);
-  m.impl("norm_fwd_jvp", &hessfast::norm_fwd_jvp_cuda);
-  m.impl("norm_bwd_jvp", &hessfast::norm_bwd_jvp_cuda);
-  m.impl("cross_entropy_rows", &hessfast::cross_entropy_rows_cuda);
-}
-
-TORCH_LIBRARY_IMPL(hessfast, Meta, m) {
-  m.impl("act_fwd_jvp", &hessfast::act_fwd_jvp_meta);
-  m.impl("act_bwd_jvp", &hessfast::act_bwd_jvp_meta);
-  m.impl("norm_fwd_jvp", &hessfast::norm_fwd_jvp_meta);
-  m.impl("norm_bwd_jvp", &hessfast::norm_bwd_jvp_meta);
-  m.impl("cross_entropy_rows", &hessfast::cross_entropy_rows_meta);
-}
-
-// The ops compute derivatives themselves and are not differentiable: differentiating through one
-// raises instead of silently returning a zero gradient.
-TORCH_LIBRARY_IMPL(hessfast, Autograd, m) {
-  for (const char* name :
-       {"act_fwd_jvp", "act_bwd_jvp", "norm_fwd_jvp", "norm_bwd_jvp", "cross_entropy_rows"})
-    m.impl(name, torch::autograd::autogradNotImplementedFallback());
-}
+// The architectures setup.py compiled for (TORCH_CUDA_ARCH_LIST, with ',' between entries), as
+// hessfast._C.BUILT_ARCHS.
+#define HF_STR(...) #__VA_ARGS__
+#define HF_XSTR(...) HF_STR(__VA_ARGS__)
+#ifdef HESSFAST_CUDA_ARCHS
+#define HF_BUILT_ARCHS HF_XSTR(HESSFAST_CUDA_ARCHS)
+#else
+#define HF_BUILT_ARCHS ""
+#endif
 
 PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module = {
       PyModuleDef_HEAD_INIT, "hessfast._C",
       "hessfast's C++/CUDA kernels; importing this module registers torch.ops.hessfast.*", -1,
       nullptr};
-  return PyModule_Create(&module);
+  PyObject* mod = PyModule_Create(&module);
+  if (mod == nullptr) return nullptr;
+#define HF_PAIR(name, schema) Py_BuildValue("(ss)", #name, schema),
+  PyObject* pairs[] = {HESSFAST_OPS(HF_PAIR)};
+  const Py_ssize_t n = sizeof(pairs) / sizeof(pairs[0]);
+  PyObject* ops = PyTuple_New(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (ops == nullptr || pairs[i] == nullptr) {
+      Py_XDECREF(ops);
+      Py_DECREF(mod);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(ops, i, pairs[i]);  // steals the reference
+  }
+  if (PyModule_AddObject(mod, "OPS", ops) < 0 ||
+      PyModule_AddStringConstant(mod, "BUILT_ARCHS", HF_BUILT_ARCHS) < 0) {
+    Py_DECREF(mod);
+    return nullptr;
+  }
+  return mod;
 }

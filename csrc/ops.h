@@ -15,6 +15,41 @@
 
 #include "activation.cuh"
 
+// The op table: one line X(name, schema) per op of torch.ops.hessfast. ops.cpp expands it into the
+// schema definitions, the registration of name_cpu (cpu.cpp), name_cuda (<family>.cu) and
+// name_meta (ops.cpp) under the CPU, CUDA and Meta keys, the Autograd fallback that refuses
+// differentiation, and hessfast._C.OPS (the (name, schema) pairs, read by tests/cuda/test_build.py).
+// Adding an op: one line here, its three implementations declared below (and the Meta one in
+// ops.cpp) and defined.
+//
+//   act_fwd_jvp         y = f(x), ẏ = f'(x) ẋ for K tangents tx [K, *x.shape] (ẏ is [0, *x.shape]
+//                       without tx)
+//   act_bwd_jvp         ḡ_x = f' ḡ, ġ_x = f' ġ + f'' ẋ ḡ from the residual src (y for relu, tanh
+//                       and sigmoid, else x)
+//   norm_fwd_jvp        layer (center) or RMS norm of rows x [M, N] and its tangent; stats [M, 2] =
+//                       (mean, rstd), tstats [K, M, 2] = (mean ẋ, mean(x̂ ẋ)) for the backward
+//   norm_bwd_jvp        the cotangents of x, weight, bias and their tangents
+//   cross_entropy_rows  softmax cross-entropy rows: loss [M], gradient [M, V], Hessian times K
+//                       tangents [K, M, V]
+#define HESSFAST_OPS(X)                                                                       \
+  X(act_fwd_jvp, "act_fwd_jvp(Tensor x, Tensor? tx, str act) -> (Tensor y, Tensor ydot)")    \
+  X(act_bwd_jvp,                                                                              \
+    "act_bwd_jvp(Tensor src, Tensor? g, Tensor? gdot, Tensor? tx, str act) -> "               \
+    "(Tensor gx, Tensor gdx)")                                                                \
+  X(norm_fwd_jvp,                                                                             \
+    "norm_fwd_jvp(Tensor x, Tensor? weight, Tensor? bias, Tensor? tx, Tensor? tweight, "      \
+    "Tensor? tbias, float eps, bool center) -> "                                              \
+    "(Tensor y, Tensor ydot, Tensor stats, Tensor tstats)")                                   \
+  X(norm_bwd_jvp,                                                                             \
+    "norm_bwd_jvp(Tensor x, Tensor? weight, Tensor? tx, Tensor? tweight, Tensor stats, "      \
+    "Tensor tstats, Tensor? g, Tensor? gdot, bool center, bool need_x, bool need_weight, "    \
+    "bool need_bias) -> "                                                                     \
+    "(Tensor gx, Tensor gdx, Tensor gweight, Tensor gdweight, Tensor gbias, Tensor gdbias)")  \
+  X(cross_entropy_rows,                                                                       \
+    "cross_entropy_rows(Tensor z, Tensor? zdot, Tensor target, Tensor? weight, "              \
+    "int ignore_index, float label_smoothing, float scale, bool want_grad) -> "               \
+    "(Tensor loss, Tensor gz, Tensor gdz)")
+
 namespace hessfast {
 
 using OptTensor = std::optional<at::Tensor>;
@@ -23,7 +58,7 @@ using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Tensor4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using Tensor6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid".
+// "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid", "hardswish".
 Act parse_act(c10::string_view name);
 bool act_curved(Act a);
 
@@ -71,8 +106,9 @@ void check_ce(const at::Tensor& z, const OptTensor& zdot, const at::Tensor& targ
 // (loss [M] float32, gz [M, V] or [0], gdz [K, M, V] or [0, M, V]).
 Tensor3 alloc_ce(const at::Tensor& z, const OptTensor& zdot, bool want_grad);
 
-// ---- the implementations, registered in ops.cpp: CPU (cpu.cpp, reference loops over the same
-// per-element math) and CUDA (activation.cu, layer_norm.cu, cross_entropy.cu)
+// ---- the implementations of the ops in HESSFAST_OPS, registered in ops.cpp: CPU (cpu.cpp,
+// reference loops over the same per-element math), CUDA (activation.cu, layer_norm.cu,
+// cross_entropy.cu) and Meta (ops.cpp)
 Tensor2 act_fwd_jvp_cpu(const at::Tensor& x, const OptTensor& tx, c10::string_view act);
 Tensor2 act_bwd_jvp_cpu(const at::Tensor& src, const OptTensor& g, const OptTensor& gdot,
                          const OptTensor& tx, c10::string_view act);

@@ -1,7 +1,7 @@
 """CUDA C++ implementations of the elementwise activation rules (``csrc/activation.cu``).
 
 Same contract as :class:`hessfast.rules.activation.ElementwiseUnary` for relu, gelu (erf and tanh),
-silu, tanh and sigmoid: for ``y = f(x)`` elementwise, with K tangents ``ẋ [K, *x.shape]``,
+silu, tanh, sigmoid and hardswish: for ``y = f(x)`` elementwise, with K tangents ``ẋ [K, *x.shape]``,
 
 - ``fwd_jvp``: ``y`` and ``ẏ = f′(x) ẋ`` (``None`` without ``ẋ``), one kernel
   (``torch.ops.hessfast.act_fwd_jvp``) that reads ``x`` and each tangent row once;
@@ -10,7 +10,7 @@ silu, tanh and sigmoid: for ``y = f(x)`` elementwise, with K tangents ``ẋ [K, 
   present (not in GGN mode) and ``f″ ≢ 0``.
 
 Residuals and ``None``-ness are the torch rule's: the backward keeps ``y`` (relu, tanh, sigmoid)
-or ``x`` (gelu, silu), and ``ẋ`` only where ``f″ ≢ 0``. ``f′`` and ``f″`` (table in
+or ``x`` (gelu, silu, hardswish), and ``ẋ`` only where ``f″ ≢ 0``. ``f′`` and ``f″`` (table in
 ``csrc/activation.cuh``) are evaluated in float32 registers for every storage dtype. Cotangents in
 another dtype than the residual are computed in the promoted dtype, which is the dtype the
 results then have (torch's promotion, as in the torch rule). Non-contiguous inputs are made
@@ -118,4 +118,5 @@ IMPLEMENTATIONS = [
     CudaActivation(aten.silu.default, "silu", from_result=False, curved=True),
     CudaActivation(aten.tanh.default, "tanh", from_result=True, curved=True),
     CudaActivation(aten.sigmoid.default, "sigmoid", from_result=True, curved=True),
+    CudaActivation(aten.hardswish.default, "hardswish", from_result=False, curved=True),
 ]

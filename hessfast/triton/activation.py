@@ -1,5 +1,5 @@
-"""Fused Triton kernels for the elementwise activations relu, gelu (erf and tanh), silu, tanh and
-sigmoid: the same contract and residuals as :class:`hessfast.rules.activation.ElementwiseUnary`.
+"""Fused Triton kernels for the elementwise activations relu, gelu (erf and tanh), silu, tanh,
+sigmoid and hardswish: the same contract and residuals as :class:`hessfast.rules.activation.ElementwiseUnary`.
 
 For ``y = f(x)`` elementwise, with ``x`` of N elements, K tangents ``ẋ`` of shape ``[K, *x.shape]``,
 the cotangent ``ḡ`` (shape of ``y``) and its K tangents ``ġ`` (``[K, *y.shape]``):
@@ -10,8 +10,9 @@ the cotangent ``ḡ`` (shape of ``y``) and its K tangents ``ġ`` (``[K, *y.shape
   relu (``f″ ≡ 0``); a gradient-only run (K = 0) writes ``ḡ_x`` alone.
 
 ``f′`` and ``f″`` (the table in :mod:`hessfast.rules.activation`) are computed in registers from
-the residual source: the result ``y`` for relu, tanh and sigmoid, the input ``x`` for gelu and
-silu. The residuals are ``(source, ẋ or None, ...)`` as in the torch rule: ``ẋ`` only for curved
+the residual source: the result ``y`` for relu, tanh and sigmoid, the input ``x`` for gelu,
+silu and hardswish (``f′ = x/3 + ½`` and ``f″ = 1/3`` on ``(−3, 3)``, the torch rule's sides at
+the kinks). The residuals are ``(source, ẋ or None, ...)`` as in the torch rule: ``ẋ`` only for curved
 ops. Each program owns a ``BLOCK`` of the flattened tensor: it reads its slice of the source (and
 ``ḡ``) once, computes ``f′`` (and ``f″ ḡ``) once, then loops over the K tangent rows, reading
 ``ẋ_k`` / ``ġ_k`` and writing ``ẏ_k`` / ``ġ_x,k`` once each (row k starts k·N elements further;
@@ -31,7 +32,7 @@ Bytes moved per element of ``x`` (``s`` = element size, all operands of one dtyp
 behind a benchmark's GB/s:
 
 =========================  ============================  ===============================
-call                       curved (gelu, silu, tanh, σ)  relu
+call                       curved (all but relu)         relu
 =========================  ============================  ===============================
 fwd_jvp                    (2 + 2K) s                    (2 + 2K) s
 bwd_jvp hvp                (3 + 3K) s                    (3 + 2K) s
@@ -60,12 +61,14 @@ Tensor = torch.Tensor
 aten = torch.ops.aten
 
 #: Activation codes (the kernels' ``ACT`` constexpr).
-RELU, GELU_ERF, GELU_TANH, SILU, TANH, SIGMOID = range(6)
+RELU, GELU_ERF, GELU_TANH, SILU, TANH, SIGMOID, HARDSWISH = range(7)
 _RELU = tl.constexpr(RELU)
 _GELU_ERF = tl.constexpr(GELU_ERF)
 _GELU_TANH = tl.constexpr(GELU_TANH)
 _SILU = tl.constexpr(SILU)
 _TANH = tl.constexpr(TANH)
+_SIGMOID = tl.constexpr(SIGMOID)
+_THIRD = tl.constexpr(1.0 / 3.0)
 
 _SQRT_2_PI = tl.constexpr(math.sqrt(2.0 / math.pi))
 _INV_SQRT_2 = tl.constexpr(1.0 / math.sqrt(2.0))
@@ -165,8 +168,11 @@ def _value(x, ACT: tl.constexpr):
         y = x * s
     elif ACT == _TANH:
         y = _tanh(x)
-    else:  # sigmoid
+    elif ACT == _SIGMOID:
         y, _ = _sigmoid(x)
+    else:  # hardswish: x relu6(x + 3) / 6 (NaN propagates)
+        r = x + 3.0
+        y = x * tl.where(r < 0, 0.0, tl.where(r > 6.0, 6.0, r)) / 6.0
     return y
 
 
@@ -188,8 +194,10 @@ def _slope(src, ACT: tl.constexpr):
         d1 = s + src * (s * s1)
     elif ACT == _TANH:
         d1 = 1.0 - src * src
-    else:  # sigmoid
+    elif ACT == _SIGMOID:
         d1 = src * (1.0 - src)
+    else:  # hardswish
+        d1 = tl.where(src <= -3.0, 0.0, tl.where(src < 3.0, src * _THIRD + 0.5, 1.0))
     return d1
 
 
@@ -209,8 +217,10 @@ def _curvature(src, ACT: tl.constexpr):
         d2 = s * s1 * (2.0 + src * (s1 - s))
     elif ACT == _TANH:
         d2 = -2.0 * src * (1.0 - src * src)
-    else:  # sigmoid
+    elif ACT == _SIGMOID:
         d2 = src * (1.0 - src) * (1.0 - 2.0 * src)
+    else:  # hardswish
+        d2 = ((src > -3.0) & (src < 3.0)).to(src.dtype) * _THIRD
     return d2
 
 
@@ -510,4 +520,7 @@ IMPLEMENTATIONS = [
     TritonActivation(aten.silu.default, "silu", SILU, from_result=False, curved=True),
     TritonActivation(aten.tanh.default, "tanh", TANH, from_result=True, curved=True),
     TritonActivation(aten.sigmoid.default, "sigmoid", SIGMOID, from_result=True, curved=True),
+    TritonActivation(
+        aten.hardswish.default, "hardswish", HARDSWISH, from_result=False, curved=True
+    ),
 ]

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from cases.activation import CASES, KERNEL_SHAPES, declined, declined_call
 from kernels.harness import check_impl, count_calls
 from torch import nn
 
@@ -32,48 +33,44 @@ CSRC = Path(__file__).resolve().parents[2] / "csrc"
 aten = torch.ops.aten
 D = torch.float64
 IMPLS = {impl.op: impl for impl in IMPLEMENTATIONS}
-
-# name -> (op, extra args after x)
-OPS = {
-    "relu": (aten.relu.default, ()),
-    "gelu-erf": (aten.gelu.default, ("none",)),
-    "gelu-tanh": (aten.gelu.default, ("tanh",)),
-    "silu": (aten.silu.default, ()),
-    "tanh": (aten.tanh.default, ()),
-    "sigmoid": (aten.sigmoid.default, ()),
-}
+# the cases of the family's table that these kernels implement, and the kernels' names for them
+OPS = [name for name, c in CASES.items() if c.op in IMPLS]
+KINDS = {name: IMPLS[CASES[name].op].kind(CASES[name].args(None)) for name in OPS}
 
 
-def values(*shape, seed=0):
-    """float64 inputs over every formula's regimes (|x| up to about 6), 0.05 away from relu's kink."""
-    gen = torch.Generator().manual_seed(seed)
-    x = 2 * torch.randn(*shape, dtype=D, generator=gen)
-    return torch.where(x.abs() < 0.05, x + 0.1 * torch.sign(x + 1e-12), x)
+def values(name, *shape, seed=0):
+    """float64 inputs of case ``name`` over every formula's regimes, away from the kinks."""
+    return CASES[name].x(*shape, seed=seed)
 
 
 def case(name, x):
-    op, extra = OPS[name]
-    return op, (x, *extra), (True,) + (False,) * len(extra)
+    c = CASES[name]
+    return c.op, c.args(x), c.active()
 
 
-@pytest.mark.parametrize("shape,k", [((5, 7), 7), ((1,), 1), ((3, 67), 2), ((2, 8, 16), 1)])
+def test_every_implementation_has_cases():
+    """A kernel added to ``IMPLEMENTATIONS`` runs the family's cases: its op is in the table."""
+    assert {CASES[n].op for n in OPS} == set(IMPLS)
+
+
+@pytest.mark.parametrize("shape,k", KERNEL_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("name", list(OPS))
+@pytest.mark.parametrize("name", OPS)
 def test_matches_oracle(name, dtype, shape, k, dev):
-    op, args, active = case(name, values(*shape))
+    op, args, active = case(name, values(name, *shape))
     check_impl(IMPLS[op], op, args, active, dtype=dtype, device=dev, k=k)
 
 
-@pytest.mark.parametrize("name", list(OPS))
+@pytest.mark.parametrize("name", OPS)
 def test_matches_oracle_float16(name, dev):
-    op, args, active = case(name, values(4, 9, seed=1))
+    op, args, active = case(name, values(name, 4, 9, seed=1))
     check_impl(IMPLS[op], op, args, active, dtype=torch.float16, device=dev, k=3)
 
 
-@pytest.mark.parametrize("name", list(OPS))
+@pytest.mark.parametrize("name", OPS)
 def test_header_math_float64(name, ext, float64_probe):
     """The CPU implementation in float64: the header formulas themselves, to 1e-10."""
-    op, args, active = case(name, values(6, 5, seed=2))
+    op, args, active = case(name, values(name, 6, 5, seed=2))
     check_impl(float64_probe(IMPLS[op]), op, args, active, dtype=D, device="cpu", k=2)
 
 
@@ -85,7 +82,8 @@ using namespace hessfast;
 int main() {
   for (int i = 0; i <= 160; ++i) {
     const double x = -8.0 + 0.1 * i + 0.01;
-    for (Act a : {Act::Relu, Act::Gelu, Act::GeluTanh, Act::Silu, Act::Tanh, Act::Sigmoid}) {
+    for (Act a : {Act::Relu, Act::Gelu, Act::GeluTanh, Act::Silu, Act::Tanh, Act::Sigmoid,
+                  Act::Hardswish}) {
       dispatch_act(a, [&](auto tag) {
         constexpr Act A = decltype(tag)::value;
         double y, d1, e1, e2;
@@ -131,6 +129,7 @@ def test_header_compiles_as_plain_cpp17_and_matches_the_torch_formulas(tmp_path)
         3: (F.silu, torch_rules.silu_derivs, False),
         4: (torch.tanh, torch_rules.tanh_derivs, True),
         5: (torch.sigmoid, torch_rules.sigmoid_derivs, True),
+        6: (F.hardswish, torch_rules.hardswish_derivs, False),
     }
     for kind, (f, derivs, from_result) in formulas.items():
         a, x, y, d1, e1, e2 = rows[rows[:, 0] == kind].T
@@ -141,9 +140,9 @@ def test_header_compiles_as_plain_cpp17_and_matches_the_torch_formulas(tmp_path)
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", list(OPS))
+@pytest.mark.parametrize("name", OPS)
 def test_transposed_input_matches_oracle(name, dev):
-    x = values(9, 6, seed=3).t()
+    x = values(name, 9, 6, seed=3).t()
     assert not x.is_contiguous()
     op, args, active = case(name, x)
     check_impl(IMPLS[op], op, args, active, dtype=torch.float32, device=dev, k=2)
@@ -151,10 +150,11 @@ def test_transposed_input_matches_oracle(name, dev):
 
 def run(rule, name, x, tx, g, gdot, active=True):
     """``fwd_jvp`` then ``bwd_jvp``: ``[y, ẏ, ḡ_x, ġ_x]`` (the other slots must be ``None``)."""
-    op, extra = OPS[name]
-    args = (x, *extra)
+    c = CASES[name]
+    args = c.args(x)
     k = 0 if tx is None else tx.shape[0]
-    call = Call(op, args, (active,) + (False,) * len(extra), (tx,) + (None,) * len(extra), k)
+    n = len(c.extra)
+    call = Call(c.op, args, (active,) + (False,) * n, (tx,) + (None,) * n, k)
     assert not rule.not_supported_reasons(call)
     y, ydot, res = rule.fwd_jvp(call)
     gx, gdx = rule.bwd_jvp(res, g, gdot)
@@ -174,15 +174,15 @@ def randn(*shape, gen, dev, dtype):
     return torch.randn(*shape, dtype=D, generator=gen).to(dev, dtype)
 
 
-@pytest.mark.parametrize("name", list(OPS))
+@pytest.mark.parametrize("name", OPS)
 def test_none_combinations_match_torch_rule(name, dev):
     """Every (ḡ, ġ, ẋ) combination and an inactive input: the torch rule's values and None-ness
     (float64 on the CPU implementation, float32 on the GPU)."""
     dtype = D if dev.type == "cpu" else torch.float32
     gen = torch.Generator().manual_seed(4)
-    x = values(3, 5, seed=5).to(dev, dtype)
+    x = values(name, 3, 5, seed=5).to(dev, dtype)
     tx, g, gdot = (randn(*s, gen=gen, dev=dev, dtype=dtype) for s in ((2, 3, 5), (3, 5), (2, 3, 5)))
-    op = OPS[name][0]
+    op = CASES[name].op
     for t, gg, gd, active in [
         (tx, g, gdot, True),
         (tx, g, None, True),
@@ -198,29 +198,29 @@ def test_none_combinations_match_torch_rule(name, dev):
         assert_same(got, want, **tol)
 
 
-@pytest.mark.parametrize("name", list(OPS))
+@pytest.mark.parametrize("name", OPS)
 def test_non_contiguous_tangents_and_cotangents(name, dev):
     gen = torch.Generator().manual_seed(6)
-    x = values(6, 4, seed=7).t().to(dev)
+    x = values(name, 6, 4, seed=7).t().to(dev)
     tx = torch.randn(3, 6, 4, dtype=D, generator=gen).transpose(1, 2).to(dev)
     g = torch.randn(6, 4, dtype=D, generator=gen).t().to(dev)
     gdot = torch.randn(4, 3, 6, dtype=D, generator=gen).permute(1, 0, 2).to(dev)
     assert not any(t.is_contiguous() for t in (x, tx, g, gdot))
-    op = OPS[name][0]
+    op = CASES[name].op
     cast = [t.float() for t in (x, tx, g, gdot)]
     got = run(IMPLS[op], name, *cast)
     want = run(registered_rule(op), name, *cast)
     assert_same(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", list(OPS))
+@pytest.mark.parametrize("name", OPS)
 def test_k_batched_equals_loop_and_is_deterministic(name, dev):
     gen = torch.Generator().manual_seed(8)
-    x = values(5, 7, seed=9).float().to(dev)
+    x = values(name, 5, 7, seed=9).float().to(dev)
     tx, g, gdot = (
         randn(*s, gen=gen, dev=dev, dtype=torch.float32) for s in ((7, 5, 7), (5, 7), (7, 5, 7))
     )
-    impl = IMPLS[OPS[name][0]]
+    impl = IMPLS[CASES[name].op]
     batched = run(impl, name, x, tx, g, gdot)
     again = run(impl, name, x, tx, g, gdot)
     assert all(torch.equal(a, b) for a, b in zip(batched, again))
@@ -238,12 +238,12 @@ def test_unaligned_storage_takes_the_scalar_path_with_the_same_results(name, dty
     whole number of packs run the scalar loads: the results are the same as aligned copies."""
     gen = torch.Generator().manual_seed(10)
     n = 8 * 37
-    base = values(n + 1, seed=11).to(dev, dtype)
+    base = values(name, n + 1, seed=11).to(dev, dtype)
     tbase = randn(2, n + 1, gen=gen, dev=dev, dtype=dtype)
     gbase = randn(n + 1, gen=gen, dev=dev, dtype=dtype)
     x, tx, g, gdot = base[1:], tbase[:, 1:], gbase[1:], tbase[:, 1:]
     assert x.storage_offset() == 1
-    impl = IMPLS[OPS[name][0]]
+    impl = IMPLS[CASES[name].op]
     unaligned = run(impl, name, x, tx, g, gdot)
     aligned = run(impl, name, x.clone(), tx.clone(), g.clone(), gdot.clone())
     assert all(torch.equal(a, b) for a, b in zip(unaligned, aligned))
@@ -256,12 +256,12 @@ def test_mixed_dtype_cotangents_follow_torch_promotion(dev):
     """bfloat16 inputs with float32 cotangents give float32 cotangents, as the torch rule does,
     equal to the same computation from float32 residuals."""
     gen = torch.Generator().manual_seed(12)
-    x = values(4, 6, seed=13).to(dev, torch.bfloat16)
+    x = values("tanh", 4, 6, seed=13).to(dev, torch.bfloat16)
     tx = randn(2, 4, 6, gen=gen, dev=dev, dtype=torch.bfloat16)
     g = randn(4, 6, gen=gen, dev=dev, dtype=torch.float32)
     gdot = randn(2, 4, 6, gen=gen, dev=dev, dtype=torch.float32)
     for name in ("gelu-erf", "tanh"):
-        op = OPS[name][0]
+        op = CASES[name].op
         got = run(IMPLS[op], name, x, tx, g, gdot)
         want = run(registered_rule(op), name, x, tx, g, gdot)
         assert [t.dtype for t in got] == [t.dtype for t in want]
@@ -276,24 +276,11 @@ def test_empty_tensor(dev):
     assert y.shape == gx.shape == (0, 3) and ydot.shape == gdx.shape == (2, 0, 3)
 
 
-@pytest.mark.parametrize(
-    "op,args,tangent",
-    [
-        (aten.relu.default, (torch.arange(3),), None),
-        (aten.tanh.default, (torch.randn(3, dtype=torch.complex64),), None),
-        (aten.gelu.default, (torch.randn(3), "erf"), None),
-        (aten.silu.default, (torch.randn(3),), torch.randn(2, 3, dtype=D)),
-        (aten.sigmoid.default, (torch.randn(3),), torch.randn(2, 4)),
-    ],
-    ids=["integer", "complex", "gelu-unknown-approximate", "tangent-dtype", "tangent-shape"],
-)
-def test_declines_with_a_reason(op, args, tangent):
-    tangents = (tangent,) + (None,) * (len(args) - 1)
-    call = Call(
-        op, args, (True,) + (False,) * (len(args) - 1), tangents, 0 if tangent is None else 2
-    )
+@pytest.mark.parametrize("name", declined("cuda"))
+def test_declines_with_its_reason(name):
+    op, call, reasons = declined_call(name)
     why = IMPLS[op].not_supported_reasons(call)
-    assert why and all(isinstance(w, str) and w for w in why)
+    assert why and any(reasons["cuda"] in w for w in why), why
 
 
 def test_ops_reject_bad_arguments_naming_them(ext):
@@ -310,7 +297,7 @@ def test_ops_reject_bad_arguments_naming_them(ext):
         torch.ops.hessfast.act_bwd_jvp(x, x, torch.randn(2, 3, 4), torch.randn(3, 3, 4), "silu")
 
 
-@pytest.mark.parametrize("act", ["relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid"])
+@pytest.mark.parametrize("act", sorted(set(KINDS.values())))
 def test_opcheck(act, dev):
     """torch.library.opcheck: schema, fake tensors (the Meta implementation), dynamic shapes."""
     gen = torch.Generator().manual_seed(14)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from cases.activation import CASES, KERNEL_SHAPES, declined, declined_call
 from kernels.harness import check_impl, count_calls
 from torch import nn
 
@@ -33,51 +34,50 @@ pytestmark = pytest.mark.triton
 aten = torch.ops.aten
 D = torch.float64
 IMPLS = {impl.op: impl for impl in IMPLEMENTATIONS}
-
-# name -> (op, extra args after x)
-OPS = {
-    "relu": (aten.relu.default, ()),
-    "gelu-erf": (aten.gelu.default, ("none",)),
-    "gelu-tanh": (aten.gelu.default, ("tanh",)),
-    "silu": (aten.silu.default, ()),
-    "tanh": (aten.tanh.default, ()),
-    "sigmoid": (aten.sigmoid.default, ()),
-}
-CURVED = [n for n in OPS if n != "relu"]
+# the cases of the family's table that these kernels implement
+OPS = [name for name, c in CASES.items() if c.op in IMPLS]
+CURVED = [n for n in OPS if not CASES[n].flat]
 
 
-def values(*shape, seed=0):
-    """float64 inputs spread over the regimes of every formula (|x| up to about 6, both tanh
-    branches), kept at least 0.05 away from relu's kink at 0."""
-    gen = torch.Generator().manual_seed(seed)
-    x = 2 * torch.randn(*shape, dtype=D, generator=gen)
-    return torch.where(x.abs() < 0.05, x + 0.1 * torch.sign(x + 1e-12), x)
+def values(name, *shape, seed=0):
+    """float64 inputs of case ``name``: spread over the regimes of every formula (|x| up to about
+    6, both tanh branches), away from the kinks."""
+    return CASES[name].x(*shape, seed=seed)
 
 
 def case(name, x):
-    op, extra = OPS[name]
-    args = (x, *extra)
-    return op, args, (True,) + (False,) * len(extra)
+    c = CASES[name]
+    return c.op, c.args(x), c.active()
 
 
-@pytest.mark.parametrize("shape,k", [((5, 7), 7), ((1,), 1), ((3, BLOCK // 2 + 3), 2)])
+def test_every_implementation_has_cases():
+    """A kernel added to ``IMPLEMENTATIONS`` runs the family's cases: its op is in the table."""
+    assert {CASES[n].op for n in OPS} == set(IMPLS)
+
+
+def test_kernel_shapes_cover_several_programs_with_a_masked_tail():
+    sizes = [math.prod(shape) for shape, _ in KERNEL_SHAPES]
+    assert any(n > BLOCK and n % BLOCK for n in sizes) and 1 in sizes
+
+
+@pytest.mark.parametrize("shape,k", KERNEL_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("name", list(OPS))
+@pytest.mark.parametrize("name", OPS)
 def test_matches_oracle(name, dtype, shape, k, kernel_device):
-    op, args, active = case(name, values(*shape))
+    op, args, active = case(name, values(name, *shape))
     check_impl(IMPLS[op], op, args, active, dtype=dtype, device=kernel_device, k=k)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=["fp16", "fp64"])
-@pytest.mark.parametrize("name", list(OPS))
+@pytest.mark.parametrize("name", OPS)
 def test_matches_oracle_other_dtypes(name, dtype, kernel_device):
-    op, args, active = case(name, values(4, 9, seed=1))
+    op, args, active = case(name, values(name, 4, 9, seed=1))
     check_impl(IMPLS[op], op, args, active, dtype=dtype, device=kernel_device, k=3)
 
 
-@pytest.mark.parametrize("name", list(OPS))
+@pytest.mark.parametrize("name", OPS)
 def test_transposed_input_matches_oracle(name, kernel_device):
-    x = values(9, 6, seed=2).t()
+    x = values(name, 9, 6, seed=2).t()
     assert not x.is_contiguous()
     op, args, active = case(name, x)
     check_impl(IMPLS[op], op, args, active, dtype=torch.float32, device=kernel_device, k=2)
@@ -86,10 +86,11 @@ def test_transposed_input_matches_oracle(name, kernel_device):
 def _run(rule, name, x, tx, g, gdot, active=True):
     """``fwd_jvp`` then ``bwd_jvp``: ``[y, ẏ, ḡ_x, ġ_x]`` (the cotangents of ``x`` only; the
     other arguments' slots must be ``None``)."""
-    op, extra = OPS[name]
-    args = (x, *extra)
+    c = CASES[name]
+    args = c.args(x)
     k = 0 if tx is None else tx.shape[0]
-    call = Call(op, args, (active,) + (False,) * len(extra), (tx,) + (None,) * len(extra), k)
+    n = len(c.extra)
+    call = Call(c.op, args, (active,) + (False,) * n, (tx,) + (None,) * n, k)
     y, ydot, res = rule.fwd_jvp(call)
     gx, gdx = rule.bwd_jvp(res, g, gdot)
     assert len(gx) == len(gdx) == len(args) and all(t is None for t in (*gx[1:], *gdx[1:]))
@@ -104,17 +105,17 @@ def _assert_same(got, want, **tol):
             torch.testing.assert_close(a, b, msg=lambda m, w=what: f"{w}: {m}", **tol)
 
 
-@pytest.mark.parametrize("name", list(OPS))
+@pytest.mark.parametrize("name", OPS)
 def test_none_combinations_match_torch_rule(name, kernel_device):
     """Every (ḡ, ġ, K) combination and an inactive input: values and None-ness as the torch rule
     (float64, where both compute the same formulas)."""
     dev = kernel_device
-    x = values(3, 5, seed=3).to(dev)
+    x = values(name, 3, 5, seed=3).to(dev)
     gen = torch.Generator().manual_seed(4)
     tx = torch.randn(2, 3, 5, dtype=D, generator=gen).to(dev)
     g = torch.randn(3, 5, dtype=D, generator=gen).to(dev)
     gdot = torch.randn(2, 3, 5, dtype=D, generator=gen).to(dev)
-    impl, ref = IMPLS[OPS[name][0]], registered_rule(OPS[name][0])
+    impl, ref = IMPLS[CASES[name].op], registered_rule(CASES[name].op)
     combos = [
         (tx, g, gdot, True),
         (tx, g, None, True),
@@ -129,16 +130,16 @@ def test_none_combinations_match_torch_rule(name, kernel_device):
         _assert_same(got, want, rtol=1e-12, atol=1e-13)
 
 
-@pytest.mark.parametrize("name", list(OPS))
+@pytest.mark.parametrize("name", OPS)
 def test_non_contiguous_tangents_and_cotangents(name, kernel_device):
     dev = kernel_device
     gen = torch.Generator().manual_seed(5)
-    x = values(6, 4, seed=6).t().to(dev)
+    x = values(name, 6, 4, seed=6).t().to(dev)
     tx = torch.randn(3, 6, 4, dtype=D, generator=gen).transpose(1, 2).to(dev)
     g = torch.randn(6, 4, dtype=D, generator=gen).t().to(dev)
     gdot = torch.randn(4, 3, 6, dtype=D, generator=gen).permute(1, 0, 2).to(dev)
     assert not any(t.is_contiguous() for t in (x, tx, g, gdot))
-    op = OPS[name][0]
+    op = CASES[name].op
     got = _run(IMPLS[op], name, x, tx, g, gdot)
     want = _run(registered_rule(op), name, x, tx, g, gdot)
     _assert_same(got, want, rtol=1e-12, atol=1e-13)
@@ -148,11 +149,11 @@ def test_non_contiguous_tangents_and_cotangents(name, kernel_device):
 def test_k_batched_equals_loop_and_is_deterministic(name, kernel_device):
     dev = kernel_device
     gen = torch.Generator().manual_seed(7)
-    x = values(5, 7, seed=8).float().to(dev)
+    x = values(name, 5, 7, seed=8).float().to(dev)
     tx = torch.randn(4, 5, 7, generator=gen).to(dev)
     g = torch.randn(5, 7, generator=gen).to(dev)
     gdot = torch.randn(4, 5, 7, generator=gen).to(dev)
-    impl = IMPLS[OPS[name][0]]
+    impl = IMPLS[CASES[name].op]
     batched = _run(impl, name, x, tx, g, gdot)
     again = _run(impl, name, x, tx, g, gdot)
     for a, b in zip(batched, again):
@@ -167,10 +168,9 @@ def test_k_batched_equals_loop_and_is_deterministic(name, kernel_device):
 def _exact(name, x):
     """The float64 value of activation ``name``; gelu-tanh as ``x σ(2u)``, which does not cancel
     for negative ``x`` (torch's ``½ x (1 + tanh u)`` does, in float64 too, beyond ``x ≈ −6``)."""
-    op, extra = OPS[name]
     if name == "gelu-tanh":
         return x * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))
-    return invoke(op, (x, *extra))
+    return invoke(CASES[name].op, CASES[name].args(x))
 
 
 @pytest.mark.parametrize("name", CURVED)
@@ -188,10 +188,10 @@ def test_y_keeps_relative_accuracy(name, kernel_device):
     kappa = ((_exact(name, x * (1 + h)) - _exact(name, x * (1 - h))) / (2 * h * want)).abs()
     limit = 5e-7 * (1 + kappa) * want.abs()
     if name == "gelu-erf":
-        torch32 = invoke(OPS[name][0], (x.float(), *OPS[name][1])).double()
+        torch32 = invoke(CASES[name].op, CASES[name].args(x.float())).double()
         limit = torch.maximum(limit, 4 * (torch32 - want).abs())
     ones = torch.ones(1, *x.shape, device=kernel_device)
-    op = OPS[name][0]
+    op = CASES[name].op
     got = _run(IMPLS[op], name, x.float().to(kernel_device), ones, None, None)[0].cpu().double()
     bad = (got - want).abs() > limit
     assert not bad.any(), (
@@ -203,7 +203,7 @@ def test_y_keeps_relative_accuracy(name, kernel_device):
 def test_empty_tensor(name, kernel_device):
     x = torch.empty(0, 3, device=kernel_device)
     t = torch.empty(2, 0, 3, device=kernel_device)
-    y, ydot, gx, gdx = _run(IMPLS[OPS[name][0]], name, x, t, x, t)
+    y, ydot, gx, gdx = _run(IMPLS[CASES[name].op], name, x, t, x, t)
     assert y.shape == gx.shape == (0, 3) and ydot.shape == gdx.shape == (2, 0, 3)
 
 
@@ -212,12 +212,12 @@ def test_mixed_dtypes_follow_torch_promotion(kernel_device):
     rule returns), computed exactly as from the same values all in float32."""
     dev = kernel_device
     gen = torch.Generator().manual_seed(9)
-    x = values(4, 6, seed=10).to(dev, torch.bfloat16)
+    x = values("silu", 4, 6, seed=10).to(dev, torch.bfloat16)
     tx = torch.randn(2, 4, 6, generator=gen).to(dev, torch.bfloat16)
     g = torch.randn(4, 6, generator=gen).to(dev)
     gdot = torch.randn(2, 4, 6, generator=gen).to(dev)
     for name in ("gelu-erf", "silu"):
-        op = OPS[name][0]
+        op = CASES[name].op
         got = _run(IMPLS[op], name, x, tx, g, gdot)
         want = _run(registered_rule(op), name, x, tx, g, gdot)
         assert [t.dtype for t in got] == [t.dtype for t in want]
@@ -258,19 +258,11 @@ def test_bfloat16_stores_round_to_nearest_even(kernel_device):
     assert torch.equal(y[~nan].view(torch.int16), want[~nan].view(torch.int16))
 
 
-@pytest.mark.parametrize(
-    "op,args",
-    [
-        (aten.relu.default, (torch.arange(3),)),
-        (aten.tanh.default, (torch.randn(3, dtype=torch.complex64),)),
-        (aten.gelu.default, (torch.randn(3), "erf")),
-    ],
-    ids=["integer", "complex", "gelu-unknown-approximate"],
-)
-def test_declines_with_a_reason(op, args):
-    call = Call(op, args, (True,) + (False,) * (len(args) - 1), (None,) * len(args), 0)
+@pytest.mark.parametrize("name", declined("triton"))
+def test_declines_with_its_reason(name):
+    op, call, reasons = declined_call(name)
     why = IMPLS[op].not_supported_reasons(call)
-    assert why and all(isinstance(w, str) and w for w in why)
+    assert why and any(reasons["triton"] in w for w in why), why
 
 
 def test_mlp_hvp_runs_triton_activations_and_matches_torch(kernel_device, monkeypatch):
