@@ -12,8 +12,10 @@
   ``backend="cuda"``, and "extension not built" when it cannot be imported.
 """
 
+import importlib
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -28,30 +30,6 @@ from hessfast.rules.base import Call
 
 ROOT = Path(__file__).resolve().parents[2]
 aten = torch.ops.aten
-
-SCHEMAS = {
-    "act_fwd_jvp": "hessfast::act_fwd_jvp(Tensor x, Tensor? tx, str act) -> (Tensor y, Tensor ydot)",
-    "act_bwd_jvp": (
-        "hessfast::act_bwd_jvp(Tensor src, Tensor? g, Tensor? gdot, Tensor? tx, str act) -> "
-        "(Tensor gx, Tensor gdx)"
-    ),
-    "norm_fwd_jvp": (
-        "hessfast::norm_fwd_jvp(Tensor x, Tensor? weight, Tensor? bias, Tensor? tx, "
-        "Tensor? tweight, Tensor? tbias, float eps, bool center) -> "
-        "(Tensor y, Tensor ydot, Tensor stats, Tensor tstats)"
-    ),
-    "norm_bwd_jvp": (
-        "hessfast::norm_bwd_jvp(Tensor x, Tensor? weight, Tensor? tx, Tensor? tweight, "
-        "Tensor stats, Tensor tstats, Tensor? g, Tensor? gdot, bool center, bool need_x, "
-        "bool need_weight, bool need_bias) -> (Tensor gx, Tensor gdx, Tensor gweight, "
-        "Tensor gdweight, Tensor gbias, Tensor gdbias)"
-    ),
-    "cross_entropy_rows": (
-        "hessfast::cross_entropy_rows(Tensor z, Tensor? zdot, Tensor target, Tensor? weight, "
-        "int ignore_index, float label_smoothing, float scale, bool want_grad) -> "
-        "(Tensor loss, Tensor gz, Tensor gdz)"
-    ),
-}
 
 # the aten ops with a CUDA implementation, and a CPU call of each
 CALLS = {
@@ -76,22 +54,41 @@ def load_setup():
 
 
 def test_extension_imports_and_registers_its_ops():
+    """Every op of the table ``HESSFAST_OPS`` (``csrc/ops.h``, exposed as ``hessfast._C.OPS``) is
+    defined with its schema and has CPU, CUDA, Meta and Autograd kernels; every op the wrappers in
+    ``hessfast/cuda/`` call is in the table; every wrapper module's ``IMPLEMENTATIONS`` is found by
+    the registry."""
     why = hessfast.cuda.unavailable()
     if why:
         if os.environ.get("HESSFAST_BUILD_CUDA") == "1":
             pytest.fail(f"HESSFAST_BUILD_CUDA=1 but {why}")
         pytest.skip(why)
-    for name, schema in SCHEMAS.items():
-        assert str(getattr(torch.ops.hessfast, name).default._schema) == schema
+    ops = importlib.import_module("hessfast._C").OPS
+    table = dict(ops)
+    assert len(table) == len(ops) and table
+    for name, schema in table.items():
+        assert schema.startswith(f"{name}(")
+        assert str(getattr(torch.ops.hessfast, name).default._schema) == f"hessfast::{schema}"
         for key in ("CPU", "CUDA", "Meta", "Autograd"):
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"hessfast::{name}", key), key
-    names = {
-        impl.name
-        for op in (*CALLS, "hessfast::cross_entropy_rows")
-        for impl in implementations(op)
-        if impl.backend == "cuda"
-    }
-    assert names == {"gelu", "relu", "layer_norm", "rms_norm", "cross_entropy_rows"}
+    wrappers = sorted((ROOT / "hessfast" / "cuda").glob("*.py"))
+    called = {m for p in wrappers for m in re.findall(r"ops\(\)\.(\w+)\(", p.read_text())}
+    assert called and called <= set(table), called - set(table)
+    for path in wrappers:
+        mod = importlib.import_module(f"hessfast.cuda.{path.stem}")
+        for impl in getattr(mod, "IMPLEMENTATIONS", ()):
+            for op in impl.ops:
+                assert impl in implementations(op), (path.name, impl.name)
+
+
+def test_the_extension_reports_the_architectures_it_was_built_for(ext):
+    """``setup.py`` compiles ``TORCH_CUDA_ARCH_LIST`` into the extension (``,`` between entries:
+    the compile command's shell would split at ``;``)."""
+    built = importlib.import_module("hessfast._C").BUILT_ARCHS
+    assert re.fullmatch(r"[0-9A-Za-z.+]+(,[0-9A-Za-z.+]+)*", built)
+    setup = load_setup()
+    assert setup.archs_define(setup.DEFAULT_ARCHS) == "8.0,9.0+PTX"
+    assert setup.archs_define(" 8.6 ; 9.0a,10.0+PTX ") == "8.6,9.0a,10.0+PTX"
 
 
 def test_ops_are_not_differentiable(ext):
