@@ -1,4 +1,5 @@
-"""Elementwise activation rules (relu, gelu erf/tanh, silu, tanh, sigmoid) against the torch.func fallback.
+"""Elementwise activation rules (relu, gelu erf/tanh, silu, tanh, sigmoid, hardswish) against the
+torch.func fallback.
 
     python benchmarks/bench_activation.py                      # GPU if available (large shapes), else small CPU shapes
     python benchmarks/bench_activation.py --size small --k 4 --json out.json
@@ -37,6 +38,7 @@ def cases(shape):
         (f"silu {n}", aten.silu.default, act(shape), one),
         (f"tanh {n}", aten.tanh.default, act(shape), one),
         (f"sigmoid {n}", aten.sigmoid.default, act(shape), one),
+        (f"hardswish {n}", aten.hardswish.default, act(shape), one),
     ]
 
 

@@ -65,6 +65,7 @@ ACTIVATIONS = {
     aten.silu.default: "silu",
     aten.tanh.default: "tanh",
     aten.sigmoid.default: "sigmoid",
+    aten.hardswish.default: "hardswish",
 }
 
 
