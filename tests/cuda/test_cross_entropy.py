@@ -1,50 +1,32 @@
 """CUDA softmax cross-entropy rows (``csrc/cross_entropy.cu``, ``hessfast/cuda/cross_entropy.py``).
 
 The interface ``rows(z, zdot, target, weight, ignore_index, label_smoothing, scale, want_grad) ->
-(loss_rows, gz, gdz)`` against an independent float64 oracle: the loss rows are ``scale ×
+(loss_rows, gz, gdz)`` on the family's case table (``tests/cases/cross_entropy.py``, which the
+Triton tests run too) against an independent float64 oracle: the loss rows are ``scale ×
 F.cross_entropy(..., reduction="none")`` (torch's own weights, ignore_index and label smoothing),
 the gradient is autograd's and the Hessian-vector rows are ``torch.func.jvp`` of that gradient.
 On ``cpu`` the op runs its CPU implementation (the same online softmax and row algebra,
 ``csrc/cross_entropy.cuh``), on ``cuda`` the kernel (skipped without a GPU). float32 at the
 declared tolerance, bfloat16 and float16 within 2× the error of the plain-torch reference
-``cross_entropy_rows_ref`` on the same low-precision inputs, float64 (CPU only) to
-1e-10; odd vocabularies (a tail that is not a whole 16-byte pack), one class, one row, K = 1, 7
-and 40 (more than one kernel launch of 32 tangents), ignored rows, class weights, label smoothing,
-logits that grow along the row (the online rescaling), masked ``-inf`` classes, large offsets,
-``want_grad=False`` and ``zdot=None``, non-contiguous inputs, determinism and K-batched = loop.
+``cross_entropy_rows_ref`` on the same low-precision inputs, float64 (CPU only) to 1e-10; the
+table's odd vocabularies, one class, one row, K up to 40 (more than one launch of 32 tangents),
+ignored rows, class weights, label smoothing, a ramp along the rows (the online rescaling),
+masked ``-inf`` classes and a masked first tile, large offsets. Then ``want_grad=False`` and
+``zdot=None``, out-of-range targets, non-contiguous inputs, determinism and K-batched = loop.
 """
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.func import grad, jvp
+from cases.cross_entropy import CASES, DECLINED, LOW_PRECISION, cast, declined_call
+from kernels.harness import check_rows
 
 from hessfast.cuda.cross_entropy import IMPLEMENTATIONS, OP
 from hessfast.rules import rule_for
 from hessfast.rules.base import Call
-from hessfast.rules.cross_entropy import cross_entropy_rows_ref
 
 D = torch.float64
 IMPL = IMPLEMENTATIONS[0]
 IGNORE = -100
-
-
-def oracle(z, zdot, target, weight, eps, scale):
-    """float64 ``(loss_rows, gz, gdz)`` by autograd through ``F.cross_entropy``."""
-
-    def rows(zz):
-        return scale * F.cross_entropy(
-            zz, target, weight=weight, ignore_index=IGNORE, reduction="none", label_smoothing=eps
-        )
-
-    def total(zz):
-        return rows(zz).sum()
-
-    gz = grad(total)(z)
-    gdz = None
-    if zdot is not None:
-        gdz = torch.stack([jvp(grad(total), (z,), (u,))[1] for u in zdot])
-    return rows(z), gz, gdz
 
 
 def make(m, v, k, seed, spread=3.0, weights=False, ignore=True):
@@ -58,84 +40,32 @@ def make(m, v, k, seed, spread=3.0, weights=False, ignore=True):
     return z, zdot, target, weight
 
 
-def rel(a, b):
-    return float((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30))
+def test_every_case_is_a_valid_call():
+    """Every case of the table is a call the kernel takes (none is skipped as declined)."""
+    for name, case in CASES.items():
+        args = cast(case.args(), torch.float32, "cpu")
+        assert not IMPL.not_supported_reasons(Call(OP, args, (), (), 0)), name
 
 
-def check(z, zdot, target, weight, eps, scale, dtype, dev, impl=IMPL):
-    want = oracle(z, zdot, target, weight, eps, scale)
-    args = (
-        z.to(dev, dtype),
-        None if zdot is None else zdot.to(dev, dtype),
-        target.to(dev),
-        None if weight is None else weight.to(dev),
-        IGNORE,
-        eps,
-        scale,
-        True,
+@pytest.mark.parametrize("case", list(CASES))
+def test_float32_matches_the_oracle(case, dev):
+    c = CASES[case]
+    check_rows(
+        IMPL.rows, IMPL, c.args(), dtype=torch.float32, device=dev, tolerance=c.float32_tolerance
     )
-    call = Call(OP, args, (), (), 0 if zdot is None else zdot.shape[0])
-    assert not impl.not_supported_reasons(call)
-    got = impl.rows(*args)
-    assert got[0].dtype == (D if dtype == D else torch.float32)
-    assert got[1].dtype == dtype and (got[2] is None or got[2].dtype == dtype)
-    if dtype in (torch.bfloat16, torch.float16):
-        base = cross_entropy_rows_ref(*args[:7], True)
-        for what, a, b, c in zip(("loss", "gz", "gdz"), got, want, base):
-            if b is not None:
-                limit = max(2 * rel(c.cpu(), b), impl.tolerances[dtype][1])
-                assert rel(a.cpu(), b) <= limit, f"{what}: {rel(a.cpu(), b):.2e} > {limit:.2e}"
-        return
-    rtol, atol = impl.tolerances[dtype]
-    for what, a, b in zip(("loss", "gz", "gdz"), got, want):
-        if b is not None:
-            torch.testing.assert_close(
-                a.cpu().double(), b, rtol=rtol, atol=atol, msg=lambda m, w=what: f"{w}: {m}"
-            )
 
 
-SHAPES = {"odd-vocab": (5, 37, 3), "one-class": (3, 1, 2), "one-row": (1, 200, 1), "k7": (4, 64, 7)}
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", LOW_PRECISION)
+def test_low_precision_within_twice_plain_torch(case, dtype, dev):
+    check_rows(IMPL.rows, IMPL, CASES[case].args(), dtype=dtype, device=dev)
 
 
-@pytest.mark.parametrize(
-    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
-)
-@pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize(
-    "weights,eps", [(False, 0.0), (True, 0.1)], ids=["plain", "weighted-smoothed"]
-)
-def test_matches_oracle(shape, weights, eps, dtype, dev):
-    m, v, k = SHAPES[shape]
-    z, zdot, target, weight = make(m, v, k, seed=1, weights=weights)
-    check(z, zdot, target, weight, eps, 0.25, dtype, dev)
-
-
-@pytest.mark.parametrize("weights,eps", [(False, 0.0), (False, 0.2), (True, 0.0), (True, 1.0)])
-def test_header_math_float64(weights, eps, ext, float64_probe):
-    z, zdot, target, weight = make(6, 29, 3, seed=2, weights=weights)
-    check(z, zdot, target, weight, eps, 1 / 3, D, torch.device("cpu"), impl=float64_probe(IMPL))
-
-
-def test_many_tangents_span_several_launches(dev):
-    z, zdot, target, weight = make(3, 50, 40, seed=3, weights=True)
-    check(z, zdot, target, weight, 0.05, 1.0, torch.float32, dev)
-
-
-def test_online_rescaling_masked_classes_and_large_offsets(dev):
-    """Logits that grow along every row (the running max changes at each step), classes masked
-    with -inf, and rows offset by 1e4 (exp would overflow without the max)."""
-    z, zdot, target, _ = make(4, 300, 2, seed=4, ignore=False)
-    z = z + torch.linspace(0, 30, 300, dtype=D)
-    z[0, ::3] = -torch.inf
-    target[0] = 1
-    z[2] += 1e4
-    want = oracle(z, zdot, target, None, 0.0, 1.0)
-    got = IMPL.rows(
-        z.float().to(dev), zdot.float().to(dev), target.to(dev), None, IGNORE, 0.0, 1.0, True
-    )
-    for a, b in zip(got, want):
-        assert torch.isfinite(a).all()
-        torch.testing.assert_close(a.cpu().double(), b, rtol=1e-4, atol=1e-4)
+@pytest.mark.parametrize("case", list(CASES))
+def test_header_math_float64(case, ext, float64_probe):
+    """The CPU implementation in float64: the header's row algebra itself, to 1e-10."""
+    impl = float64_probe(IMPL)
+    check_rows(impl.rows, impl, CASES[case].args(seed=2), dtype=D, device=torch.device("cpu"))
 
 
 def test_ignored_rows_and_absent_outputs(dev):
@@ -222,46 +152,11 @@ def test_k_batched_equals_loop_and_is_deterministic(dev):
         torch.testing.assert_close(one[2][0], got[2][k], rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize(
-    "args",
-    [
-        (torch.randn(3), None, torch.zeros(3, dtype=torch.long), None, -100, 0.0, 1.0, True),
-        (
-            torch.randn(3, 4),
-            torch.randn(2, 3, 5),
-            torch.zeros(3, dtype=torch.long),
-            None,
-            -100,
-            0.0,
-            1.0,
-            True,
-        ),
-        (torch.randn(3, 4), None, torch.zeros(4, dtype=torch.long), None, -100, 0.0, 1.0, True),
-        (torch.randn(3, 4), None, torch.zeros(3), None, -100, 0.0, 1.0, True),
-        (
-            torch.randn(3, 4),
-            None,
-            torch.zeros(3, dtype=torch.long),
-            torch.ones(5),
-            -100,
-            0.0,
-            1.0,
-            True,
-        ),
-        (torch.randn(3, 4), None, torch.zeros(3, dtype=torch.long), None, -100, 1.5, 1.0, True),
-    ],
-    ids=[
-        "1-d-logits",
-        "tangent-shape",
-        "target-shape",
-        "float-target",
-        "weight-shape",
-        "smoothing",
-    ],
-)
-def test_declines_with_a_reason(args):
-    why = IMPL.not_supported_reasons(Call(OP, args, (), (), 0))
-    assert why and all(isinstance(w, str) and w for w in why)
+@pytest.mark.parametrize("name", list(DECLINED))
+def test_declines_with_its_reason(name):
+    call, reason = declined_call(name)
+    why = IMPL.not_supported_reasons(call)
+    assert any(reason in w for w in why), why
 
 
 def test_op_rejects_bad_arguments_naming_them(ext):

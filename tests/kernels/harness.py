@@ -275,3 +275,51 @@ def compile_for_gpu_in_subprocess(script: str) -> None:
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+def check_rows(run, impl, args, *, dtype, device, ratio=2.0, tolerance=None):
+    """Check a ``hessfast::cross_entropy_rows`` implementation on one case of
+    ``tests/cases/cross_entropy.py`` (float64 CPU ``args`` in the op's order): ``run(*args)``
+    returns ``(loss_rows, gz, gdz)``.
+
+    float32 / float64: every output against the autograd oracle on the same rounded inputs, at
+    ``tolerance`` (default: ``impl.tolerances[dtype]``), with the oracle's ``None``-ness, the output dtypes (loss rows in
+    float32, float64 for float64; the others in ``dtype``) and exact zeros on ignored rows.
+    bfloat16 / float16: each output's error relative to the float64 oracle at most ``ratio`` times
+    that of the plain-torch reference ``cross_entropy_rows_ref`` on the same low-precision inputs
+    (or the declared ``atol``)."""
+    from cases.cross_entropy import cast, oracle
+
+    from hessfast.rules.cross_entropy import cross_entropy_rows_ref
+
+    got = [None if t is None else t.detach().to("cpu") for t in run(*cast(args, dtype, device))]
+    whats = ("loss rows", "gz", "gdz")
+    rtol, atol = tolerance or impl.tolerances[dtype]
+    if dtype in (torch.bfloat16, torch.float16):
+        want = oracle(*args)
+        ref = cross_entropy_rows_ref(*cast(args, dtype, "cpu"))
+        for what, a, r, b in zip(whats, got, ref, want, strict=True):
+            assert (a is None) == (b is None), what
+            if b is not None:
+                err, ref_err = rel_error(a.double(), b), rel_error(r.double(), b)
+                assert err <= max(ratio * ref_err, atol), (
+                    f"{impl.name} [{impl.backend}] {what}: relative error {err:.2e} > {ratio}× "
+                    f"plain torch's {ref_err:.2e} in {dtype}"
+                )
+        return got
+    want = oracle(*cast(cast(args, dtype, "cpu"), torch.float64, "cpu"))
+    assert got[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    for what, a, b in zip(whats, got, want, strict=True):
+        assert (a is None) == (b is None), what
+        if b is None:
+            continue
+        if what != "loss rows":
+            assert a.dtype == dtype, f"{what}: dtype {a.dtype}"
+        torch.testing.assert_close(
+            a.double(), b, rtol=rtol, atol=atol, msg=lambda m, w=what: f"{w}: {m}"
+        )
+    ignored = args[2] == args[4]
+    for t in got:
+        if t is not None and ignored.any():
+            assert (t[..., ignored, :] == 0).all() if t.dim() > 1 else (t[ignored] == 0).all()
+    return got

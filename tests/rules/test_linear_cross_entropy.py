@@ -10,6 +10,8 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from cases.cross_entropy import CASES as ROWS_CASES
+from kernels.harness import check_rows
 from models import zoo
 from oracle import ggn_vp, hvp, rel_err
 from torch import nn
@@ -391,3 +393,12 @@ def test_traced_fused_head_reads_each_batch_count(name, monkeypatch):
                     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     info = traced.explain(capture.capture(model, tuple(inputs)))
     assert len(info) == 3 and all(t["traced"] and t["calls"] == 2 for t in info)
+
+
+@pytest.mark.parametrize("case", list(ROWS_CASES))
+def test_row_reference_runs_the_family_case_table(case):
+    """The torch reference on every case of ``tests/cases/cross_entropy.py`` (which the Triton and
+    CUDA kernel tests run too), float64 against the autograd oracle."""
+    args = ROWS_CASES[case].args()
+    impl = registered_rule(ce.ROWS_OP)
+    check_rows(impl.rows, impl, args, dtype=D, device="cpu", tolerance=(1e-12, 1e-13))

@@ -1,11 +1,15 @@
-"""The Triton kernel of ``hessfast::cross_entropy_rows`` against the float64 reference, and the
-fused head run end to end on the Triton backend (on the CPU through ``TRITON_INTERPRET=1``)."""
+"""The Triton kernel of ``hessfast::cross_entropy_rows`` on the family's case table
+(``tests/cases/cross_entropy.py``, which the CUDA tests run too) against the float64 autograd
+oracle, and the fused head run end to end on the Triton backend (on the CPU through
+``TRITON_INTERPRET=1``)."""
 
 import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
+from cases.cross_entropy import CASES, LOW_PRECISION, cast, declined_call
+from kernels.harness import check_rows
 from oracle import ggn_vp, hvp, rel_err
 from torch import nn
 
@@ -22,44 +26,10 @@ pytestmark = pytest.mark.triton
 D = torch.float64
 IMPL = tce.IMPLEMENTATIONS[0]
 
-# M rows, V classes, K tangents; block sizes forced where the case needs several tiles of the
-# row (ragged last tile) or several tangent blocks (ragged last block)
-CASES = {
-    "one-row-k1": dict(M=1, V=37, K=1),
-    "tiles-k7-weights-smoothing": dict(
-        M=5, V=300, K=7, block_v=128, weight=True, smoothing=0.1, ignore=[1]
-    ),
-    "grad-only": dict(M=4, V=100, K=0, weight=True, smoothing=0.2, ignore=[0]),
-    "ggn-k2-custom-ignore": dict(
-        M=6, V=50, K=2, want_grad=False, block_v=16, block_k=1, ignore_index=3, ignore=[2, 5]
-    ),
-    "sum-smoothing": dict(M=3, V=129, K=3, smoothing=0.3, scale=1.0),
-}
-
 
 def make(case, seed=0):
-    c = {"weight": False, "smoothing": 0.0, "ignore_index": -100, "ignore": [], "scale": None}
-    c.update(CASES[case])
-    g = torch.Generator().manual_seed(seed)
-    M, V, K = c["M"], c["V"], c["K"]
-    z = torch.randn(M, V, generator=g, dtype=D) * 3
-    u = torch.randn(K, M, V, generator=g, dtype=D) if K else None
-    y = torch.randint(0, V, (M,), generator=g)
-    y[c["ignore"]] = c["ignore_index"]
-    w = torch.rand(V, generator=g, dtype=D) + 0.5 if c["weight"] else None
-    scale = c["scale"] if c["scale"] is not None else 1 / max(M - len(c["ignore"]), 1)
-    args = (z, u, y, w, c["ignore_index"], c["smoothing"], scale, c.get("want_grad", True))
-    blocks = {"block_v": c.get("block_v"), "block_k": c.get("block_k")}
-    return args, blocks
-
-
-def cast(args, dtype, device):
-    return tuple(
-        a.to(device=device, dtype=dtype)
-        if isinstance(a, torch.Tensor) and a.is_floating_point()
-        else (a.to(device) if isinstance(a, torch.Tensor) else a)
-        for a in args
-    )
+    """The float64 arguments of a case of the family's table, and its Triton block sizes."""
+    return CASES[case].args(seed), dict(CASES[case].tiles)
 
 
 def run_kernel(args, blocks):
@@ -70,41 +40,33 @@ def back(outs):
     return [None if t is None else t.detach().to("cpu", D) for t in outs]
 
 
-def err(a, b):
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+def test_every_case_is_a_valid_call():
+    """Every case of the table is a call the kernel takes (none is skipped as declined)."""
+    for name, case in CASES.items():
+        args = cast(case.args(), torch.float32, "cpu")
+        assert not IMPL.not_supported_reasons(ce.rows_call(*args)), name
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_float32_matches_the_reference_at_the_declared_tolerance(case, kernel_device):
+def test_float32_matches_the_oracle_at_the_declared_tolerance(case, kernel_device):
     args, blocks = make(case)
-    want = ce.cross_entropy_rows_ref(*args)
-    got = back(run_kernel(cast(args, torch.float32, kernel_device), blocks))
-    rtol, atol = IMPL.tolerances[torch.float32]
-    for what, a, b in zip(("loss rows", "gz", "gdz"), got, want):
-        if b is None:
-            assert a is None, what
-            continue
-        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m, w=what: f"{w}: {m}")
-    ignored = args[2] == args[4]
-    if ignored.any():
-        assert (got[0][ignored] == 0).all()
-        for t in got[1:]:
-            if t is not None:
-                assert (t[..., ignored, :] == 0).all()
+    check_rows(
+        lambda *a: run_kernel(a, blocks),
+        IMPL,
+        args,
+        dtype=torch.float32,
+        device=kernel_device,
+        tolerance=CASES[case].float32_tolerance,
+    )
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", ["tiles-k7-weights-smoothing", "ggn-k2-custom-ignore"])
-def test_half_precision_within_twice_plain_torch(case, dtype, kernel_device):
+@pytest.mark.parametrize("case", LOW_PRECISION)
+def test_bfloat16_within_twice_plain_torch(case, kernel_device):
+    """bfloat16 stands for the 16-bit types in the interpreter (the CUDA tests run float16 too)."""
     args, blocks = make(case)
-    want = ce.cross_entropy_rows_ref(*args)
-    low = cast(args, dtype, kernel_device)
-    got = back(run_kernel(low, blocks))
-    ref = back(ce.cross_entropy_rows_ref(*cast(args, dtype, "cpu")))
-    for what, a, r, b in zip(("loss rows", "gz", "gdz"), got, ref, want):
-        if b is None:
-            continue
-        assert err(a, b) <= max(2 * err(r, b), IMPL.tolerances[dtype][1]), what
+    check_rows(
+        lambda *a: run_kernel(a, blocks), IMPL, args, dtype=torch.bfloat16, device=kernel_device
+    )
 
 
 def test_non_contiguous_inputs_give_the_contiguous_result(kernel_device):
@@ -205,25 +167,6 @@ def test_fused_head_on_the_triton_backend_matches_the_oracle(kernel_device, monk
     assert spy.calls == 6
 
 
-def test_a_row_whose_first_tile_is_all_minus_infinity_is_finite(kernel_device):
-    """A masked vocabulary prefix (logits -inf over the whole first tile): the online softmax
-    started from max = -inf and computed exp(-inf - -inf) = NaN for the row (audit of issue 17);
-    the reference and the CUDA kernel give finite values."""
-    args, _ = make("tiles-k7-weights-smoothing")
-    z, u, y, w, ignore, _eps, scale, want_grad = args
-    z = z.clone()
-    z[0, :40] = -torch.inf  # more than the first 16-wide tile of row 0
-    z[3, :16] = -torch.inf  # exactly the first tile of row 3
-    y = y.clone()
-    y[0], y[3] = 50, 20  # targets in the live part of the rows
-    args = (z, u, y, w, ignore, 0.0, scale, want_grad)  # no smoothing: -inf logits stay finite
-    want = ce.cross_entropy_rows_ref(*args)
-    got = back(run_kernel(cast(args, torch.float32, kernel_device), {"block_v": 16}))
-    for a, b in zip(got, want):
-        assert torch.isfinite(a).all()
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-
-
 def test_targets_out_of_range_poison_their_row_and_nothing_else(kernel_device):
     """A target outside ``[0, V)`` (not the ignore index) is never read out of bounds: its row is
     NaN, as in the CUDA kernel; the other rows are exact."""
@@ -243,3 +186,11 @@ def test_targets_out_of_range_poison_their_row_and_nothing_else(kernel_device):
     torch.testing.assert_close(got[0][ok], want[0][ok], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[1][ok], want[1][ok], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[2][:, ok], want[2][:, ok], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["1-d-logits", "tangent-shape", "target-shape", "float-target",
+                                  "weight-shape", "smoothing"])  # fmt: skip
+def test_declines_with_its_reason(name):
+    call, reason = declined_call(name)
+    why = IMPL.not_supported_reasons(call)
+    assert any(reason in w for w in why), why
