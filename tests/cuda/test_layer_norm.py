@@ -1,4 +1,5 @@
-"""CUDA LayerNorm / RMSNorm kernels (``csrc/layer_norm.cu``, ``hessfast/cuda/layer_norm.py``).
+"""CUDA LayerNorm / RMSNorm kernels (``csrc/layer_norm.cu``, ``hessfast/cuda/layer_norm.py``), on
+the family's case table (``tests/cases/layer_norm.py``, which the torch and Triton tests run too).
 
 On ``cpu`` the ops run their CPU implementations over the same header algebra
 (``csrc/layer_norm.cuh``); on ``cuda`` the kernels (skipped without a GPU). Against the float64
@@ -13,6 +14,7 @@ cotangents, the declines, the ops' argument checks and ``opcheck``.
 
 import pytest
 import torch
+from cases.layer_norm import CASES, LOW_PRECISION, kernel_params
 from kernels.harness import check_impl
 
 from hessfast.cuda.layer_norm import IMPLEMENTATIONS, max_columns
@@ -31,68 +33,24 @@ def r(*s, seed):
     return torch.randn(*s, dtype=D, generator=torch.Generator().manual_seed(seed))
 
 
-def ln(shape, ns, weight=True, bias=True, eps=1e-5, active=(T, T, T), seed=0):
-    x = r(*shape, seed=seed) * 2 + 0.5
-    w = 1 + 0.3 * r(*ns, seed=seed + 1) if weight else None
-    b = 0.3 * r(*ns, seed=seed + 2) if bias else None
-    act = (active[0], F, active[1] and weight, active[2] and bias, F, F)
-    return LN, (x, list(ns), w, b, eps, True), act
-
-
-def rms(shape, ns, weight=True, eps=1e-6, active=(T, T), seed=0):
-    x = r(*shape, seed=seed) * 2 + 0.5
-    w = 1 + 0.3 * r(*ns, seed=seed + 1) if weight else None
-    return RMS, (x, list(ns), w, eps), (active[0], F, active[1] and weight, F)
-
-
-CASES = {
-    "ln": ln((6, 10), (10,)),
-    "ln-3d-two-dims": ln((2, 3, 4, 5), (4, 5)),
-    "ln-long-odd-row": ln((3, 1031), (1031,)),
-    "ln-one-row": ln((1, 7), (7,)),
-    "ln-no-affine": ln((4, 9), (9,), weight=False, bias=False),
-    "ln-weight-only-affine": ln((4, 9), (9,), bias=False),
-    "ln-bias-no-weight": ln((4, 9), (9,), weight=False, active=(T, F, F)),
-    "ln-params-only": ln((5, 6), (6,), active=(F, T, T)),
-    "rms": rms((6, 10), (10,)),
-    "rms-long-odd-row": rms((2, 2053), (2053,)),
-    "rms-eps-none": rms((3, 5), (5,), eps=None),
-    "rms-no-weight": rms((2, 3, 4), (4,), weight=False),
-    "rms-weight-only": rms((3, 8), (8,), active=(F, T)),
-}
-
-
-@pytest.mark.parametrize("k", [1, 7])
+@pytest.mark.parametrize("case,k", kernel_params())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("name", list(CASES))
-def test_matches_oracle(name, dtype, k, dev):
-    op, args, active = CASES[name]
+def test_matches_oracle(case, k, dtype, dev):
+    op, args, active = CASES[case].call()
     check_impl(IMPLS[op], op, args, active, dtype=dtype, device=dev, k=k)
 
 
-@pytest.mark.parametrize("name", ["ln", "rms", "ln-3d-two-dims"])
-def test_matches_oracle_float16(name, dev):
-    op, args, active = CASES[name]
+@pytest.mark.parametrize("case", LOW_PRECISION)
+def test_matches_oracle_float16(case, dev):
+    op, args, active = CASES[case].call()
     check_impl(IMPLS[op], op, args, active, dtype=torch.float16, device=dev, k=3)
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_header_math_float64(name, ext, float64_probe):
+@pytest.mark.parametrize("case", list(CASES))
+def test_header_math_float64(case, ext, float64_probe):
     """The CPU implementation in float64: the header algebra itself, to 1e-10."""
-    op, args, active = CASES[name]
+    op, args, active = CASES[case].call()
     check_impl(float64_probe(IMPLS[op]), op, args, active, dtype=D, device="cpu", k=2)
-
-
-@pytest.mark.parametrize("op", [LN, RMS], ids=["ln", "rms"])
-def test_transposed_input_matches_oracle(op, dev):
-    x = r(12, 5, seed=3).t()
-    assert not x.is_contiguous()
-    w, b = 1 + 0.2 * r(12, seed=4), 0.2 * r(12, seed=5)
-    if op == LN:
-        args, active = (x, [12], w, b, 1e-5, True), (T, F, T, T, F, F)
-    else:
-        args, active = (x, [12], w, 1e-6), (T, F, T, F)
-    check_impl(IMPLS[op], op, args, active, dtype=torch.float32, device=dev, k=2)
 
 
 def run(rule, op, args, active, tangents, g, gdot):
