@@ -236,6 +236,7 @@ def test_unmeasured_kernels_run_their_torch_rule_under_auto(monkeypatch):
 
 
 def test_cuda_rules_are_gated_by_the_built_architectures(monkeypatch):
+    monkeypatch.setattr(hcuda, "_compiled_archs", lambda: "8.0,9.0+PTX")  # setup.py's default
     cap = {"value": (7, 0)}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: cap["value"])
     monkeypatch.setattr(torch.version, "hip", None)

@@ -51,25 +51,37 @@ def ops():
     return torch.ops.hessfast
 
 
-#: The GPU architectures ``setup.py`` builds ``hessfast._C`` for by default
-#: (``TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX"``): sm_80 machine code (runs on every 8.x GPU), sm_90
-#: machine code and PTX that the driver compiles for newer GPUs. Set ``HESSFAST_CUDA_ARCHS`` (the
-#: same syntax) when the extension was built for another list.
-BUILT_ARCHS = "8.0;9.0+PTX"
+def built_archs() -> str:
+    """The GPU architectures ``hessfast._C`` was compiled for, in ``TORCH_CUDA_ARCH_LIST`` syntax:
+    the list ``setup.py`` compiled into the extension (``hessfast._C.BUILT_ARCHS``; by default
+    ``8.0,9.0+PTX``: sm_80 machine code, which runs on every 8.x GPU, sm_90 machine code, and PTX
+    that the driver compiles for newer GPUs), or ``HESSFAST_CUDA_ARCHS`` when set (an override);
+    empty when the extension is not loaded.
+
+    >>> isinstance(built_archs(), str)
+    True
+    """
+    return os.environ.get("HESSFAST_CUDA_ARCHS") or _compiled_archs()
+
+
+def _compiled_archs() -> str:
+    """``hessfast._C.BUILT_ARCHS`` (empty when the extension is not loaded)."""
+    if unavailable():
+        return ""
+    return getattr(importlib.import_module("hessfast._C"), "BUILT_ARCHS", "")
 
 
 def _archs() -> tuple[list[tuple[int, int]], tuple[int, int] | None]:
     """``(machine-code capabilities, lowest PTX capability or None)`` of the built extension."""
-    spec = os.environ.get("HESSFAST_CUDA_ARCHS", BUILT_ARCHS)
     sass, ptx = [], []
-    for part in spec.replace(",", ";").replace(" ", ";").split(";"):
+    for part in built_archs().replace(",", ";").replace(" ", ";").split(";"):
         part = part.strip()
         if not part:
             continue
         with_ptx = part.endswith("+PTX")
         major, _, minor = part.removesuffix("+PTX").partition(".")
         try:
-            cap = (int(major), int(minor or 0))
+            cap = (int(major), int(minor.rstrip("af") or 0))
         except ValueError:
             continue
         sass.append(cap)
@@ -85,7 +97,7 @@ def _capability(index: int) -> tuple[int, int]:
 
 def device_reasons(device: torch.device) -> list[str]:
     """Why the extension's kernels cannot run on ``device`` (queried on first use, never at
-    import): a ROCm build of torch, or a GPU for which :data:`BUILT_ARCHS` holds neither machine
+    import): a ROCm build of torch, or a GPU for which :func:`built_archs` holds neither machine
     code of its major version (at or below its capability) nor PTX it can compile ("no kernel
     image is available" otherwise, mid-product)."""
     if device.type != "cuda":
@@ -97,11 +109,10 @@ def device_reasons(device: torch.device) -> list[str]:
     sass, ptx = _archs()
     if any(a[0] == cap[0] and a[1] <= cap[1] for a in sass) or (ptx is not None and ptx <= cap):
         return []
-    built = os.environ.get("HESSFAST_CUDA_ARCHS", BUILT_ARCHS)
     return [
         f"compute capability {cap[0]}.{cap[1]} of {device} is not among the architectures "
-        f"hessfast._C was built for ({built}): rebuild with TORCH_CUDA_ARCH_LIST including "
-        f"{cap[0]}.{cap[1]} (and set HESSFAST_CUDA_ARCHS to the same list)"
+        f"hessfast._C was built for ({built_archs()}): rebuild with TORCH_CUDA_ARCH_LIST "
+        f"including {cap[0]}.{cap[1]}"
     ]
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.func import grad, jvp
+from torch.func import grad, jvp, vmap
 
 from hessfast.rules.base import Call
 from hessfast.rules.cross_entropy import ROWS_OP
@@ -88,19 +88,20 @@ CASES = {
     "sum-smoothing": RowsCase(3, 129, 3, smoothing=0.3, scale=1.0),
     "full-smoothing-weighted": RowsCase(6, 29, 3, weight=True, smoothing=1.0, scale=1 / 3),
     # more tangents than one CUDA launch takes (32)
-    "k40": RowsCase(3, 50, 40, weight=True, smoothing=0.05, ignored=(1,), scale=1.0),
+    "k40": RowsCase(3, 24, 40, weight=True, smoothing=0.05, ignored=(1,), scale=1.0),
     # the running max changes at every step of a row; row 0 has masked classes, row 2 a 1e4 offset
     "ramp-masked-offset": RowsCase(
         4, 300, 2, ramp=30.0, masked={0: slice(None, None, 3)}, targets={0: 1}, offset={2: 1e4},
         scale=1.0,
         # the loss of the offset row, max + log Σ − z_y, is rounded at float32's spacing near 1e4
-        # (1e-3): 1.5e-5 relative in both kernels
+        # (1e-3): 1.5e-5 relative in the Triton kernel and in the CUDA op (its CPU implementation)
         float32_tolerance=(1e-4, 1e-4),
     ),
-    # -inf over the whole first 16-wide tile of rows 0 and 3 (a masked vocabulary prefix): an
-    # online softmax started from max = -inf computed exp(-inf - -inf) = NaN (issue 17's audit)
+    # -inf over the first 16-wide tiles of rows 0 (two and a half) and 3 (exactly one): a masked
+    # vocabulary prefix; an online softmax started from max = -inf computed exp(-inf - -inf) = NaN
+    # (issue 17's audit)
     "first-tile-minus-inf": RowsCase(
-        5, 300, 7, weight=True, ignored=(1,), masked={0: slice(0, 40), 3: slice(0, 16)},
+        4, 64, 3, weight=True, ignored=(1,), masked={0: slice(0, 40), 3: slice(0, 16)},
         targets={0: 50, 3: 20}, tiles={"block_v": 16},
     ),
 }  # fmt: skip
@@ -135,7 +136,7 @@ def oracle(z, zdot, target, weight, ignore_index, label_smoothing, scale, want_g
     gz = grad(total)(z) if want_grad else None
     gdz = None
     if zdot is not None:
-        gdz = torch.stack([jvp(grad(total), (z,), (u,))[1] for u in zdot])
+        gdz = vmap(lambda u: jvp(grad(total), (z,), (u,))[1])(zdot)
     return rows(z), gz, gdz
 
 

@@ -81,11 +81,15 @@ def test_extension_imports_and_registers_its_ops():
                 assert impl in implementations(op), (path.name, impl.name)
 
 
-def test_the_extension_reports_the_architectures_it_was_built_for(ext):
+def test_the_extension_reports_the_architectures_it_was_built_for(ext, monkeypatch):
     """``setup.py`` compiles ``TORCH_CUDA_ARCH_LIST`` into the extension (``,`` between entries:
     the compile command's shell would split at ``;``)."""
     built = importlib.import_module("hessfast._C").BUILT_ARCHS
     assert re.fullmatch(r"[0-9A-Za-z.+]+(,[0-9A-Za-z.+]+)*", built)
+    monkeypatch.delenv("HESSFAST_CUDA_ARCHS", raising=False)
+    assert hessfast.cuda.built_archs() == built
+    monkeypatch.setenv("HESSFAST_CUDA_ARCHS", "7.0;8.0")  # an override
+    assert hessfast.cuda.built_archs() == "7.0;8.0"
     setup = load_setup()
     assert setup.archs_define(setup.DEFAULT_ARCHS) == "8.0,9.0+PTX"
     assert setup.archs_define(" 8.6 ; 9.0a,10.0+PTX ") == "8.6,9.0a,10.0+PTX"

@@ -65,6 +65,14 @@ def make_inputs(op, args, active, k, seed=SEED):
 def oracle(op, args, active, tans, gbar, gdot, mode):
     """``(ys, ydots, gx, gdx)``: lists over outputs (``ys``, ``ydots``) and over argument slots
     (``gx[i]``, ``gdx[i]`` for active ``i``; ``None`` for zero), in float64."""
+    return oracle_modes(op, args, active, tans, gbar, gdot, (mode,))[mode]
+
+
+def oracle_modes(op, args, active, tans, gbar, gdot, modes=MODES):
+    """:func:`oracle` for each of ``modes`` (``{mode: (ys, ydots, gx, gdx)}``), the parts they
+    share computed once: the tangents ``J ẋ``, the cotangents ``Jᵀ ḡ``, and per tangent ``Jᵀ ġ_k``
+    and the second-order term ``∇_x⟨Jᵀ ḡ, ẋ_k⟩`` (hvp: both; hvp-second-order-only: the second;
+    ggn: the first; grad: no tangents)."""
     slots = _slots(active)
     k = next(iter(tans.values())).shape[0] if tans else 0
 
@@ -78,31 +86,26 @@ def oracle(op, args, active, tans, gbar, gdot, mode):
     ys = _floats(f(*xs))
     keep = [j for j, y in enumerate(ys) if y is not None]
     ydots = None
-    if mode != "grad":
+    if any(m != "grad" for m in modes):
         tv = [tans[i] for i in slots]
         ydots = vmap(
             lambda *ts: jvp(lambda *zs: tuple(_floats(f(*zs))[j] for j in keep), tuple(xs), ts)[1]
         )(*tv)
         ydots = list(ydots)
     xr = [x.detach().clone().requires_grad_(True) for x in xs]
-    gx, gdx = {}, {}
+    firsts, seconds = [], []
     with torch.enable_grad():
         yo = [_floats(f(*xr))[j] for j in keep]
         gb = [gbar[j] for j in keep]
         vj = torch.autograd.grad(yo, xr, gb, create_graph=True, allow_unused=True)
-        for idx, i in enumerate(slots):
-            gx[i] = None if mode == "ggn" or vj[idx] is None else vj[idx].detach()
-        if mode == "grad":
-            return [ys[j] for j in keep], None, gx, None
-        per_k = {i: [] for i in slots}
         for kk in range(k):
             first = [None] * len(xr)
-            if mode in ("hvp", "ggn"):
+            if "hvp" in modes or "ggn" in modes:
                 first = torch.autograd.grad(
                     yo, xr, [gdot[j][kk] for j in keep], retain_graph=True, allow_unused=True
                 )
             second = [None] * len(xr)
-            if mode.startswith("hvp"):
+            if any(m.startswith("hvp") for m in modes):
                 terms = [
                     (v * tans[i][kk]).sum()
                     for v, i in zip(vj, slots)
@@ -112,15 +115,31 @@ def oracle(op, args, active, tans, gbar, gdot, mode):
                     second = torch.autograd.grad(
                         sum(terms), xr, retain_graph=True, allow_unused=True
                     )
-            for idx, i in enumerate(slots):
+            firsts.append([None if t is None else t.detach() for t in first])
+            seconds.append([None if t is None else t.detach() for t in second])
+    out = {}
+    for mode in modes:
+        gx = {i: None if mode == "ggn" or v is None else v.detach() for v, i in zip(vj, slots)}
+        if mode == "grad":
+            out[mode] = ([ys[j] for j in keep], None, gx, None)
+            continue
+        gdx = {}
+        for idx, i in enumerate(slots):
+            per_k = []
+            for kk in range(k):
                 want = torch.zeros_like(xs[idx])
-                for part in (first[idx], second[idx]):
+                parts = []
+                if mode in ("hvp", "ggn"):
+                    parts.append(firsts[kk][idx])
+                if mode.startswith("hvp"):
+                    parts.append(seconds[kk][idx])
+                for part in parts:
                     if part is not None:
-                        want = want + part.detach()
-                per_k[i].append(want)
-        for i in slots:
-            gdx[i] = torch.stack(per_k[i])
-    return [ys[j] for j in keep], ydots, gx, gdx
+                        want = want + part
+                per_k.append(want)
+            gdx[i] = torch.stack(per_k)
+        out[mode] = ([ys[j] for j in keep], ydots, gx, gdx)
+    return out
 
 
 def run_impl(impl, op, args, active, tans, gbar, gdot, mode, dtype, device):
@@ -216,8 +235,9 @@ def check_impl(
     tans, gbar, gdot = make_inputs(op, args, active, k, seed)
     rtol, atol = impl.tolerances[dtype]
     report = {}
+    wants = oracle_modes(op, args, active, tans, gbar, gdot, modes)
     for mode in modes:
-        want = oracle(op, args, active, tans if mode != "grad" else {}, gbar, gdot, mode)
+        want = wants[mode]
         got = run_impl(impl, op, args, active, tans, gbar, gdot, mode, dtype, device)
         errs = {}
         low = dtype in (torch.bfloat16, torch.float16)
