@@ -30,15 +30,30 @@
 
 namespace hessfast {
 
-enum class Act : int {
-  Relu = 0,
-  Gelu = 1,
-  GeluTanh = 2,
-  Silu = 3,
-  Tanh = 4,
-  Sigmoid = 5,
-  Hardswish = 6
-};
+// The activations, X(enumerator, the name the ops' `act` argument takes), in the order of their
+// codes (0, 1, ...). Adding one: a line here, its formulas in act_value_d1 and act_d1_d2 (and in
+// ActInfo when f' is a function of the result y); parse_act, dispatch_act and kActs follow.
+#define HESSFAST_ACTS(X)    \
+  X(Relu, "relu")           \
+  X(Gelu, "gelu")           \
+  X(GeluTanh, "gelu_tanh")  \
+  X(Silu, "silu")           \
+  X(Tanh, "tanh")           \
+  X(Sigmoid, "sigmoid")     \
+  X(Hardswish, "hardswish")
+
+#define HF_ACT_ENUM(e, name) e,
+enum class Act : int { HESSFAST_ACTS(HF_ACT_ENUM) };
+#undef HF_ACT_ENUM
+
+// Every activation and its name, in code order.
+#define HF_ACT_VALUE(e, name) Act::e,
+inline constexpr Act kActs[] = {HESSFAST_ACTS(HF_ACT_VALUE)};
+#undef HF_ACT_VALUE
+#define HF_ACT_NAME(e, name) name,
+inline constexpr const char* kActNames[] = {HESSFAST_ACTS(HF_ACT_NAME)};
+#undef HF_ACT_NAME
+inline constexpr int kNumActs = static_cast<int>(sizeof(kActs) / sizeof(kActs[0]));
 
 // from_result: the derivatives are functions of y (the backward's residual is y, else x);
 // curved: f'' is not identically zero (the backward then needs the input tangent ẋ).
@@ -166,20 +181,11 @@ HF_HD void act_d1_d2(T src, T& d1, T& d2) {
 template <typename Fn>
 void dispatch_act(Act a, Fn&& fn) {
   switch (a) {
-    case Act::Relu:
-      return fn(std::integral_constant<Act, Act::Relu>{});
-    case Act::Gelu:
-      return fn(std::integral_constant<Act, Act::Gelu>{});
-    case Act::GeluTanh:
-      return fn(std::integral_constant<Act, Act::GeluTanh>{});
-    case Act::Silu:
-      return fn(std::integral_constant<Act, Act::Silu>{});
-    case Act::Tanh:
-      return fn(std::integral_constant<Act, Act::Tanh>{});
-    case Act::Sigmoid:
-      return fn(std::integral_constant<Act, Act::Sigmoid>{});
-    case Act::Hardswish:
-      return fn(std::integral_constant<Act, Act::Hardswish>{});
+#define HF_ACT_CASE(e, name) \
+  case Act::e:               \
+    return fn(std::integral_constant<Act, Act::e>{});
+    HESSFAST_ACTS(HF_ACT_CASE)
+#undef HF_ACT_CASE
   }
 }
 

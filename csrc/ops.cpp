@@ -14,6 +14,7 @@
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
+#include <string>
 #include <vector>
 
 #include "ops.h"
@@ -107,15 +108,13 @@ SymInt first_k(std::initializer_list<const OptTensor*> ts) {
 // ---- activations ------------------------------------------------------------------------------
 
 Act parse_act(c10::string_view name) {
-  if (name == "relu") return Act::Relu;
-  if (name == "gelu") return Act::Gelu;
-  if (name == "gelu_tanh") return Act::GeluTanh;
-  if (name == "silu") return Act::Silu;
-  if (name == "tanh") return Act::Tanh;
-  if (name == "sigmoid") return Act::Sigmoid;
-  if (name == "hardswish") return Act::Hardswish;
+  std::string choices;
+  for (int i = 0; i < kNumActs; ++i) {
+    if (name == kActNames[i]) return kActs[i];
+    choices += (i ? ", " : "") + std::string(kActNames[i]);
+  }
   TORCH_CHECK(false, "hessfast: unknown activation '", std::string(name.data(), name.size()),
-              "' (argument 'act'); choose relu, gelu, gelu_tanh, silu, tanh, sigmoid or hardswish");
+              "' (argument 'act'); choose one of ", choices);
 }
 
 bool act_curved(Act a) { return a != Act::Relu; }

@@ -58,7 +58,7 @@ using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Tensor4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using Tensor6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid", "hardswish".
+// The activation named by the ops' `act` argument (HESSFAST_ACTS in activation.cuh).
 Act parse_act(c10::string_view name);
 bool act_curved(Act a);
 

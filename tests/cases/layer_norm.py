@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hessfast.rules.base import Call
+
 aten = torch.ops.aten
 D = torch.float64
 LN = aten.layer_norm.default
@@ -120,3 +122,55 @@ LOW_PRECISION = [
 def kernel_params():
     """``(case, K)`` pairs the kernel tests run."""
     return [(name, k) for name, c in CASES.items() for k in c.ks]
+
+
+@dataclass(frozen=True)
+class Declined:
+    """A call ``op(*args)`` (tangents ``tangents``, the input active) that the implementations of
+    ``reasons``' backends refuse, each with a reason containing ``reasons[backend]``."""
+
+    op: object
+    args: tuple
+    reasons: dict
+    tangents: tuple | None = None
+
+    def call(self):
+        n = len(self.args)
+        tangents = self.tangents or (None,) * n
+        k = next((t.shape[0] for t in tangents if t is not None), 0)
+        return Call(self.op, self.args, (True,) + (False,) * (n - 1), tangents, k)
+
+
+DECLINED = {
+    "integer": Declined(
+        LN,
+        (torch.arange(6).view(2, 3), [3], None, None, 1e-5, True),
+        {"triton": "needs a floating-point input", "cuda": "takes a floating-point input"},
+    ),
+    "shape-mismatch": Declined(
+        LN,
+        (torch.ones(2, 3), [4], None, None, 1e-5, True),
+        {b: "normalized_shape [4] does not match the input's trailing dims" for b in ("triton", "cuda")},
+    ),
+    "weight-dtype": Declined(
+        LN,
+        (torch.ones(2, 3), [3], torch.ones(3, dtype=D), None, 1e-5, True),
+        {"cuda": "weight is torch.float64 on cpu, the input torch.float32"},
+    ),
+    "weight-shape": Declined(
+        RMS,
+        (torch.ones(2, 3), [3], torch.ones(4), None),
+        {"triton": "weight must be a floating-point tensor of shape [3]", "cuda": "weight has shape [4], want [3]"},
+    ),
+    "tangent-dtype": Declined(
+        RMS,
+        (torch.ones(2, 3), [3], None, None),
+        {"cuda": "tangent of input is torch.float64 on cpu"},
+        tangents=(torch.ones(2, 2, 3, dtype=D), None, None, None),
+    ),
+}  # fmt: skip
+
+
+def declined(backend):
+    """The :data:`DECLINED` ids that ``backend`` refuses."""
+    return [name for name, d in DECLINED.items() if backend in d.reasons]

@@ -60,13 +60,11 @@ def test_float32_matches_the_oracle_at_the_declared_tolerance(case, kernel_devic
     )
 
 
-@pytest.mark.parametrize("case", LOW_PRECISION)
-def test_bfloat16_within_twice_plain_torch(case, kernel_device):
-    """bfloat16 stands for the 16-bit types in the interpreter (the CUDA tests run float16 too)."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", LOW_PRECISION if torch.cuda.is_available() else LOW_PRECISION[:3])
+def test_half_precision_within_twice_plain_torch(case, dtype, kernel_device):
     args, blocks = make(case)
-    check_rows(
-        lambda *a: run_kernel(a, blocks), IMPL, args, dtype=torch.bfloat16, device=kernel_device
-    )
+    check_rows(lambda *a: run_kernel(a, blocks), IMPL, args, dtype=dtype, device=kernel_device)
 
 
 def test_non_contiguous_inputs_give_the_contiguous_result(kernel_device):
