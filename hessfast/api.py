@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -14,7 +15,7 @@ from torch.fx._pytree import tree_flatten_spec
 from . import autograd_fallback, capture, dispatch, engine, losses, traced
 from .dispatch import use_backend
 from .errors import CaptureError, NonFiniteError
-from .vectors import Vectors, first_non_finite, format_like, parse, select_params
+from .vectors import Vectors, first_non_finite_in, format_like, parse, select_params
 
 Params = str | Sequence[str] | None
 
@@ -60,6 +61,8 @@ def compute(
     output=None,
     info: list | None = None,
     grads: bool = True,
+    fingerprint: capture.Fingerprint | None = None,
+    before: Callable[[], None] | None = None,
 ):
     """``(loss, grads, products)`` of one engine run: what ``hvp``/``ggn_vp``/``grad`` and the
     operators, the profiler and the benchmarks call (``mode``: ``"hvp"``, ``"ggn"``, ``"grad"`` or
@@ -67,7 +70,21 @@ def compute(
     With ``info`` (a list) the run's :class:`~hessfast.dispatch.ProductInfo` is appended to it;
     the ``hessfast`` logger gets it as one DEBUG line either way. ``grads=False`` (``"hvp"``
     mode): the caller does not read the gradient, and it is ``None`` in the result; the traced
-    graph then omits the parameters' primal cotangents (one GEMM per weight)."""
+    graph then omits the parameters' primal cotangents (one GEMM per weight). ``fingerprint``:
+    :func:`hessfast.capture.fingerprint` of ``model`` taken by the caller since its last change
+    (``None``: taken here). ``before``: a check of the inputs run before anything but a replay of
+    a traced product (:func:`hessfast.traced.run`); the caller checks the inputs of a replay
+    afterwards (:func:`hvp` does, with the result's check).
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> from hessfast.vectors import select_params
+        >>> model, x, y = torch.nn.Linear(3, 2), torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
+        >>> loss, g, _ = compute(model, F.cross_entropy, x, y, select_params(model, None),
+        ...                      None, "grad", False)
+        >>> g["weight"].shape
+        torch.Size([2, 3])
+    """
     traced.check_mode(compile)
     with use_backend(backend) as requested, dispatch.recording() as rec:
         res = _compute_on(
@@ -83,7 +100,11 @@ def compute(
             compile,
             output,
             grads,
+            fingerprint,
+            before,
         )
+    if res.trace is not None and rec.traced:  # reported for the trace's replays
+        res.trace.dispatch_choices = Counter(rec.traced)
     if info is not None or log.isEnabledFor(logging.DEBUG):
         what = dispatch.product_info(rec, mode, requested, res.fallback_ops, res.trace)
         if isinstance(res, _Whole):
@@ -95,19 +116,31 @@ def compute(
 
 
 def _compute_on(
-    model, loss_fn, inputs, targets, selected, vec, mode, strict, profiler, compile, output, grads
+    model,
+    loss_fn,
+    inputs,
+    targets,
+    selected,
+    vec,
+    mode,
+    strict,
+    profiler,
+    compile,
+    output,
+    grads,
+    fingerprint,
+    before,
 ):
     """The engine's result (``loss``, ``grads``, ``products``, ``fallback_ops`` and ``trace``,
     the traced product that ran or was traced; ``None``: interpreted)."""
     inputs, kwargs = split_inputs(inputs)
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+    _check_module(model)
     names = frozenset(n for n, _ in selected)
     tangents = vec.tangents if vec is not None else None
     k = vec.k if vec is not None else 0
     custom = not losses.is_closed_form(loss_fn)
     try:
-        prog = capture.capture(model, inputs, kwargs, output, custom)
+        prog = capture.capture(model, inputs, kwargs, output, custom, fingerprint)
     except CaptureError as e:
         if strict:
             raise
@@ -119,22 +152,30 @@ def _compute_on(
             stacklevel=3,
         )
         rule = losses.resolve(loss_fn, targets)
+        if before is not None:
+            before()
         loss, grads, prods = autograd_fallback.run(
             model, rule, inputs, selected, tangents, k, mode, kwargs=kwargs, output=output
         )
         return _Whole(loss, grads, prods)
-    values: dict[str, torch.Tensor] = {}
-    for ph, t in prog.state(model):
-        values[ph] = t.detach()
+    # parameters as they are (traced.run detaches where autograd could record)
+    values: dict[str, Any] = dict(prog.state(model))
     values.update(prog.constants)
-    for ph, x in zip(prog.user_inputs, tree_flatten_spec((inputs, kwargs), prog.in_spec)):
-        values[ph] = x.detach() if isinstance(x, torch.Tensor) else x
+    values.update(zip(prog.user_inputs, tree_flatten_spec((inputs, kwargs), prog.in_spec)))
     out_meta = prog.output.meta.get("val")
     rule = losses.resolve(loss_fn, targets, tuple(out_meta.shape) if out_meta is not None else None)
     _, rule = losses.read_output(rule, prog.out_spec, output)
     if profiler is not None:  # the per-rule view needs the interpreter
+        if before is not None:
+            before()
+        values = traced.detached(values)
         return engine.run(prog, names, values, tangents, k, rule, mode, profiler=profiler)
-    return traced.run(prog, names, values, tangents, k, rule, mode, compile, grads)
+    return traced.run(prog, names, values, tangents, k, rule, mode, compile, grads, before)
+
+
+def _check_module(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, not {type(model).__name__}")
 
 
 class _Whole:
@@ -147,16 +188,50 @@ class _Whole:
         self.loss, self.grads, self.products = loss, grads, products
 
 
-def _finite(kind: str, values: dict[str, torch.Tensor], check: bool) -> None:
-    if not check:
+class _VCheck:
+    """The check that ``v`` is finite, deferred: :func:`hessfast.traced.run` calls it before
+    anything but a replay of a traced product runs; after a replay it runs with the result's
+    check, in one host sync (:func:`_check_finite`)."""
+
+    __slots__ = ("vec", "done")
+
+    def __init__(self, vec: Vectors):
+        self.vec, self.done = vec, False
+
+    def __call__(self) -> None:
+        if not self.done:
+            self.done = True
+            self.vec.check_finite()
+
+
+def _check_finite(
+    v: _VCheck | None, results: list[tuple[str, dict[str, torch.Tensor]]], check: bool
+) -> None:
+    """Raise ``ValueError`` naming the parameter if ``v`` (unless checked before the product) has
+    a NaN or Inf entry, else, with ``check``, :class:`NonFiniteError` for the first of the
+    ``(kind, values)`` results that has one; one host sync for all."""
+    groups = [("v", v.vec.finite_parts())] if v is not None and not v.done else []
+    if check:
+        groups += results
+    bad = first_non_finite_in(groups)
+    if bad is None:
         return
-    n = first_non_finite(values)
-    if n is not None:
-        raise NonFiniteError(
-            f"the {kind} has NaN or Inf entries in parameter {n!r}: the loss or the model is "
-            "not finite at these inputs (check the data, the loss scale and the dtype). Pass "
-            "check_finite=False to receive the result anyway."
-        )
+    kind, n = bad
+    if kind == "v":
+        v.vec.raise_non_finite(n)
+    raise NonFiniteError(
+        f"the {kind} has NaN or Inf entries in parameter {n!r}: the loss or the model is "
+        "not finite at these inputs (check the data, the loss scale and the dtype). Pass "
+        "check_finite=False to receive the result anyway."
+    )
+
+
+def _selection(model: Any, params: Params) -> tuple[capture.Fingerprint, list]:
+    """The model's fingerprint (taken once per product, read again by the capture guard) and
+    the differentiated parameters."""
+    _check_module(model)
+    fp = capture.fingerprint(model)
+    return fp, select_params(model, params, fp)
 
 
 def hvp(
@@ -204,9 +279,10 @@ def hvp(
         >>> sorted(hv) == sorted(v) and hv["0.weight"].shape == (4, 3)
         True
     """
-    selected = select_params(model, params)
-    vec = parse(v, selected)
-    info: list = []
+    fp, selected = _selection(model, params)
+    vec = parse(v, selected, check_finite=False)
+    v_check = _VCheck(vec)
+    info: list | None = [] if return_info else None
     _, grads, prods = compute(
         model,
         loss_fn,
@@ -221,8 +297,13 @@ def hvp(
         output=output,
         info=info,
         grads=return_grad,
+        fingerprint=fp,
+        before=v_check,
     )
-    _finite("Hessian-vector product", prods, check_finite)
+    results = [("Hessian-vector product", prods)]
+    if return_grad:
+        results.append(("gradient", grads))
+    _check_finite(v_check, results, check_finite)
     out = (
         format_like(prods, vec)
         if vec.batched
@@ -231,7 +312,6 @@ def hvp(
     extra = (info[0],) if return_info else ()
     if not return_grad:
         return (out, *extra) if extra else out
-    _finite("gradient", grads, check_finite)
     return (out, format_like(grads, vec, batched=False), *extra)
 
 
@@ -347,9 +427,10 @@ def _product(
     return_info,
 ):
     """A product without a gradient (``"ggn"``, ``"residual"``) in ``v``'s structure."""
-    selected = select_params(model, params)
-    vec = parse(v, selected)
-    info: list = []
+    fp, selected = _selection(model, params)
+    vec = parse(v, selected, check_finite=False)
+    v_check = _VCheck(vec)
+    info: list | None = [] if return_info else None
     _, _, prods = compute(
         model,
         loss_fn,
@@ -363,8 +444,10 @@ def _product(
         compile=compile,
         output=output,
         info=info,
+        fingerprint=fp,
+        before=v_check,
     )
-    _finite(what, prods, check_finite)
+    _check_finite(v_check, [(what, prods)], check_finite)
     if vec.batched:
         out = format_like(prods, vec)
     else:
@@ -398,8 +481,8 @@ def grad(
         >>> sorted(g)
         ['bias', 'weight']
     """
-    selected = select_params(model, params)
-    info: list = []
+    fp, selected = _selection(model, params)
+    info: list | None = [] if return_info else None
     _, grads, _ = compute(
         model,
         loss_fn,
@@ -413,8 +496,9 @@ def grad(
         compile=compile,
         output=output,
         info=info,
+        fingerprint=fp,
     )
-    _finite("gradient", grads, check_finite)
+    _check_finite(None, [("gradient", grads)], check_finite)
     if flat:
         out = torch.cat([grads[n].flatten() for n, _ in selected])
     else:

@@ -708,10 +708,12 @@ def capture(
     kwargs: dict | None = None,
     output: str | int | None = None,
     custom_loss: bool = False,
+    fp: Fingerprint | None = None,
 ) -> Program:
     """Export ``model`` at the signature of ``model(*inputs, **kwargs)`` (cached; a second call
     does not re-export). ``output`` and ``custom_loss`` choose the returned tensor the loss reads
-    (:func:`choose_output`).
+    (:func:`choose_output`). ``fp``: :func:`fingerprint` of ``model`` taken by the caller since
+    the model last changed (``None``: taken here).
 
     A program is reused when the model object, :func:`fingerprint` of the model (its modules,
     their training flags, parameter and buffer objects, plain-Python attributes and forward
@@ -725,7 +727,8 @@ def capture(
     if per_model is None:
         per_model = _CACHE[model] = []
     sig = signature((inputs, kwargs or {}))
-    fp = fingerprint(model)
+    if fp is None:
+        fp = fingerprint(model)
     for i, (s, f, held) in enumerate(per_model):
         if s == sig and f == fp:
             if i:

@@ -49,6 +49,7 @@ import logging
 import operator
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,7 +101,7 @@ class Trace:
 
 def _meta(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
-        return ("T", x.shape, x.stride(), x.dtype, x.device)
+        return (x.shape, x.stride(), x.dtype, x.device)
     if isinstance(x, (int, float, bool, str, type(None), torch.dtype, torch.device)):
         return ("V", type(x), x)
     try:
@@ -140,7 +141,21 @@ def _split_loss(loss_rule: Any) -> tuple[list, Any, list]:
     return leaves, spec, tensors
 
 
+def _metas(xs: Any) -> tuple:
+    """:func:`_meta` of each of ``xs``, a tensor's inline (the key reads every input on every
+    product)."""
+    return tuple(
+        [
+            (x.shape, x.stride(), x.dtype, x.device) if isinstance(x, torch.Tensor) else _meta(x)
+            for x in xs
+        ]
+    )
+
+
 def _key(param_names, values, tangents, k, loss_rule, mode, compile, loss_parts, grads) -> tuple:
+    """The cache key of a product (module docstring). The names of ``values`` and ``tangents``
+    are left out: the placeholders are the program's and the tangents' names follow from
+    ``param_names`` (:meth:`~hessfast.capture.Program.plan`), in a fixed order."""
     leaves, spec, _ = loss_parts
     return (
         mode,
@@ -152,9 +167,9 @@ def _key(param_names, values, tangents, k, loss_rule, mode, compile, loss_parts,
         compile,
         type(loss_rule),
         hashable_spec(spec),
-        tuple(_meta(x) for x in leaves),
-        tuple((n, _meta(x)) for n, x in values.items()),
-        None if tangents is None else tuple((n, _meta(x)) for n, x in tangents.items()),
+        _metas(leaves),
+        _metas(values.values()),
+        None if tangents is None else _metas(tangents.values()),
         grads or mode != "hvp",
     )
 
@@ -319,7 +334,7 @@ def lookup(
 ) -> Trace | None:
     """The (cached) trace of this product, traced now if it is due; ``None`` while the signature
     is still interpreted (its first :data:`TRACE_AFTER` products under ``compile=None``).
-    ``loss_parts``: :func:`_split_loss` of ``loss_rule``."""
+    ``loss_parts``: :func:`_split_loss` of ``loss_rule``; tracing reads ``values`` detached."""
     cache = _traces(program)
     key = _key(param_names, values, tangents, k, loss_rule, mode, compile, loss_parts, grads)
     trace = cache.pop(key, None)
@@ -332,8 +347,9 @@ def lookup(
         cache[key] = 1
         return None
     if trace is None:
+        plain = detached(values)
         trace = _trace(
-            program, param_names, values, tangents, k, loss_rule, mode, compile, loss_parts, grads
+            program, param_names, plain, tangents, k, loss_rule, mode, compile, loss_parts, grads
         )
         while len(cache) >= MAX_TRACES:
             cache.pop(next(iter(cache)))
@@ -341,6 +357,19 @@ def lookup(
             log.info("hessfast: this product runs the interpreter: %s", trace.reason)
     cache[key] = trace  # most recently used last
     return trace
+
+
+def detached(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with every tensor detached: what the interpreter and tracing read (a replay
+    reads the tensors as they are, under ``no_grad``).
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> out = detached({"w": w, "n": 3})
+        >>> out["w"].requires_grad, out["n"]
+        (False, 3)
+    """
+    return {n: x.detach() if isinstance(x, torch.Tensor) else x for n, x in values.items()}
 
 
 def run(
@@ -353,13 +382,36 @@ def run(
     mode: str,
     compile: str | None = None,
     grads: bool = True,
+    before: Callable[[], None] | None = None,
 ) -> engine.Result:
     """One product like :func:`hessfast.engine.run`, through its traced graph (see the module
-    docstring for ``compile``)."""
+    docstring for ``compile``). ``values`` may hold tensors that require grad (parameters): a
+    replay runs under ``no_grad``, everything else on detached copies. ``before`` (a check of
+    the inputs, e.g. that ``v`` is finite) is called before anything but a replay of a checked
+    trace runs: the interpreter, tracing, a trace's first replay (which a bad input must not
+    retire); the result of a replay is left to the caller to check together with the inputs.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, hessfast
+        >>> from hessfast import capture, losses
+        >>> model, x, y = torch.nn.Linear(3, 2), torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
+        >>> prog = capture.capture(model, (x,))
+        >>> values = dict(prog.state(model)) | dict(zip(prog.user_inputs, (x,)))
+        >>> res = run(prog, frozenset({"weight", "bias"}), values, None, 0,
+        ...           losses.resolve(F.cross_entropy, y), "grad")
+        >>> torch.allclose(res.grads["weight"], hessfast.grad(model, F.cross_entropy, x, y)["weight"])
+        True
+    """
     check_mode(compile)
     loss_rule = lower_loss.lower(loss_rule, program.output.meta.get("val"))
+
+    def interpret():
+        if before is not None:
+            before()
+        return engine.run(program, param_names, detached(values), tangents, k, loss_rule, mode)
+
     if compile == "interpret":
-        return engine.run(program, param_names, values, tangents, k, loss_rule, mode)
+        return interpret()
     if isinstance(loss_rule, FuncLoss) and loss_rule.call_signature is None:
         # a custom loss that cannot be recorded on meta tensors: what it reads cannot be keyed,
         # so a graph could replay stale Python state; the interpreter calls it afresh
@@ -370,7 +422,7 @@ def run(
                 "on the host), so its state cannot be keyed; use compile=None (which interprets "
                 "it) instead"
             )
-        return engine.run(program, param_names, values, tangents, k, loss_rule, mode)
+        return interpret()
     if compile == "cudagraphs":
         dev = next((x.device for x in values.values() if isinstance(x, torch.Tensor)), None)
         if dev is None or dev.type != "cuda":
@@ -386,14 +438,14 @@ def run(
         program, param_names, values, tangents, k, loss_rule, mode, compile, loss_parts, grads
     )
     if trace is None:
-        return engine.run(program, param_names, values, tangents, k, loss_rule, mode)
+        return interpret()
     if trace.fn is None:
         if compile is not None:
             raise RuntimeError(
                 f"compile={compile!r} needs a traced product, and this one cannot be traced "
                 f"({trace.reason}); use compile=None (which interprets it) instead"
             )
-        res = engine.run(program, param_names, values, tangents, k, loss_rule, mode)
+        res = interpret()
         res.trace = trace
         return res
     leaves, _, tensor_idx = loss_parts
@@ -402,12 +454,15 @@ def run(
         flat += tangents.values()
     flat += [leaves[i] for i in tensor_idx]
     if trace.calls == 0:
-        args = (program, param_names, values, tangents, k, loss_rule, mode, compile, grads)
-        res = _first_call(trace, flat, *args)
+        if before is not None:
+            before()
+        args = (program, param_names, detached(values), tangents, k, loss_rule, mode, compile)
+        res = _first_call(trace, flat, *args, grads)
         res.trace = trace
         return res
     trace.calls += 1
-    out = trace.fn(*flat)
+    with torch.no_grad():
+        out = trace.fn(*flat)
     gnames, pnames = trace.layout
     grads = prods = None
     i = 1
@@ -416,7 +471,7 @@ def run(
         i += len(gnames)
     if pnames is not None:
         prods = dict(zip(pnames, out[i:]))
-    return engine.Result(out[0], grads, prods, Counter(trace.fallback_ops), trace)
+    return engine.Result(out[0], grads, prods, trace.fallback_ops, trace)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -434,7 +489,8 @@ def _first_call(
     ref = engine.run(program, param_names, values, tangents, k, loss_rule, mode)
     t0 = time.perf_counter()
     try:
-        out = list(trace.fn(*flat))
+        with torch.no_grad():  # as every replay (:func:`run`)
+            out = list(trace.fn(*flat))
     except Exception as e:
         trace.fn = None
         trace.reason = f"the traced graph failed on real tensors ({type(e).__name__}: {e})"[:400]

@@ -8,8 +8,10 @@ axis K for K vectors at once. Results are returned in the structure the caller u
 from __future__ import annotations
 
 import fnmatch
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,15 +45,47 @@ def _named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return out
 
 
+#: model -> (the fingerprint its named parameters were listed under, the list)
+_NAMED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _named_parameters_at(model: nn.Module, fingerprint: Any) -> list[tuple[str, nn.Parameter]]:
+    """:func:`_named_parameters`, listed once per ``fingerprint`` of ``model``
+    (:func:`hessfast.capture.fingerprint`: the module tree, each module's parameter names and
+    objects; equal fingerprints have the same named parameters). A model overriding
+    ``named_parameters`` or ``named_modules`` is asked every time."""
+    cls = type(model)
+    if (
+        fingerprint is None
+        or cls.named_parameters is not nn.Module.named_parameters
+        or cls.named_modules is not nn.Module.named_modules
+    ):
+        return _named_parameters(model)
+    held = _NAMED.get(model)
+    if held is not None and (held[0] is fingerprint or held[0] == fingerprint):
+        return held[1]
+    named = _named_parameters(model)
+    _NAMED[model] = (fingerprint, named)
+    return named
+
+
 def select_params(
-    model: nn.Module, params: str | Sequence[str] | None
+    model: nn.Module, params: str | Sequence[str] | None, fingerprint: Any = None
 ) -> list[tuple[str, nn.Parameter]]:
     """The differentiated parameters in ``named_parameters()`` order.
 
     ``params=None`` selects every parameter with ``requires_grad``; otherwise names or glob
     patterns (``"blocks.3.*"``), each of which must match at least one parameter.
+    ``fingerprint``: the model's :func:`hessfast.capture.fingerprint`, taken now; the parameter
+    list is then reused while it does not change (``requires_grad`` is read on every call).
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+        >>> [n for n, _ in select_params(model, "1.*")]
+        ['1.weight', '1.bias']
     """
-    named = _named_parameters(model)
+    named = _named_parameters_at(model, fingerprint)
     if params is None:
         chosen = [(n, p) for n, p in named if p.requires_grad]
         if not chosen:
@@ -78,50 +112,93 @@ class Vectors:
     k: int
     batched: bool  # the caller passed a leading K axis
     flat: bool  # the caller passed a flat tensor
+    given: dict[str, torch.Tensor] | None = None  # {"": the flat v} (its finiteness is v's)
+
+    def finite_parts(self) -> dict[str, torch.Tensor]:
+        """The tensors whose finiteness is that of ``v``: the flat tensor as one, else the
+        tangents (read by :func:`first_non_finite_in`, named by :meth:`raise_non_finite`)."""
+        return self.given if self.given is not None else self.tangents
+
+    def raise_non_finite(self, name: str) -> None:
+        """Raise the ``ValueError`` for a non-finite entry of :meth:`finite_parts` ``name``,
+        naming the parameter (a flat ``v`` is searched piece by piece for it)."""
+        if self.given is not None and name not in self.tangents:
+            name = first_non_finite(self.tangents) or name
+        raise ValueError(f"v[{name!r}] contains NaN or Inf; hessfast needs finite vectors")
+
+    def check_finite(self) -> None:
+        """Raise ``ValueError`` naming the parameter if ``v`` has a NaN or Inf entry."""
+        bad = first_non_finite(self.finite_parts())
+        if bad is not None:
+            self.raise_non_finite(bad)
 
 
 def first_non_finite(values: dict[str, torch.Tensor]) -> str | None:
     """The first name whose tensor holds NaN or Inf, or ``None``; one host sync for all."""
-    if not values:
+    bad = first_non_finite_in([("", values)])
+    return None if bad is None else bad[1]
+
+
+def first_non_finite_in(groups: Sequence[tuple[str, dict[str, torch.Tensor]]]):
+    """``(group, name)`` of the first tensor holding NaN or Inf over the ``(group, {name:
+    tensor})`` pairs, in order, or ``None``: one norm per tensor and one host sync for all.
+
+    Example:
+        >>> a, b = {"w": torch.ones(2)}, {"x": torch.zeros(1), "y": torch.tensor([1.0, float("nan")])}
+        >>> first_non_finite_in([("v", a), ("result", b)])
+        ('result', 'y')
+    """
+    tensors = [t for _, values in groups for t in values.values()]
+    if not tensors:
         return None
     # A finite 2-norm proves every entry finite (NaN and ±Inf propagate into it) and costs a
     # fraction of the max-norm on the CPU; a non-finite one may be an overflow of the squares,
     # so those tensors are asked again with the max-norm, non-finite exactly for NaN or ±Inf.
-    tensors = list(values.values())
     norms = torch._foreach_norm(tensors, 2.0)
     if len({n.dtype for n in norms}) > 1:
         norms = [n.double() for n in norms]
     flags = torch.stack(norms).isfinite()
     if bool(flags.all()):
         return None
+    where = [(g, n) for g, values in groups for n in values]
     for i in (~flags).nonzero().flatten().tolist():
         if not bool(tensors[i].abs().max().isfinite()):
-            return list(values)[i]
+            return where[i]
     return None
 
 
-def _check_finite(values: dict[str, torch.Tensor]) -> None:
-    bad = first_non_finite(values)
-    if bad is not None:
-        raise ValueError(f"v[{bad!r}] contains NaN or Inf; hessfast needs finite vectors")
-
-
-def parse(v, selected: list[tuple[str, nn.Parameter]]) -> Vectors:
+def parse(v, selected: list[tuple[str, nn.Parameter]], check_finite: bool = True) -> Vectors:
     """Check ``v`` against the selected parameters and lift it to ``[K, *shape]`` per parameter.
 
     Raises ``ValueError`` naming the offending parameter for a missing or extra name, a wrong shape,
-    dtype or device, or a non-finite entry.
+    dtype or device, or (``check_finite=True``) a non-finite entry; with ``check_finite=False``
+    the caller checks :meth:`Vectors.finite_parts` itself (:func:`hessfast.api.hvp` does so
+    together with the result's check).
+
+    Example:
+        >>> lin = torch.nn.Linear(2, 1)
+        >>> vec = parse(torch.ones(3, 3), select_params(lin, None))  # K = 3 flat vectors
+        >>> vec.k, vec.tangents["weight"].shape
+        (3, torch.Size([3, 1, 2]))
     """
     if isinstance(v, torch.Tensor):
-        return _parse_flat(v, selected)
-    if not isinstance(v, dict):
+        vec = _parse_flat(v, selected)
+    elif isinstance(v, dict):
+        vec = _parse_dict(v, selected)
+    else:
         raise ValueError(
             f"v must be a dict {{name: tensor}} or a flat tensor, not {type(v).__name__}"
         )
-    names = [n for n, _ in selected]
-    missing = [n for n in names if n not in v]
-    extra = [n for n in v if n not in names]
-    if missing or extra:
+    if check_finite:
+        vec.check_finite()
+    return vec
+
+
+def _parse_dict(v: dict, selected: list[tuple[str, nn.Parameter]]) -> Vectors:
+    if len(v) != len(selected) or any(n not in v for n, _ in selected):
+        names = [n for n, _ in selected]
+        missing = [n for n in names if n not in v]
+        extra = [n for n in v if n not in names]
         parts = []
         if missing:
             parts.append(f"missing {missing}")
@@ -129,14 +206,16 @@ def parse(v, selected: list[tuple[str, nn.Parameter]]) -> Vectors:
             parts.append(f"unexpected {extra} (not among the differentiated parameters)")
         raise ValueError("v does not match the differentiated parameters: " + "; ".join(parts))
     batched = None
+    k = None
     out = {}
     for n, p in selected:
         t = v[n]
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"v[{n!r}] must be a tensor, not {type(t).__name__}")
-        if tuple(t.shape) == tuple(p.shape):
+        shape = t.shape
+        if shape == p.shape:
             b = False
-        elif t.dim() == p.dim() + 1 and tuple(t.shape[1:]) == tuple(p.shape):
+        elif len(shape) == p.dim() + 1 and shape[1:] == p.shape:
             b = True
         else:
             raise ValueError(
@@ -149,16 +228,19 @@ def parse(v, selected: list[tuple[str, nn.Parameter]]) -> Vectors:
             raise ValueError(
                 f"v[{n!r}]: some entries have a leading K axis and others do not; use one layout"
             )
-        _check_like(n, t, p)
-        out[n] = t if b else t.unsqueeze(0)
-    k = next(iter(out.values())).shape[0]
-    for n, t in out.items():
-        if t.shape[0] != k:
-            raise ValueError(f"v[{n!r}] has K={t.shape[0]} vectors, others have K={k}")
+        if t.dtype != p.dtype or t.device != p.device:
+            _check_like(n, t, p)
+        if b:
+            if k is None:
+                k = shape[0]
+            elif shape[0] != k:
+                raise ValueError(f"v[{n!r}] has K={shape[0]} vectors, others have K={k}")
+            out[n] = t
+        else:
+            out[n] = t.unsqueeze(0)
     if k == 0:
         raise ValueError(_NO_VECTORS)
-    _check_finite(out)
-    return Vectors(out, k, bool(batched), False)
+    return Vectors(out, 1 if k is None else k, bool(batched), False)
 
 
 _NO_VECTORS = (
@@ -200,8 +282,7 @@ def _parse_flat(v: torch.Tensor, selected) -> Vectors:
         piece = vv[:, off : off + p.numel()].reshape(vv.shape[0], *p.shape)
         out[n] = piece
         off += p.numel()
-    _check_finite(out)
-    return Vectors(out, vv.shape[0], batched, True)
+    return Vectors(out, vv.shape[0], batched, True, {"": v})
 
 
 def format_like(values: dict[str, torch.Tensor], vec: Vectors, batched: bool | None = None):
