@@ -6,7 +6,8 @@ process on one CPU thread (docs/architecture.md, measurement):
 - the whole product as a user calls it (``hessfast.grad`` / ``hvp`` / ``ggn_vp``): the capture
   guard, loss resolution and target checks, the input and result finiteness checks, the trace
   lookup and the graph;
-- the traced graph alone, replayed on the same flat inputs (what the product runs per call);
+- the traced graph alone, replayed on the same flat inputs under ``torch.no_grad()`` (what the
+  product runs per call: the parameters as they are, not detached);
 - the autograd reference (gradient; double backward for the HVP and the GGN-VP row, math SDPA).
 
 ``outside`` is the share of the product spent outside the graph. Usage::
@@ -50,6 +51,12 @@ def _graph_inputs(program):
     return trace, real, spy, seen
 
 
+def _replay(fn, args):
+    """The graph as :func:`hessfast.traced.run` replays it."""
+    with torch.no_grad():
+        return fn(*args)
+
+
 def measure(name: str, size: str, rounds: int) -> list[dict]:
     model, loss_fn, (x,), y = bench_models.MODELS[name](size)
     params = list(model.parameters())
@@ -89,7 +96,7 @@ def measure(name: str, size: str, rounds: int) -> list[dict]:
             for _ in range(rounds):
                 for key, fn in (
                     ("product", product),
-                    ("graph", lambda: real(*args)),
+                    ("graph", lambda: _replay(real, args)),
                     ("autograd", reference),
                 ):
                     t0 = time.perf_counter()

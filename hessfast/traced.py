@@ -485,8 +485,17 @@ def _first_call(
     """A trace's first replay, checked against the interpreter on the same inputs: tracing ran on
     fake tensors, whose strides or kernels can differ from the real ones. A replay that raises or
     disagrees beyond the dtype's tolerance retires the trace (the signature is interpreted from
-    now on, the reason kept); the interpreter's result is returned either way."""
+    now on, the reason kept); the interpreter's result is returned either way. Inputs on which
+    the interpreter's result is not finite (a NaN or Inf in the data) cannot judge the trace: it
+    is left for the next product's first replay."""
     ref = engine.run(program, param_names, values, tangents, k, loss_rule, mode)
+    want = [
+        ref.loss,
+        *((ref.grads or {}).values() if grads else ()),
+        *(ref.products or {}).values(),
+    ]
+    if not all(bool(torch.isfinite(b).all()) for b in want if isinstance(b, torch.Tensor)):
+        return ref
     t0 = time.perf_counter()
     try:
         with torch.no_grad():  # as every replay (:func:`run`)
@@ -500,16 +509,9 @@ def _first_call(
         return ref
     if trace.compile_seconds == 0.0:
         trace.compile_seconds = time.perf_counter() - t0
-    want = [
-        ref.loss,
-        *((ref.grads or {}).values() if grads else ()),
-        *(ref.products or {}).values(),
-    ]
-    worst = max(
-        (_rel(a, b) for a, b in zip(out, want) if isinstance(b, torch.Tensor)),
-        default=0.0,
-    )
+    errors = [_rel(a, b) for a, b in zip(out, want) if isinstance(b, torch.Tensor)]
     rtol = TOLERANCES.get(ref.loss.dtype, 1e-2)
+    worst = next((e for e in errors if not e <= rtol), max(errors, default=0.0))  # NaN first
     if len(out) != len(want) or not worst <= rtol:
         trace.fn = None
         trace.reason = (

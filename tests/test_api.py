@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from models import zoo
+from oracle import ggn_vp as oracle_ggn_vp
 from oracle import hvp as oracle_hvp
 from oracle import rel_err
 from torch import nn
@@ -238,3 +239,122 @@ def test_model_with_several_outputs_is_a_clear_error():
     v = {n: torch.randn_like(p) for n, p in m.named_parameters()}
     with pytest.raises(ValueError, match="pass output="):
         hessfast.hvp(m, F.mse_loss, torch.randn(2, 3, dtype=D), torch.zeros(2, 2, dtype=D), v)
+
+
+# --- finiteness on replays: v's check runs with the result's, after the replay -----------------
+
+
+class _Masked(nn.Module):
+    """A ReLU unit that is never active and a parameter the loss never reads: NaN or Inf in
+    ``v`` there vanishes from every product (``where`` masks, no reader), so only a check of
+    ``v`` itself can catch it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.unused = nn.Linear(4, 6), nn.Linear(6, 3), nn.Linear(2, 2)
+        with torch.no_grad():
+            self.a.bias[0] = -100.0  # unit 0 is dead on every input below
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def _layouts(v: dict) -> dict:
+    """``v`` (``{name: [K, *shape]}``) in every layout ``hvp`` takes (those without a K axis
+    read the first vector)."""
+    one = {n: t[0] for n, t in v.items()}
+    k = next(iter(v.values())).shape[0]
+    return {
+        "dict": one,
+        "dict-K": v,
+        "flat": torch.cat([t.reshape(-1) for t in one.values()]),
+        "flat-K": torch.cat([t.reshape(k, -1) for t in v.values()], 1),
+    }
+
+
+def _poison(v: dict, where: str, value: float) -> dict:
+    bad = {n: t.clone() for n, t in v.items()}
+    if where == "unused":
+        bad["unused.weight"][..., 1, 0] = value
+    elif where == "dead-unit":  # the weights into the dead ReLU unit
+        bad["a.weight"][..., 0, :] = value
+    else:  # a live weight: the products are not finite either (a first replay must not retire)
+        bad["b.weight"][..., 0, 1] = value
+    return bad
+
+
+def _as_dict(out, layout: str, like: dict) -> dict:
+    """A product in ``layout`` back as ``{name: [K, *shape]}``."""
+    if layout.startswith("dict"):
+        return out if layout == "dict-K" else {n: t[None] for n, t in out.items()}
+    flat = out if layout == "flat-K" else out[None]
+    pieces = torch.split(flat, [t[0].numel() for t in like.values()], dim=1)
+    return {n: p.reshape(-1, *t.shape[1:]) for (n, t), p in zip(like.items(), pieces)}
+
+
+PRODUCTS = {
+    "hvp": (hessfast.hvp, oracle_hvp),
+    "hvp-grad": (lambda *a, **kw: hessfast.hvp(*a, return_grad=True, **kw)[0], oracle_hvp),
+    "ggn": (hessfast.ggn_vp, oracle_ggn_vp),
+    "residual": (
+        hessfast.residual_vp,
+        lambda *a: {
+            n: h - g for (n, h), g in zip(oracle_hvp(*a).items(), oracle_ggn_vp(*a).values())
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("product", list(PRODUCTS))
+@pytest.mark.parametrize("layout", ["dict", "dict-K", "flat", "flat-K"])
+def test_non_finite_v_is_an_error_on_every_replay_and_keeps_the_trace(layout, product, value):
+    """NaN/Inf in v: a ValueError naming the parameter at every stage of a signature
+    (interpreted, traced with its first replay checked, replayed), also with
+    check_finite=False; the bad v never retires the trace, which then agrees with the oracle.
+    Where no product reads the entry (an unused parameter, a dead ReLU unit) the products are
+    finite without the check: nothing else can catch it."""
+    torch.manual_seed(0)
+    m = _Masked().to(D)
+    x, y = torch.randn(8, 4, dtype=D), torch.randint(0, 3, (8,))
+    g = torch.Generator().manual_seed(3)
+    v = {n: torch.randn(2, *p.shape, generator=g, dtype=D) for n, p in m.named_parameters()}
+    if not layout.endswith("-K"):
+        v = {n: t[:1] for n, t in v.items()}
+    f, oracle = PRODUCTS[product]
+    for call in range(4):
+        for where, name in (("unused", "unused"), ("live", "b"), ("dead-unit", "a")):
+            bad = _layouts(_poison(v, where, value))[layout]
+            with pytest.raises(ValueError, match=rf"v\['{name}\.weight'\] contains NaN or Inf"):
+                f(m, F.cross_entropy, x, y, bad, check_finite=call % 2 == 0)
+        got = f(m, F.cross_entropy, x, y, _layouts(v)[layout])
+    (t,) = hessfast.traced.explain(capture.capture(m, (x,)))
+    assert t["traced"] and t["reason"] is None and t["calls"] >= 4
+    want = oracle(m, F.cross_entropy, (x,), y, v)
+    assert rel_err(_as_dict(got, layout, v), want) < 1e-10
+
+
+@pytest.mark.parametrize("product", ["grad", "hvp", "hvp-grad", "ggn", "residual"])
+def test_non_finite_result_of_a_replay_is_an_error_unless_opted_out(product):
+    m, lf, x, y = _mlp()
+    v = {n: torch.randn_like(p) for n, p in m.named_parameters()}
+    calls = {
+        "grad": lambda x, **kw: [hessfast.grad(m, lf, x, y, **kw)],
+        "hvp": lambda x, **kw: [hessfast.hvp(m, lf, x, y, v, **kw)],
+        "hvp-grad": lambda x, **kw: list(hessfast.hvp(m, lf, x, y, v, return_grad=True, **kw)),
+        "ggn": lambda x, **kw: [hessfast.ggn_vp(m, lf, x, y, v, **kw)],
+        "residual": lambda x, **kw: [hessfast.residual_vp(m, lf, x, y, v, **kw)],
+    }[product]
+    bad = (x[0].clone(),)
+    bad[0][0, 0] = float("inf")
+    calls(x)  # interpreted
+    with pytest.raises(hessfast.NonFiniteError, match="check_finite=False"):
+        calls(bad)  # traced; a non-finite first replay does not judge (nor retire) the trace
+    calls(x)  # the first replay, checked
+    calls(x)
+    with pytest.raises(hessfast.NonFiniteError, match="check_finite=False"):
+        calls(bad)  # a replay
+    outs = calls(bad, check_finite=False)
+    assert all(not all(torch.isfinite(t).all() for t in o.values()) for o in outs)
+    (t,) = hessfast.traced.explain(capture.capture(m, x))
+    assert t["traced"] and t["calls"] >= 3  # the replays are what raised
