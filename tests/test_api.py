@@ -308,12 +308,15 @@ PRODUCTS = {
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
 @pytest.mark.parametrize("product", list(PRODUCTS))
 @pytest.mark.parametrize("layout", ["dict", "dict-K", "flat", "flat-K"])
-def test_non_finite_v_is_an_error_on_every_replay_and_keeps_the_trace(layout, product, value):
+def test_non_finite_v_is_an_error_on_every_replay_and_keeps_the_trace(
+    layout, product, value, monkeypatch
+):
     """NaN/Inf in v: a ValueError naming the parameter at every stage of a signature
     (interpreted, traced with its first replay checked, replayed), also with
     check_finite=False; the bad v never retires the trace, which then agrees with the oracle.
     Where no product reads the entry (an unused parameter, a dead ReLU unit) the products are
     finite without the check: nothing else can catch it."""
+    monkeypatch.setattr(hessfast.traced, "TRACE_AFTER", 1)  # the default: one interpreted first
     torch.manual_seed(0)
     m = _Masked().to(D)
     x, y = torch.randn(8, 4, dtype=D), torch.randint(0, 3, (8,))
@@ -335,7 +338,8 @@ def test_non_finite_v_is_an_error_on_every_replay_and_keeps_the_trace(layout, pr
 
 
 @pytest.mark.parametrize("product", ["grad", "hvp", "hvp-grad", "ggn", "residual"])
-def test_non_finite_result_of_a_replay_is_an_error_unless_opted_out(product):
+def test_non_finite_result_of_a_replay_is_an_error_unless_opted_out(product, monkeypatch):
+    monkeypatch.setattr(hessfast.traced, "TRACE_AFTER", 1)  # the default: one interpreted first
     m, lf, x, y = _mlp()
     v = {n: torch.randn_like(p) for n, p in m.named_parameters()}
     calls = {

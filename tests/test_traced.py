@@ -261,3 +261,25 @@ def test_hvp_without_the_gradient_prunes_its_graph_and_agrees_with_double_backwa
         if n.target is torch.ops.aten.native_batch_norm_backward.default
     ]
     assert masks and all(m[1:] == [False, False] for m in masks)
+
+
+def test_a_replay_reads_the_parameters_as_they_are_and_records_no_autograd_graph(monkeypatch):
+    """Replays run on the parameters themselves (not detached copies) under no_grad: the results
+    hold no autograd graph, also for inputs that require grad, and a later in-place update of
+    the parameters is read by the next replay."""
+    monkeypatch.setattr(traced, "TRACE_AFTER", 1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    model = model.double()
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 3, (6,))
+    v = _vectors(model, 2)
+    for _ in range(3):
+        hv, g = hessfast.hvp(model, F.cross_entropy, x, y, v, return_grad=True)
+    assert [t["calls"] for t in _traces(model, (x,))] == [2]
+    assert not any(t.requires_grad or t.grad_fn is not None for t in [*hv.values(), *g.values()])
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)
+    got, _ = hessfast.hvp(model, F.cross_entropy, x, y, v, return_grad=True)
+    assert rel_err(got, double_backward_hvp(model, F.cross_entropy, (x.detach(),), y, v)) < 1e-10
+    assert [t["calls"] for t in _traces(model, (x,))] == [3]  # a replay

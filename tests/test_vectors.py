@@ -46,3 +46,32 @@ def test_select_params_skips_frozen_and_matches_patterns():
     with pytest.raises(ValueError, match="matches no parameter"):
         select_params(model, "nope.*")
     assert torch.is_tensor(select_params(model, "a.bias")[0][1])
+
+
+def test_selection_under_a_fingerprint_follows_every_change():
+    """The named parameters are listed once per fingerprint: a frozen parameter, a replaced
+    parameter or submodule and a new parameter all show in the next selection."""
+    from hessfast.capture import fingerprint
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2))
+
+    def selected():
+        return [(n, id(p)) for n, p in select_params(model, None, fingerprint(model))]
+
+    def want():
+        return [(n, id(p)) for n, p in model.named_parameters() if p.requires_grad]
+
+    assert selected() == want()
+    model[0].bias.requires_grad_(False)  # same fingerprint: requires_grad is read every time
+    assert selected() == want() and "0.bias" not in dict(selected())
+    model[2].weight = nn.Parameter(torch.zeros(2, 3))
+    assert selected() == want()
+    model[1] = nn.Linear(3, 3)
+    assert selected() == want() and "1.weight" in dict(selected())
+    model[2].register_parameter("scale", nn.Parameter(torch.ones(1)))
+    assert selected() == want() and "2.scale" in dict(selected())
+    assert [n for n, _ in select_params(model, "2.*", fingerprint(model))] == [
+        "2.weight",
+        "2.bias",
+        "2.scale",
+    ]
