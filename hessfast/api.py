@@ -134,7 +134,8 @@ def _compute_on(
     """The engine's result (``loss``, ``grads``, ``products``, ``fallback_ops`` and ``trace``,
     the traced product that ran or was traced; ``None``: interpreted)."""
     inputs, kwargs = split_inputs(inputs)
-    _check_module(model)
+    if fingerprint is None:  # (taking one checked the model)
+        _check_module(model)
     names = frozenset(n for n, _ in selected)
     tangents = vec.tangents if vec is not None else None
     k = vec.k if vec is not None else 0
