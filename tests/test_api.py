@@ -362,3 +362,16 @@ def test_non_finite_result_of_a_replay_is_an_error_unless_opted_out(product, mon
     assert all(not all(torch.isfinite(t).all() for t in o.values()) for o in outs)
     (t,) = hessfast.traced.explain(capture.capture(m, x))
     assert t["traced"] and t["calls"] >= 3  # the replays are what raised
+
+
+def test_replay_reports_the_choices_of_a_trace_made_without_return_info():
+    """A ProductInfo is built only when asked for, but the implementations chosen while tracing
+    are kept on the trace whatever the tracing product asked: a later replay reports them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(7, 3), torch.randint(0, 2, (7,))
+    v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    hessfast.hvp(model, F.cross_entropy, x, y, v)  # traced (conftest), no info asked
+    _, info = hessfast.hvp(model, F.cross_entropy, x, y, v, return_info=True)
+    assert info.path == "traced"
+    assert info.implementations == {"linear": {"torch": 2}, "tanh": {"torch": 1}}
