@@ -1,13 +1,16 @@
 """The per-rule benchmark harness (benchmarks/rule_bench.py) runs, checks agreement and reports
 every implementation with its compulsory bandwidth."""
 
+import importlib
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+import hessfast.cuda
 from hessfast import registry, rules
 from hessfast.rules import activation
 
@@ -54,24 +57,53 @@ def test_compulsory_bytes_counts_new_residuals_once():
 
 
 @pytest.mark.slow  # a fresh pytest process
-def test_rule_benchmarks_collect_and_run_under_pytest_benchmark():
-    """``benchmarks/test_rules.py`` collects every family's cases and runs them (untimed here:
-    ``--benchmark-disable``); a method that cannot run the case is skipped with its reason."""
+def test_rule_benchmarks_run_under_pytest_benchmark():
+    """``benchmarks/test_rules.py`` runs a case under pytest-benchmark (untimed here:
+    ``--benchmark-disable``; one tangent, so that the Triton kernel in the interpreter takes
+    seconds); a method that cannot run the case is skipped with its reason."""
     pytest.importorskip("pytest_benchmark")
     root = Path(__file__).parent.parent
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
-         "benchmarks/test_rules.py", "-k", "activation-tanh"],
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+         "--benchmark-disable", "--bench-k", "1", "benchmarks/test_rules.py",
+         "-k", "activation-tanh"],
         cwd=root, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert " passed" in done.stdout and "failed" not in done.stdout, done.stdout[-3000:]
-    listed = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only",
-         "benchmarks/test_rules.py"],
-        cwd=root, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    families = {p.stem.removeprefix("bench_") for p in (root / "benchmarks").glob("bench_*.py")
+    if hessfast.cuda.unavailable():
+        assert "tanh [cuda] declines" in done.stdout, done.stdout[-3000:]
+
+
+class _Metafunc:
+    """What ``benchmarks/test_rules.py``'s ``pytest_generate_tests`` reads of pytest's metafunc."""
+
+    fixturenames = ("benchmark", "settings", "family", "case", "method")
+
+    def __init__(self):
+        options = {"--bench-device": "cpu", "--bench-size": None}
+        self.config = SimpleNamespace(getoption=options.__getitem__)
+        self.ids = []
+
+    def parametrize(self, names, params):
+        assert names == "family, case, method"
+        self.ids += [p.id for p in params]
+
+
+def test_rule_benchmarks_have_every_family():
+    """Every ``bench_<op>.py`` that runs through ``rule_bench.main`` gives benchmarks, one per
+    case and method, and each family's cases have the plain rule's methods."""
+    bench_rules = importlib.import_module("test_rules")
+    metafunc = _Metafunc()
+    bench_rules.pytest_generate_tests(metafunc)
+    assert len(metafunc.ids) == len(set(metafunc.ids))
+    root = Path(__file__).parent.parent / "benchmarks"
+    families = {p.stem.removeprefix("bench_") for p in root.glob("bench_*.py")
                 if "rule_bench.main(" in p.read_text()}  # fmt: skip
+    assert families
     for family in families:
-        assert f"test_rule[{family}-" in listed.stdout, family
+        cases = {i.rsplit("-", 1)[0] for i in metafunc.ids if i.startswith(f"{family}-")}
+        assert cases, family
+        for case in cases:
+            for method in bench_rules.STATIC_METHODS:
+                assert f"{case}-{method}" in metafunc.ids, (case, method)
