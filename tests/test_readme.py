@@ -13,15 +13,23 @@ README = Path(__file__).parent.parent / "README.md"
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
 
 
-@pytest.mark.slow  # the README's whole example: training with the monitor, plots
-def test_readme_api_example_runs(tmp_path, monkeypatch):
+BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+
+
+def test_readme_has_python_examples():
+    assert BLOCKS, "README has no python example"
+    assert any("HessianMonitor(" in code for code in BLOCKS)  # its files are checked below
+
+
+@pytest.mark.slow  # the README's examples: seconds each (training with the monitor, plots)
+@pytest.mark.parametrize("code", BLOCKS, ids=[f"example{i}" for i in range(len(BLOCKS))])
+def test_readme_api_example_runs(code, tmp_path, monkeypatch):
+    """Each example on its own (each imports what it uses), so that pytest-xdist spreads them."""
     monkeypatch.chdir(tmp_path)  # the examples write files (the training monitor's JSONL and plot)
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert blocks, "README has no python example"
-    for code in blocks:
-        exec(compile(code, "README.md", "exec"), {})
-    assert (tmp_path / "hessian_monitor.jsonl").read_text().count("\n") == 4
-    assert (tmp_path / "curvature.png").exists()
+    exec(compile(code, "README.md", "exec"), {})
+    if "HessianMonitor(" in code:
+        assert (tmp_path / "hessian_monitor.jsonl").read_text().count("\n") == 4
+        assert (tmp_path / "curvature.png").exists()
 
 
 def _options(name: str) -> set[str]:
