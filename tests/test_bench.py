@@ -75,7 +75,12 @@ def _check_rows(rows, res):
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["mlp", "resnet18", "gpt2"])
 def test_bench_tiny_smoke(model, tmp_path, capsys):
-    code, data = _run(tmp_path, "--model", model)
+    """Every built-in model's rows. ResNet-18 times hessfast's interpreter: its rows take the
+    same paths as the MLP's, and tracing its twenty convolutions once per product signature would
+    cost most of the test (``tests/test_traced.py`` traces the zoo's ResNet)."""
+    mode = "interpret" if model == "resnet18" else "traced"
+    tag = "[torch]" if mode == "traced" else f"[torch, {mode}]"
+    code, data = _run(tmp_path, "--model", model, "--modes", mode)
     assert code == 0
     assert all(math.isfinite(v) for v in _numbers(data))
     prov = data["provenance"]
@@ -89,10 +94,10 @@ def test_bench_tiny_smoke(model, tmp_path, capsys):
     assert rows["gradient (autograd)"]["status"] == "pass"
     assert rows["gradient (autograd)"]["ratio_to_gradient"] == pytest.approx(1.0)
     for name in HESSFAST:
-        r = rows[f"{name} [torch]"]
+        r = rows[f"{name} {tag}"]
         assert r["status"] == "pass", (name, r.get("error"))
         assert r["rel_err"] < 1e-5
-    assert rows["hessfast.hvp K=2 [torch]"]["vectors"] == 2
+    assert rows[f"hessfast.hvp K=2 {tag}"]["vectors"] == 2
     for label in (
         "PyHessian hvp",
         "curvlinops HessianLinearOperator",
@@ -112,7 +117,7 @@ def test_bench_tiny_smoke(model, tmp_path, capsys):
             assert rows[label]["status"] == "pass", rows[label].get("error")
         assert not any("math attention" in m for m in rows)
     out = capsys.readouterr().out
-    assert "| method |" in out and "hessfast.hvp [torch]" in out
+    assert "| method |" in out and f"hessfast.hvp {tag}" in out
 
 
 USER_MODULE = '''
@@ -248,6 +253,7 @@ def test_bench_engine_wrapper(tmp_path, monkeypatch):
     path = tmp_path / "engine.json"
     script = Path(__file__).parent.parent / "benchmarks" / "bench_engine.py"
     argv = ["bench_engine.py", "--models", "mlp", "--size", "tiny", "--repeats", "1", "--k", "2"]
+    argv += ["--threads", "1"]
     monkeypatch.setattr(sys, "argv", [*argv, "--json", str(path)])
     with pytest.raises(SystemExit) as e:
         runpy.run_path(str(script), run_name="__main__")
