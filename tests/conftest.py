@@ -31,6 +31,14 @@ def pytest_configure(config):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
+def pytest_collection_modifyitems(items):
+    """The ``slow`` tests first (a stable sort: the order is otherwise the files'): under
+    pytest-xdist the workers start on the tests of seconds to tens of seconds and the short ones
+    fill the end, instead of one long test (most live in ``tests/triton/``, collected last)
+    running alone while the other worker idles."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_collection_finish(session):
     """Everything imported and collected so far lives for the whole session: frozen, the garbage
     collector skips it, so that a full collection (the benchmark's ``gc.collect`` between methods,
