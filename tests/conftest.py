@@ -57,6 +57,23 @@ def one_thread():
     torch.set_num_threads(old)
 
 
+@pytest.fixture(scope="module")
+def zoo_problem():
+    """``zoo_problem(name)``: ``models.zoo.MODELS[name]()``, built once per test module and
+    shared by its tests (which must leave the model as they found it), so that hessfast's
+    captured programs and traced graphs, cached per model, are built once too."""
+    from models import zoo
+
+    built = {}
+
+    def get(name):
+        if name not in built:
+            built[name] = zoo.MODELS[name]()
+        return built[name]
+
+    return get
+
+
 @pytest.fixture
 def device():
     """Tests run on the CPU; GPU-only tests ask for ``cuda_device`` instead."""

@@ -9,10 +9,16 @@ import hessfast
 MODELS = ["mlp", "cnn_bn_train", "gpt"]
 
 
-def _setup(name):
-    model, loss_fn, inputs, targets = zoo.MODELS[name]()
-    P = sum(p.numel() for p in model.parameters())
-    return model, loss_fn, inputs, targets, P
+@pytest.fixture
+def problem(zoo_problem):
+    """``(model, loss_fn, inputs, targets, P)`` of a zoo model, shared by this module's tests; K is
+    1 or 5 throughout, so that they replay each other's traced products."""
+
+    def get(name):
+        model, loss_fn, inputs, targets = zoo_problem(name)
+        return model, loss_fn, inputs, targets, sum(p.numel() for p in model.parameters())
+
+    return get
 
 
 def _dot(a, b):
@@ -21,8 +27,8 @@ def _dot(a, b):
 
 @pytest.mark.parametrize("fn", ["hvp", "ggn_vp"])
 @pytest.mark.parametrize("name", zoo.params(MODELS, slow=("gpt",)))
-def test_symmetric(name, fn):
-    model, lf, x, y, P = _setup(name)
+def test_symmetric(name, fn, problem):
+    model, lf, x, y, P = problem(name)
     op = getattr(hessfast, fn)
     u, v = torch.randn(P, dtype=torch.float64), torch.randn(P, dtype=torch.float64)
     hu, hv = op(model, lf, x, y, u), op(model, lf, x, y, v)
@@ -30,8 +36,8 @@ def test_symmetric(name, fn):
 
 
 @pytest.mark.parametrize("name", zoo.params(MODELS, slow=("gpt",)))
-def test_linear_in_v(name):
-    model, lf, x, y, P = _setup(name)
+def test_linear_in_v(name, problem):
+    model, lf, x, y, P = problem(name)
     u, v = torch.randn(P, dtype=torch.float64), torch.randn(P, dtype=torch.float64)
     lhs = hessfast.hvp(model, lf, x, y, 2.5 * u - 0.5 * v)
     rhs = 2.5 * hessfast.hvp(model, lf, x, y, u) - 0.5 * hessfast.hvp(model, lf, x, y, v)
@@ -40,8 +46,8 @@ def test_linear_in_v(name):
 
 @pytest.mark.parametrize("fn", ["hvp", "ggn_vp"])
 @pytest.mark.parametrize("name", zoo.params(MODELS, slow=("gpt",)))
-def test_k_batched_equals_loop(name, fn):
-    model, lf, x, y, P = _setup(name)
+def test_k_batched_equals_loop(name, fn, problem):
+    model, lf, x, y, P = problem(name)
     op = getattr(hessfast, fn)
     V = torch.randn(5, P, dtype=torch.float64)
     batched = op(model, lf, x, y, V)
@@ -50,16 +56,16 @@ def test_k_batched_equals_loop(name, fn):
 
 
 @pytest.mark.parametrize("name", zoo.params(MODELS, slow=("gpt",)))
-def test_deterministic(name):
-    model, lf, x, y, P = _setup(name)
-    V = torch.randn(2, P, dtype=torch.float64)
+def test_deterministic(name, problem):
+    model, lf, x, y, P = problem(name)
+    V = torch.randn(5, P, dtype=torch.float64)
     assert torch.equal(hessfast.hvp(model, lf, x, y, V), hessfast.hvp(model, lf, x, y, V))
 
 
 @pytest.mark.parametrize("name", zoo.params(MODELS, slow=("gpt",)))
-def test_ggn_psd_for_cross_entropy(name):
-    model, lf, x, y, P = _setup(name)
-    V = torch.randn(8, P, dtype=torch.float64)
+def test_ggn_psd_for_cross_entropy(name, problem):
+    model, lf, x, y, P = problem(name)
+    V = torch.randn(5, P, dtype=torch.float64)
     GV = hessfast.ggn_vp(model, lf, x, y, V)
     quad = (V * GV).sum(-1)
     assert (quad >= -1e-12 * quad.abs().max()).all()
