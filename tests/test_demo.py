@@ -45,6 +45,7 @@ def dense():
     return dense_hessian(s.model, F.cross_entropy, (x,), y), param_offsets(s.model)
 
 
+@pytest.mark.slow  # the whole quick demo (demo_run): tens of seconds on two cores
 def test_demo_quick_runs_and_writes_the_report(demo_run):
     code, out, folder = demo_run
     assert code == 0, out
@@ -82,6 +83,7 @@ def test_demo_quick_runs_and_writes_the_report(demo_run):
     assert report["landscape"]["files"] == {"png": "landscape_1d.png"}
 
 
+@pytest.mark.slow  # the whole quick demo (demo_run): tens of seconds on two cores
 def test_demo_report_matches_dense_eigendecomposition(demo_run, dense):
     code, _, folder = demo_run
     assert code == 0
@@ -146,6 +148,7 @@ def test_demo_missing_device_is_a_usage_error(capsys):
     assert "torch sees no CUDA device" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the whole quick demo (demo_run): tens of seconds on two cores
 def test_demo_landscape_panel_against_the_dense_top_eigenvector(demo_run, dense):
     """The panel's loss is the training loss along the top eigenvector of the dense Hessian, and
     its quadratic model is ``L₀ + g t + ½λ_max t²`` over ``±√(2L₀/λ_max)``."""
@@ -186,6 +189,7 @@ def test_demo_landscape_panel_against_the_dense_top_eigenvector(demo_run, dense)
     assert land["loss"][10] == pytest.approx(report["training"]["loss"], rel=1e-5)
 
 
+@pytest.mark.slow  # the whole quick demo (demo_run): tens of seconds on two cores
 def test_demo_decomposition_against_dense_h_g_and_r(demo_run, dense):
     """The demo's Gauss-Newton decomposition: top eigenvalues of H, G and R = H − G and λ_min of
     H and R against the dense float64 matrices of the same model and data (G from the

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -76,6 +77,7 @@ def test_profile_lists_an_op_without_a_rule_as_fallback(tmp_path, monkeypatch, c
     assert sum(x["share"] for x in r["by_op"]) <= 1.0 + 1e-9
 
 
+@pytest.mark.slow  # a whole ResNet-18 profiled rule by rule
 def test_profile_resnet_has_no_fallback(capsys):
     assert (
         main(
