@@ -186,12 +186,12 @@ def test_k_batched_equals_one_at_a_time_and_deterministic(kernel_device):
     forward tangent and the cotangent tangents; and two identical calls agree bit for bit (no
     atomics: GQA sums its heads in registers)."""
     args, active = sdpa_case(h=4, hkv=2, tq=7, causal=True, seed=5)
-    call = _call(args, active, 3, kernel_device)
+    call = _call(args, active, 2, kernel_device)
     out = _hvp(call)
     for a, b in zip(out, _hvp(call)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    g, gd = _cotangents(out[0], 3)
-    for i in range(3):
+    g, gd = _cotangents(out[0], 2)
+    for i in range(2):
         tangents = tuple(t[i : i + 1] if t is not None else None for t in call.tangents)
         one = _hvp(Call(SDPA, call.args, active, tangents, 1), (g, gd[i : i + 1]))
         for a, b in zip(one[:1] + one[2:5], out[:1] + out[2:5]):
