@@ -5,7 +5,9 @@ z.shape[-1]), y.reshape(-1))``; as an arbitrary callable it would be differentia
 ``torch.func`` (:class:`hessfast.losses.FuncLoss`), a few times the cost of the closed-form rule
 and outside what a traced product can fuse. :func:`lower` runs the callable on every product on
 ``meta`` tensors (shapes only, no data, no compute) under a ``TorchFunctionMode`` that records
-every torch call; nothing is cached, since the options it passes may change between calls. When
+every torch call; nothing is cached, since the options it passes may change between calls (only
+the shape and dtype a built-in loss returns for given argument metadata, so that its Python
+decomposition does not run on meta tensors on every product). When
 the record is nothing but reshapes (``reshape``, ``view``, ``flatten``, ``contiguous`` and shape
 queries) of the output and of the targets, followed by one call of a loss
 with a closed-form rule (``F.cross_entropy``, ``F.nll_loss``, ``F.mse_loss``, ... or their
@@ -84,6 +86,26 @@ class Reshaped:
         return loss, g, gd
 
 
+#: ``(loss function, the metadata of its arguments) -> (shape, dtype)`` of its result on meta
+#: tensors: running a built-in loss on meta tensors goes through its Python decomposition, a few
+#: milliseconds, on every product of a custom loss; its result depends on nothing else.
+_LOSS_RESULTS: dict = {}
+_MAX_LOSS_RESULTS = 256
+
+
+def _shape_key(a: Any) -> Any:
+    """What a meta computation can read of an argument: a tensor's shape, dtype, device and
+    layout; a container's items; any other value itself (``TypeError`` when unhashable)."""
+    if isinstance(a, Tensor):
+        return ("T", tuple(a.shape), a.dtype, a.device.type, a.layout)
+    if isinstance(a, (list, tuple)):
+        return (type(a), *(_shape_key(x) for x in a))
+    if isinstance(a, dict):
+        return (dict, *sorted(((k, _shape_key(v)) for k, v in a.items()), key=repr))
+    hash(a)
+    return (type(a), a)
+
+
 class _Record(TorchFunctionMode):
     def __init__(self):
         super().__init__()
@@ -91,9 +113,32 @@ class _Record(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        if func in _LOSSES:
+            out = self._loss(func, args, kwargs)
+        else:
+            out = func(*args, **kwargs)
         self.calls.append((func, args, kwargs, out))
         return out
+
+    @staticmethod
+    def _loss(func, args, kwargs):
+        """``func(*args, **kwargs)`` on meta tensors, its result's shape and dtype remembered
+        per argument metadata (a fresh meta tensor each time: identities are compared)."""
+        try:
+            key = (func, _shape_key(args), _shape_key(kwargs))
+        except TypeError:
+            return func(*args, **kwargs)
+        known = _LOSS_RESULTS.get(key)
+        if known is None:
+            out = func(*args, **kwargs)
+            if not (isinstance(out, Tensor) and out.device.type == "meta"):
+                return out
+            if len(_LOSS_RESULTS) >= _MAX_LOSS_RESULTS:
+                _LOSS_RESULTS.clear()
+            _LOSS_RESULTS[key] = (tuple(out.shape), out.dtype)
+            return out
+        shape, dtype = known
+        return torch.empty(shape, dtype=dtype, device="meta")
 
 
 def _record(loss_fn: Callable, z_meta: Any, t_meta: Any) -> tuple[list, Any] | None:

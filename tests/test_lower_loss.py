@@ -200,3 +200,42 @@ def test_a_custom_loss_that_cannot_be_recorded_refuses_compile():
     v = {n: torch.randn(1, *p.shape, dtype=p.dtype) for n, p in model.named_parameters()}
     with pytest.raises(RuntimeError, match="cannot be recorded"):
         hessfast.hvp(model, _weighted, x, y, v, compile="inductor")
+
+
+def test_a_loss_recorded_again_gets_a_fresh_result_of_the_shape_its_options_give():
+    """The meta result of a built-in loss is remembered per argument metadata (its Python
+    decomposition is not rerun on every product): a second recording gets a new tensor of the
+    same shape, and a different option or shape gets its own."""
+    from hessfast.lower_loss import _Record
+
+    z, t = torch.empty(6, V, device="meta"), torch.empty(6, dtype=torch.long, device="meta")
+    outs = []
+    for reduction, rows in [("mean", 6), ("mean", 6), ("none", 6), ("none", 4), ("sum", 4)]:
+        with _Record() as rec:
+            outs.append(F.cross_entropy(z[:rows], t[:rows], reduction=reduction))
+        assert rec.calls[-1][3] is outs[-1]
+    assert [tuple(o.shape) for o in outs] == [(), (), (6,), (4,), ()]
+    assert outs[0] is not outs[1] and all(o.device.type == "meta" for o in outs)
+    with (
+        pytest.raises((RuntimeError, ValueError)),
+        _Record(),
+    ):  # an error is not remembered as a result
+        F.cross_entropy(z, t[:4])
+    with pytest.raises((RuntimeError, ValueError)), _Record():
+        F.cross_entropy(z, t[:4])
+
+
+def test_a_lowered_loss_follows_an_option_changed_between_products():
+    """The remembered meta results do not hide a changed option: a global reduction switch gives
+    the sum's rule after the mean's."""
+    opts = {"reduction": "mean"}
+
+    def loss(z, t):
+        return F.cross_entropy(z.flatten(0, 1), t.flatten(), **opts)
+
+    z = torch.randn(2, 3, V)
+    t = torch.randint(0, V, (2, 3))
+    first = lower(FuncLoss(loss, t), z)
+    opts["reduction"] = "sum"
+    second = lower(FuncLoss(loss, t), z)
+    assert first.inner.reduction == "mean" and second.inner.reduction == "sum"
