@@ -19,7 +19,7 @@ from .errors import DropoutError
 from .losses import read_output
 
 
-def _math_attention():
+def math_attention():
     """``F.scaled_dot_product_attention`` on its composite math backend, twice differentiable."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -40,7 +40,7 @@ def run(model, loss_rule, inputs, selected, tangents, k, mode, kwargs=None, outp
     """Return ``(loss, grads, products)`` as the engine does, computed with autograd, for
     ``model(*inputs, **kwargs)``; a container output is read as on the captured path
     (:func:`hessfast.capture.choose_output` with ``output``)."""
-    with _math_attention():
+    with math_attention():
         return _run(model, loss_rule, inputs, selected, tangents, k, mode, kwargs or {}, output)
 
 

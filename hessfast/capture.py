@@ -2,7 +2,7 @@
 
 A :class:`Program` is the exported graph, functionalised (in-place ops made out-of-place, a tensor
 mutated in ``forward`` read with its mutated value, nothing written back to buffers, parameters or
-inputs; :func:`_functionalize`), with its placeholders classified (parameter, buffer, constant,
+inputs; :func:`functionalize`), with its placeholders classified (parameter, buffer, constant,
 user input), every call normalised to schema order, and the checks that must run before any number
 is computed (dropout in training mode). :func:`capture` caches programs per model and input
 signature, guarded by a :func:`fingerprint` of what export specialised on (Python attributes,
@@ -395,7 +395,7 @@ def _is_renorm_input(user: fx.Node, renorm: fx.Node) -> bool:
     )
 
 
-def _functionalize(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+def functionalize(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
     """The exported program with every in-place op made out-of-place (docs/architecture.md §2.3).
 
     Unread buffer updates are dropped. If other mutations remain (``relu_``, ``out += x``,
@@ -753,7 +753,7 @@ def capture(
     EXPORT_COUNT += 1
     try:
         ep = torch.export.export(model, inputs, kwargs or None, strict=False)
-        ep = _functionalize(ep)
+        ep = functionalize(ep)
     except Exception as e:  # export raises many types; all mean "could not capture"
         err = e if isinstance(e, CaptureError) else None
         if err is None:

@@ -90,7 +90,13 @@ class BackendError(HessfastError, RuntimeError):
     """An explicitly requested backend cannot run an op (the message lists every reason)."""
 
 
-def _check_choice(name: str, where: str) -> str:
+def check_choice(name: str, where: str) -> str:
+    """``name`` as a backend choice (lower case), or ``ValueError`` naming ``where`` it came from
+    and the choices.
+
+    >>> check_choice("Torch", "backend=")
+    'torch'
+    """
     if not isinstance(name, str) or name.lower() not in CHOICES:
         raise ValueError(f"{where}: unknown backend {name!r}; choose one of {', '.join(CHOICES)}")
     return name.lower()
@@ -105,7 +111,7 @@ def requested() -> str:
     env = os.environ.get(ENV, "").strip()
     if not env:
         return "auto"
-    return _check_choice(env, f"environment variable {ENV}")
+    return check_choice(env, f"environment variable {ENV}")
 
 
 @contextlib.contextmanager
@@ -121,7 +127,7 @@ def use_backend(name: str | None) -> Iterator[str]:
     if name is None:
         yield requested()
         return
-    name = _check_choice(name, "use_backend")
+    name = check_choice(name, "use_backend")
     token = _requested.set(name)
     try:
         yield name

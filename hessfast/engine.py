@@ -152,7 +152,7 @@ def _scatter(cot: dict, plan: dict, args: tuple, gargs: Any, gdargs: Any) -> Non
 def _const_eval(step: Step, args: tuple, kwargs: dict) -> Any:
     """Evaluate a parameter-independent node without side effects on the model.
 
-    Capture functionalises programs (``capture._functionalize``), so no in-place op reaches the
+    Capture functionalises programs (``capture.functionalize``), so no in-place op reaches the
     engine. Should one do so anyway, it runs on copies of the tensors it writes, and its result
     is the written copy; nothing is skipped, and nothing the caller passed is changed."""
     op = step.op

@@ -54,7 +54,7 @@ from torch.utils import _pytree as pytree
 
 from . import api, losses
 from .capture import choose_output
-from .operators import _has_active_dropout, _has_train_batchnorm, _ModelOperator
+from .operators import ModelOperator, has_active_dropout, has_train_batchnorm
 from .vectors import Vectors
 
 Tensor = torch.Tensor
@@ -62,7 +62,7 @@ Tensor = torch.Tensor
 __all__ = ["EmpiricalFisherOperator", "MCFisherOperator"]
 
 
-class _PerSampleOperator(_ModelOperator):
+class _PerSampleOperator(ModelOperator):
     """``(1/D) Σ_i J_iᵀ (Σ_m r_im r_imᵀ / M) J_i`` over the data for output gradients ``r_im``
     (:meth:`_residuals`), computed with ``torch.func``."""
 
@@ -82,7 +82,7 @@ class _PerSampleOperator(_ModelOperator):
             raise ValueError(
                 f"{name} is computed with torch.func: backend= and compile= do not apply"
             )
-        if _has_train_batchnorm(model) or _has_active_dropout(model):
+        if has_train_batchnorm(model) or has_active_dropout(model):
             raise ValueError(
                 f"{name} needs per-sample gradients, and BatchNorm or dropout in training mode "
                 "makes the samples of a batch depend on each other (or on chance): call "

@@ -69,7 +69,7 @@ from torch import nn
 
 from . import api, autograd_fallback, losses, traced
 from . import distributed as _dist
-from .dispatch import _check_choice
+from .dispatch import check_choice
 from .errors import NonFiniteError
 from .vectors import Vectors, first_non_finite, parse, select_params
 
@@ -295,20 +295,36 @@ def _split(x: Any, size: int) -> list:
     return [tuple(p[i] if p is not None else t for p, t in zip(parts, x)) for i in range(n)]
 
 
-def _has_active_dropout(model: nn.Module) -> bool:
+def has_active_dropout(model: nn.Module) -> bool:
+    """Whether a dropout module of ``model`` is in training mode with ``p > 0`` (the loss is then
+    random: no fixed operator).
+
+    >>> has_active_dropout(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1)).eval())
+    False
+    """
     return any(
         isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
         for m in model.modules()
     )
 
 
-def _has_train_batchnorm(model: nn.Module) -> bool:
+def has_train_batchnorm(model: nn.Module) -> bool:
+    """Whether a BatchNorm module of ``model`` is in training mode (the loss of a sample then
+    depends on its batch).
+
+    >>> has_train_batchnorm(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
+    True
+    """
     return any(
         isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()
     )
 
 
-class _ModelOperator(CurvatureOperator):
+class ModelOperator(CurvatureOperator):
+    """The curvature of a model's loss over a dataset: what :class:`HessianOperator`,
+    :class:`GGNOperator`, :class:`ResidualOperator` and the Fisher operators share (batching,
+    weighting by loss terms, the determinism check, the engine ``mode`` a subclass sets)."""
+
     mode = "hvp"
     kind = "Hessian"
 
@@ -339,7 +355,7 @@ class _ModelOperator(CurvatureOperator):
         #: the divisor of the dataset loss when given (see the module docstring), else None
         self.num_data = None if num_data is None else int(num_data)
         if backend is not None:
-            _check_choice(backend, f"{type(self).__name__}(backend=...)")
+            check_choice(backend, f"{type(self).__name__}(backend=...)")
         traced.check_mode(compile)
         self.compile = compile
         self.output = output
@@ -392,7 +408,7 @@ class _ModelOperator(CurvatureOperator):
                     f"max_batch_size must be a positive integer, got {max_batch_size!r}"
                 )
             max_batch_size = int(max_batch_size)
-            if _has_train_batchnorm(model):
+            if has_train_batchnorm(model):
                 raise ValueError(
                     "max_batch_size would change the batch statistics of BatchNorm in training "
                     "mode, and with them the curvature: call model.eval() or drop max_batch_size"
@@ -421,7 +437,7 @@ class _ModelOperator(CurvatureOperator):
         pg = self.process_group
         return 0 if pg is None else torch.distributed.get_rank(pg)
 
-    def block(self, params: str | Sequence[str]) -> _ModelOperator:
+    def block(self, params: str | Sequence[str]) -> ModelOperator:
         """The diagonal block of a parameter subset (names or glob patterns), itself an operator."""
         sub = select_params(self.model, params)
         outside = [n for n, _ in sub if n not in self.names]
@@ -628,7 +644,7 @@ class _ModelOperator(CurvatureOperator):
         process group: every rank must make the same number of all-reduces."""
         if not self.single or self.process_group is not None:
             return True
-        return _has_train_batchnorm(self.model) or _has_active_dropout(self.model)
+        return has_train_batchnorm(self.model) or has_active_dropout(self.model)
 
     def matmat(self, V: Tensor) -> Tensor:
         vec = self._vectors(V)
@@ -761,19 +777,19 @@ class _ModelOperator(CurvatureOperator):
                 "a DataLoader with shuffle=True and drop_last=True (each pass drops different "
                 "samples): use drop_last=False or shuffle=False"
             )
-        if _has_train_batchnorm(self.model) and (shuffled or not self.single):
+        if has_train_batchnorm(self.model) and (shuffled or not self.single):
             causes.append(
                 "BatchNorm in training mode over batches that change between passes (its "
                 "statistics, and so H, depend on which samples share a batch): call model.eval() "
                 "or pass a DataLoader with shuffle=False"
             )
-        elif _has_train_batchnorm(self.model):
+        elif has_train_batchnorm(self.model):
             causes.append("BatchNorm in training mode")
         if shuffled and not causes:
             causes.append(
                 "a shuffled DataLoader (shuffle=True) whose batches change from pass to pass"
             )
-        if _has_active_dropout(self.model):
+        if has_active_dropout(self.model):
             causes.append("dropout in training mode (call model.eval())")
         causes.append(
             "random data augmentation in the dataset, or randomness in forward (noise, sampling)"
@@ -809,7 +825,7 @@ class _ModelOperator(CurvatureOperator):
         )
 
 
-class HessianOperator(_ModelOperator):
+class HessianOperator(ModelOperator):
     """The exact Hessian of the dataset loss (see the module docstring).
 
     ``HessianOperator(model, loss_fn, data, params=None, max_batch_size=None, progress=False,
@@ -830,7 +846,7 @@ class HessianOperator(_ModelOperator):
     kind = "Hessian"
 
 
-class GGNOperator(_ModelOperator):
+class GGNOperator(ModelOperator):
     """The generalised Gauss-Newton ``Jᵀ H_L J`` of the dataset loss (positive semidefinite for
     convex losses)."""
 
@@ -838,7 +854,7 @@ class GGNOperator(_ModelOperator):
     kind = "GGN"
 
 
-class ResidualOperator(_ModelOperator):
+class ResidualOperator(ModelOperator):
     """The residual ``R = H − G`` of the Gauss-Newton decomposition: ``Σ_i (∂L/∂z_i) ∇²_θ z_i``,
     the Hessian's part from the model outputs' second derivatives (symmetric, indefinite; all of
     the Hessian's negative curvature for a convex loss). One product is one engine pass, an HVP
@@ -869,7 +885,7 @@ def bytes_needed(P: int, columns: int, dtype: torch.dtype) -> int:
 def is_model_operator(op: Any) -> bool:
     """Whether ``op`` is one of hessfast's curvature operators of a model (Hessian, GGN), whose
     symmetry the algorithms probe by default."""
-    return isinstance(op, _ModelOperator)
+    return isinstance(op, ModelOperator)
 
 
 def _is_zero(x: Any) -> bool:

@@ -64,7 +64,7 @@ import torch
 from torch import nn
 
 from . import api, losses
-from .autograd_fallback import _math_attention, check_no_training_dropout
+from .autograd_fallback import check_no_training_dropout, math_attention
 from .capture import choose_output
 from .vectors import select_params
 
@@ -146,7 +146,7 @@ class _Objective:
         if self.method == "fd2":  # first-order only: any attention kernel
             out = torch.func.functional_call(self.model, over, self.args, self.kwargs)
         else:  # differentiated two or three times: SDPA on its composite math backend
-            with _math_attention():
+            with math_attention():
                 out = torch.func.functional_call(self.model, over, self.args, self.kwargs)
         loss = call_loss(self.loss_fn, out, self.targets, self.output)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:

@@ -34,8 +34,8 @@ import torch
 
 from .diagonal import diagonal
 from .krylov import Operator, Products, as_operator, check_positive_int, rademacher, work_dtype
-from .slq import _lanczos
-from .trace import _stderr
+from .slq import lanczos_runs
+from .trace import standard_error
 
 Tensor = torch.Tensor
 
@@ -254,7 +254,7 @@ def layerwise(
     ]
     products = Products(op, max_columns)
     if lanczos:
-        runs, extra_out = _lanczos(
+        runs, extra_out = lanczos_runs(
             op,
             [rows[lab] for lab in lanczos],
             starts,
@@ -307,7 +307,7 @@ def layerwise(
     for lab, Z, HZ in pairs:
         samples = (Z.double() * HZ.double()).sum(0)
         res = results[lab]
-        res.trace, res.trace_stderr = float(samples.mean()), _stderr(samples)
+        res.trace, res.trace_stderr = float(samples.mean()), standard_error(samples)
         res.trace_method = "hutchinson"
     for lab, run in zip(lanczos, runs):
         theta, _, resid = run.ritz()

@@ -75,7 +75,7 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 
 
-def _lanczos(
+def lanczos_runs(
     op: Operator,
     rows: Sequence[Rows],
     starts: Sequence[Tensor],

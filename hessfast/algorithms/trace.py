@@ -59,7 +59,12 @@ class TraceEstimate:
         }
 
 
-def _stderr(samples: Tensor) -> float:
+def standard_error(samples: Tensor) -> float:
+    """The standard error of the mean of ``samples`` (``inf`` for fewer than two).
+
+    >>> standard_error(torch.tensor([1.0, 3.0], dtype=torch.float64))
+    1.0
+    """
     n = samples.numel()
     if n < 2:
         return math.inf
@@ -165,7 +170,10 @@ def _estimate(products: Products, tp: TraceProbes, batch_size: int | None) -> Tr
     forms = _quad_forms(products, Z, batch)
     samples = forms[s:]
     return TraceEstimate(
-        float(forms[:s].sum()) + float(samples.mean()), _stderr(samples), Z.shape[1], tp.method
+        float(forms[:s].sum()) + float(samples.mean()),
+        standard_error(samples),
+        Z.shape[1],
+        tp.method,
     )
 
 

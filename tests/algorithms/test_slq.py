@@ -304,7 +304,7 @@ def test_vectorised_probes_agree_with_the_per_segment_recurrence():
     S = torch.randn(70, 4, generator=torch.Generator().manual_seed(9), dtype=D)
     kw = dict(tol=None, work_dtype=D, offload=False)
     fast = slq._lanczos_probes(op, 4, lambda i: S[:, i], 25, products=slq.Products(op), **kw)
-    loop, _ = slq._lanczos(
+    loop, _ = slq.lanczos_runs(
         op,
         [slice(None)] * 4,
         [S[:, i : i + 1] for i in range(4)],

@@ -589,7 +589,7 @@ F32_NORM = 1e-5
 # hessfast's SDPA rule (rules/attention.py) returns its output contiguous in [B, H, Tq, D] order;
 # torch's CPU kernel, whose strides the exported graph records, returns [B, Tq, H, D] memory order
 # (strides (B·H·Tq·D, D, H·D, 1)). A program with an in-place op goes through capture.py's
-# _functionalize -> run_decompositions, which lowers HF's
+# functionalize -> run_decompositions, which lowers HF's
 # `attn_output.transpose(1, 2).reshape(B, T, -1)` to aten.view: valid for torch's layout only.
 CASES: dict[str, Case] = {
     **{name: Case(b) for name, b in HF.items()},
