@@ -34,7 +34,7 @@ import torch
 
 from .diagonal import diagonal
 from .krylov import Operator, Products, as_operator, check_positive_int, rademacher, work_dtype
-from .slq import lanczos_runs
+from .recurrences import lanczos_runs
 from .trace import standard_error
 
 Tensor = torch.Tensor

@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 from ..algorithms import eigsh
-from ..algorithms.slq import batched_lanczos
+from ..algorithms.recurrences import batched_lanczos
 from ..operators import HessianOperator
 
 __all__ = ["hessian"]

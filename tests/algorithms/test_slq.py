@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import hessfast
-from hessfast.algorithms.slq import batched_lanczos, spectral_density
+from hessfast.algorithms.recurrences import batched_lanczos
+from hessfast.algorithms.slq import spectral_density
 
 D = torch.float64
 
@@ -297,21 +298,22 @@ def test_bad_operators():
 
 def test_vectorised_probes_agree_with_the_per_segment_recurrence():
     # the SLQ path (all probes as one batch) and the per-segment engine behind layerwise
-    from hessfast.algorithms import slq
+    from hessfast.algorithms import recurrences
+    from hessfast.algorithms.krylov import Products
 
     A = rotated(clustered(70))
     op = hessfast.DenseOperator(A)
     S = torch.randn(70, 4, generator=torch.Generator().manual_seed(9), dtype=D)
     kw = dict(tol=None, work_dtype=D, offload=False)
-    fast = slq._lanczos_probes(op, 4, lambda i: S[:, i], 25, products=slq.Products(op), **kw)
-    loop, _ = slq.lanczos_runs(
+    fast = recurrences.lanczos_probes(op, 4, lambda i: S[:, i], 25, products=Products(op), **kw)
+    loop, _ = recurrences.lanczos_runs(
         op,
         [slice(None)] * 4,
         [S[:, i : i + 1] for i in range(4)],
         25,
         restart=False,
         generator=torch.Generator(),
-        products=slq.Products(op),
+        products=Products(op),
         **kw,
     )
     for a, b in zip(fast, loop):
