@@ -4,13 +4,16 @@ For each workload and product kind (``grad``, ``hvp``, ``ggn``) it times, interl
 process on one CPU thread (docs/architecture.md, measurement):
 
 - the whole product as a user calls it (``hessfast.grad`` / ``hvp`` / ``ggn_vp``): the capture
-  guard, loss resolution and target checks, the input and result finiteness checks, the trace
-  lookup and the graph;
-- the traced graph alone, replayed on the same flat inputs under ``torch.no_grad()`` (what the
-  product runs per call: the parameters as they are, not detached);
+  guard, loss resolution and target checks, the trace lookup, the graph, and the finiteness checks
+  of ``v`` and the result;
+- inside that same call, the time in the traced graph and the time in the finiteness checks (the
+  graph's function and ``api.first_non_finite_in`` wrapped in timers), so the split is of one call
+  and not of two runs with different cache states;
 - the autograd reference (gradient; double backward for the HVP and the GGN-VP row, math SDPA).
 
-``outside`` is the share of the product spent outside the graph. Usage::
+``outside`` is the share of the product spent outside its graph; ``finiteness`` is the part of it
+that reads ``v`` and the result (a pass over ``2 P`` numbers, compute rather than Python);
+``Python`` is the rest. Usage::
 
     PYTHONPATH=. python benchmarks/bench_overhead.py [--size small] [--rounds 15] [--out FILE.md]
 """
@@ -26,7 +29,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import hessfast
-from hessfast import bench_models, capture, traced
+from hessfast import api, bench_models, capture, traced
 
 
 def _flat_loss(loss_fn):
@@ -38,23 +41,18 @@ def _flat_loss(loss_fn):
     return f
 
 
-def _graph_inputs(program):
-    """The most recent trace of ``program`` and the flat inputs of its next replay."""
-    trace = traced.traces(program)[-1]
-    seen = {}
-    real = trace.fn
+class _Timer:
+    """``fn`` with the seconds of each call appended to ``seconds``."""
 
-    def spy(*args):
-        seen["args"] = args
-        return real(*args)
+    def __init__(self, fn):
+        self.fn, self.seconds = fn, []
 
-    return trace, real, spy, seen
-
-
-def _replay(fn, args):
-    """The graph as :func:`hessfast.traced.run` replays it."""
-    with torch.no_grad():
-        return fn(*args)
+    def __call__(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            self.seconds.append(time.perf_counter() - t0)
 
 
 def measure(name: str, size: str, rounds: int) -> list[dict]:
@@ -87,29 +85,35 @@ def measure(name: str, size: str, rounds: int) -> list[dict]:
         with ctx:
             for _ in range(3):
                 product()
-            trace, real, spy, seen = _graph_inputs(capture.capture(model, (x,)))
-            trace.fn = spy
-            product()
-            trace.fn = real
-            args = seen["args"]
-            times: dict[str, list[float]] = {"product": [], "graph": [], "autograd": []}
-            for _ in range(rounds):
-                for key, fn in (
-                    ("product", product),
-                    ("graph", lambda: _replay(real, args)),
-                    ("autograd", reference),
-                ):
+            trace = traced.traces(capture.capture(model, (x,)))[-1]
+            graph, checks = _Timer(trace.fn), _Timer(api.first_non_finite_in)
+            times: dict[str, list[float]] = {
+                "product": [], "graph": [], "finiteness": [], "autograd": []
+            }  # fmt: skip
+            trace.fn, api.first_non_finite_in = graph, checks
+            try:
+                for _ in range(rounds):
+                    graph.seconds.clear()
+                    checks.seconds.clear()
                     t0 = time.perf_counter()
-                    fn()
-                    times[key].append(time.perf_counter() - t0)
+                    product()
+                    times["product"].append(time.perf_counter() - t0)
+                    times["graph"].append(sum(graph.seconds))
+                    times["finiteness"].append(sum(checks.seconds))
+                    t0 = time.perf_counter()
+                    reference()
+                    times["autograd"].append(time.perf_counter() - t0)
+            finally:
+                trace.fn, api.first_non_finite_in = graph.fn, checks.fn
         med = {k: statistics.median(t) for k, t in times.items()}
         rows.append(
             {
                 "model": name,
                 "kind": kind,
-                "nodes": len(real.graph.nodes),
+                "nodes": len(graph.fn.graph.nodes),
                 **med,
                 "outside": (med["product"] - med["graph"]) / med["product"],
+                "python": (med["product"] - med["graph"] - med["finiteness"]) / med["product"],
             }
         )
     return rows
@@ -117,14 +121,16 @@ def measure(name: str, size: str, rounds: int) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| model | product | graph nodes | product | graph alone | outside the graph | "
+        "| model | product | graph nodes | product | in the graph | outside the graph | "
+        "of which finiteness checks | of which Python | "
         "autograd (double backward for hvp/ggn) | product / autograd |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['kind']} | {r['nodes']} | {r['product'] * 1e3:.2f} ms | "
-            f"{r['graph'] * 1e3:.2f} ms | {r['outside']:.1%} | {r['autograd'] * 1e3:.2f} ms | "
+            f"{r['graph'] * 1e3:.2f} ms | {r['outside']:.1%} | "
+            f"{r['finiteness'] / r['product']:.1%} | {r['python']:.1%} | {r['autograd'] * 1e3:.2f} ms | "
             f"{r['product'] / r['autograd']:.2f} |"
         )
     return "\n".join(lines)
@@ -141,7 +147,8 @@ def main() -> None:
     rows = [r for m in a.models.split(",") for r in measure(m, a.size, a.rounds)]
     text = (
         f"hessfast {hessfast.__version__}, torch {torch.__version__}, CPU, 1 thread, float32, "
-        f"size {a.size}, median of {a.rounds} interleaved rounds\n\n{table(rows)}\n"
+        f"size {a.size}, median of {a.rounds} interleaved rounds; graph and finiteness "
+        f"timed inside the product's own call\n\n{table(rows)}\n"
     )
     print(text)
     if a.out:
