@@ -9,6 +9,7 @@ from models import zoo
 from test_operator_algebra import _dense
 
 import hessfast
+from hessfast import traced
 from hessfast.algorithms.trace import trace_probes, trace_with_probes
 
 D = torch.float64
@@ -27,8 +28,18 @@ def problem():
 @pytest.fixture(scope="module")
 def dec(problem):
     model, lf, data, _, _ = problem
+    # interpreted: the run takes a dozen product signatures (block sizes), and tracing them was
+    # most of its time; test_analyze_decompose_writes_the_section_and_the_plot runs the traced path
     return hessfast.decompose(
-        model, lf, data, k=K, trace_matvecs=30, density_probes=4, density_steps=30, seed=0
+        model,
+        lf,
+        data,
+        k=K,
+        trace_matvecs=30,
+        density_probes=4,
+        density_steps=30,
+        seed=0,
+        compile="interpret",
     )
 
 
@@ -187,9 +198,13 @@ def test_decompose_section_builds_h_from_a_ggn_operator_with_its_settings(proble
     from hessfast.analyze.analysis import decompose_section
 
     model, lf, data, Hd, Gd = problem
-    G = hessfast.GGNOperator(model, lf, data, max_batch_size=4)
+    # interpreted: tracing the micro-batches' new shapes would be most of the test, and H is
+    # built with G's compile setting as well as its max_batch_size
+    G = hessfast.GGNOperator(model, lf, data, max_batch_size=4, compile="interpret")
+    before = traced.TRACE_COUNT
     sec = decompose_section(G, k=2, density=False, trace_matvecs=9)
-    assert sec["residual_operator"] == "ResidualOperator"  # H built with G's max_batch_size
+    assert sec["residual_operator"] == "ResidualOperator"  # H built with G's settings
+    assert traced.TRACE_COUNT == before  # nothing traced: H interprets too
     for part, M in {"hessian": Hd, "ggn": Gd, "residual": Hd - Gd}.items():
         ref = torch.linalg.eigvalsh(M).flip(0)[:2]
         torch.testing.assert_close(
