@@ -90,8 +90,22 @@ MODELS = {
 }
 
 
-def setup(name, variant):
-    build, vocab, chunk, ignored = MODELS[name]
+def tokens(seed=0):
+    """The GPT's head on a small body: an embedding, tanh and the tied bias-free linear head,
+    ``[2, 6, 11]`` logits (the traced fused head's path at a fraction of the GPT's tracing)."""
+    torch.manual_seed(seed)
+    wte, head = nn.Embedding(11, 8), nn.Linear(8, 11, bias=False)
+    head.weight = wte.weight
+    model = nn.Sequential(wte, nn.Tanh(), head).to(D)
+    idx, y = torch.randint(0, 11, (2, 6)), torch.randint(0, 11, (2, 6))
+    return model, F.cross_entropy, (idx,), y
+
+
+TRACED_MODELS = {"mlp": MODELS["mlp"], "tokens": (tokens, *MODELS["gpt"][1:])}
+
+
+def setup(name, variant, models=MODELS):
+    build, vocab, chunk, ignored = models[name]
     model, _, inputs, targets = build()
     loss_fn, ignore = variants(vocab)[variant]
     targets = targets.clone()
@@ -367,15 +381,13 @@ def test_row_reference_low_precision_dtypes():
         torch.testing.assert_close(a.double(), b, rtol=2e-2, atol=2e-3)
 
 
-@pytest.mark.parametrize(
-    "name", [pytest.param(m, marks=pytest.mark.slow if m == "gpt" else ()) for m in MODELS]
-)  # the GPT traced twice: about ten seconds on two cores
-def test_traced_fused_head_reads_each_batch_count(name, monkeypatch):
+@pytest.mark.parametrize("name", list(TRACED_MODELS))
+def test_traced_fused_head_reads_each_batch_count(name, spy, monkeypatch):
     """The fused head's mean denominator is a tensor of the graph: one trace serves batches with
     different numbers of ignored targets, and equals the interpreter and the unfused path."""
     from hessfast import capture, traced
 
-    model, loss_fn, inputs, targets, chunk = setup(name, "all")
+    model, loss_fn, inputs, targets, chunk = setup(name, "all", TRACED_MODELS)
     monkeypatch.setattr(ce, "HEAD_CHUNK_ROWS", chunk)
     monkeypatch.setattr(engine, "FUSE_HEAD", True)
     v = vectors(model, 2)
@@ -393,6 +405,7 @@ def test_traced_fused_head_reads_each_batch_count(name, monkeypatch):
                     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     info = traced.explain(capture.capture(model, tuple(inputs)))
     assert len(info) == 3 and all(t["traced"] and t["calls"] == 2 for t in info)
+    assert spy.rows  # the fused head ran
 
 
 @pytest.mark.parametrize("case", list(ROWS_CASES))
