@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hessfast.rules.base import Call
+from .declined import Declined, refused_by
 
 aten = torch.ops.aten
 D = torch.float64
@@ -119,17 +119,6 @@ CASES = {
 KERNEL_SHAPES = [((5, 7), 7), ((1,), 1), ((3, 515), 2), ((2, 8, 16), 1)]
 
 
-@dataclass(frozen=True)
-class Declined:
-    """A call ``op(*args)`` (tangent ``tangent`` for ``x``) that the implementations of
-    ``reasons``' backends refuse, each with a reason containing ``reasons[backend]``."""
-
-    op: object
-    args: tuple
-    reasons: dict
-    tangent: torch.Tensor | None = None
-
-
 DECLINED = {
     "integer": Declined(
         aten.relu.default,
@@ -161,26 +150,23 @@ DECLINED = {
         aten.silu.default,
         (torch.ones(3),),
         {"cuda": "tangent dtype/device torch.float64/cpu differs"},
-        tangent=torch.ones(2, 3, dtype=D),
+        tangents=(torch.ones(2, 3, dtype=D),),
     ),
     "tangent-shape": Declined(
         aten.hardswish.default,
         (torch.ones(3),),
         {"cuda": "tangent shape [2, 4] is not [K, *x.shape]"},
-        tangent=torch.ones(2, 4),
+        tangents=(torch.ones(2, 4),),
     ),
 }
 
 
 def declined(backend):
     """The :data:`DECLINED` ids that ``backend`` refuses."""
-    return [name for name, d in DECLINED.items() if backend in d.reasons]
+    return refused_by(DECLINED, backend)
 
 
 def declined_call(name):
     """``(op, Call, reason)`` of a :data:`DECLINED` entry (reasons by backend)."""
     d = DECLINED[name]
-    n = len(d.args)
-    k = 0 if d.tangent is None else d.tangent.shape[0]
-    call = Call(d.op, d.args, (True,) + (False,) * (n - 1), (d.tangent,) + (None,) * (n - 1), k)
-    return d.op, call, d.reasons
+    return d.op, d.call(), d.reasons

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hessfast.rules.base import Call
+from .declined import Declined, refused_by
 
 aten = torch.ops.aten
 D = torch.float64
@@ -124,23 +124,6 @@ def kernel_params():
     return [(name, k) for name, c in CASES.items() for k in c.ks]
 
 
-@dataclass(frozen=True)
-class Declined:
-    """A call ``op(*args)`` (tangents ``tangents``, the input active) that the implementations of
-    ``reasons``' backends refuse, each with a reason containing ``reasons[backend]``."""
-
-    op: object
-    args: tuple
-    reasons: dict
-    tangents: tuple | None = None
-
-    def call(self):
-        n = len(self.args)
-        tangents = self.tangents or (None,) * n
-        k = next((t.shape[0] for t in tangents if t is not None), 0)
-        return Call(self.op, self.args, (True,) + (False,) * (n - 1), tangents, k)
-
-
 DECLINED = {
     "integer": Declined(
         LN,
@@ -173,4 +156,4 @@ DECLINED = {
 
 def declined(backend):
     """The :data:`DECLINED` ids that ``backend`` refuses."""
-    return [name for name, d in DECLINED.items() if backend in d.reasons]
+    return refused_by(DECLINED, backend)
