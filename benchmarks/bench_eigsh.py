@@ -779,11 +779,34 @@ RACE_PROBLEMS = {
     "mlp": (bench_models.mlp, "small", 128, "MLP 784-256-256-10, GELU"),
     "vgg": (_untuned_vgg, None, 16, "untuned: VGG-style CNN with BatchNorm (eval), max pool"),
 }
-RACE_METHODS = ("hessfast", "hessfast-b1", "hessfast-b8", "arpack", "arpack-1e-3", "pyhessian")
+RACE_METHODS = (
+    "hessfast",
+    "hessfast-b1",
+    "hessfast-b8",
+    "hessfast-eig",
+    "hessfast-b1-eig",
+    "hessfast-b1-eig-ncv21",
+    "arpack",
+    "arpack-1e-3",
+    "pyhessian",
+)
+#: hessfast rows: (block_size, criterion, ncv)
+RACE_HESSFAST = {
+    "hessfast": (None, "residual", None),
+    "hessfast-b1": (1, "residual", None),
+    "hessfast-b8": (8, "residual", None),
+    "hessfast-eig": (None, "eigenvalue", None),
+    "hessfast-b1-eig": (1, "eigenvalue", None),
+    "hessfast-b1-eig-ncv21": (1, "eigenvalue", 2 * K + 1),
+}
 RACE_LABELS = {
     "hessfast": "hessfast.eigsh, block_size=None (measured), tol 1e-6",
     "hessfast-b1": "hessfast.eigsh, block_size=1, tol 1e-6",
     "hessfast-b8": "hessfast.eigsh, block_size=8, tol 1e-6",
+    "hessfast-eig": "hessfast.eigsh, block_size=None (measured), criterion='eigenvalue', tol 1e-6",
+    "hessfast-b1-eig": "hessfast.eigsh, block_size=1, criterion='eigenvalue', tol 1e-6",
+    "hessfast-b1-eig-ncv21": "hessfast.eigsh, block_size=1, criterion='eigenvalue', tol 1e-6, "
+    "ncv=21 (ARPACK's)",
     "arpack": "SciPy eigsh (ARPACK) on H.to_scipy(), tol 1e-6",
     "arpack-1e-3": "SciPy eigsh (ARPACK) on H.to_scipy(), tol 1e-3",
     "pyhessian": "PyHessian (power iteration + deflation), maxIter 100, tol 1e-3",
@@ -812,14 +835,25 @@ def _race_run(key, model, x, y, dev, v0):
     clock = Clock(dev)
     t0 = clock.now()
     if key.startswith("hessfast"):
-        b = {"hessfast": None, "hessfast-b1": 1, "hessfast-b8": 8}[key]
+        b, criterion, ncv = RACE_HESSFAST[key]
         H = _race_operator(model, x, y)
         ev, _, info = hessfast.eigsh(
-            H, k=K, which="LA", tol=1e-6, block_size=b, return_info=True, warn=False
+            H,
+            k=K,
+            which="LA",
+            tol=1e-6,
+            block_size=b,
+            criterion=criterion,
+            ncv=ncv,
+            return_info=True,
+            warn=False,
         )
         wall = clock.now() - t0
         ch = info.block_choice
-        note = f"b={info.block_size}, {info.iterations} steps, {info.restarts} restarts"
+        note = (
+            f"b={info.block_size}, ncv={info.ncv}, {info.iterations} steps, "
+            f"{info.restarts} restarts, {info.seconds_elsewhere:.2f} s outside products"
+        )
         if ch.get("how") == "measured":
             curve = ", ".join(f"t({c})={v * 1e3:.0f} ms" for c, v in ch["curve"].items())
             note += f"; measured {curve}"
@@ -829,6 +863,9 @@ def _race_run(key, model, x, y, dev, v0):
             "block_size": info.block_size,
             "block_choice": ch,
             "seconds_total": info.seconds_total,
+            "criterion": criterion,
+            "ncv": info.ncv,
+            "max_eigenvalue_bound": float(info.eigenvalue_bounds.max()),
         }
         return vals, info.products, wall, info.seconds_in_products, note, extra
     if key.startswith("arpack"):
@@ -884,7 +921,7 @@ def run_race(args, dev) -> dict:
         ref = sorted((float(v) for v in ref_ev), reverse=True)
         ref_s = time.perf_counter() - t
         log(f"{pkey}: P={P:,}, reference {ref_s:.1f} s; warm-up {warm}", file=sys.stderr)
-        methods = [m for m in RACE_METHODS if m not in args.skip]
+        methods = [m for m in args.race_methods if m not in args.skip]
         runs: dict[str, list] = {m: [] for m in methods}
         for r in range(args.race_rounds):
             for m in methods:
@@ -1163,12 +1200,21 @@ def main(argv=None) -> int:
     )
     p.add_argument("--race-problems", default="cnn,mlp,vgg")
     p.add_argument("--race-rounds", type=int, default=3)
+    p.add_argument(
+        "--race-methods",
+        default=",".join(RACE_METHODS),
+        help=f"comma-separated --race rows, in this order (of {', '.join(RACE_METHODS)})",
+    )
     p.add_argument("--density", action="store_true", help="--race: add the spectral-density race")
     args = p.parse_args(argv)
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     unknown = args.skip - set(METHODS) - set(RACE_METHODS) - {"reference"}
     if unknown:
         p.error(f"--skip: unknown method(s) {', '.join(sorted(unknown))}")
+    args.race_methods = [s.strip() for s in args.race_methods.split(",") if s.strip()]
+    if set(args.race_methods) - set(RACE_METHODS):
+        bad = ", ".join(sorted(set(args.race_methods) - set(RACE_METHODS)))
+        p.error(f"--race-methods: unknown method(s) {bad}")
     args.extra = {s.strip() for s in args.extra.split(",") if s.strip()}
     if args.extra - set(EXTRA):
         p.error(f"--extra: unknown method(s) {', '.join(sorted(args.extra - set(EXTRA)))}")

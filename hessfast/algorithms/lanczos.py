@@ -59,9 +59,17 @@ multiplicity of the eigenvalues you need: single-vector Lanczos finds one vector
 The inflation model holds for well separated ends (the top of a Hessian); ends inside a dense
 bulk cost blocks far more (bottom 6 of a Gaussian bulk: 9× the products at b = 8).
 
-Default basis size ``ncv``: ``max(2k + 1, 20)`` vectors for ``b = 1`` (ARPACK's default) and
-``2k + max(20, 4b)`` for blocks, capped at ``P``. Ends inside a dense bulk converge in far fewer
-products with a larger ``ncv``.
+Default basis size ``ncv``: ``2k + 20`` vectors for ``b = 1`` (while that basis takes at most a
+quarter of the free memory of its device; never below ARPACK's ``max(2k + 1, 20)``) and
+``2k + max(20, 4b)`` for blocks, capped at ``P``. A larger basis means fewer restarts and fewer
+products: top 10 of the race's Hessians (``benchmarks/bench_eigsh.py --race``) to 1e-6 at b = 1,
+ncv 21 / 40 / 60 / 100: 83 / 77 / 74 / 73 products (vgg), 254 / 200 / 196 / 193 (mlp), 93 / 83 /
+79 / 79 (cnn) under the residual criterion, 71 / 66 / 65 / 65, 216 / 178 / 175 / 173 and 81 / 75
+/ 72 / 72 under the eigenvalue criterion; on synthetic spectra (k = 3–20) 2k + 20 saves 0–5%
+over ARPACK's size and more gains nothing. Each step reads the whole older basis once (the
+orthogonality check), so past ``2k + 20`` the time outside the products grows faster than the
+products shrink (mlp, P = 269 k on a shared CPU core: 3.7 s at ncv 40, 7.8 s at 60, 13.5 s at
+100). Ends inside a dense bulk converge in far fewer products with a larger ``ncv``.
 
 Cost per step besides the product: ``4 · P · n · b`` flops of Gram-Schmidt (one pass, ``n`` the
 basis size; a second only after heavy cancellation) and an ``n × n`` float64 ``eigh`` on the host;
@@ -84,6 +92,7 @@ from .krylov import (
     Products,
     check_memory,
     check_operator,
+    free_bytes,
     left_multiply,
     orthonormalize,
     project_out,
@@ -457,8 +466,9 @@ def eigsh(
             it) and ``info.converged`` false.
         seed: seeds the random start block (a CPU ``torch.Generator``): the same seed gives the
             same numbers.
-        ncv: largest basis size before a thick restart (default ``max(2k + 1, 20)`` at block
-            size 1, ``2k + max(20, 4b)`` for blocks; at least ``k + b + 1``, capped at P); the
+        ncv: largest basis size before a thick restart (default ``2k + 20`` at block size 1 while
+            it fits a quarter of the free memory, never below ARPACK's ``max(2k + 1, 20)``;
+            ``2k + max(20, 4b)`` for blocks; at least ``k + b + 1``, capped at P); the
             basis holds ``ncv + b`` vectors. Raise it for ends inside a dense part of the
             spectrum, lower it when memory is short.
         v0: optional start vectors ``[P]`` or ``[P, j]`` (``j ≤ b``; random vectors complete
@@ -530,19 +540,25 @@ def eigsh(
             f"use max_iter >= {-(-k // B)} or a larger block_size"
         )
 
-    def basis_size(b: int) -> int:
-        if ncv is not None:
-            return int(ncv)
-        return max(2 * k + 1, 20) if b == 1 else 2 * k + max(20, 4 * b)
-
-    m = basis_size(B)
-    if ncv is not None and m < k + B + 1 and m < P:
-        raise ValueError(f"ncv must be at least k + block_size + 1 = {k + B + 1}, got {ncv}")
     op_dtype = op.dtype
     bdtype = basis_dtype or (
         op_dtype if op_dtype in (torch.float32, torch.float64) else torch.float32
     )
     bdevice = torch.device(basis_device) if basis_device is not None else torch.device(op.device)
+    free = free_bytes(bdevice)
+    el = torch.empty(0, dtype=bdtype).element_size()
+
+    def basis_size(b: int) -> int:
+        if ncv is not None:
+            return int(ncv)
+        if b > 1:
+            return 2 * k + max(20, 4 * b)
+        fits = (free // 4) // (P * el) if free is not None else 2 * k + 20
+        return max(2 * k + 1, 20, min(2 * k + 20, fits))
+
+    m = basis_size(B)
+    if ncv is not None and m < k + B + 1 and m < P:
+        raise ValueError(f"ncv must be at least k + block_size + 1 = {k + B + 1}, got {ncv}")
     _check_memory(P, min(max(m, basis_size(1)) + B, P), B, bdtype, bdevice)
     products = Products(op, dtype=bdtype, device=bdevice)
     run_symmetry_check(op, products, seed, check_symmetric)
