@@ -143,8 +143,9 @@ class EigshInfo:
             ``"eigenvalue"``: the bound without its rounding floor).
         eigenvalue_bounds: float64 ``[k]``, bounds on the eigenvalue errors ``|λ − θ|``:
             ``min(‖r‖, ‖R_C‖² / gap_C)`` (:func:`eigenvalue_bounds`, from the residuals above and
-            the other Ritz values) plus a rounding floor (``n·eps·‖H‖``, ``n`` the basis size;
-            after ``verify``, ``k·eps(operator dtype)·‖H‖``). Computed under either criterion.
+            the other Ritz values) plus an estimate of the rounding floor (``(n + √P)·eps·‖H‖``,
+            ``n`` the basis size; after ``verify``, ``k·eps(operator dtype)·‖H‖``). Computed
+            under either criterion.
         criterion: ``"residual"`` or ``"eigenvalue"``, what ``tol`` was applied to.
         converged: all pairs met it.
         verified: ``residuals`` are true residual norms (``verify=True``).
@@ -161,6 +162,8 @@ class EigshInfo:
         calls: ``matmat`` calls.
         reorthogonalizations: steps that projected the new block against the older basis (the
             others found it orthogonal to ``eps^(3/4)`` and skipped the subtraction).
+        skipped_reads: steps that did not even read the older basis (block size 1: the
+            ω-recurrence estimated the new vector orthogonal to it to ``eps^(3/4)``).
     """
 
     products: int
@@ -182,6 +185,7 @@ class EigshInfo:
     symmetry_probe: str | None = None
     calls: int = 0
     reorthogonalizations: int = 0
+    skipped_reads: int = 0
 
     @property
     def seconds_elsewhere(self) -> float:
@@ -251,17 +255,31 @@ def _compress(Vt: Tensor, e: int, Zk: Tensor) -> None:
 
 #: the older basis is projected out only once the new block's components along it exceed
 #: ``eps^_SEMI`` of its norm (semi-orthogonality, kept well below √eps so that the returned vectors
-#: are orthonormal to ~eps^_SEMI); the coefficients are always computed (one read of the basis)
+#: are orthonormal to ~eps^_SEMI). Blocks compute the components on every step (one read of the
+#: basis); single vectors estimate them by Simon's ω-recurrence and read the basis only when the
+#: estimate crosses the threshold (:class:`_Omega`)
 _SEMI = 0.75
 
 
-def _project(Vt: Tensor, W: Tensor, s: int, e: int, lo: int, wcol: Tensor, semi: float):
+def _project(
+    Vt: Tensor,
+    W: Tensor,
+    s: int,
+    e: int,
+    lo: int,
+    wcol: Tensor,
+    semi: float,
+    need_older=None,
+):
     """Orthogonalise the product ``W`` of the block ``Vt[s:e]`` against the basis ``Vt[:e]``, in
     place: the local part ``Vt[lo:e]`` (the previous and the current block, where the three-term
     recurrence puts nearly all of ``W``; twice when it cancelled more than ``1 − 1/√2``), then
     the older rows ``Vt[:lo]``, whose coefficients are computed by one GEMM and subtracted only
     when they exceed ``semi ×`` the remaining norm (``Vt[:lo]ᵀ W`` is zero in exact arithmetic).
-    Returns ``(h [e, b], reorthogonalised)``, or ``None`` when ``lo == 0`` (project everything).
+    ``need_older(h_local, beta)``, if given, decides first whether the older rows are read at
+    all (an estimate of the components). Returns ``(h [e, b], reorthogonalised, components)``
+    (``components``: ``|Vt[:lo] W| / beta`` when they were computed and not subtracted, else
+    ``None``), or ``None`` when ``lo == 0`` (project everything).
     """
     if lo <= 0:
         return None
@@ -276,16 +294,77 @@ def _project(Vt: Tensor, W: Tensor, s: int, e: int, lo: int, wcol: Tensor, semi:
         beta = torch.linalg.vector_norm(W, dim=0)
     h = W.new_zeros(e, W.shape[1])
     h[lo:e] = hl
+    if need_older is not None and not need_older(hl, beta):
+        return h, False, None
     Vo = Vt[:lo]
     c = Vo @ W
     if not bool((c.abs().amax(0) > semi * beta).any()):
-        return h, False
+        return h, False, (c.abs() / beta).amax(1).double().cpu()
     subtract(W, Vo.mT, c)
     h[:lo] = c
     after = torch.linalg.vector_norm(W, dim=0)
     if bool((after < DGKS * beta).any()):
         h += project_out(Vt[:e], W, max_passes=2)
-    return h, True
+    return h, True, None
+
+
+class _Omega:
+    """Simon's ω-recurrence (partial reorthogonalisation, 1984) for single-vector Lanczos, in
+    its bounding form: ``ω[i, j] ≥ |v_iᵀ v_j|`` estimated from the recurrence coefficients alone,
+    so that a step reads the older basis only when the estimate for the new vector exceeds the
+    semi-orthogonality threshold.
+
+    With ``Tc`` the coefficients as computed (column ``k``: ``H v_k = Σ_i Tc[i, k] v_i + g_k``,
+    ``g_k`` the rounding, ``|g_k| ≤ eps·‖H‖``) and ``β v_e = H v_s − Σ_i tcol_i v_i``:
+    ``β |v_kᵀ v_e| ≤ Σ_i |Tc[i, k]| ω[i, s] + Σ_i ω[k, i] |tcol_i| + |g_k|`` (the unit diagonal
+    terms cancel). After a thick restart a kept Ritz vector ``y = V z`` satisfies
+    ``H y = θ y + S q + V (Tc − T) z`` (``T`` the symmetrised matrix its ``z`` came from), so its
+    ``|g|`` grows by ``‖(Tc − T) z‖`` (the coefficients of explicit reorthogonalisations and the
+    asymmetry of the computed recurrence: about ``eps^(3/4)·‖H‖``, not ``eps·‖H‖``). Rows the step
+    orthogonalised against are reset to ``eps``; rows it measured get their measured size.
+    """
+
+    def __init__(self, C: int, eps: float):
+        self.W = torch.zeros(C, C, dtype=torch.float64)  # ω, zero diagonal
+        self.Tc = torch.zeros(C, C, dtype=torch.float64)
+        self.g = torch.zeros(C, dtype=torch.float64)  # rounding of H v_k beyond eps·‖H‖
+        self.eps = eps
+        self.est: Tensor | None = None
+
+    def estimate(self, s: int, e: int, lo: int, tcol: Tensor, beta: float, noise: float) -> Tensor:
+        """The bound on ``|v_kᵀ v_e|`` for ``k < e``, given the new column ``tcol`` (local
+        entries only) and the norm ``beta`` of the new vector before normalisation."""
+        Tm = self.Tc[:e, :e].abs()
+        Tm[:, s] = tcol.abs()
+        Om = self.W[:e, :e]
+        x = (Tm.T @ Om[:, s] + Om @ tcol.abs() + self.g[:e] + noise) / beta
+        x[lo:e] = self.eps
+        self.est = x
+        return x
+
+    def record(self, s: int, e: int, h: Tensor, beta: float, col: Tensor) -> None:
+        """Step ``s`` computed ``H v_s = Σ_i h_i v_i + beta v_e``; ``col`` bounds ``|V[:e]ᵀ v_e|``."""
+        self.Tc[:e, s] = h
+        self.Tc[e, s] = beta
+        self.W[:e, e] = col
+        self.W[e, :e] = col
+
+    def restart(self, T: Tensor, e: int, Zk: Tensor, theta: Tensor, S: Tensor) -> None:
+        """Rows ``[:e]`` are compressed to ``p`` Ritz vectors ``V Zk``, followed by the next
+        vector (row ``e`` before, row ``p`` after), with ``H y_k = θ_k y_k + S_k q``."""
+        p = Zk.shape[1]
+        D = self.Tc[:e, :e] - T[:e, :e]
+        g = torch.linalg.vector_norm(D @ Zk, dim=0) + Zk.abs().T @ self.g[:e]
+        Om = self.W
+        level = max(float(Om[: e + 1, : e + 1].abs().max()), self.eps) * math.sqrt(e)
+        Om.zero_()
+        Om[: p + 1, : p + 1] = level
+        Om.diagonal().zero_()
+        self.g.zero_()
+        self.g[:p] = g
+        self.Tc.zero_()
+        self.Tc[:p, :p] = torch.diag(theta)
+        self.Tc[p, :p] = S[0] if S.shape[0] else 0.0
 
 
 def eigenvalue_bounds(theta: Tensor, res: Tensor, passes: int = 1) -> Tensor:
@@ -609,7 +688,8 @@ def eigsh(
 
     anorm = 0.0
     semi = eps**_SEMI
-    restarts = deflations = reorths = 0
+    omega = _Omega(C + 1, eps) if b == 1 else None
+    restarts = deflations = reorths = skipped = 0
     confirm = None  # wanted Ritz values awaiting confirmation after a breakdown
     converged = False
     theta = Z = res = R = None
@@ -625,12 +705,22 @@ def eigsh(
             wcol = torch.linalg.vector_norm(W, dim=0)
         wn = float(wcol.max())
         anorm = max(anorm, wn)
-        h = _project(Vt, W, s, e, lo, wcol, semi)
+        need_older = None
+        if omega is not None and lo > 0:
+
+            def need_older(hl, beta, s=s, e=e, lo=lo):
+                tcol = torch.zeros(e, dtype=torch.float64)
+                tcol[lo:e] = hl[:, 0].double().cpu()
+                x = omega.estimate(s, e, lo, tcol, float(beta[0]), 2 * eps * anorm)
+                return bool(x[:lo].abs().max() > semi)
+
+        h = _project(Vt, W, s, e, lo, wcol, semi, need_older)
         if h is None:
-            h = project_out(Vt[:e], W)
+            h, full, measured = project_out(Vt[:e], W), True, None
         else:
-            reorths += int(h[1])
-            h = h[0]
+            h, full, measured = h
+            reorths += int(full)
+            skipped += int(need_older is not None and not full and measured is None)
         h = h.double().cpu()
         T[:e, s:e] = h
         T[s:e, :e] = h.T
@@ -650,6 +740,14 @@ def eigsh(
             R = torch.cat([R, torch.zeros(fresh.shape[1], R.shape[1], dtype=torch.float64)])
             Vt[e : e + Q.shape[1]] = Q.T
         bq = Q.shape[1]
+        if omega is not None and bq:
+            if full or broke:
+                col = torch.full((e,), eps, dtype=torch.float64)
+            else:
+                col = omega.est.clone()
+                if measured is not None:
+                    col[:lo] = measured.clamp_min(eps)
+            omega.record(s, e, h[:, 0], float(R[0, 0]), col)
 
         theta, Z = torch.linalg.eigh(T[:e, :e])
         anorm = max(anorm, float(theta.abs().max()))
@@ -685,6 +783,8 @@ def eigsh(
             # couplings of converged pairs shrink geometrically from restart to restart; flush
             # them before they turn subnormal (subnormals make every later GEMM crawl on CPUs)
             S[S.abs() < _TINY * anorm] = 0.0
+            if omega is not None:
+                omega.restart(T, e, Z[:, keep], theta[keep], S)
             T.zero_()
             T[:p, :p] = torch.diag(theta[keep])
             T[p : p + bq, :p] = S
@@ -705,9 +805,10 @@ def eigsh(
     bounds = eigenvalue_bounds(theta, res)[wanted]
     thresh = tol * torch.clamp(evals.abs(), min=floor_rel * anorm)
     mask = (bounds if by_value else residuals) <= thresh
-    # rounding: the projected matrix is exact to about n·eps·‖H‖ (n its size), float64 Rayleigh
-    # quotients of products in the operator's dtype to about k·eps(op dtype)·‖H‖
-    rounding = n * eps * anorm
+    # rounding: the projected matrix is exact to about (n + √P)·eps·‖H‖ (n its size, √P the
+    # products' and dot products' own rounding), float64 Rayleigh quotients of products in the
+    # operator's dtype to about k·eps(op dtype)·‖H‖
+    rounding = (n + math.sqrt(P)) * eps * anorm
     if verify is None:
         verify = bdtype != torch.float64
     if verify:
@@ -757,6 +858,7 @@ def eigsh(
         symmetry_probe=products.symmetry,
         calls=products.calls,
         reorthogonalizations=reorths,
+        skipped_reads=skipped,
     )
     return evals, evecs, info
 

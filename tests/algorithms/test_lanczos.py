@@ -370,3 +370,161 @@ def test_block_and_single_vector_agree(which):
     # single vectors need the fewest products (blocks: 2-3x at the well separated top, 9x at
     # the bottom, inside the bulk)
     assert runs[1][2].products <= runs[3][2].products <= runs[8][2].products
+
+
+# ----------------------------------------------------------------------------------------------
+# criterion="eigenvalue": a bound on |λ − θ| instead of the residual
+
+
+def _hessian_like(n, seed):
+    """A Hessian-like spectrum: a power-law top decaying into a narrow bulk around zero."""
+    g = torch.Generator().manual_seed(seed)
+    return _cat(3.0 / torch.arange(1, 61, dtype=D) ** 0.8, torch.randn(n - 60, generator=g) * 3e-3)
+
+
+# name: (spectrum, k, which, block_size); clusters and repeated eigenvalues need a block at least
+# their size (single-vector Lanczos sees one vector of a cluster it has not resolved yet)
+EIG_CASES = {
+    "hessian_like": (_hessian_like(600, 1), 10, "LA", 1),
+    "clustered": (SPECTRA["clustered"][0], 3, "LA", 3),
+    "clustered_bottom": (SPECTRA["clustered"][0], 5, "SA", 3),
+    "degenerate": (SPECTRA["degenerate"][0], 7, "LA", 4),
+    "tiny_gap": (_cat([5.0, 5.0 - 1e-9, 5.0 - 2e-9, 4.0], _bulk(300, 0.1, 3)), 4, "LA", 3),
+    "small_gap_single": (_cat([5.0, 5.0 - 1e-3, 4.0], _bulk(300, 0.1, 3)), 3, "LA", 1),
+    "negative": (-_hessian_like(400, 2), 6, "SA", 1),
+    "negative_top": (_cat(-1.0 - torch.arange(300, dtype=D) / 100, [-0.5, -0.6]), 3, "LA", 1),
+    "bulk_heavy": (_cat(_bulk(700, 0.5, 4), [3.0, 2.9, 2.85]), 4, "LA", 2),
+    "indefinite_both": (SPECTRA["indefinite"][0], 4, "BE", 2),
+}
+
+
+@pytest.mark.parametrize("name", list(EIG_CASES))
+@pytest.mark.parametrize("tol", [1e-6, 1e-9])
+def test_eigenvalue_criterion_reaches_the_eigenvalue_accuracy(name, tol):
+    lam, k, which, b = EIG_CASES[name]
+    A, _ = dense(lam)
+    ref = torch.linalg.eigvalsh(A)  # the dense oracle, not the spectrum we built it from
+    want = reference(ref, k, which)
+    runs = {}
+    for criterion in ("eigenvalue", "residual"):
+        H = hessfast.DenseOperator(A)
+        runs[criterion] = eigsh(
+            H, k=k, which=which, block_size=b, tol=tol, criterion=criterion, return_info=True
+        )
+        evals, evecs, info = runs[criterion]
+        assert info.converged and info.criterion == criterion and info.products == H.products
+        err = (evals - want).abs()
+        scale = float(ref.abs().max())
+        assert (err <= tol * want.abs() + 1e-13 * scale).all(), (err / want.abs()).max()
+        # the bound in info bounds the error, under either criterion
+        assert (err <= info.eigenvalue_bounds).all(), (err, info.eigenvalue_bounds)
+        true_res = (A @ evecs - evecs * evals).norm(dim=0)
+        torch.testing.assert_close(info.residuals, true_res, rtol=1e-3, atol=1e-9 * scale)
+    ev, res = runs["eigenvalue"][2], runs["residual"][2]
+    assert (ev.eigenvalue_bounds[ev.converged_mask] <= ev.residuals + 1e-12).all()
+    # the bound never exceeds the residual, so the eigenvalue test never stops later
+    assert ev.products <= res.products
+
+
+def test_eigenvalue_criterion_saves_products_where_gaps_are_wide():
+    lam = _hessian_like(800, 5)
+    A, _ = dense(lam)
+    prods = {}
+    for criterion in ("eigenvalue", "residual"):
+        _, _, info = eigsh(
+            hessfast.DenseOperator(A),
+            k=10,
+            block_size=1,
+            tol=1e-6,
+            criterion=criterion,
+            return_info=True,
+        )
+        prods[criterion] = info.products
+        # the residual test asks for |θ|·1e-6 residuals: eigenvalues good to ~1e-12
+    assert prods["eigenvalue"] < 0.95 * prods["residual"], prods
+
+
+@pytest.mark.parametrize("max_iter", [14, 18, 22, 26, 30, 40])
+def test_eigenvalue_bounds_bound_the_error_at_any_step(max_iter):
+    """Stopped early (not converged), the bounds still bound the errors of the Ritz values of a
+    spectrum with well separated outliers (every eigenvalue the bound compares with is seen)."""
+    lam = _cat(_bulk(300, 0.05, 7), [9.0, 7.0, 6.0, 4.5, 4.0, 3.0])
+    A, _ = dense(lam)
+    ref = torch.linalg.eigvalsh(A)
+    evals, _, info = eigsh(
+        hessfast.DenseOperator(A),
+        k=3,
+        block_size=1,
+        ncv=12,
+        max_iter=max_iter,
+        tol=0.0,
+        criterion="eigenvalue",
+        warn=False,
+        return_info=True,
+    )
+    err = (evals - ref[-3:]).abs()
+    assert (err <= info.eigenvalue_bounds).all(), (err, info.eigenvalue_bounds)
+    assert (info.eigenvalue_bounds <= info.residuals + 1e-12).all()
+
+
+def test_eigenvalue_bounds_of_clusters():
+    from hessfast.algorithms.lanczos import eigenvalue_bounds
+
+    t = torch.tensor([5.0, 5.0 + 1e-9, 1.0, -3.0], dtype=D)
+    r = torch.tensor([1e-4, 1e-4, 1e-3, 1e-3], dtype=D)
+    b = eigenvalue_bounds(t, r)
+    # the pair at 5 is one cluster: (2·1e-8) / (4 − 1e-3 − its widening), not 1e-8 / 1e-9
+    assert b[0] == b[1] and 4.9e-9 < float(b[0]) < 5.1e-9
+    assert 2.4e-7 < float(b[2]) < 2.6e-7  # 1e-6 / (4 − ...)
+    assert torch.equal(eigenvalue_bounds(t, torch.zeros(4, dtype=D)), torch.zeros(4, dtype=D))
+    # no gap: the residual bound
+    b = eigenvalue_bounds(torch.tensor([1.0, 1.1], dtype=D), torch.tensor([0.3, 0.3], dtype=D))
+    torch.testing.assert_close(b, torch.tensor([0.3, 0.3], dtype=D))
+
+
+def test_eigenvalue_criterion_float32_and_verify():
+    lam = _hessian_like(500, 6)
+    A, _ = dense(lam)
+    A32 = A.float()
+    ref = torch.linalg.eigvalsh(A32.double())[-6:]  # the float32 operator's own eigenvalues
+    evals, evecs, info = eigsh(
+        hessfast.DenseOperator(A32), k=6, tol=1e-5, criterion="eigenvalue", return_info=True
+    )
+    assert info.verified and info.converged and evecs.dtype == torch.float32
+    err = (evals - ref).abs()
+    assert (err <= 1e-5 * ref.abs()).all(), err / ref.abs()
+    assert (err <= info.eigenvalue_bounds).all(), (err, info.eigenvalue_bounds)
+    # a float32 basis on a float64 operator: verified in float64 against the float64 spectrum
+    ref64 = torch.linalg.eigvalsh(A)[-6:]
+    evals, _, info = eigsh(
+        hessfast.DenseOperator(A),
+        k=6,
+        tol=1e-6,
+        criterion="eigenvalue",
+        basis_dtype=torch.float32,
+        return_info=True,
+    )
+    err = (evals - ref64).abs()
+    assert info.verified and (err <= 1e-6 * ref64.abs()).all(), err / ref64.abs()
+    assert (err <= info.eigenvalue_bounds).all(), (err, info.eigenvalue_bounds)
+
+
+def test_criterion_argument():
+    A, _ = dense(SPECTRA["bulk_outliers"][0])
+    with pytest.raises(ValueError, match="criterion must be one of"):
+        eigsh(hessfast.DenseOperator(A), k=2, criterion="value")
+    # the residual criterion is the default, and its mask is the residual test
+    a = eigsh(hessfast.DenseOperator(A), k=4, block_size=1, tol=1e-8, return_info=True)
+    b = eigsh(
+        hessfast.DenseOperator(A),
+        k=4,
+        block_size=1,
+        tol=1e-8,
+        criterion="residual",
+        return_info=True,
+    )
+    assert torch.equal(a[0], b[0]) and a[2].products == b[2].products
+    assert a[2].criterion == "residual"
+    assert torch.equal(a[2].converged_mask, a[2].residuals <= 1e-8 * a[0].abs())
+    with pytest.warns(RuntimeWarning, match="largest eigenvalue error bound"):
+        eigsh(hessfast.DenseOperator(A), k=4, criterion="eigenvalue", tol=1e-12, max_iter=5)
