@@ -39,6 +39,15 @@ info.seconds_total``, the share of the time outside the products.
         --json benchmarks/results/h100-eigsh-cnn-<date>.json \\
         --markdown benchmarks/results/h100-eigsh-cnn-<date>.md
     python benchmarks/bench_eigsh.py --overhead --overhead-dims 784,1280,1280,10
+
+``--race`` (below) is issue 14's race against ARPACK on the same operator; the rows are chosen by
+``--race-methods``. One round of the four rows that matter (about 8–9 minutes on one CPU core,
+the float64 ARPACK reference included):
+
+    python benchmarks/bench_eigsh.py --race --race-rounds 1 --threads 1 --verbose \
+        --race-methods hessfast-b1,hessfast-b1-eig,hessfast-b1-eig-ncv21,arpack \
+        --json benchmarks/results/cpu-eigsh-race-<date>.json \
+        --markdown benchmarks/results/cpu-eigsh-race-<date>.md
 """
 
 from __future__ import annotations

@@ -11,12 +11,17 @@ thick-restart Lanczos) on the Krylov layer of :mod:`hessfast.algorithms.krylov`:
   norm), then against the whole basis by one classical Gram-Schmidt pass as two BLAS-3 GEMMs
   (:func:`~.krylov.project_out`); a second pass runs only for columns that lost more than
   ``1 − 1/√2`` of their norm in the first (DGKS). The basis is kept as rows ``[n, P]`` in its own
-  dtype (no float64 copy), so each GEMM reads it once;
+  dtype (no float64 copy), so each GEMM reads it once. The older part is subtracted only when
+  the new block's components along it exceed ``eps^(3/4)`` (semi-orthogonality); at block size 1
+  Simon's ω-recurrence (:class:`_Omega`, in a bounding form that survives thick restarts)
+  estimates those components from ``T`` alone, and the older basis is not even read while the
+  estimate stays below the threshold (``info.skipped_reads``);
 - **the projected problem in float64**: the coefficients of these passes *are* the entries of
   ``T = Vᵀ H V`` (block tridiagonal after a plain start, an arrow head plus a block tridiagonal
   tail after a restart); ``T`` lives on the host in float64 and ``torch.linalg.eigh`` gives the
   Ritz pairs after every step;
-- **convergence by residual norm**: a Ritz pair ``(θ, y = V z)`` has ``H y − θ y = Q R z_last``
+- **convergence by residual norm** (or by a bound on the eigenvalue error,
+  ``criterion="eigenvalue"``, :func:`eigenvalue_bounds`): a Ritz pair ``(θ, y = V z)`` has ``H y − θ y = Q R z_last``
   (``Q R`` the next block and its coupling, ``z_last`` the rows of ``z`` on the last block), so
   ``‖R z_last‖`` is its residual norm at no cost. A wanted pair has converged when
   ``‖R z_last‖ ≤ tol · max(|θ|, eps^(2/3) · ‖H‖)`` (the ``eps^(2/3)·‖H‖`` floor, ``eps`` of the
@@ -66,10 +71,10 @@ products: top 10 of the race's Hessians (``benchmarks/bench_eigsh.py --race``) t
 ncv 21 / 40 / 60 / 100: 83 / 77 / 74 / 73 products (vgg), 254 / 200 / 196 / 193 (mlp), 93 / 83 /
 79 / 79 (cnn) under the residual criterion, 71 / 66 / 65 / 65, 216 / 178 / 175 / 173 and 81 / 75
 / 72 / 72 under the eigenvalue criterion; on synthetic spectra (k = 3–20) 2k + 20 saves 0–5%
-over ARPACK's size and more gains nothing. Each step reads the whole older basis once (the
-orthogonality check), so past ``2k + 20`` the time outside the products grows faster than the
-products shrink (mlp, P = 269 k on a shared CPU core: 3.7 s at ncv 40, 7.8 s at 60, 13.5 s at
-100). Ends inside a dense bulk converge in far fewer products with a larger ``ncv``.
+over ARPACK's size and more gains nothing. A step that reads the older basis reads all of it,
+so past ``2k + 20`` the time outside the products grows faster than the products shrink (mlp,
+P = 269 k on a shared CPU core, before the ω-recurrence: 3.7 s at ncv 40, 7.8 s at 60, 13.5 s
+at 100). Ends inside a dense bulk converge in far fewer products with a larger ``ncv``.
 
 Cost per step besides the product: ``4 · P · n · b`` flops of Gram-Schmidt (one pass, ``n`` the
 basis size; a second only after heavy cancellation) and an ``n × n`` float64 ``eigh`` on the host;
