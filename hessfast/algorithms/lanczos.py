@@ -21,7 +21,8 @@ thick-restart Lanczos) on the Krylov layer of :mod:`hessfast.algorithms.krylov`:
   tail after a restart); ``T`` lives on the host in float64 and ``torch.linalg.eigh`` gives the
   Ritz pairs after every step;
 - **convergence by residual norm** (or by a bound on the eigenvalue error,
-  ``criterion="eigenvalue"``, :func:`eigenvalue_bounds`): a Ritz pair ``(θ, y = V z)`` has ``H y − θ y = Q R z_last``
+  ``criterion="eigenvalue"``, :func:`eigenvalue_bounds`): a Ritz pair ``(θ, y = V z)`` has
+  ``H y − θ y = Q R z_last``
   (``Q R`` the next block and its coupling, ``z_last`` the rows of ``z`` on the last block), so
   ``‖R z_last‖`` is its residual norm at no cost. A wanted pair has converged when
   ``‖R z_last‖ ≤ tol · max(|θ|, eps^(2/3) · ‖H‖)`` (the ``eps^(2/3)·‖H‖`` floor, ``eps`` of the
@@ -538,11 +539,15 @@ def eigsh(
             ``"eigenvalue"``: a bound on the eigenvalue error ``|λ − θ|``,
             ``min(‖r‖, ‖R_C‖² / gap_C)`` (:func:`eigenvalue_bounds`; the gap estimated from the
             other Ritz values widened by their residuals). Eigenvalues converge quadratically
-            in the residual, so this stops much earlier (about half the products on Hessian
-            spectra) with eigenvalues accurate to ``tol``, while the vectors are only accurate
-            to about ``sqrt(tol · |θ| · gap)``: use it when the eigenvalues are what you need.
-            Either way the bounds are in ``info.eigenvalue_bounds`` and the residuals in
-            ``info.residuals``.
+            in the residual, so this stops earlier (top 10 of three small CNN/MLP Hessians at
+            tol 1e-6: 10–15% fewer products, 75 / 178 / 66 against 83 / 200 / 77; 10–25% on
+            synthetic spectra) with eigenvalues accurate to ``tol`` (measured: 1e-8 to 5e-8),
+            while the vectors are only accurate to about ``sqrt(tol · |θ| / gap)``: use it when
+            the eigenvalues are what you need. At block size 1 it is as blind as the residual
+            test at ``tol' ≈ sqrt(tol)`` to a cluster that Lanczos has not resolved yet (a Ritz
+            value between two eigenvalues closer than the residual): use a ``block_size`` of at
+            least the cluster's size there. Either way the bounds are in
+            ``info.eigenvalue_bounds`` and the residuals in ``info.residuals``.
         max_iter: at most this many Lanczos steps (``matmat`` calls), so at most
             ``max_iter · block_size`` products (plus ``k`` for ``verify``, 2 or 4 for
             ``check_symmetric``); default ``max(1000, ceil(k / block_size))``. When it runs out,
