@@ -8,7 +8,7 @@
 """
 
 from .diagonal import DiagonalEstimate, FrobeniusEstimate, diagonal, frobenius_norm
-from .lanczos import ConditionNumber, EigshInfo, condition_number, eigsh
+from .lanczos import ConditionNumber, EigshInfo, condition_number, eigenvalue_bounds, eigsh
 from .layerwise import BlockSpectrum, layerwise, layerwise_diagonal
 from .newton import NewtonStep, newton_step
 from .slq import SpectralDensity, spectral_density
@@ -18,6 +18,7 @@ from .trace import trace as trace
 __all__ = [
     "eigsh",
     "EigshInfo",
+    "eigenvalue_bounds",
     "condition_number",
     "ConditionNumber",
     "newton_step",
