@@ -12,6 +12,7 @@ whatever autograd treats as constant (``detach``, ``torch.no_grad()`` regions) i
 
 from __future__ import annotations
 
+import itertools
 import operator
 import weakref
 from dataclasses import dataclass, field
@@ -649,6 +650,8 @@ class Fingerprint:
         self.parts = parts
 
     def __eq__(self, other: object) -> bool:
+        if other is self:
+            return True
         if not isinstance(other, Fingerprint):
             return NotImplemented
         try:
@@ -659,6 +662,86 @@ class Fingerprint:
     __hash__ = None  # type: ignore[assignment]
 
 
+_dict_of = operator.attrgetter("__dict__")
+_chain = itertools.chain.from_iterable
+_get = operator.itemgetter.__call__
+#: the entries of a module's ``__dict__`` :func:`fingerprint` reads besides the user's attributes
+_READ = ("training", "_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks")
+
+
+class _Snapshot:
+    """Everything :func:`fingerprint` read of one model, kept so that the next call can tell
+    cheaply that none of it changed (:meth:`unchanged`), and then return the same
+    :class:`Fingerprint` object without walking the modules in Python.
+
+    The full walk reads, per module, the training flag, the user's attributes and the
+    ``_parameters``, ``_buffers``, ``_modules`` and forward hook dicts of ``__dict__``, every
+    entry of those dicts, and the global hook dicts; tensor attributes' ``_version`` and the
+    contents of mutable attribute values. The snapshot holds those dict objects, their lengths
+    and keys (``__dict__``'s all), and the entries read, by identity (held, so identities stay
+    valid). The same ``__dict__`` object per module, unchanged lengths and keys of every dict
+    and the same objects in every entry read — compared in C, over all modules at once —, the
+    same tensor versions and equal mutable contents mean every part of the full fingerprint is
+    what it was. Anything else (including a value rebound to an equal but different object) is
+    no proof, and :func:`fingerprint` walks the model again."""
+
+    __slots__ = ("fp", "mods", "mod_dicts", "getters", "dicts", "subdicts", "lens", "keys",
+                 "held", "tensors", "versions", "mutables", "contents")  # fmt: skip
+
+    def __init__(self, fp, mods, user_keys, subdicts, tensors, mutables, contents):
+        self.fp = fp
+        # the model itself is not held (the snapshot is the value of a weak-keyed dict whose
+        # key is the model): :meth:`unchanged` is given it
+        self.mods = mods[1:]
+        module_dicts = [m.__dict__ for m in mods]
+        self.mod_dicts = tuple(map(id, module_dicts))
+        self.getters = [operator.itemgetter(*_READ, *keys) for keys in user_keys]
+        self.dicts = dicts = module_dicts + subdicts
+        self.subdicts = subdicts
+        self.lens = tuple(map(len, dicts))
+        self.keys = tuple(_chain(dicts))
+        self.held = self._read(module_dicts)
+        self.tensors = tensors
+        self.versions = tuple(t._version for t in tensors)
+        self.mutables = mutables
+        self.contents = contents
+
+    def _read(self, module_dicts: list) -> tuple:
+        return (
+            *_chain(map(_get, self.getters, module_dicts)),
+            *_chain(map(dict.values, self.subdicts)),
+        )
+
+    def unchanged(self, model: nn.Module) -> bool:
+        """Whether every part of :attr:`fp` still holds for ``model`` (``False``: not proven)."""
+        module_dicts = [model.__dict__, *map(_dict_of, self.mods)]
+        if tuple(map(id, module_dicts)) != self.mod_dicts:
+            return False
+        dicts = self.dicts
+        if tuple(map(len, dicts)) != self.lens or tuple(_chain(dicts)) != self.keys:
+            return False
+        try:
+            now = self._read(module_dicts)
+        except KeyError:
+            return False
+        return (
+            False not in map(operator.is_, now, self.held)
+            and tuple(t._version for t in self.tensors) == self.versions
+            and all(_same(_contents(v), c) for v, c in zip(self.mutables, self.contents))
+        )
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # a rebound tensor compared elementwise: a change
+        return False
+
+
+#: model -> the :class:`_Snapshot` of its last :func:`fingerprint`
+_SNAPSHOTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def fingerprint(model: nn.Module) -> Fingerprint:
     """What a captured program of ``model`` specialised on: every submodule (the module objects,
     their ``__dict__`` — training flag, plain-Python attributes, replaced methods —, parameter,
@@ -666,22 +749,45 @@ def fingerprint(model: nn.Module) -> Fingerprint:
     values such as lists, dicts and config objects) and the global forward hooks. A snapshot of
     shallow copies: cheap to take and to compare (identity first, values only where something
     was rebound). :func:`capture` compares it on every call, so a change re-captures, like
-    ``torch.compile``'s guards."""
+    ``torch.compile``'s guards.
+
+    When nothing it read changed since the model's last fingerprint (:class:`_Snapshot`: the
+    lengths, keys and value identities of every dict it read, compared in C), the same
+    :class:`Fingerprint` object is returned without walking the modules again.
+
+    Example:
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> a = fingerprint(lin)
+        >>> a is fingerprint(lin), a == fingerprint(lin.eval()), a == fingerprint(lin.train())
+        (True, False, True)
+    """
+    snap = _SNAPSHOTS.get(model)
+    if snap is not None and snap.unchanged(model):
+        return snap.fp
     parts: list = [tuple(dict(h) for h in _GLOBAL_HOOKS)]
     add = parts.append
     memo: dict = {}
     seen: set = set()
     stack = [model]
     internals = _MODULE_INTERNALS
+    mods: list = []
+    user_keys: list = []
+    subdicts: list = list(_GLOBAL_HOOKS)
+    tensors: list = []
+    mutables: list = []
+    contents: list = []
     while stack:
         m = stack.pop()
         if m is None or id(m) in seen:
             continue
         seen.add(id(m))
+        mods.append(m)
         d = m.__dict__
         subs = d["_modules"]
         params = d["_parameters"]
         bufs = d["_buffers"]
+        hooks, pre_hooks = d["_forward_hooks"], d["_forward_pre_hooks"]
+        subdicts += (subs, params, bufs, hooks, pre_hooks)
         add(d["training"])
         if params:
             add(tuple(params))
@@ -692,10 +798,12 @@ def fingerprint(model: nn.Module) -> Fingerprint:
         add(tuple(subs))
         add(tuple(map(id, subs.values())))
         # (the *_with_kwargs and *_always_called dicts only flag hooks held in these two)
-        if d["_forward_hooks"] or d["_forward_pre_hooks"]:
-            add(tuple(d["_forward_hooks"].items()))
-            add(tuple(d["_forward_pre_hooks"].items()))
-        for k in d.keys() - internals:  # the user's attributes
+        if hooks or pre_hooks:
+            add(tuple(hooks.items()))
+            add(tuple(pre_hooks.items()))
+        user = d.keys() - internals  # the user's attributes
+        user_keys.append(tuple(user))
+        for k in user:
             v = d[k]
             add(k)
             add(v)
@@ -705,13 +813,18 @@ def fingerprint(model: nn.Module) -> Fingerprint:
                 kind = _KINDS[t] = _kind(t)
             if kind == 2:
                 add(v._version)  # an in-place change of a tensor constant
+                tensors.append(v)
             elif kind == 3:
                 c = memo.get(id(v), memo)
                 if c is memo:
                     c = memo[id(v)] = _contents(v)  # a config shared by many modules: once
+                    mutables.append(v)
+                    contents.append(c)
                 add(c)
         stack.extend(reversed(subs.values()))
-    return Fingerprint(tuple(parts))
+    fp = Fingerprint(tuple(parts))
+    _SNAPSHOTS[model] = _Snapshot(fp, mods, user_keys, subdicts, tensors, mutables, contents)
+    return fp
 
 
 def capture(

@@ -1,0 +1,208 @@
+"""The caches that make a repeated product cheap, and the guards that keep them exact.
+
+A product repeated on the same model, loss, parameters and ``v`` layout reuses what the previous
+call prepared (the model's fingerprint, the trace, the parameter selection); every guarded thing
+is still checked on every call. Each test changes one guarded thing between two calls and
+compares the second call with the float64 double-backward oracle (or the interpreter).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from oracle import double_backward_hvp, rel_err
+from torch import nn
+
+import hessfast
+from hessfast import capture
+
+D = torch.float64
+TOL = 1e-10
+
+
+class Net(nn.Module):
+    """A BatchNorm (training flag, running statistics), a plain tensor attribute (a constant
+    export lifts) and a mutable list attribute forward reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.bn = nn.BatchNorm1d(6)
+        self.fc2 = nn.Linear(6, 3)
+        self.scale = torch.linspace(0.5, 1.5, 6, dtype=D)
+        self.powers = [1.0]
+
+    def forward(self, x):
+        h = self.bn(self.fc1(x)) * self.scale
+        return self.fc2(torch.tanh(h) * self.powers[0])
+
+
+def _setup(seed=0):
+    torch.manual_seed(seed)
+    model = Net().double().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(8, 4, dtype=D)
+    y = torch.randint(0, 3, (8,))
+    v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    return model, x, y, v
+
+
+def _check(model, x, y, v, loss_fn=F.cross_entropy):
+    """Two products (the second a replay where the signature traced) against the oracle."""
+    want = double_backward_hvp(model, loss_fn, (x,), y, {n: t[None] for n, t in v.items()})
+    for _ in range(3):
+        got = hessfast.hvp(model, loss_fn, x, y, v)
+        assert sorted(got) == sorted(want)
+        assert rel_err(got, {n: t[0] for n, t in want.items()}) < TOL
+
+
+def _warm(model, x, y, v):
+    for _ in range(3):
+        hessfast.hvp(model, F.cross_entropy, x, y, v)
+
+
+# --- the fingerprint's snapshot (capture._Snapshot) ---------------------------------------------
+
+
+def test_fingerprint_is_reused_while_nothing_changes():
+    model, *_ = _setup()
+    a = capture.fingerprint(model)
+    assert capture.fingerprint(model) is a
+    model.train()
+    b = capture.fingerprint(model)
+    assert b is not a and b != a
+    model.eval()
+    c = capture.fingerprint(model)
+    assert c == a and c is not a  # the same state, found by a full walk
+    assert capture.fingerprint(model) is c
+
+
+def test_fingerprint_sees_each_guarded_change():
+    model, *_ = _setup()
+    changes = [
+        lambda m: m.bn.train(),
+        lambda m: setattr(m.fc1, "weight", nn.Parameter(m.fc1.weight.detach().clone())),
+        lambda m: m.scale.mul_(2.0),  # an in-place edit of a tensor constant: its _version
+        lambda m: setattr(m, "scale", m.scale.clone()),  # rebound, equal values
+        lambda m: m.powers.append(2.0),  # a mutable attribute's contents
+        lambda m: m.fc2.register_forward_hook(lambda mod, i, o: o * 2),
+        lambda m: m.fc1.register_forward_pre_hook(lambda mod, i: None),
+        lambda m: setattr(m, "extra", 3),  # a new attribute
+        lambda m: setattr(m, "fc2", nn.Linear(6, 3).double()),  # a submodule replaced
+        lambda m: m.fc1.register_buffer("w2", m.fc1._parameters.pop("weight").detach()),
+        lambda m: delattr(m.bn, "momentum"),  # an attribute deleted
+    ]
+    for change in changes:
+        model, *_ = _setup()
+        before = capture.fingerprint(model)
+        assert capture.fingerprint(model) is before
+        change(model)
+        after = capture.fingerprint(model)
+        assert after is not before and after != before
+        assert capture.fingerprint(model) is after
+
+
+def test_fingerprint_global_hook():
+    model, *_ = _setup()
+    before = capture.fingerprint(model)
+    handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        assert capture.fingerprint(model) != before
+    finally:
+        handle.remove()
+    assert capture.fingerprint(model) == before
+
+
+def test_fingerprint_equal_rebinding_is_not_a_change():
+    """An attribute rebound to an equal value is no proof for the snapshot, and the full walk
+    finds the fingerprint equal (the capture is kept)."""
+    model, *_ = _setup()
+    model.fc1.n = 1000
+    before = capture.fingerprint(model)
+    model.fc1.n = int("1000")  # an equal int, another object
+    after = capture.fingerprint(model)
+    assert after == before
+
+
+def test_snapshot_does_not_keep_the_model_alive():
+    import gc
+    import weakref
+
+    model, *_ = _setup()
+    capture.fingerprint(model)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
+# --- products across a change of each guarded thing ---------------------------------------------
+
+
+def test_replaced_parameter_object():
+    model, x, y, v = _setup()
+    _warm(model, x, y, v)
+    model.fc1.weight = nn.Parameter(torch.randn_like(model.fc1.weight))
+    _check(model, x, y, v)
+
+
+def test_parameter_values_changed_in_place():
+    model, x, y, v = _setup()
+    _warm(model, x, y, v)
+    with torch.no_grad():
+        model.fc2.weight.mul_(-1.5)
+    model.fc1.bias.data = torch.randn_like(model.fc1.bias)
+    _check(model, x, y, v)
+
+
+def test_buffer_edited_in_place():
+    model, x, y, v = _setup()
+    _warm(model, x, y, v)
+    with torch.no_grad():
+        model.bn.running_mean.add_(0.7)
+        model.bn.running_var.data.mul_(3.0)  # through .data: no version bump
+    _check(model, x, y, v)
+
+
+def test_tensor_constant_edited_in_place():
+    model, x, y, v = _setup()
+    _warm(model, x, y, v)
+    model.scale.mul_(-2.0)
+    _check(model, x, y, v)
+
+
+def test_train_eval_toggle():
+    model, x, y, v = _setup()
+    _warm(model, x, y, v)
+    model.train()
+    _check(model, x, y, v)
+    model.eval()
+    _check(model, x, y, v)
+
+
+def test_hook_added_and_removed():
+    model, x, y, v = _setup()
+    _warm(model, x, y, v)
+    h = model.fc1.register_forward_hook(lambda m, i, o: o * 0.5)
+    _check(model, x, y, v)
+    h.remove()
+    _check(model, x, y, v)
+
+
+def test_mutable_attribute_changed():
+    model, x, y, v = _setup()
+    _warm(model, x, y, v)
+    model.powers[0] = 0.25
+    _check(model, x, y, v)
+
+
+def test_new_input_object_same_metadata():
+    model, x, y, v = _setup()
+    _warm(model, x, y, v)
+    x2 = torch.randn_like(x)
+    y2 = (y + 1) % 3
+    _check(model, x2, y2, v)
+    v2 = {n: torch.randn_like(t) for n, t in v.items()}
+    _check(model, x2, y2, v2)
