@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from hessfast.vectors import _named_parameters, select_params
+from hessfast import vectors
+from hessfast.vectors import _named_parameters, first_non_finite_in, select_params
 
 
 class _Tied(nn.Module):
@@ -75,3 +76,32 @@ def test_selection_under_a_fingerprint_follows_every_change():
         "2.bias",
         "2.scale",
     ]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_first_non_finite_names_the_tensor_among_small_and_large(bad):
+    """Small tensors are summed as one, large ones alone: either way the first non-finite
+    tensor is named, in order over the groups."""
+    torch.manual_seed(0)
+    sizes = [3, vectors.SMALL + 5, 7, 1, vectors.SMALL * 2, 0, 5]
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        for where in range(len(sizes)):
+            if sizes[where] == 0:
+                continue
+            a = {f"a{i}": torch.randn(s).to(dtype) for i, s in enumerate(sizes)}
+            b = {f"b{i}": torch.randn(s).to(dtype) for i, s in enumerate(sizes)}
+            assert first_non_finite_in([("v", a), ("r", b)]) is None
+            b[f"b{where}"][-1] = bad
+            assert first_non_finite_in([("v", a), ("r", b)]) == ("r", f"b{where}")
+            a[f"a{len(sizes) - 1}"][0] = bad  # an earlier group wins
+            assert first_non_finite_in([("v", a), ("r", b)]) == ("v", f"a{len(sizes) - 1}")
+
+
+def test_first_non_finite_overflowing_sums_are_finite():
+    """Finite entries whose sum overflows (float32, float16) are finite: asked again exactly."""
+    big32 = torch.full((vectors.SMALL + 1,), 3e38)
+    small16 = torch.full((10,), 60000.0, dtype=torch.float16)
+    mixed = {"x": big32, "y": small16, "z": torch.tensor([1e308, 1e308], dtype=torch.float64)}
+    assert first_non_finite_in([("r", mixed)]) is None
+    mixed["y"][3] = float("nan")
+    assert first_non_finite_in([("r", mixed)]) == ("r", "y")
