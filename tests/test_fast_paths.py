@@ -75,7 +75,7 @@ def test_fingerprint_is_reused_while_nothing_changes():
     assert b is not a and b != a
     model.eval()
     c = capture.fingerprint(model)
-    assert c == a and c is not a  # the same state, found by a full walk
+    assert c == a and c is not a  # the same state as two calls ago, found by a full walk
     assert capture.fingerprint(model) is c
 
 
@@ -116,14 +116,23 @@ def test_fingerprint_global_hook():
 
 
 def test_fingerprint_equal_rebinding_is_not_a_change():
-    """An attribute rebound to an equal value is no proof for the snapshot, and the full walk
-    finds the fingerprint equal (the capture is kept)."""
+    """An attribute rebound to an equal value is no proof for the snapshot; the full walk finds
+    the state unchanged and returns the same object (the caches compare it by identity)."""
     model, *_ = _setup()
     model.fc1.n = 1000
     before = capture.fingerprint(model)
     model.fc1.n = int("1000")  # an equal int, another object
-    after = capture.fingerprint(model)
-    assert after == before
+    assert capture.fingerprint(model) is before
+
+
+def test_capture_cache_holds_the_current_fingerprint_object():
+    """After an export (which runs forward) the fingerprint the capture cache matches is the
+    model's current one, so the guard compares by identity."""
+    model, x, y, v = _setup()
+    hessfast.hvp(model, F.cross_entropy, x, y, v)
+    fp = capture.fingerprint(model)
+    prog = capture.capture(model, (x,), fp=fp)
+    assert prog.fingerprint is fp
 
 
 def test_snapshot_does_not_keep_the_model_alive():
