@@ -45,6 +45,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import operator
 import time
@@ -134,29 +135,84 @@ def _rebuild(rule: Any, state: dict) -> Any:
     return new
 
 
+#: Attribute types a loss rule's state may hold for :func:`_split_loss`'s walk: pytree leaves.
+_LEAVES = frozenset({int, float, bool, str, type(None), torch.dtype, torch.device})
+
+
+def _walk(rule: Any, leaves: list) -> tuple | None:
+    """:func:`_state` of ``rule`` flattened in pytree's order (attributes in order, inner rules
+    expanded, the class last) into ``leaves``, and the structure as a hashable tuple; ``None``
+    where an attribute is a container or another object pytree might flatten."""
+    keys: list = []
+    for k, v in vars(rule).items():
+        if _is_rule(v):
+            inner = _walk(v, leaves)
+            if inner is None:
+                return None
+            keys.append((k, inner))
+        elif type(v) in _LEAVES or isinstance(v, torch.Tensor):
+            keys.append(k)
+            leaves.append(v)
+        elif (type(v) is tuple or type(v) is list) and all(type(x) in _LEAVES for x in v):
+            keys.append((k, type(v), len(v)))  # (a shape): pytree's leaves are its items
+            leaves.extend(v)
+        else:
+            return None
+    leaves.append(type(rule))
+    return (type(rule), tuple(keys))
+
+
+#: structure (:func:`_walk`) -> its pytree spec
+_SPECS: dict = {}
+
+
 def _split_loss(loss_rule: Any) -> tuple[list, Any, list]:
-    """The loss rule's state as pytree leaves: (leaves, spec, indices of the tensor leaves)."""
-    leaves, spec = pytree.tree_flatten(_state(loss_rule))
-    tensors = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
-    return leaves, spec, tensors
+    """The loss rule's state as pytree leaves: (leaves, a hashable structure, indices of the
+    tensor leaves). A rule of plain attributes (the closed-form rules) is walked directly, its
+    pytree spec made once per structure; others through ``pytree.tree_flatten``."""
+    leaves: list = []
+    structure = _walk(loss_rule, leaves)
+    if structure is not None:
+        if structure not in _SPECS:
+            _SPECS[structure] = pytree.tree_flatten(_state(loss_rule))[1]
+        key = ("walked", structure)
+    else:
+        leaves, spec = pytree.tree_flatten(_state(loss_rule))
+        key = ("pytree", hashable_spec(spec))
+    return leaves, key, [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+
+
+def _spec(loss_rule: Any, structure: tuple) -> Any:
+    """The pytree spec of the rule's state (:func:`_split_loss`'s ``structure``)."""
+    if structure[0] == "walked":
+        return _SPECS[structure[1]]
+    return pytree.tree_flatten(_state(loss_rule))[1]
+
+
+_size, _stride = torch.Tensor.size, torch.Tensor.stride
+_dtype, _device = operator.attrgetter("dtype"), operator.attrgetter("device")
 
 
 def _metas(xs: Any) -> tuple:
-    """:func:`_meta` of each of ``xs``, a tensor's inline (the key reads every input on every
-    product)."""
-    return tuple(
-        [
-            (x.shape, x.stride(), x.dtype, x.device) if isinstance(x, torch.Tensor) else _meta(x)
-            for x in xs
-        ]
-    )
+    """:func:`_meta` of each of ``xs`` (the key reads every input on every product): for
+    tensors only, as four tuples read in C."""
+    xs = list(xs)
+    if all(map(isinstance, xs, itertools.repeat(torch.Tensor))):
+        return (
+            "T",
+            tuple(map(_size, xs)),
+            tuple(map(_stride, xs)),
+            tuple(map(_dtype, xs)),
+            tuple(map(_device, xs)),
+        )
+    return tuple([_meta(x) for x in xs])
 
 
 def _key(param_names, values, tangents, k, loss_rule, mode, compile, loss_parts, grads) -> tuple:
     """The cache key of a product (module docstring). The names of ``values`` and ``tangents``
     are left out: the placeholders are the program's and the tangents' names follow from
     ``param_names`` (:meth:`~hessfast.capture.Program.plan`), in a fixed order."""
-    leaves, spec, _ = loss_parts
+    leaves, structure, _ = loss_parts
     return (
         mode,
         k,
@@ -166,7 +222,7 @@ def _key(param_names, values, tangents, k, loss_rule, mode, compile, loss_parts,
         cross_entropy.HEAD_CHUNK_BYTES,
         compile,
         type(loss_rule),
-        hashable_spec(spec),
+        structure,
         _metas(leaves),
         _metas(values.values()),
         None if tangents is None else _metas(tangents.values()),
@@ -193,7 +249,8 @@ def _traces(program: Program) -> dict:
 
 def _trace(program, param_names, values, tangents, k, loss_rule, mode, compile, loss_parts, grads):
     global TRACE_COUNT
-    leaves, spec, tensor_idx = loss_parts
+    leaves, structure, tensor_idx = loss_parts
+    spec = _spec(loss_rule, structure)
     flat_in, in_spec = pytree.tree_flatten((values, tangents, [leaves[i] for i in tensor_idx]))
     is_tensor = [isinstance(x, torch.Tensor) for x in flat_in]
     statics = [None if t else x for x, t in zip(flat_in, is_tensor)]

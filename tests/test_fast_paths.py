@@ -215,3 +215,51 @@ def test_new_input_object_same_metadata():
     _check(model, x2, y2, v)
     v2 = {n: torch.randn_like(t) for n, t in v.items()}
     _check(model, x2, y2, v2)
+
+
+# --- the loss rule's state without pytree (traced._split_loss) ----------------------------------
+
+
+def _rules():
+    from hessfast import losses, lower_loss
+
+    z = torch.randn(6, 4, dtype=D)
+    y = torch.randint(0, 4, (6,))
+    w = torch.rand(4, dtype=D)
+    yield losses.resolve(F.cross_entropy, y, (6, 4))
+    yield losses.resolve(nn.CrossEntropyLoss(weight=w, ignore_index=2, label_smoothing=0.1), y)
+    yield losses.resolve(nn.NLLLoss(reduction="sum"), y, (6, 4))
+    yield losses.resolve(F.mse_loss, torch.randn(6, 4, dtype=D), (6, 4))
+    yield losses.resolve(nn.HuberLoss(delta=0.5), torch.randn(6, 4, dtype=D), (6, 4))
+    yield losses.resolve(nn.BCEWithLogitsLoss(pos_weight=w), torch.rand(6, 4, dtype=D), (6, 4))
+    yield losses.resolve(F.mse_loss, torch.randn(1, 4, dtype=D), (6, 4))  # Broadcast
+    seq = lower_loss.lower(  # Reshaped: a tuple attribute
+        losses.FuncLoss(lambda a, t: F.cross_entropy(a.flatten(0, 1), t.flatten()), y.view(2, 3)),
+        z.view(2, 3, 4),
+    )
+    yield seq
+    yield lower_loss.lower(losses.FuncLoss(lambda a, t: (a.sin() * t).sum(), z), z)
+
+
+def test_split_loss_walk_matches_pytree():
+    import warnings
+
+    from torch.utils import _pytree as pytree
+
+    from hessfast import traced
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the broadcasting loss warns as torch does
+        rules = list(_rules())
+    walked = 0
+    for rule in rules:
+        leaves, structure, tensors = traced._split_loss(rule)
+        want, spec = pytree.tree_flatten(traced._state(rule))
+        assert len(leaves) == len(want)
+        assert all(a is b or a == b for a, b in zip(leaves, want)), type(rule).__name__
+        assert tensors == [i for i, x in enumerate(want) if isinstance(x, torch.Tensor)]
+        assert traced._spec(rule, structure) == spec
+        walked += structure[0] == "walked"
+        again = traced._split_loss(rule)
+        assert again[1] == structure
+    assert walked >= 6  # the closed-form rules (and Reshaped) take the walk
