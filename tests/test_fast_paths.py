@@ -263,3 +263,63 @@ def test_split_loss_walk_matches_pytree():
         again = traced._split_loss(rule)
         assert again[1] == structure
     assert walked >= 6  # the closed-form rules (and Reshaped) take the walk
+
+
+# --- inputs that change between replays ------------------------------------------------------------
+
+
+def test_ignored_targets_counted_per_call():
+    """Same shapes, a different number of ignored targets: the count is a graph value, never
+    baked in."""
+    model, x, y, v = _setup()
+    loss = nn.CrossEntropyLoss(ignore_index=1)
+    for _ in range(3):
+        hessfast.hvp(model, loss, x, y, v)
+    for k in range(4):
+        y2 = y.clone()
+        y2[: 2 * k] = 1
+        _check(model, x, y2, v, loss)
+
+
+def test_target_range_checked_on_every_replay():
+    import pytest
+
+    model, x, y, v = _setup()
+    _warm(model, x, y, v)
+    bad = y.clone()
+    bad[3] = 3
+    with pytest.raises(IndexError, match="out of bounds"):
+        hessfast.hvp(model, F.cross_entropy, x, bad, v)
+    _check(model, x, y, v)
+
+
+def test_v_layouts_between_replays():
+    """dict, flat, batched dict and batched flat v, and a non-finite v, one after the other on
+    the same model: each parsed afresh."""
+    import pytest
+
+    model, x, y, v = _setup()
+    _warm(model, x, y, v)
+    want = double_backward_hvp(model, F.cross_entropy, (x,), y, {n: t[None] for n, t in v.items()})
+    flat = torch.cat([t.flatten() for t in v.values()])
+    wflat = torch.cat([t[0].flatten() for t in want.values()])
+    for _ in range(2):
+        got = hessfast.hvp(model, F.cross_entropy, x, y, flat)
+        assert rel_err({"": got}, {"": wflat}) < TOL
+        got = hessfast.hvp(model, F.cross_entropy, x, y, flat[None].expand(2, -1))
+        assert got.shape == (2, flat.numel())
+        assert rel_err({"": got[1]}, {"": wflat}) < TOL
+        got = hessfast.hvp(model, F.cross_entropy, x, y, {n: t[None] for n, t in v.items()})
+        assert rel_err({n: t[0] for n, t in got.items()}, {n: t[0] for n, t in want.items()}) < TOL
+        got = hessfast.hvp(model, F.cross_entropy, x, y, v)
+        assert rel_err(got, {n: t[0] for n, t in want.items()}) < TOL
+    bad = dict(v)
+    bad["fc1.bias"] = bad["fc1.bias"].clone()
+    bad["fc1.bias"][0] = float("nan")
+    with pytest.raises(ValueError, match="fc1.bias"):
+        hessfast.hvp(model, F.cross_entropy, x, y, bad)
+    bad_flat = flat.clone()
+    bad_flat[-1] = float("inf")
+    with pytest.raises(ValueError, match="fc2.bias"):
+        hessfast.hvp(model, F.cross_entropy, x, y, bad_flat)
+    _check(model, x, y, v)
