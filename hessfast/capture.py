@@ -86,6 +86,7 @@ class Program:
     in_spec: Any = None  # pytree spec of (args, kwargs) the placeholders flatten
     out_spec: Any = None  # pytree spec of what forward returns (None: one tensor)
     _plans: dict = field(default_factory=dict)
+    _active: dict = field(default_factory=dict)
     _last_uses: dict | None = None
     _state: list | None = None
     _state_of: Any = None  # the fingerprint _state was looked up under
@@ -116,6 +117,17 @@ class Program:
                     out.setdefault(i, []).append(name)
             self._last_uses = out
         return self._last_uses
+
+    def active_params(self, param_names: frozenset[str]) -> list[str]:
+        """The names of the parameters in ``param_names`` that :meth:`plan` makes active (the
+        ones that get a tangent), in placeholder order; made once per subset."""
+        names = self._active.get(param_names)
+        if names is None:
+            plan = self.plan(param_names)
+            names = self._active[param_names] = [
+                n for ph, n in self.params.items() if plan.get(ph, False)
+            ]
+        return names
 
     def plan(self, param_names: frozenset[str]) -> dict[str, bool]:
         """Activity analysis: node name -> whether it depends on the parameters in the subset.

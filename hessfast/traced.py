@@ -491,8 +491,8 @@ def run(
                 "device; use compile=None or 'inductor' on the CPU"
             )
     if tangents is not None:
-        plan = program.plan(param_names)
-        tangents = {n: tangents[n] for ph, n in program.params.items() if plan.get(ph, False)}
+        active = program.active_params(param_names)
+        tangents = dict(zip(active, map(tangents.__getitem__, active)))
     loss_parts = _split_loss(loss_rule)
     trace = lookup(
         program, param_names, values, tangents, k, loss_rule, mode, compile, loss_parts, grads
