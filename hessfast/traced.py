@@ -145,14 +145,14 @@ def _walk(rule: Any, leaves: list) -> tuple | None:
     where an attribute is a container or another object pytree might flatten."""
     keys: list = []
     for k, v in vars(rule).items():
-        if _is_rule(v):
+        if type(v) in _LEAVES or isinstance(v, torch.Tensor):
+            keys.append(k)
+            leaves.append(v)
+        elif _is_rule(v):
             inner = _walk(v, leaves)
             if inner is None:
                 return None
             keys.append((k, inner))
-        elif type(v) in _LEAVES or isinstance(v, torch.Tensor):
-            keys.append(k)
-            leaves.append(v)
         elif (type(v) is tuple or type(v) is list) and all(type(x) in _LEAVES for x in v):
             keys.append((k, type(v), len(v)))  # (a shape): pytree's leaves are its items
             leaves.extend(v)
