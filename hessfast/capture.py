@@ -927,6 +927,7 @@ def _store(per_model: list, sig: tuple, before: Fingerprint, after: Fingerprint,
 
 
 def clear_cache() -> None:
-    """Forget all captured programs (changes to a model are detected without it; this frees
-    memory)."""
+    """Forget all captured programs and fingerprint snapshots (changes to a model are detected
+    without it; this frees memory)."""
     _CACHE.clear()
+    _SNAPSHOTS.clear()
