@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import operator
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -228,14 +227,6 @@ def _check_finite(
     )
 
 
-_first = operator.itemgetter(0)
-
-
-def _unbatched(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``{name: t[0]}``: the one vector of a product's ``[1, *shape]`` results."""
-    return dict(zip(values, map(_first, values.values())))
-
-
 def _selection(model: Any, params: Params) -> tuple[capture.Fingerprint, list]:
     """The model's fingerprint (taken once per product, read again by the capture guard) and
     the differentiated parameters."""
@@ -314,7 +305,11 @@ def hvp(
     if return_grad:
         results.append(("gradient", grads))
     _check_finite(v_check, results, check_finite)
-    out = format_like(prods, vec) if vec.batched else format_like(_unbatched(prods), vec)
+    out = (
+        format_like(prods, vec)
+        if vec.batched
+        else format_like({n: t[0] for n, t in prods.items()}, vec)
+    )
     extra = (info[0],) if return_info else ()
     if not return_grad:
         return (out, *extra) if extra else out
@@ -457,7 +452,7 @@ def _product(
     if vec.batched:
         out = format_like(prods, vec)
     else:
-        out = format_like(_unbatched(prods), vec)
+        out = format_like({n: t[0] for n, t in prods.items()}, vec)
     return (out, info[0]) if return_info else out
 
 

@@ -8,8 +8,6 @@ axis K for K vectors at once. Results are returned in the structure the caller u
 from __future__ import annotations
 
 import fnmatch
-import itertools
-import operator
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -217,43 +215,7 @@ def parse(v, selected: list[tuple[str, nn.Parameter]], check_finite: bool = True
     return vec
 
 
-_size = torch.Tensor.size
-_dtype, _device = operator.attrgetter("dtype"), operator.attrgetter("device")
-
-
 def _parse_dict(v: dict, selected: list[tuple[str, nn.Parameter]]) -> Vectors:
-    fast = _parse_dict_plain(v, selected)
-    if fast is not None:
-        return fast
-    return _parse_dict_checked(v, selected)
-
-
-def _parse_dict_plain(v: dict, selected: list[tuple[str, nn.Parameter]]) -> Vectors | None:
-    """The common ``v`` — one tensor per parameter, each of its parameter's shape, dtype and
-    device, without a K axis — parsed with the comparisons made in C; ``None`` for anything
-    else (:func:`_parse_dict_checked` then parses it, and words the errors)."""
-    if len(v) != len(selected):
-        return None
-    names = [n for n, _ in selected]
-    try:
-        ts = list(map(v.__getitem__, names))
-    except KeyError:
-        return None
-    if not all(map(isinstance, ts, itertools.repeat(torch.Tensor))):
-        return None
-    ps = [p for _, p in selected]
-    if (
-        list(map(_size, ts)) != list(map(_size, ps))
-        or list(map(_dtype, ts)) != list(map(_dtype, ps))
-        or list(map(_device, ts)) != list(map(_device, ps))
-    ):
-        return None
-    return Vectors(
-        dict(zip(names, map(torch.Tensor.unsqueeze, ts, itertools.repeat(0)))), 1, False, False
-    )
-
-
-def _parse_dict_checked(v: dict, selected: list[tuple[str, nn.Parameter]]) -> Vectors:
     if len(v) != len(selected) or any(n not in v for n, _ in selected):
         names = [n for n, _ in selected]
         missing = [n for n in names if n not in v]

@@ -105,37 +105,3 @@ def test_first_non_finite_overflowing_sums_are_finite():
     assert first_non_finite_in([("r", mixed)]) is None
     mixed["y"][3] = float("nan")
     assert first_non_finite_in([("r", mixed)]) == ("r", "y")
-
-
-def test_plain_dict_v_parses_as_the_checked_path():
-    """The C-compared path for the common ``v`` gives what the checked path gives, and leaves
-    every other layout (a K axis, a wrong dtype, shape or name, a non-tensor) to it."""
-    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
-    model[1].register_parameter("s", nn.Parameter(torch.tensor(0.5)))  # a 0-d parameter
-    sel = select_params(model, None)
-    v = {n: torch.randn_like(p) for n, p in sel}
-    fast = vectors._parse_dict_plain(v, sel)
-    slow = vectors._parse_dict_checked(v, sel)
-    assert fast is not None and (fast.k, fast.batched, fast.flat) == (
-        slow.k,
-        slow.batched,
-        slow.flat,
-    )
-    assert list(fast.tangents) == list(slow.tangents)
-    for n in slow.tangents:
-        assert fast.tangents[n].shape == slow.tangents[n].shape
-        assert torch.equal(fast.tangents[n], slow.tangents[n])
-    others = [
-        {n: t[None].expand(2, *t.shape) for n, t in v.items()},  # a K axis
-        {**v, "0.bias": v["0.bias"].double()},
-        {**v, "0.bias": v["0.bias"][:3]},
-        {**{n: t for n, t in v.items() if n != "0.bias"}, "0.bia": v["0.bias"]},
-        {**v, "0.bias": [0.0] * 4},
-        {n: v[n] for n in list(v)[:-1]},
-    ]
-    for other in others:
-        assert vectors._parse_dict_plain(other, sel) is None
-    assert vectors.parse(others[0], sel).k == 2
-    for other in others[1:]:
-        with pytest.raises(ValueError):
-            vectors.parse(other, sel)
