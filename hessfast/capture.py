@@ -826,7 +826,10 @@ def fingerprint(model: nn.Module) -> Fingerprint:
             if kind is None:
                 kind = _KINDS[t] = _kind(t)
             if kind == 2:
-                add(v._version)  # an in-place change of a tensor constant
+                # an in-place change of a tensor constant; a rebound one of equal value but
+                # another dtype, device or shape (``==`` alone would call it equal)
+                add(v._version)
+                add((v.dtype, v.device, v.shape))
                 tensors.append(v)
             elif kind == 3:
                 c = memo.get(id(v), memo)

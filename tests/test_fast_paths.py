@@ -182,6 +182,41 @@ def test_tensor_constant_edited_in_place():
     _check(model, x, y, v)
 
 
+class ScaledNet(nn.Module):
+    """A one-element tensor attribute that forward reads (a constant export bakes in)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.temperature = torch.tensor(0.3, dtype=D)
+
+    def forward(self, x):
+        return self.fc(x) * self.temperature.to(x.dtype)
+
+
+def test_tensor_constant_rebound_to_an_equal_value_of_another_dtype():
+    """``0.3`` in float32 equals ``0.3`` in float64 under ``==`` only up to rounding; rebinding
+    a tensor constant to another dtype (or shape, or device) re-captures."""
+    torch.manual_seed(0)
+    model = ScaledNet().double()
+    x, y = torch.randn(8, 4, dtype=D), torch.randint(0, 3, (8,))
+    v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    before = capture.fingerprint(model)
+    model.temperature = torch.tensor(0.3, dtype=D)  # same dtype, shape, value: no change
+    assert capture.fingerprint(model) == before
+    _warm(model, x, y, v)
+    model.temperature = torch.tensor(0.25, dtype=torch.float32)
+    assert capture.fingerprint(model) != before
+    _check(model, x, y, v)
+    model.temperature = torch.tensor([0.25], dtype=torch.float32)  # equal value, another shape
+    fp = capture.fingerprint(model)
+    model.temperature = torch.tensor(0.25, dtype=torch.float32)
+    assert capture.fingerprint(model) != fp
+    fp = capture.fingerprint(model)
+    model.temperature = torch.tensor(0.25, dtype=D)  # equal value, another dtype
+    assert capture.fingerprint(model) != fp
+
+
 def test_train_eval_toggle():
     model, x, y, v = _setup()
     _warm(model, x, y, v)
