@@ -29,7 +29,9 @@ compiling happen there).
 Then ``repeats`` rounds, **interleaved**: every method once per round, in table order, cycling
 through the other batches (inputs rotated: every call sees different data of the same shape), so
 that a slow phase of the machine hits every method alike. Times are medians over the rounds, taken
-with CUDA events on GPU and ``time.perf_counter`` on CPU. The reference is ``torch.func``'s HVP / GGN-VP /
+with CUDA events on GPU and ``time.perf_counter`` on CPU. The garbage of the preparation is
+collected once before the rounds; on CUDA also between methods, with the allocator's cache
+emptied, so that one method's leftovers do not count in the next one's peak memory. The reference is ``torch.func``'s HVP / GGN-VP /
 gradient of a float64 copy of the model on CPU (float32 on GPU, TF32 off), always under the math
 SDPA backend. A method that raises is reported with its error, not dropped; a method whose error
 exceeds the tolerance is reported as wrong (and still timed).
@@ -78,6 +80,7 @@ from .reference import (
 from .run import bench_workload, prepare_method, time_rounds
 from .tables import default_json_path, json_safe, render
 from .timing import (
+    collect_garbage,
     describe_error,
     free_memory,
     measure,
@@ -113,6 +116,7 @@ __all__ = [
     "bench_workload",
     "build_methods",
     "build_workload",
+    "collect_garbage",
     "default_json_path",
     "default_tolerance",
     "describe_error",

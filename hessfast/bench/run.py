@@ -12,7 +12,14 @@ import torch
 
 from .methods import Method, build_methods
 from .reference import default_tolerance, reference, reference_dtype, rel_error
-from .timing import describe_error, free_memory, peak_call, tf32, timed_call
+from .timing import (
+    collect_garbage,
+    describe_error,
+    free_memory,
+    peak_call,
+    tf32,
+    timed_call,
+)
 from .workloads import Workload, autograd_loss, needs_flatten, probe
 
 
@@ -65,8 +72,10 @@ def prepare_method(
 
 def time_rounds(methods: list[Method], rows: list[dict], n_batches: int, dev, repeats: int) -> None:
     """``repeats`` interleaved rounds: each runnable method once per round, inputs rotated; the
-    medians go into the rows. A method that raises while timed becomes an error row."""
+    medians go into the rows. A method that raises while timed becomes an error row. The
+    garbage of the preparation is collected first, not inside a timed call."""
     live = [i for i, r in enumerate(rows) if "times" in r]
+    collect_garbage()
     for r in range(repeats):
         b = (r + 2) % n_batches
         for i in live:
