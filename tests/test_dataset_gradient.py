@@ -1,5 +1,6 @@
 """``H.gradient_and_loss()`` / ``H.gradient()`` and ``num_data=`` on the model operators: float64
-oracles on the concatenated data (``torch.func`` gradients and ``dense_hessian``)."""
+oracles on the concatenated data (``torch.func`` gradients and ``dense_hessian``). Over shards of
+a data-parallel job: ``tests/test_distributed.py``."""
 
 import functools
 
@@ -178,75 +179,3 @@ def test_no_counted_target_is_an_error():
     H = hessfast.HessianOperator(mlp(), F.cross_entropy, data * 2)
     with pytest.raises(ValueError, match="no batch has a target that counts"):
         H.gradient_and_loss()
-
-
-def _rank_main(rank: int, world: int, port: int, out: str) -> None:
-    """One rank of :func:`test_gradient_over_shards_equals_the_whole_data` (run as a script)."""
-    import datetime
-    import json
-
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=120),
-    )
-    model = mlp().double()
-    data = ragged_ce_data(torch.Generator().manual_seed(8), sizes=(5, 2, 4))
-    shards = [data[:2], data[2:]]  # ragged: 7 samples on rank 0, 4 on rank 1
-    H = hessfast.GGNOperator(model, F.cross_entropy, shards[rank])
-    g, loss = H.gradient_and_loss()
-    E = hessfast.EmpiricalFisherOperator(model, F.cross_entropy, shards[rank])
-    ev = E @ torch.ones(E.shape[0], dtype=torch.float64)
-    with open(f"{out}/rank{rank}.json", "w") as f:
-        json.dump({"g": g.tolist(), "loss": float(loss), "ef": ev.tolist()}, f)
-    dist.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_gradient_over_shards_equals_the_whole_data(tmp_path):
-    """Two gloo ranks with ragged shards: the gradient, the loss and an empirical Fisher product
-    equal those of one process over all the data."""
-    import json
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    here = Path(__file__)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{here.parent.parent}:{here.parent}")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(here), str(r), "2", str(port), str(tmp_path)],
-            env=env,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    errs = [p.communicate(timeout=600)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(errs)
-    model = mlp().double()
-    data = ragged_ce_data(torch.Generator().manual_seed(8), sizes=(5, 2, 4))
-    g_ref, loss_ref = oracle_grad_loss(model, F.cross_entropy, *cat(data))
-    E = hessfast.EmpiricalFisherOperator(model, F.cross_entropy, data)
-    ev_ref = E @ torch.ones(E.shape[0], dtype=torch.float64)
-    for r in range(2):
-        res = json.loads((tmp_path / f"rank{r}.json").read_text())
-        torch.testing.assert_close(torch.tensor(res["g"], dtype=torch.float64), g_ref)
-        torch.testing.assert_close(torch.tensor(res["ef"], dtype=torch.float64), ev_ref)
-        assert res["loss"] == pytest.approx(float(loss_ref), rel=1e-12)
-
-
-if __name__ == "__main__":
-    import sys
-
-    _rank_main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

@@ -1,12 +1,14 @@
-"""Data-parallel operators on torch.distributed (gloo, CPU): 2 or 3 real processes per test.
+"""Data-parallel operators on torch.distributed (gloo, CPU): one job of 3 real processes.
 
-The multi-process tests carry the ``slow`` marker (``pytest -m "not slow"`` skips them). Each
+The multi-process test carries the ``slow`` marker (``pytest -m "not slow"`` skips it). It
 launches this file as a script once per rank (``python test_distributed.py SCENARIO
 RANK WORLD PORT OUTDIR``, a free port, ``tcp://`` rendezvous, one thread each); every rank runs
-all the checks of its scenario in one process group and writes what it saw to
-``OUTDIR/rank<r>.json``, which the test then asserts on. Ranks compare the distributed operator
-with a local one (``process_group=False``) over the whole data set, in float64, in the same
-process, and the test compares the ranks with each other bit for bit.
+all the checks in one process group and writes what it saw to ``OUTDIR/rank<r>.json``, which the
+test then asserts on. Ranks compare the distributed operator with a local one
+(``process_group=False``) over the whole data set, in float64, in the same process, and the test
+compares the ranks with each other bit for bit. The failures come last, in the same job (a process
+costs seconds of imports): a rank that raises inside an algorithm, then one that hangs in a group
+of its own with a 3-second timeout (killed once the others have exited).
 """
 
 from __future__ import annotations
@@ -77,13 +79,16 @@ def _same_on_every_rank(results, key):
 @pytest.mark.slow
 def test_distributed_operator_equals_single_process(tmp_path):
     world = 3
-    codes, errs, results = _launch("check", world, tmp_path)
-    assert codes == [0] * world, "\n".join(errs)
+    # rank 1 hangs at the end (below) and is killed once the others have exited; a job that
+    # hangs anywhere else runs into _launch's deadline and fails the test there
+    codes, errs, results = _launch("check", world, tmp_path, kill_rank=1)
+    assert codes == [0, "killed", 0], "\n".join(errs)
     for r, res in enumerate(results):
+        assert res is not None, errs[r]
         assert res["world_size"] == world and res["rank"] == r
         # products over ragged shards (ranks with different numbers of samples, one rank with no
         # batch at all, a DataLoader split by shard()) equal the single-process products over all
-        # the data
+        # the data; so do the gradient, the loss and an empirical Fisher product
         for key in (
             "hessian",
             "ggn",
@@ -92,8 +97,13 @@ def test_distributed_operator_equals_single_process(tmp_path):
             "dict",
             "shard_single_batch",
             "loader",
+            "gradient",
+            "loss",
+            "empirical_fisher",
         ):
             assert res[key] < 1e-12, (key, r, res[key])
+        # and the gradient and loss of torch.func on the concatenated data
+        assert res["gradient_oracle"] < 1e-12 and res["loss_oracle"] < 1e-12
         for key in ("eigsh", "trace", "density", "layerwise", "newton"):
             assert res[key] < 1e-10, (key, r, res[key])
         # a rank that raises inside a product: it gets its own error, the others a clear one,
@@ -110,29 +120,21 @@ def test_distributed_operator_equals_single_process(tmp_path):
         assert res["mismatch"].startswith("DistributedError: the ranks multiplied different")
         assert res["models_differ"].startswith("DistributedError: the ranks' models differ")
         assert res["after_mismatch"] < 1e-12
+        # a rank that raises inside eigsh's fourth product fails eigsh on every rank
+        failed = res["eigsh_failure"]
+        if r == 1:
+            assert failed.startswith("ValueError: boom on rank 1"), failed
+        else:
+            assert "rank 1 failed inside a Hessian product" in failed, failed
+            assert "boom on rank 1" in failed
     for key in ("product_hash", "eigsh_values", "trace_value", "density_hash", "newton_hash"):
         _same_on_every_rank(results, key)
-
-
-@pytest.mark.slow
-def test_failing_rank_fails_the_job(tmp_path):
-    # a job that hangs instead of failing runs into _launch's deadline and fails the test there
-    codes, errs, _ = _launch("fail", 2, tmp_path)
-    assert all(c not in (0, None) for c in codes), (codes, errs)
-    assert "ValueError: boom on rank 1" in errs[1]
-    assert "rank 1 failed inside a Hessian product" in errs[0], errs[0]
-    assert "boom on rank 1" in errs[0]
-
-
-@pytest.mark.slow
-def test_hanging_rank_times_out(tmp_path):
-    # the group's timeout is 3 s; a rank 0 that never times out runs into _launch's deadline
-    codes, errs, results = _launch("hang", 2, tmp_path, kill_rank=1)
-    res = results[0]
-    assert res is not None, errs[0]
-    assert codes[0] not in (0, None)
-    assert res["error"].startswith("DistributedError: rank 0 of 2: the all-reduce"), res["error"]
-    assert "timed out" in res["error"].lower() and "timeout" in res["error"]
+    # rank 1 hangs in the second product of a group of ranks 0 and 1 with a 3 s timeout: rank 0
+    # times out with a clear error (rank 1 is killed by the test); rank 2 is not in the group
+    hang = results[0]["hang"]
+    assert hang.startswith("DistributedError: rank 0 of 2: the all-reduce"), hang
+    assert "timed out" in hang.lower() and "timeout" in hang
+    assert "hang" not in results[1] and results[2]["hang"] == "not in the group"
 
 
 def test_helpers_outside_a_distributed_job():
@@ -243,6 +245,7 @@ def _error(e: BaseException) -> str:
 
 
 def _worker_check(rank: int, world: int, port: int, out: Path) -> dict:
+    import datetime
     import functools
 
     import torch
@@ -299,6 +302,22 @@ def _worker_check(rank: int, world: int, port: int, out: Path) -> dict:
     res["loader"] = _rel(
         HL @ V, hessfast.HessianOperator(model, lf, loader, process_group=False) @ V
     )
+    g, loss = H.gradient_and_loss()
+    g_ref, loss_ref = R.gradient_and_loss()
+    res["gradient"] = _rel(g, g_ref)
+    res["loss"] = abs(float(loss - loss_ref)) / abs(float(loss_ref))
+    xs, ys = torch.cat([b[0] for b in full]), torch.cat([b[1] for b in full])
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def full_loss(p):
+        return lf(torch.func.functional_call(model, p, (xs,)), ys)
+
+    og = torch.func.grad(full_loss)(params)
+    res["gradient_oracle"] = _rel(g, torch.cat([og[n].reshape(-1) for n in params]))
+    res["loss_oracle"] = abs(float(loss - full_loss(params))) / abs(float(loss_ref))
+    E = hessfast.EmpiricalFisherOperator(model, lf, mine)
+    ER = hessfast.EmpiricalFisherOperator(model, lf, full, process_group=False)
+    res["empirical_fisher"] = _rel(E @ V, ER @ V)
 
     ev, _ = hessfast.eigsh(H, k=3, seed=0)
     ev_ref, _ = hessfast.eigsh(R, k=3, seed=0)
@@ -372,48 +391,41 @@ def _worker_check(rank: int, world: int, port: int, out: Path) -> dict:
     with torch.no_grad():
         p[0, 0] -= 0.5 * rank
     res["after_mismatch"] = _rel(H @ V, R @ V)
-    dist.destroy_process_group()
-    return res
-
-
-def _worker_fail(rank: int, world: int, port: int, out: Path) -> dict:
-    import torch.nn.functional as F
-
-    import hessfast
-    from hessfast import distributed as hd
-
-    model, x, y = _setup(rank, world, port, timeout=30)
-    data = _Flaky(hd.shard([(x[i : i + 3], y[i : i + 3]) for i in range(0, 12, 3)]))
+    # rank 1 raises inside eigsh's fourth product
     if rank == 1:
-        data.error, data.after = ValueError("boom on rank 1"), 3  # in eigsh's fourth product
-    H = hessfast.HessianOperator(model, F.cross_entropy, data)
-    hessfast.eigsh(H, k=2, block_size=1, seed=0, tol=1e-14, max_iter=50)
-    return {"finished": True}
-
-
-def _worker_hang(rank: int, world: int, port: int, out: Path) -> dict:
-    import torch.nn.functional as F
-
-    import hessfast
-    from hessfast import distributed as hd
-
-    model, x, y = _setup(rank, world, port, timeout=3)
-    data = _Flaky(hd.shard([(x[i : i + 3], y[i : i + 3]) for i in range(0, 12, 3)]))
-    if rank == 1:
-        data.sleep, data.after = 120.0, 1  # hangs in the second product
-    H = hessfast.HessianOperator(model, F.cross_entropy, data)
+        flaky.error, flaky.after = ValueError("boom on rank 1"), 3
     try:
-        hessfast.eigsh(H, k=2, block_size=1, seed=0, max_iter=50)
+        hessfast.eigsh(H, k=2, block_size=1, seed=0, tol=1e-14, max_iter=50)
+        res["eigsh_failure"] = "no error"
     except Exception as e:
-        (out / f"rank{rank}.json").write_text(json.dumps({"error": _error(e)}))
-        raise
-    return {"finished": True}
+        res["eigsh_failure"] = _error(e)
+    # last: rank 1 hangs in the second product of a group of ranks 0 and 1 whose timeout is 3 s
+    # (every rank creates the group); it writes its results first, the test kills it
+    group = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=3))
+    if rank == 2:
+        res["hang"] = "not in the group"
+        return res
+    (out / f"rank{rank}.json").write_text(json.dumps(res))
+    if rank == 1:
+        flaky.sleep, flaky.after = 120.0, 1
+    try:
+        hessfast.eigsh(
+            hessfast.HessianOperator(model, lf, flaky, process_group=group),
+            k=2,
+            block_size=1,
+            seed=0,
+            max_iter=50,
+        )
+        res["hang"] = "no error"
+    except Exception as e:
+        res["hang"] = _error(e)
+    return res  # no destroy_process_group: a timed-out group may hang it (the process exits)
 
 
 def _main(argv: list[str]) -> None:
     scenario, rank, world, port, out = argv
     rank, world, port, out = int(rank), int(world), int(port), Path(out)
-    fn = {"check": _worker_check, "fail": _worker_fail, "hang": _worker_hang}[scenario]
+    fn = {"check": _worker_check}[scenario]
     code = 0
     try:
         res = fn(rank, world, port, out)
