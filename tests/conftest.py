@@ -23,12 +23,53 @@ def pytest_configure(config):
     # so every other test is unaffected.
     if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        _patch_the_language_once_per_launch()
     # Under pytest-xdist (``-n auto``) the workers share the cores: each gets its share of torch
     # threads instead of all of them (tiny tensors gain nothing from more, and oversubscribed
     # threads spin against each other).
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+def _patch_the_language_once_per_launch() -> None:
+    """Triton's interpreter (3.x) patches ``triton.language`` for a kernel launch, then again at
+    every call of a ``@triton.jit`` helper inside the kernel, for every program of the grid: an
+    ``inspect.getmembers`` sweep of the language (2 ms) that finds it patched already, almost half
+    of the interpreter tests' time. Here a helper's patch is skipped while a launch has patched the
+    language modules the helper sees (the launch restores them when it ends, as before). Nothing
+    changes where Triton's interpreter is not the one this was written against."""
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter as ti
+    except Exception:
+        return
+    real_patch = getattr(ti, "_patch_lang", None)
+    executor = getattr(ti, "GridExecutor", None)
+    if real_patch is None or executor is None or not hasattr(ti, "_LangPatchScope"):
+        return
+    launch = executor.__call__
+    patched: list[set[int]] = []  # the language modules patched by the launch running now
+
+    def patch_lang(fn):
+        langs = {id(v) for v in fn.__globals__.values() if v is tl or v is tl.core}
+        if patched and langs and langs <= patched[-1]:
+            return ti._LangPatchScope()  # nothing to restore: the launch restores its patches
+        scope = real_patch(fn)
+        if patched:
+            patched[-1] |= langs
+        return scope
+
+    def call(self, *args, **kwargs):
+        patched.append(set())
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            patched.pop()
+
+    ti._patch_lang = patch_lang
+    executor.__call__ = call
 
 
 def pytest_collection_modifyitems(items):
