@@ -1,6 +1,7 @@
 """``hessfast bench``: the CPU smoke run of every built-in model (CI runs it), user models, and
-failures reported rather than dropped. The whole benchmark runs (seconds each on two cores) carry
-the ``slow`` marker; ``pytest -m "not slow"`` keeps the unit tests.
+failures reported rather than dropped. The built-in models' smoke runs (seconds each on two cores)
+carry the ``slow`` marker; ``pytest -m "not slow"`` keeps the unit tests and the two runs on small
+MLPs in the interpreter (a fraction of a second each).
 
 Five runs in all: each checks every property its rows can show. Only the MLP's times hessfast's
 default (traced) mode; the others time the interpreter (``--modes interpret``), whose rows take the
@@ -155,7 +156,6 @@ def build_no_seed():
 '''
 
 
-@pytest.mark.slow
 def test_bench_user_model(tmp_path, monkeypatch):
     mod = tmp_path / "my_bench_models.py"
     mod.write_text(USER_MODULE)
@@ -196,7 +196,6 @@ def test_user_batches_are_rotated(tmp_path, monkeypatch):
     assert not torch.equal(w.batches[0][0][0], w.batches[1][0][0])
 
 
-@pytest.mark.slow
 def test_failures_are_reported_not_raised(tmp_path, monkeypatch, capsys):
     """One run where things go wrong: ``torch.compile`` raises, hessfast's HVP is 1 % off and no
     peer is installed. Each is a row with its reason; only the wrong hessfast rows fail the run
