@@ -18,6 +18,12 @@ coefficients ``a ≥ 0``:
 With ``A_n = Σ_c a_{n,c}``: gradient ``∂L/∂z_n = A_n p_n − a_n`` and Hessian
 ``∂²L/∂z_n² = A_n (diag p_n − p_n p_nᵀ)``, so ``H u = A (p ⊙ u − p ⟨p, u⟩)`` row-wise.
 
+Subnormals. A saturated softmax makes ``H u`` (whole rows of it) subnormal in float32, which x86
+CPUs process tens of times slower; on the CPU the Hessian products ``ġ_z`` are handed on with their
+subnormal entries set to zero when that is below float32's rounding of what follows
+(:func:`flush_subnormals`, which holds the argument), in :class:`CrossEntropyLoss` and the fused
+head alike.
+
 NLL takes log-probabilities ``x`` and is linear: ``L = −Σ a_{n,c} x_{n,c}`` (hard targets, no
 smoothing), gradient ``−a``, Hessian zero.
 
@@ -142,11 +148,16 @@ def flush_subnormals(x: Tensor) -> Tensor:
     Why. A saturated softmax (logit gaps above ~87, e.g. a tied head over N(0, 1) embeddings) has
     ``p_c`` below ``tiny`` for every class but the largest, and its whole Hessian product row is of
     that size. Every float32 operation that reads or writes a subnormal takes a microcode assist on
-    x86 CPUs (tens to hundreds of cycles), and in GGN mode nothing else is added to those rows: the
-    subnormals run through the whole backward pass (on a tied GPT 40% of every ``ġ`` of the model
-    was subnormal, and the GGN-vector product took 2.5× double backward). HVP mode adds
-    ``ḡ_z``-driven terms of normal size at the first layer; double backward propagates ``ḡ``,
-    whose entries ``p − onehot`` are normal on every row whose target is not the argmax.
+    x86 CPUs (tens to hundreds of cycles; Intel Xeon here, AMD EPYC showed no slowdown), and in
+    GGN mode nothing else is added to those rows: the subnormals run through the whole backward
+    pass (``benchmarks.untuned_models:tied_gpt``: 10% of ``ġ_z`` and 40% of the rows of every
+    ``ġ`` below it subnormal, the GGN-vector product at 2.5× double backward). HVP mode adds
+    ``ḡ_z``-driven terms of normal size at the head (``ġ_h = ġ_z W + ḡ_z Ẇ``); double backward
+    propagates ``ḡ``, whose entries ``p − onehot`` are normal on every row whose target is not
+    the argmax. What the flush leaves: rows of ``ġ_z`` that are normal but small (down to
+    ``tiny``) still give subnormals deeper in the backward (on the tied GPT, 5× fewer than
+    without the flush, as many as its HVP has). Removing those too takes a power-of-two scale of
+    ``ġ_z`` per product, undone at the parameters (exact: no rounding changes), in the engine.
 
     Why it is exact to float32 rounding. What follows ``ġ_z`` is linear in it: the backward pass
     computes ``ġ_θ = Jᵀ ġ_z`` (per product ``k``), starting with a GEMM. The flush perturbs ``x_k``
@@ -199,7 +210,8 @@ class CrossEntropyLoss:
         ``nll_loss_forward``, ``nll_loss_backward`` (which gives ``−a``) and
         ``_log_softmax_backward_data`` (``A p − a``); the Hessian product is
         ``A ⊙ _softmax_backward_data(u, p)`` with ``A = −Σ_c (−a)``. Other variants form the
-        coefficient matrix ``a`` (module docstring) explicitly."""
+        coefficient matrix ``a`` (module docstring) explicitly. The Hessian product goes through
+        :func:`flush_subnormals`."""
         if zdot is not None:  # a tangent may arrive broadcastable (only a bias active)
             zdot = zdot.expand(zdot.shape[0], *z.shape)
         zr, t, rows_of, unrows = to_rows(z, self.target, self.soft)
@@ -412,7 +424,9 @@ class LinearCrossEntropy:
 
     - forward: ``z = h Wᵀ + b``, ``ż = ḣ Wᵀ + h Ẇᵀ + ḃ``;
     - the row op (``hessfast::cross_entropy_rows``, dispatched per chunk on ``backend``):
-      ``gz = ∂L/∂z``, ``gdz = ∇²_z L · ż``, and the loss rows;
+      ``gz = ∂L/∂z``, ``gdz = ∇²_z L · ż``, and the loss rows; ``gdz``, scaled by the ``mean``'s
+      ``1 / Σ w``, goes through :func:`flush_subnormals` (per chunk: a chunk's largest entry is at
+      most the batch's, so the chunk's test is the stricter one);
     - backward, accumulated over chunks: ``ḡ_h = gz W``, ``ḡ_W = gzᵀ h``, ``ḡ_b = Σ_rows gz``;
       ``ġ_h = gdz W + gz Ẇ``, ``ġ_W = gdzᵀ h + gzᵀ ḣ``, ``ġ_b = Σ_rows gdz``. The ``gz`` terms of
       ``ġ`` are the head's second-order terms: GGN mode (``gz`` absent) drops them.
