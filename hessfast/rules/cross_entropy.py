@@ -155,9 +155,10 @@ def flush_subnormals(x: Tensor) -> Tensor:
     ``ḡ_z``-driven terms of normal size at the head (``ġ_h = ġ_z W + ḡ_z Ẇ``); double backward
     propagates ``ḡ``, whose entries ``p − onehot`` are normal on every row whose target is not
     the argmax. What the flush leaves: rows of ``ġ_z`` that are normal but small (down to
-    ``tiny``) still give subnormals deeper in the backward (on the tied GPT, 5× fewer than
-    without the flush, as many as its HVP has). Removing those too takes a power-of-two scale of
-    ``ġ_z`` per product, undone at the parameters (exact: no rounding changes), in the engine.
+    ``tiny``) still give subnormals deeper in the backward (on the tied GPT, 3–6× fewer than
+    without the flush, about as many as its HVP has). Removing those too takes a power-of-two
+    scale of ``ġ_z`` per product, undone at the parameters (exact: no rounding changes), in the
+    engine.
 
     Why it is exact to float32 rounding. What follows ``ġ_z`` is linear in it: the backward pass
     computes ``ġ_θ = Jᵀ ġ_z`` (per product ``k``), starting with a GEMM. The flush perturbs ``x_k``

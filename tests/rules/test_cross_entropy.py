@@ -1,4 +1,4 @@
-"""The cross-entropy loss rule's subnormal flush (``rules.cross_entropy.flush_subnormals``, issue 13).
+"""The cross-entropy rule's subnormal flush (``rules.cross_entropy.flush_subnormals``, issue 13).
 
 A saturated softmax gives loss-Hessian products ``ġ_z`` with subnormal entries; on the CPU they are
 set to zero when each product's largest entry is at least ``tiny / u`` (the flush is then below
@@ -76,8 +76,9 @@ def test_flush_leaves_float64_and_other_devices_alone():
 
 def _saturated_head(all_saturated: bool = False):
     """A bias-free linear head ``z = x Wᵀ`` (W ≈ I) on 8 rows and 6 classes. Rows 4–7 (all rows
-    with ``all_saturated``) are saturated: one class leads every other by :data:`GAP`. Class 5 trails
-    the leader of every row by :data:`GAP`, so only subnormal entries of ``ġ_z`` reach ``ġ_W[5]``."""
+    with ``all_saturated``) are saturated: one class leads every other by :data:`GAP`. Class 5
+    trails the leader of every row by :data:`GAP`, so only subnormal entries of ``ġ_z`` reach
+    ``ġ_W[5]``."""
     g = torch.Generator().manual_seed(0)
     n, v = 8, 6
     x = 2 * torch.randn(n, v, generator=g)
@@ -136,8 +137,8 @@ def test_rule_keeps_subnormals_when_everything_is_tiny():
 @pytest.mark.parametrize("mode", ["ggn", "hvp"])
 def test_saturated_head_matches_oracle(monkeypatch, mode, compile, fused):
     """The float32 product of the saturated head against the float64 ``torch.func`` oracle at the
-    declared float32 tolerance; ``ġ_W[5]`` (reached only by subnormal entries of ``ġ_z``) is an exact
-    zero where float64 has ~1e-40 values, and some are subnormal: the flush ran."""
+    declared float32 tolerance; ``ġ_W[5]`` (reached only by subnormal entries of ``ġ_z``) is an
+    exact zero in GGN mode where float64 has values below 1e-35: the flush ran."""
     monkeypatch.setattr(engine, "FUSE_HEAD", fused)
     head, x, y, vec = _saturated_head()
     hessfast.clear_cache()
