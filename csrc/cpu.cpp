@@ -321,11 +321,10 @@ Tensor3 cross_entropy_rows_cpu(const at::Tensor& z, const OptTensor& zdot,
           if (eps != acc(0)) sum_wz += wc * zc;
           Wsum += wc;
         }
-        const acc lse = m + hf_log(s);
         const acc wy = valid ? (wp ? wp[y] : acc(1)) : hf_nan<acc>();
         const acc zy = valid ? static_cast<acc>(zr[y]) : hf_nan<acc>();
         const CeCoeffs<acc> co = ce_coeffs(wy, Wsum, eps, V);
-        lp[n] = ce_loss(co, sc, zy, sum_wz, Wsum, lse);
+        lp[n] = ce_loss(co, sc, zy, sum_wz, Wsum, m, hf_log(s));
         for (int64_t c = 0; c < V; ++c) {
           const acc pc = softmax_term(static_cast<acc>(zr[c]), m) / s;
           if (gzp) {

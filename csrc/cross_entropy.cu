@@ -3,10 +3,11 @@
 // One block per row of logits. Sweep 1 reads z and every tangent row u_k once, in 16-byte packs,
 // keeping per thread an online softmax (running max m, Σ e^{z−m}) and Σ e^{z−m} u_k for each k
 // (in the thread's own shared-memory slots), rescaled whenever its max grows; one block reduction
-// combines them into lse and ⟨p, u_k⟩. Sweep 2 reads z and u_k again and writes the gradient and
-// the K Hessian-vector rows. A vocabulary row (and its K tangents) is too long to keep on chip, so
-// the second read is a re-read (served by L2 when the rows in flight fit). Tangents go 32 per launch
-// (the shared-memory slots); later launches re-read z. Accumulation is in float32.
+// combines them into the row max m, log Σ e^{z−m} and ⟨p, u_k⟩. Sweep 2 reads z and u_k again and
+// writes the gradient and the K Hessian-vector rows. A vocabulary row (and its K tangents) is too
+// long to keep on chip, so the second read is a re-read (served by L2 when the rows in flight fit).
+// Tangents go 32 per launch (the shared-memory slots); later launches re-read z. Accumulation is in
+// float32.
 //
 // Bytes moved, s = bytes per element, M rows of V classes, K tangents:
 //   read 2 (1 + K) M V s (+ 8 M targets, 4 V weights), write (1 + K) M V s + 4 M losses
@@ -119,7 +120,7 @@ __global__ void ce_rows_kernel(const scalar_t* __restrict__ z, const scalar_t* _
   const CeCoeffs<float> co = ce_coeffs(wy, W, eps, V);
   if (primal && tid == 0) {
     const float zy = valid ? static_cast<float>(zr[y]) : hf_nan<float>();
-    loss[n] = ce_loss(co, scale, zy, tot[kc + 1], W, row_max + hf_log(sum_e));
+    loss[n] = ce_loss(co, scale, zy, tot[kc + 1], W, row_max, hf_log(sum_e));
   }
 
   // sweep 2: the gradient and the Hessian-vector rows

@@ -57,11 +57,15 @@ HF_HD T ce_coeff(const CeCoeffs<T>& c, T w_c, bool is_target) {
   return (is_target ? c.ay : T(0)) + c.smooth * w_c;
 }
 
-// The row loss −s Σ_c a_c log p_c from z_y, Σ_c w_c z_c (only read when ε > 0), W and lse.
+// The row loss −s Σ_c a_c log p_c from z_y, Σ_c w_c z_c (only read when ε > 0), W, the row max m
+// and log_s = log Σ_c e^{z_c − m}. log p_y = (z_y − m) − log_s: never z_y − lse with lse = m +
+// log_s, a difference at the logits' size (rounded at float32's spacing near them, 1e-3 near 1e4).
+// The smoothing part Σ_c w_c log p_c = (Σ_c w_c z_c − W m) − W log_s still subtracts two sums at
+// the logits' size.
 template <typename T>
-HF_HD T ce_loss(const CeCoeffs<T>& c, T scale, T z_y, T sum_wz, T W, T lse) {
-  T smooth_part = c.smooth != T(0) ? c.smooth * (sum_wz - W * lse) : T(0);
-  return -scale * (c.ay * (z_y - lse) + smooth_part);
+HF_HD T ce_loss(const CeCoeffs<T>& c, T scale, T z_y, T sum_wz, T W, T m, T log_s) {
+  T smooth_part = c.smooth != T(0) ? c.smooth * ((sum_wz - W * m) - W * log_s) : T(0);
+  return -scale * (c.ay * ((z_y - m) - log_s) + smooth_part);
 }
 
 template <typename T>
