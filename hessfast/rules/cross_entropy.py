@@ -140,7 +140,7 @@ def _target_weight(target: Tensor, weight: Tensor | None, ignore_index: int) -> 
 
 
 def flush_subnormals(x: Tensor) -> Tensor:
-    """``x [K, ...]`` (K products' loss-Hessian products ``ġ_z = ∇²_z L · ż``) with the entries of
+    """``x [K, ...]`` (at least 2-D: K products' loss-Hessian products ``ġ_z = ∇²_z L · ż``) with the entries of
     magnitude below ``finfo.tiny`` (the subnormal numbers) set to zero, for each ``k`` whose largest
     entry is at least ``tiny / u`` (``u = eps / 2``, the unit roundoff: ``tiny · 2²⁴`` in float32);
     ``x`` itself (unchanged) on other devices than the CPU and in float64. In place.
@@ -148,13 +148,13 @@ def flush_subnormals(x: Tensor) -> Tensor:
     Why. A saturated softmax (logit gaps above ~87, e.g. a tied head over N(0, 1) embeddings) has
     ``p_c`` below ``tiny`` for every class but the largest, and its whole Hessian product row is of
     that size. Every float32 operation that reads or writes a subnormal takes a microcode assist on
-    x86 CPUs (tens to hundreds of cycles; Intel Xeon here, AMD EPYC showed no slowdown), and in
-    GGN mode nothing else is added to those rows: the subnormals run through the whole backward
-    pass (``benchmarks.untuned_models:tied_gpt``: 10% of ``ġ_z`` and 40% of the rows of every
-    ``ġ`` below it subnormal, the GGN-vector product at 2.5× double backward). HVP mode adds
-    ``ḡ_z``-driven terms of normal size at the head (``ġ_h = ġ_z W + ḡ_z Ẇ``); double backward
-    propagates ``ḡ``, whose entries ``p − onehot`` are normal on every row whose target is not
-    the argmax. What the flush leaves: rows of ``ġ_z`` that are normal but small (down to
+    x86 CPUs (tens to hundreds of cycles: the Intel Xeon of ``benchmarks/results``; an AMD EPYC
+    showed no slowdown), and in GGN mode nothing else is added to those rows: the subnormals run
+    through the whole backward pass (``benchmarks.untuned_models:tied_gpt``: 10% of ``ġ_z``,
+    40–50% of the ``ġ`` of the last block and a few % of the first one's subnormal; the
+    GGN-vector product at 2.2–2.5× double backward). HVP mode adds ``ḡ_z``-driven terms of
+    normal size at the head (``ġ_h = ġ_z W + ḡ_z Ẇ``); double backward propagates ``ḡ``, whose
+    entries ``p − onehot`` are normal on every row whose target is not the argmax. What the flush leaves: rows of ``ġ_z`` that are normal but small (down to
     ``tiny``) still give subnormals deeper in the backward (on the tied GPT, 3–6× fewer than
     without the flush, about as many as its HVP has). Removing those too takes a power-of-two
     scale of ``ġ_z`` per product, undone at the parameters (exact: no rounding changes), in the
@@ -174,7 +174,7 @@ def flush_subnormals(x: Tensor) -> Tensor:
         return x
     info = torch.finfo(x.dtype)
     a = x.abs()
-    top = a.amax(dim=tuple(range(1, x.dim())), keepdim=True) if x.dim() > 1 else a.amax()
+    top = a.amax(dim=tuple(range(1, x.dim())), keepdim=True)
     below = torch.where(top >= info.tiny * 2 / info.eps, info.tiny, 0.0)
     return x.masked_fill_(a < below, 0.0)
 
