@@ -18,6 +18,10 @@ last), the layer and the loss run together, a chunk of rows at a time
 (:class:`~hessfast.rules.cross_entropy.LinearCrossEntropy`), so the logits ``[N, V]`` and their
 tangents ``[K, N, V]`` never exist for the whole batch; the backward pass continues from the
 layer's inputs. :data:`FUSE_HEAD` chooses when.
+
+Subnormals: in GGN mode on the CPU (float32, bfloat16) the loss's ``ġ_z`` is handed on scaled by a
+power of two per product, and the products are scaled back at the end (:mod:`hessfast.subnormal`:
+exact, and it keeps a saturated softmax's subnormal ``ġ_z`` out of the backward pass).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any
 
 import torch
 
+from . import subnormal
 from .capture import Program, Step
 from .dispatch import requested
 from .errors import UnsupportedOpError
@@ -285,12 +290,13 @@ def run(
         args = call = y = ydot = res = None
 
         cot: dict[str, list] = {}
+        scale = None  # GGN mode's power-of-two scale of ġ_z per product [K] (hessfast.subnormal)
         if head is not None:
             fused = cross_entropy.LinearCrossEntropy(loss_rule, backend)
             largs = head.linear.args
             inputs = (val(largs), tuple(tng(a) for a in largs))
             active = tuple(act(a) for a in largs)
-            loss, gargs, gdargs = _timed(
+            loss, gargs, gdargs, scale = _timed(
                 profiler,
                 None,
                 fused,
@@ -323,6 +329,9 @@ def run(
             )
             env.clear()
             tan.clear()
+            if mode == "ggn" and isinstance(gdz, torch.Tensor) and subnormal.applies(gdz):
+                scale = subnormal.pow2_scale(gdz)
+                gdz = gdz * subnormal.per_product(scale, gdz)
             _accumulate(cot, out, gz, gdz)
             del z, zdot, gz, gdz  # the backward pass frees them once consumed
         for step in reversed(program.steps):
@@ -342,6 +351,7 @@ def run(
                 raise
             _scatter(cot, plan, step.args, gargs, gdargs)
 
+    unscale = None if scale is None else subnormal.inverse(scale)
     grads: dict[str, torch.Tensor] | None = {} if mode in ("hvp", "grad") else None
     prods: dict[str, torch.Tensor] | None = {} if mode in ("hvp", "ggn", "residual") else None
     for ph, name in program.params.items():
@@ -353,7 +363,12 @@ def run(
             g = torch.zeros_like(p) if g is None else g.contiguous()
             grads[name] = grads[name] + g if name in grads else g
         if prods is not None:
-            gd = p.new_zeros((k, *p.shape)) if gd is None else gd.contiguous()
+            if gd is None:
+                gd = p.new_zeros((k, *p.shape))
+            elif unscale is not None:
+                gd = (gd * subnormal.per_product(unscale, gd)).contiguous()
+            else:
+                gd = gd.contiguous()
             prods[name] = prods[name] + gd if name in prods else gd
     return Result(loss, grads, prods, fell_back)
 

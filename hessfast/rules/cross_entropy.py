@@ -18,12 +18,6 @@ coefficients ``a ≥ 0``:
 With ``A_n = Σ_c a_{n,c}``: gradient ``∂L/∂z_n = A_n p_n − a_n`` and Hessian
 ``∂²L/∂z_n² = A_n (diag p_n − p_n p_nᵀ)``, so ``H u = A (p ⊙ u − p ⟨p, u⟩)`` row-wise.
 
-Subnormals. A saturated softmax makes ``H u`` (whole rows of it) subnormal in float32, which x86
-CPUs process tens of times slower; on the CPU the Hessian products ``ġ_z`` are handed on with their
-subnormal entries set to zero when that is below float32's rounding of what follows
-(:func:`flush_subnormals`, which holds the argument), in :class:`CrossEntropyLoss` and the fused
-head alike.
-
 NLL takes log-probabilities ``x`` and is linear: ``L = −Σ a_{n,c} x_{n,c}`` (hard targets, no
 smoothing), gradient ``−a``, Hessian zero.
 
@@ -40,6 +34,7 @@ import math
 
 import torch
 
+from .. import subnormal
 from . import rule_for
 from .base import Call, Rule
 
@@ -139,46 +134,6 @@ def _target_weight(target: Tensor, weight: Tensor | None, ignore_index: int) -> 
     return (weight[y] * valid).sum()
 
 
-def flush_subnormals(x: Tensor) -> Tensor:
-    """``x [K, ...]`` (at least 2-D: K products' loss-Hessian products ``ġ_z = ∇²_z L · ż``) with the entries of
-    magnitude below ``finfo.tiny`` (the subnormal numbers) set to zero, for each ``k`` whose largest
-    entry is at least ``tiny / u`` (``u = eps / 2``, the unit roundoff: ``tiny · 2²⁴`` in float32);
-    ``x`` itself (unchanged) on other devices than the CPU and in float64. In place.
-
-    Why. A saturated softmax (logit gaps above ~87, e.g. a tied head over N(0, 1) embeddings) has
-    ``p_c`` below ``tiny`` for every class but the largest, and its whole Hessian product row is of
-    that size. Every float32 operation that reads or writes a subnormal takes a microcode assist on
-    x86 CPUs (tens to hundreds of cycles: the Intel Xeon of ``benchmarks/results``; an AMD EPYC
-    showed no slowdown), and in GGN mode nothing else is added to those rows: the subnormals run
-    through the whole backward pass (``benchmarks.untuned_models:tied_gpt``: 10% of ``ġ_z``,
-    40–50% of the ``ġ`` of the last block and a few % of the first one's subnormal; the
-    GGN-vector product at 2.2–2.5× double backward). HVP mode adds ``ḡ_z``-driven terms of
-    normal size at the head (``ġ_h = ġ_z W + ḡ_z Ẇ``); double backward propagates ``ḡ``, whose
-    entries ``p − onehot`` are normal on every row whose target is not the argmax. What the flush leaves: rows of ``ġ_z`` that are normal but small (down to
-    ``tiny``) still give subnormals deeper in the backward (on the tied GPT, 3–6× fewer than
-    without the flush, about as many as its HVP has). Removing those too takes a power-of-two
-    scale of ``ġ_z`` per product, undone at the parameters (exact: no rounding changes), in the
-    engine.
-
-    Why it is exact to float32 rounding. What follows ``ġ_z`` is linear in it: the backward pass
-    computes ``ġ_θ = Jᵀ ġ_z`` (per product ``k``), starting with a GEMM. The flush perturbs ``x_k``
-    by ``Δ`` with ``|Δ_i| < tiny ≤ u · max|x_k|``, so ``‖Δ‖_∞ ≤ u ‖x_k‖_∞``: no more than rounding
-    ``x_k``'s largest entry to float32 costs, and ``‖Jᵀ Δ‖_∞ ≤ u ‖Jᵀ‖_∞ ‖x_k‖_∞``, inside the
-    normwise forward-error bound ``γ_n ‖Jᵀ‖_∞ ‖x_k‖_∞`` (``γ_n = n u / (1 − n u)``) of the GEMM
-    that follows. When ``max|x_k| < tiny / u`` (every entry tiny) the subnormals carry the
-    product and nothing is flushed. Branch-free (a tensor threshold, no host read): traceable.
-    On a GPU subnormals cost nothing, so nothing is done there; float64 subnormals (below 1e-308)
-    are left alone.
-    """
-    if x.device.type != "cpu" or x.dtype == torch.float64 or not x.is_floating_point():
-        return x
-    info = torch.finfo(x.dtype)
-    a = x.abs()
-    top = a.amax(dim=tuple(range(1, x.dim())), keepdim=True)
-    below = torch.where(top >= info.tiny * 2 / info.eps, info.tiny, 0.0)
-    return x.masked_fill_(a < below, 0.0)
-
-
 class CrossEntropyLoss:
     """Softmax cross-entropy at the model output (see the module docstring for the math)."""
 
@@ -211,8 +166,7 @@ class CrossEntropyLoss:
         ``nll_loss_forward``, ``nll_loss_backward`` (which gives ``−a``) and
         ``_log_softmax_backward_data`` (``A p − a``); the Hessian product is
         ``A ⊙ _softmax_backward_data(u, p)`` with ``A = −Σ_c (−a)``. Other variants form the
-        coefficient matrix ``a`` (module docstring) explicitly. The Hessian product goes through
-        :func:`flush_subnormals`."""
+        coefficient matrix ``a`` (module docstring) explicitly."""
         if zdot is not None:  # a tangent may arrive broadcastable (only a bias active)
             zdot = zdot.expand(zdot.shape[0], *z.shape)
         zr, t, rows_of, unrows = to_rows(z, self.target, self.soft)
@@ -235,7 +189,7 @@ class CrossEntropyLoss:
                 A = -neg_a.sum(-1, keepdim=True)
                 u = rows_of(zdot)
                 p = logp.exp().expand(u.shape)
-                gd = unrows(flush_subnormals(A * aten._softmax_backward_data(u, p, -1, p.dtype)))
+                gd = unrows(A * aten._softmax_backward_data(u, p, -1, p.dtype))
             return loss, g, gd
         a = coefficients(
             zr, t, self.weight, self.ignore_index, self.reduction, self.label_smoothing, self.soft
@@ -248,7 +202,7 @@ class CrossEntropyLoss:
         if want_h:
             u = rows_of(zdot)
             pu = p * u
-            gd = unrows(flush_subnormals(A * (pu - p * pu.sum(-1, keepdim=True))))
+            gd = unrows(A * (pu - p * pu.sum(-1, keepdim=True)))
         return loss, g, gd
 
 
@@ -425,9 +379,7 @@ class LinearCrossEntropy:
 
     - forward: ``z = h Wᵀ + b``, ``ż = ḣ Wᵀ + h Ẇᵀ + ḃ``;
     - the row op (``hessfast::cross_entropy_rows``, dispatched per chunk on ``backend``):
-      ``gz = ∂L/∂z``, ``gdz = ∇²_z L · ż``, and the loss rows; ``gdz``, scaled by the ``mean``'s
-      ``1 / Σ w``, goes through :func:`flush_subnormals` (per chunk: a chunk's largest entry is at
-      most the batch's, so the chunk's test is the stricter one);
+      ``gz = ∂L/∂z``, ``gdz = ∇²_z L · ż``, and the loss rows;
     - backward, accumulated over chunks: ``ḡ_h = gz W``, ``ḡ_W = gzᵀ h``, ``ḡ_b = Σ_rows gz``;
       ``ġ_h = gdz W + gz Ẇ``, ``ġ_W = gdzᵀ h + gzᵀ ḣ``, ``ġ_b = Σ_rows gdz``. The ``gz`` terms of
       ``ġ`` are the head's second-order terms: GGN mode (``gz`` absent) drops them.
@@ -436,6 +388,15 @@ class LinearCrossEntropy:
     ``ġ_b`` accumulate in place (in float32 for half-precision models). Memory beyond the inputs
     and the cotangents: one chunk's ``z``, ``ż``, ``gz``, ``gdz`` (:func:`head_chunk_rows`).
     A ``mean`` divides by the counted targets of the whole batch, not of the chunk.
+
+    GGN mode on the CPU in float32 or bfloat16 (:mod:`hessfast.subnormal`): ``ġ`` leaves the head
+    scaled by ``s_k``, the power of two of :func:`~hessfast.subnormal.pow2_scale` for the largest
+    ``|gdz[k]|`` of the whole batch, and :meth:`evaluate` returns ``s`` for the engine to undo at
+    the parameters. The chunks come one at a time, so the scale follows the running maximum: chunk
+    ``c`` multiplies its ``gdz`` by ``s`` of the maximum over chunks ``≤ c``, the accumulators
+    ``ġ_W``, ``ġ_b`` are multiplied by ``s_new / s_old`` when that changes, and each chunk's rows of
+    ``ġ_h`` by ``s_final / s_c`` at the end. All factors are powers of two (exact, see
+    :mod:`hessfast.subnormal`), at most 1 unless a non-finite maximum resets the scale to 1.
     """
 
     name = "linear_cross_entropy"
@@ -467,10 +428,11 @@ class LinearCrossEntropy:
         tb: Tensor | None,
         active: tuple,
         mode: str,
-    ) -> tuple[Tensor, tuple, tuple]:
-        """``(loss, (ḡ_h, ḡ_W, ḡ_b), (ġ_h, ġ_W, ġ_b))`` for the engine's ``mode`` (``"hvp"``,
+    ) -> tuple[Tensor, tuple, tuple, Tensor | None]:
+        """``(loss, (ḡ_h, ḡ_W, ḡ_b), (ġ_h, ġ_W, ġ_b), s)`` for the engine's ``mode`` (``"hvp"``,
         ``"ggn"``, ``"grad"``); ``active`` says which of ``h``, ``W``, ``b`` need cotangents, and
-        ``None`` stands for a zero."""
+        ``None`` stands for a zero. ``s [K]`` (float32) is the power-of-two scale the ``ġ`` carry
+        (divide the parameter products by it; class docstring), ``None`` when they carry none."""
         V, D = w.shape
         need_h, need_w, need_b = (bool(a) for a in active)
         need_b = need_b and b is not None
@@ -497,6 +459,9 @@ class LinearCrossEntropy:
         gb = w.new_zeros((V,), dtype=acc) if want_grad and need_b else None
         gdb = w.new_zeros((k, V), dtype=acc) if k and need_b else None
         total = None
+        rescale = mode == "ggn" and subnormal.applies(h2)
+        top = s = None  # the running max |gdz| per product, and its scale
+        scales = []  # (r0, r1, s) per chunk: the scale its rows of ġ_h were computed at
         rows = head_chunk_rows(k, V, h.dtype)
         for r0 in range(0, N, rows):
             r1 = min(N, r0 + rows)
@@ -527,9 +492,18 @@ class LinearCrossEntropy:
             loss_rows, gz, gdz = impl.rows(*call.args)
             part = loss_rows.sum() * scale.to(loss_rows.dtype)
             gz = gz.mul_(scale.to(gz.dtype)) if gz is not None else None
-            gdz = flush_subnormals(gdz.mul_(scale.to(gdz.dtype))) if gdz is not None else None
+            gdz = gdz.mul_(scale.to(gdz.dtype)) if gdz is not None else None
             total = part if total is None else total + part
             del z, zd
+            if gdz is not None and rescale:
+                m = gdz.abs().amax(dim=(1, 2)).float()
+                top = m if top is None else torch.maximum(top, m)  # NaN stays NaN: s = 1
+                s_new = subnormal.pow2_scale(top)
+                if s is not None:  # bring the accumulators to the new scale (factors ≤ 1)
+                    _rescale((gdw, gdb), s_new, s)
+                s = s_new
+                gdz.mul_(subnormal.per_product(s, gdz))
+                scales.append((r0, r1, s))
             if gdz is not None:
                 if need_h:
                     _add_matmul(gdh[:, r0:r1], gdz, w)
@@ -549,6 +523,9 @@ class LinearCrossEntropy:
                 if need_b:
                     gb += gz.sum(0)
         loss = total.to(h.dtype) if total is not None else h.new_zeros(())
+        if gdh is not None:
+            for r0, r1, sc in scales[:-1]:  # the last chunk's scale is s
+                _rescale((gdh[:, r0:r1],), s, sc)
 
         def out(t, shape):
             return None if t is None else t.to(h.dtype).reshape(shape)
@@ -557,7 +534,17 @@ class LinearCrossEntropy:
             loss,
             (out(gh, h.shape), out(gw, (V, D)), out(gb, (V,))),
             (out(gdh, (k, *h.shape)), out(gdw, (k, V, D)), out(gdb, (k, V))),
+            s,
         )
+
+
+def _rescale(ts: tuple, s_new: Tensor, s_old: Tensor) -> None:
+    """Multiply each ``[K, ...]`` tensor of ``ts`` (``None``: skipped) in place by ``s_new / s_old``
+    per product (powers of two; the quotient is formed in float64, where it cannot overflow)."""
+    ratio = s_new.double() / s_old.double()
+    for t in ts:
+        if t is not None:
+            t.mul_(subnormal.per_product(ratio, t))
 
 
 class NLLLoss:
