@@ -21,7 +21,8 @@ layer's inputs. :data:`FUSE_HEAD` chooses when.
 
 Subnormals: in GGN mode on the CPU (float32, bfloat16) the loss's ``ġ_z`` is handed on scaled by a
 power of two per product, and the products are scaled back at the end (:mod:`hessfast.subnormal`:
-exact, and it keeps a saturated softmax's subnormal ``ġ_z`` out of the backward pass).
+exact; it keeps a saturated softmax's subnormal ``ġ_z`` out of the backward pass as far as
+float32's range allows).
 """
 
 from __future__ import annotations
