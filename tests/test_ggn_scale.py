@@ -27,6 +27,7 @@ from hessfast.rules.base import TORCH_TOLERANCES
 F32 = torch.float32
 TINY = torch.finfo(F32).tiny
 RTOL = TORCH_TOLERANCES[F32][0]
+LOW = (F32, torch.bfloat16)
 #: A logit gap whose softmax probability is subnormal in float32: e⁻⁹⁵ ≈ 5.5e-42.
 GAP = 95.0
 
@@ -45,7 +46,7 @@ def _leaves(x):
 
 @pytest.fixture
 def backward_subnormals(monkeypatch):
-    """The number of subnormal float32 entries in the outputs of every backward-pass rule the
+    """The number of subnormal float32 and bfloat16 entries in the outputs of every backward-pass rule the
     interpreter runs (``engine._timed``'s ``"backward"`` phase), as a one-element list."""
     count = [0]
     timed = engine._timed
@@ -53,7 +54,7 @@ def backward_subnormals(monkeypatch):
     def counting(profiler, step, rule, phase, inputs, fn, *args):
         out = timed(profiler, step, rule, phase, inputs, fn, *args)
         if phase == "backward":
-            count[0] += sum(subnormals(t) for t in _leaves(out) if t.dtype == F32)
+            count[0] += sum(subnormals(t) for t in _leaves(out) if t.dtype in LOW)
         return out
 
     monkeypatch.setattr(engine, "_timed", counting)
@@ -124,19 +125,21 @@ def test_applies():
     assert not subnormal.applies(torch.empty(1, device="meta"))
 
 
-def _saturated(pre: bool, saturated_first: bool = False, all_saturated: bool = False):
+def _saturated(
+    pre: bool, saturated_first: bool = False, all_saturated: bool = False, gap: float = GAP
+):
     """Inputs of 8 rows and 6 classes through ``[Linear(6, 6) ≈ I,] head`` with ``head = Linear(6, 6)
     ≈ I``, bias-free. Four rows (all with ``all_saturated``) are saturated: one class leads every
-    other by :data:`GAP`, so every entry of their ``ġ_z`` is subnormal; rows 0–3 with
-    ``saturated_first``, else 4–7. Class 5 trails every row's leader by :data:`GAP`."""
+    other by ``gap`` (:data:`GAP`: every entry of their ``ġ_z`` is subnormal); rows 0–3 with
+    ``saturated_first``, else 4–7. Class 5 trails every row's leader by ``gap``."""
     g = torch.Generator().manual_seed(0)
     n, v = 8, 6
     x = 2 * torch.randn(n, v, generator=g)
     for r in range(n):
         if all_saturated or (r < 4) == saturated_first:
-            x[r] = -GAP
+            x[r] = -gap
             x[r, r % 5] = 0.0
-    x[:, 5] = x[:, :5].amax(1) - GAP
+    x[:, 5] = x[:, :5].amax(1) - gap
     layers = []
     for _ in range(2 if pre else 1):
         lin = nn.Linear(v, v, bias=False)
@@ -208,6 +211,28 @@ def test_all_saturated_backward_has_no_subnormals(backward_subnormals):
     out = hessfast.ggn_vp(model, F.cross_entropy, (x,), y, vec, compile="interpret")
     assert backward_subnormals[0] == 0
     assert max(_errors(out, _oracle(model, x, y, vec))) < RTOL
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused-head"])
+def test_all_saturated_bfloat16(monkeypatch, backward_subnormals, fused):
+    """bfloat16 (float32's exponent range, so the same subnormals; a gap of 88, as e⁻⁹⁵ underflows
+    to zero in bfloat16): scaled, no subnormal in the backward outputs, some unscaled (unfused),
+    and the two products agree to bfloat16's declared tolerance (bfloat16's own ``ġ_z`` of so saturated
+    a softmax is too coarse for an oracle comparison to say more)."""
+    monkeypatch.setattr(engine, "FUSE_HEAD", fused)
+    monkeypatch.setattr(ce, "HEAD_CHUNK_ROWS", 3)
+    bf = torch.bfloat16
+    model, x, y, vec = _saturated(pre=True, all_saturated=True, gap=88.0)
+    args = (model.to(bf), F.cross_entropy, (x.to(bf),), y, {n: t.to(bf) for n, t in vec.items()})
+    out = hessfast.ggn_vp(*args, compile="interpret")
+    assert all(t.dtype == bf for t in out.values())
+    assert backward_subnormals[0] == 0
+    monkeypatch.setattr(subnormal, "applies", lambda x: False)
+    off = hessfast.ggn_vp(*args, compile="interpret")
+    if not fused:  # fused, the head's own GEMMs (not counted here) see them, ġ_h none
+        assert backward_subnormals[0] > 0
+    off64 = {n: t.double() for n, t in off.items()}
+    assert max(_errors(out, off64)) < TORCH_TOLERANCES[bf][0]
 
 
 def test_all_saturated_backward_without_scale_has_subnormals(backward_subnormals, no_scale):
