@@ -46,8 +46,8 @@ def _leaves(x):
 
 @pytest.fixture
 def backward_subnormals(monkeypatch):
-    """The number of subnormal float32 and bfloat16 entries in the outputs of every backward-pass rule the
-    interpreter runs (``engine._timed``'s ``"backward"`` phase), as a one-element list."""
+    """The number of subnormal float32 and bfloat16 entries in the outputs of every backward-pass
+    rule the interpreter runs (``engine._timed``'s ``"backward"`` phase), as a one-element list."""
     count = [0]
     timed = engine._timed
 
@@ -128,8 +128,8 @@ def test_applies():
 def _saturated(
     pre: bool, saturated_first: bool = False, all_saturated: bool = False, gap: float = GAP
 ):
-    """Inputs of 8 rows and 6 classes through ``[Linear(6, 6) ≈ I,] head`` with ``head = Linear(6, 6)
-    ≈ I``, bias-free. Four rows (all with ``all_saturated``) are saturated: one class leads every
+    """Inputs of 8 rows and 6 classes through ``[Linear(6, 6) ≈ I,] head``, ``head = Linear(6, 6) ≈
+    I``, bias-free. Four rows (all with ``all_saturated``) are saturated: one class leads every
     other by ``gap`` (:data:`GAP`: every entry of their ``ġ_z`` is subnormal); rows 0–3 with
     ``saturated_first``, else 4–7. Class 5 trails every row's leader by ``gap``."""
     g = torch.Generator().manual_seed(0)
@@ -217,8 +217,8 @@ def test_all_saturated_backward_has_no_subnormals(backward_subnormals):
 def test_all_saturated_bfloat16(monkeypatch, backward_subnormals, fused):
     """bfloat16 (float32's exponent range, so the same subnormals; a gap of 88, as e⁻⁹⁵ underflows
     to zero in bfloat16): scaled, no subnormal in the backward outputs, some unscaled (unfused),
-    and the two products agree to bfloat16's declared tolerance (bfloat16's own ``ġ_z`` of so saturated
-    a softmax is too coarse for an oracle comparison to say more)."""
+    and the two products agree to bfloat16's declared tolerance (bfloat16's own ``ġ_z`` of so
+    saturated a softmax is too coarse for an oracle comparison to say more)."""
     monkeypatch.setattr(engine, "FUSE_HEAD", fused)
     monkeypatch.setattr(ce, "HEAD_CHUNK_ROWS", 3)
     bf = torch.bfloat16
