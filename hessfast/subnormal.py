@@ -68,9 +68,9 @@ def pow2_scale(x: Tensor) -> Tensor:
     finite. Built from its bits (exact by construction)."""
     if x.dim() < 1:
         raise ValueError("pow2_scale: x must be [K, ...], got a 0-d tensor")
-    top = x.abs().amax(dim=tuple(range(1, x.dim()))).float() if x.dim() > 1 else x.abs().float()
-    _, e = torch.frexp(top)
-    e = torch.where(torch.isfinite(top) & (top > 0), e, torch.zeros_like(e))
+    top = x.abs().amax(dim=tuple(range(1, x.dim()))) if x.dim() > 1 else x.abs()
+    # a non-finite maximum counts as 0, whose exponent is 0: s = 2⁰
+    _, e = torch.frexp(torch.nan_to_num(top.float(), nan=0.0, posinf=0.0))
     return ((127 - e.clamp(-_EMAX, _EMAX)) << 23).view(torch.float32)
 
 
