@@ -51,7 +51,12 @@ def _oracle_residual(model, loss_fn, inputs, targets, V: torch.Tensor) -> torch.
 
 @pytest.mark.parametrize("compile", [None, "interpret"])
 @pytest.mark.parametrize("name", list(PROBLEMS))
-def test_residual_matches_oracle_difference(name, compile):
+def test_residual_matches_oracle_difference(name, compile, monkeypatch):
+    """On the GPT's traced run the fused cross-entropy head is forced on: it mixes the loss
+    Hessian's and the head's second-order terms in ``ġ``, so the residual pass must run the layer
+    and the loss separately even then (its interpreted run keeps the default setting)."""
+    if name == "gpt_tied" and compile is None:
+        monkeypatch.setattr(engine, "FUSE_HEAD", True)
     model, loss_fn, inputs, targets = PROBLEMS[name]()
     R = ResidualOperator(model, loss_fn, (inputs, targets), compile=compile)
     V = torch.randn(R.shape[0], 3, dtype=D, generator=torch.Generator().manual_seed(1))
@@ -71,17 +76,6 @@ def test_residual_is_h_minus_g_and_symmetric_k_batched_equals_loop():
     loop = torch.stack([R.matvec(V[:, i]) for i in range(4)], dim=1)
     assert rel_err(RV, loop) < 1e-12
     assert torch.allclose(V.T @ RV, (V.T @ RV).T, atol=1e-12)
-
-
-def test_fused_head_is_not_used_in_residual_mode(monkeypatch):
-    """The fused cross-entropy head mixes the loss Hessian's and the head's second-order terms
-    in ``ġ``: the residual pass must run the layer and the loss separately even when fusion is
-    forced."""
-    monkeypatch.setattr(engine, "FUSE_HEAD", True)
-    model, loss_fn, inputs, targets = zoo.gpt()
-    R = ResidualOperator(model, loss_fn, (inputs, targets))
-    V = torch.randn(R.shape[0], 2, dtype=D, generator=torch.Generator().manual_seed(3))
-    assert rel_err(R.matmat(V), _oracle_residual(model, loss_fn, inputs, targets, V)) < 1e-10
 
 
 def test_linear_model_with_mse_has_zero_residual():
