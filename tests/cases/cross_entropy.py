@@ -44,8 +44,6 @@ class RowsCase:
     offset: dict = field(default_factory=dict)  # row -> a constant added to its logits
     targets: dict = field(default_factory=dict)  # row -> its target (instead of a random one)
     tiles: dict = field(default_factory=dict)  # Triton block sizes: block_v, block_k
-    # float32 (rtol, atol) where the declared tolerance cannot hold for this input, and why
-    float32_tolerance: tuple | None = None
 
     def args(self, seed=0):
         """float64 ``(z, zdot, target, weight, ignore_index, label_smoothing, scale, want_grad)``
