@@ -789,17 +789,6 @@ RACE_PROBLEMS = {
     "mlp": (bench_models.mlp, "small", 128, "MLP 784-256-256-10, GELU"),
     "vgg": (_untuned_vgg, None, 16, "untuned: VGG-style CNN with BatchNorm (eval), max pool"),
 }
-RACE_METHODS = (
-    "hessfast",
-    "hessfast-b1",
-    "hessfast-b8",
-    "hessfast-eig",
-    "hessfast-b1-eig",
-    "hessfast-b1-eig-ncv21",
-    "arpack",
-    "arpack-1e-3",
-    "pyhessian",
-)
 #: hessfast rows: (block_size, criterion, ncv)
 RACE_HESSFAST = {
     "hessfast": (None, "residual", None),
@@ -809,6 +798,7 @@ RACE_HESSFAST = {
     "hessfast-b1-eig": (1, "eigenvalue", None),
     "hessfast-b1-eig-ncv21": (1, "eigenvalue", 2 * K + 1),
 }
+RACE_METHODS = (*RACE_HESSFAST, "arpack", "arpack-1e-3", "pyhessian")
 RACE_LABELS = {
     "hessfast": "hessfast.eigsh, block_size=None (measured), tol 1e-6",
     "hessfast-b1": "hessfast.eigsh, block_size=1, tol 1e-6",
