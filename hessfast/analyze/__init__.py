@@ -5,7 +5,8 @@
 :class:`~hessfast.GGNOperator`, :class:`~hessfast.DenseOperator`, ...) and computes, each phase
 optional:
 
-- the ``top_k`` largest eigenvalues (block Lanczos, :func:`hessfast.eigsh`, ``which="LA"``), with
+- the ``top_k`` largest eigenvalues (block Lanczos, :func:`hessfast.eigsh`, ``which="LA"``, to
+  ``tol`` under ``criterion``: the residual norm by default, or the eigenvalue error bound), with
   their residual norms;
 - ``λ_min`` (``eigsh(which="SA", k=1)``, capped at ``min_max_iter`` steps: the bottom of a Hessian
   lies inside a dense bulk; the Ritz value is an upper bound of ``λ_min`` and the report says

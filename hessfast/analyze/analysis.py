@@ -120,6 +120,7 @@ def analyze(
     layerwise: bool = True,
     classes: int | None = None,
     tol: float = 1e-5,
+    criterion: str = "residual",
     seed: int = 0,
     max_iter: int | None = None,
     min_max_iter: int = 200,
@@ -143,7 +144,14 @@ def analyze(
     ``top_k``: how many of the largest eigenvalues (to see the outliers, take more than the
     number of classes). ``classes``: the number of classes, when known, reported next to the
     number of outliers. ``tol``: Lanczos residual tolerance of the top eigenvalues (and of
-    ``λ_min``, whose run stops after ``min_max_iter`` steps anyway). ``trace_matvecs``,
+    ``λ_min``, whose run stops after ``min_max_iter`` steps anyway). ``criterion``: what ``tol``
+    bounds in those two :func:`hessfast.eigsh` runs, ``"residual"`` (default: the residual norm,
+    which controls the eigenvectors the landscape uses as well as the eigenvalues) or
+    ``"eigenvalue"`` (a bound on the eigenvalue error: 10–15% fewer products when only the
+    eigenvalues matter; the eigenvectors are then accurate to about ``sqrt(tol)``); recorded in
+    ``report["eigenvalues"]`` and ``report["lambda_min"]``, and a bad value is eigsh's
+    ``ValueError`` before any product. The decompose section's own eigsh runs
+    (:func:`hessfast.decompose.decompose_operators`) use the residual criterion. ``trace_matvecs``,
     ``density_probes`` × ``density_steps``, ``layer_steps`` and ``layer_trace_probes`` set the
     work of the other phases. ``landscape``: 1 or 2 adds the loss over the data along the top
     one or two eigenvectors of ``op`` beside its quadratic model (:func:`landscape_step`;
@@ -221,6 +229,7 @@ def analyze(
             k=k,
             which="LA",
             tol=tol,
+            criterion=criterion,
             seed=seed,
             max_iter=max_iter,
             return_info=True,
@@ -237,6 +246,7 @@ def analyze(
             "residuals": info.residuals[order].tolist(),
             "converged": info.converged,
             "tol": tol,
+            "criterion": info.criterion,
             "products": info.products,
             "block_size": info.block_size,
         }
@@ -256,6 +266,7 @@ def analyze(
                 k=1,
                 which="SA",
                 tol=tol,
+                criterion=criterion,
                 seed=seed + 1,
                 max_iter=min_max_iter,
                 ncv=min(P, 40),
@@ -267,6 +278,7 @@ def analyze(
                 "value": lo,
                 "residual": float(inf2.residuals[0]),
                 "converged": bool(inf2.converged),
+                "criterion": inf2.criterion,
                 "products": inf2.products,
                 "note": ""
                 if inf2.converged

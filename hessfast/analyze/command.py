@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..algorithms.lanczos import CRITERIA
 from .analysis import analyze, version
 from .entry import (
     CLASSIFICATION,
@@ -113,6 +114,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="keep the model in training mode (BatchNorm batch statistics; default: eval mode)",
     )
     p.add_argument("--tol", type=float, default=1e-5, help="Lanczos tolerance (default: 1e-5)")
+    p.add_argument(
+        "--criterion",
+        choices=CRITERIA,
+        default="residual",
+        help="what --tol bounds in the top-eigenvalue and lambda_min runs: the residual norm "
+        "(default; accurate eigenvectors too) or a bound on the eigenvalue error (fewer products "
+        "when only the eigenvalues matter)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="hessfast-analysis", help="output folder")
     p.add_argument(
@@ -267,6 +276,7 @@ def main(args) -> int:
             layerwise=args.layerwise,
             classes=classes,
             tol=args.tol,
+            criterion=args.criterion,
             seed=args.seed,
             progress=_progress(args),
             extra=meta,

@@ -196,6 +196,8 @@ def format_summary(report: dict) -> str:
         if 0 < n < len(shown):
             shown.insert(n, "|")
         status = "converged" if ev["converged"] else f"NOT converged to tol {ev['tol']:g}"
+        if ev.get("criterion") == "eigenvalue":  # the default, "residual", goes unsaid
+            status += " on the eigenvalue error bound"
         lines += _wrap(f"  top {len(vals)} eigenvalues: {' '.join(shown)}", "    ")
         lines.append(f"    ({ev['products']} Hessian-vector products, {status})")
         classes = outl.get("classes")
