@@ -2,7 +2,10 @@
 
 HVP by double backward (``∇(⟨∇L, v⟩)``), GGN-VP by the double-VJP trick for ``J v`` followed by the
 loss rule's Hessian and one VJP; the residual ``R = H − G`` by double backward with ``∂L/∂z`` held
-constant. One backward per vector: a loop over K. Buffers (BatchNorm running
+constant. One backward per vector: a loop over K. As in the engine, the GGN-VP's VJP gets the loss
+Hessian's product ``ġ_z`` scaled by a power of two per product on the CPU in float32 and bfloat16,
+and its products are scaled back (:mod:`hessfast.subnormal`: exact; a saturated softmax's
+subnormal ``ġ_z`` stays out of the backward pass). Buffers (BatchNorm running
 statistics) are restored afterwards, so a call has no side effects on the model.
 
 Everything runs under SDPA's math backend: the fused attention kernels (flash, memory-efficient,
@@ -15,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import subnormal
 from .errors import DropoutError
 from .losses import read_output
 
@@ -104,6 +108,7 @@ def _run(model, loss_rule, inputs, selected, tangents, k, mode, kwargs, output):
                 products = {n: torch.stack(t) for n, t in products.items()}
             elif mode == "ggn":
                 products = {n: [] for n in names}
+                scales = []  # the power-of-two scale of each product's ġ_z (hessfast.subnormal)
                 u = torch.zeros_like(z, requires_grad=True)
                 gu = torch.autograd.grad(z, params, u, create_graph=True, allow_unused=True)
                 pairs = [(gi, tangents[n]) for gi, n in zip(gu, names) if gi is not None]
@@ -112,12 +117,20 @@ def _run(model, loss_rule, inputs, selected, tangents, k, mode, kwargs, output):
                         [gi for gi, _ in pairs], u, [t[i] for _, t in pairs], retain_graph=True
                     )[0]
                     _, _, hjv = loss_rule.evaluate(z.detach(), jv.detach()[None], "ggn")
+                    if subnormal.applies(hjv):
+                        scales.append(subnormal.pow2_scale(hjv))
+                        hjv = hjv * subnormal.per_product(scales[-1], hjv)
                     out = torch.autograd.grad(
                         z, params, hjv[0], retain_graph=True, allow_unused=True
                     )
                     for n, p, o in zip(names, params, out):
                         products[n].append(torch.zeros_like(p) if o is None else o.detach())
                 products = {n: torch.stack(t) for n, t in products.items()}
+                if scales:
+                    unscale = subnormal.inverse(torch.cat(scales))
+                    products = {
+                        n: t * subnormal.per_product(unscale, t) for n, t in products.items()
+                    }
     finally:
         with torch.no_grad():
             for n, b in model.named_buffers():
