@@ -126,11 +126,10 @@ def _run(model, loss_rule, inputs, selected, tangents, k, mode, kwargs, output):
                     for n, p, o in zip(names, params, out):
                         products[n].append(torch.zeros_like(p) if o is None else o.detach())
                 products = {n: torch.stack(t) for n, t in products.items()}
-                if scales:
+                if scales:  # in place: the stacks are new tensors
                     unscale = subnormal.inverse(torch.cat(scales))
-                    products = {
-                        n: t * subnormal.per_product(unscale, t) for n, t in products.items()
-                    }
+                    for t in products.values():
+                        t.mul_(subnormal.per_product(unscale, t))
     finally:
         with torch.no_grad():
             for n, b in model.named_buffers():
