@@ -34,7 +34,9 @@ maps ``[K, ...]`` to ``[K, ...]`` product by product), so the scales are per pro
 
 The fused cross-entropy head (:class:`~hessfast.rules.cross_entropy.LinearCrossEntropy`) computes
 its parameters' products itself, a chunk of rows at a time; it applies the same scale (of the
-whole batch's largest entry, reached through a running maximum) and returns it to the engine.
+whole batch's largest entry, reached through a running maximum) and returns it to the engine. The
+autograd fallback (:mod:`hessfast.autograd_fallback`, for models ``torch.export`` cannot capture)
+scales each product's ``ġ_z`` before its VJP the same way.
 
 Where. On the CPU (a GPU computes on subnormals at full speed), for float32 and bfloat16 (float16
 CPU arithmetic runs in float32, where float16's subnormals are normal; and its range, 65504, leaves
