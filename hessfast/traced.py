@@ -72,6 +72,14 @@ MODES = (None, "interpret", "inductor", "cudagraphs")
 #: (:func:`_first_call`; Inductor may reorder reductions).
 TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 2e-2}
 
+#: Inductor's settings for ``compile="inductor"``. ``layout_optimization`` off: Inductor would
+#: run the convolutions channels-last and convert the graph's tensors (the K-batched tangents
+#: included) to and from that layout around them, which on a CPU cost more than it saved
+#: (ResNet-18 HVP: 0.93× the eager graph with it, 0.77× without; ``benchmarks/results``).
+#: ``size_asserts`` off: the generated code's checks of each input's sizes and strides repeat
+#: what the trace key already guarantees (a replay's inputs have the traced shapes and strides).
+INDUCTOR_OPTIONS = {"layout_optimization": False, "size_asserts": False}
+
 #: How many graphs :func:`run` has traced (tests check the cache with it).
 TRACE_COUNT = 0
 
@@ -298,7 +306,10 @@ def _trace(program, param_names, values, tangents, k, loss_rule, mode, compile, 
     if compile is None:
         trace.fn = Direct(gm)
     else:  # the compile modes are torch.compile backends of the same name; compiled lazily
-        trace.fn = torch.compile(gm, backend=compile, fullgraph=True, dynamic=False)
+        options = dict(INDUCTOR_OPTIONS) if compile == "inductor" else None
+        trace.fn = torch.compile(
+            gm, backend=compile, fullgraph=True, dynamic=False, options=options
+        )
         trace.compile_seconds = 0.0  # measured on the first call
     return trace
 

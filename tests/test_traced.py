@@ -145,19 +145,37 @@ def test_compile_argument_is_checked():
         hessfast.grad(model, loss_fn, x, y, compile="cudagraphs")
 
 
-@pytest.mark.slow  # compiles the graph with Inductor
-def test_inductor_equals_interpreter():
-    """One small model through Inductor (compiling costs tens of seconds on the CPU)."""
+@pytest.mark.slow  # compiles the graphs with Inductor
+def test_inductor_equals_interpreter(monkeypatch):
+    """A small MLP and a small conv net with eval-mode BatchNorm through Inductor, compiled with
+    :data:`traced.INDUCTOR_OPTIONS` (compiling costs tens of seconds on the CPU)."""
+    options = []
+    compile_ = torch.compile
+
+    def spy(*args, **kwargs):
+        options.append(kwargs.get("options"))
+        return compile_(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy)
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
-    model = model.double()
-    x, y = torch.randn(5, 3, dtype=torch.double), torch.tensor([0, 1, 1, 0, 1])
-    v = _vectors(model, 2)
-    got = hessfast.hvp(model, F.cross_entropy, x, y, v, compile="inductor")
-    ref = hessfast.hvp(model, F.cross_entropy, x, y, v, compile="interpret")
-    assert rel_err(got, ref) < 1e-10
-    [info] = [t for t in _traces(model, (x,)) if t["compile"] == "inductor"]
-    assert info["compile_seconds"] > 0 and info["calls"] == 1
+    nn = torch.nn
+    mlp = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    conv = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 2)
+    ).double()
+    conv[1].running_mean.uniform_(-1, 1)
+    conv[1].running_var.uniform_(0.5, 2)
+    conv.eval()
+    y = torch.tensor([0, 1, 1, 0, 1])
+    for model, x in ((mlp, torch.randn(5, 3)), (conv, torch.randn(5, 2, 4, 4))):
+        x = x.double()
+        v = _vectors(model, 2)
+        got = hessfast.hvp(model, F.cross_entropy, x, y, v, compile="inductor")
+        ref = hessfast.hvp(model, F.cross_entropy, x, y, v, compile="interpret")
+        assert rel_err(got, ref) < 1e-10
+        [info] = [t for t in _traces(model, (x,)) if t["compile"] == "inductor"]
+        assert info["compile_seconds"] > 0 and info["calls"] == 1
+    assert options == [traced.INDUCTOR_OPTIONS] * 2
 
 
 def test_operators_take_compile():
