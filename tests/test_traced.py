@@ -311,3 +311,88 @@ def test_a_replay_reads_the_parameters_as_they_are_and_records_no_autograd_graph
     got, _ = hessfast.hvp(model, F.cross_entropy, x, y, v, return_grad=True)
     assert rel_err(got, double_backward_hvp(model, F.cross_entropy, (x.detach(),), y, v)) < 1e-10
     assert [t["calls"] for t in _traces(model, (x,))] == [3]  # a replay
+
+
+class _Bag(torch.nn.Module):
+    """An embedding bag into a wide linear head: both weights have ≥ vectors.SMALL entries, and
+    the embedding's gradient is accumulated in place (``index_add_``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(600, 16)
+        self.head = torch.nn.Linear(16, 600)
+
+    def forward(self, idx):
+        return self.head(self.emb(idx).mean(1))
+
+
+@pytest.mark.parametrize("product", ["grad", "hvp"])
+def test_the_finiteness_flag_reads_each_result_after_its_last_write(product):
+    """The API's traced products prove their results finite inside the graph, each sum read right
+    after its result is produced, except where an in-place op writes the result later (the
+    embedding's gradient): there after that write. A non-finite result of a replay still raises,
+    and the flag is not part of the results."""
+    torch.manual_seed(0)
+    model = _Bag().double()
+    idx, y = torch.randint(0, 600, (8, 5)), torch.randint(0, 600, (8,))
+    v = {n: t[0] for n, t in _vectors(model, 1).items()}
+    call = {
+        "grad": lambda: hessfast.grad(model, F.cross_entropy, idx, y),
+        "hvp": lambda: hessfast.hvp(model, F.cross_entropy, idx, y, v, return_grad=True),
+    }[product]
+    for _ in range(3):  # interpreted, traced (first replay checked), replayed
+        got = call()
+    [trace] = [t for t in traced.traces(capture.capture(model, (idx,))) if t.flag]
+    nodes = list(trace.fn.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    stack = next(n for n in nodes if n.target is torch.ops.aten.stack.default)
+    sums = [s for s in stack.args[0] if s.target is torch.ops.aten.sum.default]
+    writes = [n for n in nodes if n.target is torch.ops.aten.index_add_.default]
+    assert writes and len(sums) >= 2
+    for s in sums:
+        base = traced._base(s.all_input_nodes[0])
+        assert all(pos[s] > pos[w] for w in writes if traced._base(w.args[0]) is base)
+    assert min(pos[s] for s in sums) < min(pos[w] for w in writes)  # one read early
+    if product == "grad":
+        got, want = [got], [hessfast.grad(model, F.cross_entropy, idx, y, compile="interpret")]
+    else:
+        want = hessfast.hvp(
+            model, F.cross_entropy, idx, y, v, return_grad=True, compile="interpret"
+        )
+    assert all(rel_err(a, b) < 1e-10 for a, b in zip(got, want, strict=True))
+    with torch.no_grad():
+        model.emb.weight[idx[0, 0]] = float("inf")
+    with pytest.raises(hessfast.NonFiniteError):
+        call()
+
+
+def test_a_result_written_in_place_after_it_is_viewed_is_summed_after_the_write():
+    """:func:`traced._read_results_early` on a graph whose result is a view taken before an
+    in-place write to its buffer: that sum stays after the write (it must see the final value),
+    the other moves up to its producer, and the flag still sees an Inf."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from hessfast.vectors import all_finite
+
+    def f(x):
+        buf = x.new_zeros(100, 100)
+        out = buf.view(-1)
+        buf.add_(x)
+        other = x * 2
+        tail = other.exp()
+        return tail, out, all_finite([other, out])
+
+    x = torch.randn(100, 100)
+    gm = make_fx(f)(x)
+    traced._read_results_early(gm)
+    nodes = list(gm.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    [add] = [n for n in nodes if n.target is torch.ops.aten.add_.Tensor]
+    [exp] = [n for n in nodes if n.target is torch.ops.aten.exp.default]
+    mul = exp.args[0]
+    sums = {s.all_input_nodes[0]: s for s in nodes if s.target is torch.ops.aten.sum.default}
+    assert pos[sums[mul]] == pos[mul] + 1  # read as soon as it is written
+    [viewed] = [x for x in sums if x is not mul]
+    assert pos[sums[viewed]] > pos[add]
+    x[3, 7] = float("inf")
+    assert not bool(gm(x)[-1])
