@@ -538,15 +538,20 @@ def test_criterion_argument():
 def test_omega_recurrence_bounds_the_skipped_components(monkeypatch, which, k, ncv):
     """At block size 1 a step skips reading the older basis only when the ω-recurrence bounds the
     new vector's components along it below eps^(3/4): checked against the true components on
-    every skipped step, through thick restarts (a signed, non-bounding recurrence fails this)."""
+    every skipped step, through thick restarts (a signed, non-bounding recurrence fails this).
+    Every bound the recurrence records for an older row that the step did not subtract (skipped
+    steps, measured ones, and the rows a partial step left alone) is checked against the true
+    component of the normalised new vector."""
     from hessfast.algorithms import lanczos
 
-    seen = {"skipped": 0, "worst": 0.0}
-    project = lanczos._project
+    seen = {"skipped": 0, "worst": 0.0, "partial": 0, "checked": 0}
+    step = {}
+    project, record = lanczos._project, lanczos._Omega.record
 
-    def checked(Vt, W, s, e, lo, wcol, semi, need_older=None):
+    def checked(Vt, W, s, e, lo, wcol, semi, need_older=None, partial=None):
+        step.clear()
         if need_older is None:
-            return project(Vt, W, s, e, lo, wcol, semi)
+            return project(Vt, W, s, e, lo, wcol, semi, None, partial)
 
         def need(hl, beta):
             out = need_older(hl, beta)
@@ -556,9 +561,25 @@ def test_omega_recurrence_bounds_the_skipped_components(monkeypatch, which, k, n
                 seen["worst"] = max(seen["worst"], float((true / semi).max()))
             return out
 
-        return project(Vt, W, s, e, lo, wcol, semi, need)
+        pr = project(Vt, W, s, e, lo, wcol, semi, need, partial)
+        if pr is not None and not pr.full:
+            step.update(Vt=Vt, lo=lo, rows=pr.rows or [])
+            seen["partial"] += int(pr.rows is not None)
+        return pr
+
+    def recorded(self, s, e, h, beta, col):
+        if step:  # a step that left (some) older rows unsubtracted
+            Vt, lo = step["Vt"], step["lo"]
+            true = (Vt[:lo] @ Vt[e]).abs()
+            left = torch.ones(lo, dtype=torch.bool)
+            left[step["rows"]] = False
+            # the bound, up to the rounding of the measured components themselves (~eps)
+            assert bool((true[left] <= col[:lo][left] + 4 * self.eps).all()), (s, e, lo)
+            seen["checked"] += int(left.sum())
+        return record(self, s, e, h, beta, col)
 
     monkeypatch.setattr(lanczos, "_project", checked)
+    monkeypatch.setattr(lanczos._Omega, "record", recorded)
     lam = SPECTRA["bulk_outliers"][0]
     A, Q = dense(lam)
     evals, evecs, info = eigsh(
@@ -573,4 +594,45 @@ def test_omega_recurrence_bounds_the_skipped_components(monkeypatch, which, k, n
     assert info.converged and info.restarts >= 2
     assert seen["skipped"] == info.skipped_reads > 0
     assert seen["worst"] <= 1.0, seen
+    assert seen["partial"] == info.partial_reorthogonalizations
+    assert seen["checked"] > 0
     check_pairs(evals, evecs, lam, Q, k, which, A)
+
+
+# name: (spectrum, k, which, ncv, dtype, tol)
+PARTIAL_CASES = {
+    "bulk_SA": (SPECTRA["bulk_outliers"][0], 6, "SA", 22, D, 1e-10),
+    "hessian_like": (_hessian_like(600, 1), 10, "LA", None, D, 1e-10),
+    "hessian_like_f32": (_hessian_like(600, 1), 10, "LA", None, torch.float32, 1e-5),
+    "negative_f32": (-_hessian_like(400, 2), 6, "SA", None, torch.float32, 1e-5),
+}
+
+
+@pytest.mark.parametrize("name", list(PARTIAL_CASES))
+def test_partial_reorthogonalization(monkeypatch, name):
+    """At block size 1 a step whose measured components cross the threshold subtracts only the
+    few older vectors above it: such steps happen, the eigenvalues still match the dense
+    oracle, and the eigenvectors are as orthonormal as with full reorthogonalisations."""
+    from hessfast.algorithms import lanczos
+
+    lam, k, which, ncv, dtype, tol = PARTIAL_CASES[name]
+    A, _ = dense(lam)
+    A = A.to(dtype)
+    ref = reference(torch.linalg.eigvalsh(A.double()), k, which)  # the operator's own spectrum
+    runs = {}
+    for partial in (lanczos._PARTIAL, None):
+        monkeypatch.setattr(lanczos, "_PARTIAL", partial)
+        H = hessfast.DenseOperator(A)
+        runs[partial] = eigsh(H, k=k, which=which, block_size=1, ncv=ncv, tol=tol, return_info=True)
+    (evals, evecs, info), (_, evecs_full, info_full) = runs.values()
+    assert info.converged and info.partial_reorthogonalizations > 0
+    assert info.partial_reorthogonalizations <= info.reorthogonalizations
+    assert info_full.partial_reorthogonalizations == 0
+    scale = float(lam.abs().max())
+    torch.testing.assert_close(evals, ref, rtol=0, atol=(1e-9 if dtype == D else 1e-5) * scale)
+    eye = torch.eye(k, dtype=D)
+    orth = float((evecs.double().T @ evecs.double() - eye).abs().max())
+    orth_full = float((evecs_full.double().T @ evecs_full.double() - eye).abs().max())
+    eps = torch.finfo(dtype).eps
+    # semi-orthogonality (eps^(3/4)) for both; in practice both near eps·k
+    assert orth <= max(10 * orth_full, 100 * eps) and orth <= eps**0.75, (orth, orth_full)
