@@ -722,6 +722,7 @@ def _overhead_one(args, dev, batch) -> dict:
                 "product_s": info.seconds_in_products / info.products,
                 "grad_eq": info.seconds_in_products / info.products / grad_s,
                 "reorthogonalizations": info.reorthogonalizations,
+                "partial_reorthogonalizations": info.partial_reorthogonalizations,
             }
         )
     return {
