@@ -24,7 +24,11 @@ thick-restart Lanczos) on the Krylov layer of :mod:`hessfast.algorithms.krylov`:
   (:meth:`_Omega.after_partial`). On an MLP with P = 1.2 M (float32, top 10 to 1e-4, one thread)
   this cuts the basis rows read outside the local window from 3896 to 3000 and the time outside
   the products by 7–10%; what remains is mostly the GEMV reads, which the bounding recurrence
-  asks for on about 95% of the steps;
+  asks for on about 95% of the steps. The recurrence takes the local rows to be orthogonal to
+  ``eps`` after their projection; in float32 at P ~ 10⁶ one classical Gram-Schmidt pass leaves
+  them at up to ~150·eps (the dot products' rounding, ~√P·eps), so there the older components
+  it lets through reach ~2–4·``eps^(3/4)`` (measured against float64 on that MLP), still far
+  below the ``√eps`` that semi-orthogonality needs for eigenvalues accurate to ``eps·‖H‖``;
 - **the projected problem in float64**: the coefficients of these passes *are* the entries of
   ``T = Vᵀ H V`` (block tridiagonal after a plain start, an arrow head plus a block tridiagonal
   tail after a restart); ``T`` lives on the host in float64 and ``torch.linalg.eigh`` gives the
