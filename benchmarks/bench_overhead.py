@@ -6,14 +6,13 @@ process on one CPU thread (docs/architecture.md, measurement):
 - the whole product as a user calls it (``hessfast.grad`` / ``hvp`` / ``ggn_vp``): the capture
   guard, loss resolution and target checks, the trace lookup, the graph, and the finiteness checks
   of ``v`` and the result;
-- inside that same call, the time in the traced graph and the time in the finiteness checks
-  outside it (the graph's function and ``api._check_finite`` wrapped in timers), so the split is
-  of one call and not of two runs with different cache states;
+- inside that same call, the time in the traced graph and the time in the finiteness checks (the
+  graph's function and ``api.first_non_finite_in`` wrapped in timers), so the split is of one call
+  and not of two runs with different cache states;
 - the autograd reference (gradient; double backward for the HVP and the GGN-VP row, math SDPA).
 
 ``outside`` is the share of the product spent outside its graph; ``finiteness`` is the part of it
-that checks ``v`` (a pass over its ``P`` numbers) and reads the graph's verdict on the results
-(the graph sums each result as it writes it: that pass is counted in the graph);
+that reads ``v`` and the result (a pass over ``2 P`` numbers, compute rather than Python);
 ``Python`` is the rest. ``--clock cpu`` times with the calling thread's CPU time instead of the
 wall clock: on a shared machine a preempted product otherwise charges the wait to whatever it
 was in (on one torch thread every kernel runs in the calling thread, so nothing is left out).
@@ -96,11 +95,11 @@ def measure(name: str, size: str, rounds: int) -> list[dict]:
             for _ in range(3):
                 product()
             trace = traced.traces(capture.capture(model, (x,)))[-1]
-            graph, checks = _Timer(trace.fn), _Timer(api._check_finite)
+            graph, checks = _Timer(trace.fn), _Timer(api.first_non_finite_in)
             times: dict[str, list[float]] = {
                 "product": [], "graph": [], "finiteness": [], "autograd": []
             }  # fmt: skip
-            trace.fn, api._check_finite = graph, checks
+            trace.fn, api.first_non_finite_in = graph, checks
             try:
                 for _ in range(rounds):
                     graph.seconds.clear()
@@ -114,7 +113,7 @@ def measure(name: str, size: str, rounds: int) -> list[dict]:
                     reference()
                     times["autograd"].append(_clock() - t0)
             finally:
-                trace.fn, api._check_finite = graph.fn, checks.fn
+                trace.fn, api.first_non_finite_in = graph.fn, checks.fn
         med = {k: statistics.median(t) for k, t in times.items()}
         rows.append(
             {

@@ -15,15 +15,7 @@ from torch.fx._pytree import tree_flatten_spec
 from . import autograd_fallback, capture, dispatch, engine, losses, traced
 from .dispatch import use_backend
 from .errors import CaptureError, NonFiniteError
-from .vectors import (
-    Vectors,
-    all_finite,
-    first_non_finite_exactly,
-    first_non_finite_in,
-    format_like,
-    parse,
-    select_params,
-)
+from .vectors import Vectors, first_non_finite_in, format_like, parse, select_params
 
 Params = str | Sequence[str] | None
 
@@ -71,7 +63,6 @@ def compute(
     grads: bool = True,
     fingerprint: capture.Fingerprint | None = None,
     before: Callable[[], None] | None = None,
-    finite: traced.Finite | None = None,
 ):
     """``(loss, grads, products)`` of one engine run: what ``hvp``/``ggn_vp``/``grad`` and the
     operators, the profiler and the benchmarks call (``mode``: ``"hvp"``, ``"ggn"``, ``"grad"`` or
@@ -83,9 +74,7 @@ def compute(
     :func:`hessfast.capture.fingerprint` of ``model`` taken by the caller since its last change
     (``None``: taken here). ``before``: a check of the inputs run before anything but a replay of
     a traced product (:func:`hessfast.traced.run`); the caller checks the inputs of a replay
-    afterwards (:func:`hvp` does, with the result's check). ``finite``: a
-    :class:`~hessfast.traced.Finite` in which a replay leaves its graph's verdict on the
-    finiteness of the results.
+    afterwards (:func:`hvp` does, with the result's check).
 
     Example:
         >>> import torch, torch.nn.functional as F
@@ -113,7 +102,6 @@ def compute(
             grads,
             fingerprint,
             before,
-            finite,
         )
     if res.trace is not None and rec.traced:  # reported for the trace's replays
         res.trace.dispatch_choices = Counter(rec.traced)
@@ -142,7 +130,6 @@ def _compute_on(
     grads,
     fingerprint,
     before,
-    finite=None,
 ):
     """The engine's result (``loss``, ``grads``, ``products``, ``fallback_ops`` and ``trace``,
     the traced product that ran or was traced; ``None``: interpreted)."""
@@ -184,7 +171,7 @@ def _compute_on(
             before()
         values = traced.detached(values)
         return engine.run(prog, names, values, tangents, k, rule, mode, profiler=profiler)
-    return traced.run(prog, names, values, tangents, k, rule, mode, compile, grads, before, finite)
+    return traced.run(prog, names, values, tangents, k, rule, mode, compile, grads, before)
 
 
 def _check_module(model: Any) -> None:
@@ -219,26 +206,15 @@ class _VCheck:
 
 
 def _check_finite(
-    v: _VCheck | None,
-    results: list[tuple[str, dict[str, torch.Tensor]]],
-    check: bool,
-    finite: traced.Finite,
+    v: _VCheck | None, results: list[tuple[str, dict[str, torch.Tensor]]], check: bool
 ) -> None:
     """Raise ``ValueError`` naming the parameter if ``v`` (unless checked before the product) has
     a NaN or Inf entry, else, with ``check``, :class:`NonFiniteError` for the first of the
-    ``(kind, values)`` results that has one; one host sync for all. ``finite.flag``, when a
-    replay left one, is the graph's verdict on the results (the sums are not taken again)."""
-    vparts = [("v", v.vec.finite_parts())] if v is not None and not v.done else []
-    groups = vparts + results if check else vparts
-    if check and finite.flag is not None:
-        flag = finite.flag
-        if vparts:
-            flag = flag & all_finite(list(vparts[0][1].values()))
-        if bool(flag):
-            return
-        bad = first_non_finite_exactly(groups)
-    else:
-        bad = first_non_finite_in(groups)
+    ``(kind, values)`` results that has one; one host sync for all."""
+    groups = [("v", v.vec.finite_parts())] if v is not None and not v.done else []
+    if check:
+        groups += results
+    bad = first_non_finite_in(groups)
     if bad is None:
         return
     kind, n = bad
@@ -307,7 +283,6 @@ def hvp(
     fp, selected = _selection(model, params)
     vec = parse(v, selected, check_finite=False)
     v_check = _VCheck(vec)
-    finite = traced.Finite()
     info: list | None = [] if return_info else None
     _, grads, prods = compute(
         model,
@@ -325,12 +300,11 @@ def hvp(
         grads=return_grad,
         fingerprint=fp,
         before=v_check,
-        finite=finite,
     )
     results = [("Hessian-vector product", prods)]
     if return_grad:
         results.append(("gradient", grads))
-    _check_finite(v_check, results, check_finite, finite)
+    _check_finite(v_check, results, check_finite)
     out = (
         format_like(prods, vec)
         if vec.batched
@@ -457,7 +431,6 @@ def _product(
     fp, selected = _selection(model, params)
     vec = parse(v, selected, check_finite=False)
     v_check = _VCheck(vec)
-    finite = traced.Finite()
     info: list | None = [] if return_info else None
     _, _, prods = compute(
         model,
@@ -474,9 +447,8 @@ def _product(
         info=info,
         fingerprint=fp,
         before=v_check,
-        finite=finite,
     )
-    _check_finite(v_check, [(what, prods)], check_finite, finite)
+    _check_finite(v_check, [(what, prods)], check_finite)
     if vec.batched:
         out = format_like(prods, vec)
     else:
@@ -511,7 +483,6 @@ def grad(
         ['bias', 'weight']
     """
     fp, selected = _selection(model, params)
-    finite = traced.Finite()
     info: list | None = [] if return_info else None
     _, grads, _ = compute(
         model,
@@ -527,9 +498,8 @@ def grad(
         output=output,
         info=info,
         fingerprint=fp,
-        finite=finite,
     )
-    _check_finite(None, [("gradient", grads)], check_finite, finite)
+    _check_finite(None, [("gradient", grads)], check_finite)
     if flat:
         out = torch.cat([grads[n].flatten() for n, _ in selected])
     else:

@@ -62,7 +62,6 @@ from .capture import Program, hashable_spec
 from .dispatch import requested
 from .losses import FuncLoss
 from .rules import cross_entropy
-from .vectors import all_finite
 
 log = logging.getLogger("hessfast")
 
@@ -107,20 +106,6 @@ class Trace:
     compile_seconds: float | None = None  # first call of a compiled graph (None: not compiled)
     calls: int = 0
     dispatch_choices: Counter | None = None  # implementations chosen while tracing (dispatch)
-    flag: bool = False  # the last output is :func:`~hessfast.vectors.all_finite` of the results
-
-
-class Finite:
-    """A request that a traced product prove its results (the gradients and products it
-    returns) finite inside its graph, and the answer: after a replay, ``flag`` is a 0-d bool
-    tensor (:func:`~hessfast.vectors.all_finite`, read where the graph has just written each
-    result); ``None`` when no graph ran (interpreted, traced, a first replay), and the caller
-    checks the results itself."""
-
-    __slots__ = ("flag",)
-
-    def __init__(self) -> None:
-        self.flag: torch.Tensor | None = None
 
 
 def _meta(x: Any) -> Any:
@@ -231,9 +216,7 @@ def _metas(xs: Any) -> tuple:
     return tuple([_meta(x) for x in xs])
 
 
-def _key(
-    param_names, values, tangents, k, loss_rule, mode, compile, loss_parts, grads, finite
-) -> tuple:
+def _key(param_names, values, tangents, k, loss_rule, mode, compile, loss_parts, grads) -> tuple:
     """The cache key of a product (module docstring). The names of ``values`` and ``tangents``
     are left out: the placeholders are the program's and the tangents' names follow from
     ``param_names`` (:meth:`~hessfast.capture.Program.plan`), in a fixed order."""
@@ -252,7 +235,6 @@ def _key(
         _metas(values.values()),
         None if tangents is None else _metas(tangents.values()),
         grads or mode != "hvp",
-        finite,
     )
 
 
@@ -273,9 +255,7 @@ def _traces(program: Program) -> dict:
     return cache
 
 
-def _trace(
-    program, param_names, values, tangents, k, loss_rule, mode, compile, loss_parts, grads, finite
-):
+def _trace(program, param_names, values, tangents, k, loss_rule, mode, compile, loss_parts, grads):
     global TRACE_COUNT
     leaves, structure, tensor_idx = loss_parts
     spec = _spec(loss_rule, structure)
@@ -298,9 +278,7 @@ def _trace(
         g = res.grads if grads else None
         p = res.products
         layout[0] = (None if g is None else list(g), None if p is None else list(p))
-        results = [*(g or {}).values(), *(p or {}).values()]
-        flag = (all_finite(results),) if finite and results else ()
-        return (res.loss, *results, *flag)
+        return (res.loss, *(g or {}).values(), *(p or {}).values())
 
     TRACE_COUNT += 1
     example = [x for x, t in zip(flat_in, is_tensor) if t]
@@ -319,11 +297,7 @@ def _trace(
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         return Trace(reason=f"{type(e).__name__}: {msg}")
     prune(gm)
-    flag = bool(finite and any(layout[0]))
-    if flag:
-        _read_results_early(gm)
     trace = Trace(
-        flag=flag,
         layout=layout[0],
         fallback_ops=fell_back,
         nodes=len(gm.graph.nodes),
@@ -378,54 +352,6 @@ def prune(gm: torch.fx.GraphModule) -> None:
     gm.recompile()
 
 
-def _read_results_early(gm: torch.fx.GraphModule) -> None:
-    """Move each per-tensor sum of the finiteness flag (:func:`~hessfast.vectors.all_finite`,
-    the graph's last output) to right after the node that produced the tensor it reads, so that
-    it reads the result while the cache still holds it instead of after the whole graph. A sum
-    stays where it is when its tensor is a view of one that an in-place op writes (an embedding
-    gradient accumulated by ``index_add_``): it must read the final value."""
-    graph = gm.graph
-    out = next(n for n in reversed(graph.nodes) if n.op == "output")
-    todo, stack = [out.args[0][-1]], None
-    while todo and stack is None:  # all <- isfinite (or its decomposition) <- stack
-        node = todo.pop()
-        if node.target is torch.ops.aten.stack.default:
-            stack = node
-        todo += node.all_input_nodes
-    if stack is None:
-        return
-    written = set()
-    for node in graph.nodes:
-        op = node.target
-        if node.op == "call_function" and isinstance(op, torch._ops.OpOverload):
-            for i, arg in enumerate(op._schema.arguments):
-                if arg.alias_info is not None and arg.alias_info.is_write:
-                    x = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
-                    if isinstance(x, torch.fx.Node):
-                        written.add(_base(x))
-    for s in stack.args[0]:
-        if (
-            s.op == "call_function"
-            and s.target in (torch.ops.aten.sum.default, torch.ops.aten.sum.dim_IntList)
-            and len(s.all_input_nodes) == 1
-        ):
-            x = s.all_input_nodes[0]
-            if _base(x) not in written and x.op != "placeholder":
-                x.append(s)
-    graph.lint()
-    gm.recompile()
-
-
-def _base(node: torch.fx.Node) -> torch.fx.Node:
-    """The node whose storage ``node`` views (itself unless it is the output of a view op)."""
-    while node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
-        returns = node.target._schema.returns
-        if not returns or returns[0].alias_info is None or not node.args:
-            break
-        node = node.args[0]
-    return node
-
-
 class Direct:
     """A traced graph's generated code with every op called through its C++ entry point
     (``OpOverload._op``, bound once as a global) instead of ``torch.ops.<ns>.<op>.<overload>(...)``:
@@ -473,15 +399,12 @@ def lookup(
     compile: str | None,
     loss_parts: tuple,
     grads: bool = True,
-    finite: bool = False,
 ) -> Trace | None:
     """The (cached) trace of this product, traced now if it is due; ``None`` while the signature
     is still interpreted (its first :data:`TRACE_AFTER` products under ``compile=None``).
     ``loss_parts``: :func:`_split_loss` of ``loss_rule``; tracing reads ``values`` detached."""
     cache = _traces(program)
-    key = _key(
-        param_names, values, tangents, k, loss_rule, mode, compile, loss_parts, grads, finite
-    )
+    key = _key(param_names, values, tangents, k, loss_rule, mode, compile, loss_parts, grads)
     trace = cache.get(key)
     if isinstance(trace, Trace) and next(reversed(cache.values())) is trace:
         return trace  # the most recently used already: the key is hashed once
@@ -497,17 +420,7 @@ def lookup(
     if trace is None:
         plain = detached(values)
         trace = _trace(
-            program,
-            param_names,
-            plain,
-            tangents,
-            k,
-            loss_rule,
-            mode,
-            compile,
-            loss_parts,
-            grads,
-            finite,
+            program, param_names, plain, tangents, k, loss_rule, mode, compile, loss_parts, grads
         )
         while len(cache) >= MAX_TRACES:
             cache.pop(next(iter(cache)))
@@ -541,7 +454,6 @@ def run(
     compile: str | None = None,
     grads: bool = True,
     before: Callable[[], None] | None = None,
-    finite: Finite | None = None,
 ) -> engine.Result:
     """One product like :func:`hessfast.engine.run`, through its traced graph (see the module
     docstring for ``compile``). ``values`` may hold tensors that require grad (parameters): a
@@ -594,17 +506,7 @@ def run(
         tangents = dict(zip(active, map(tangents.__getitem__, active)))
     loss_parts = _split_loss(loss_rule)
     trace = lookup(
-        program,
-        param_names,
-        values,
-        tangents,
-        k,
-        loss_rule,
-        mode,
-        compile,
-        loss_parts,
-        grads,
-        finite is not None,
+        program, param_names, values, tangents, k, loss_rule, mode, compile, loss_parts, grads
     )
     if trace is None:
         return interpret()
@@ -632,8 +534,6 @@ def run(
     trace.calls += 1
     with torch.no_grad():
         out = trace.fn(*flat)
-    if trace.flag:
-        finite.flag = out[-1]
     gnames, pnames = trace.layout
     grads = prods = None
     i = 1
@@ -671,8 +571,6 @@ def _first_call(
     try:
         with torch.no_grad():  # as every replay (:func:`run`)
             out = list(trace.fn(*flat))
-        if trace.flag:
-            out.pop()
     except Exception as e:
         trace.fn = None
         trace.reason = f"the traced graph failed on real tensors ({type(e).__name__}: {e})"[:400]
@@ -703,17 +601,14 @@ def traces(program: Program) -> list[Trace]:
 
 
 def explain(program: Program) -> list[dict]:
-    """Every trace cached for ``program``: mode, K, whether it returns the gradient (``grads``)
-    and proves its results finite in its graph (``finite``: the API's products do, the
-    operators' do not), nodes, trace and compile seconds, calls, and why a signature runs the
-    interpreter (``reason``)."""
+    """Every trace cached for ``program``: mode, K, nodes, trace and compile seconds, calls, and
+    why a signature runs the interpreter (``reason``)."""
     return [
         {
             "mode": key[0],
             "k": key[1],
             "compile": key[6],
-            "grads": key[-2],
-            "finite": key[-1],
+            "grads": key[-1],
             "traced": t.fn is not None,
             "reason": t.reason,
             "nodes": t.nodes,

@@ -167,34 +167,9 @@ def first_non_finite_in(groups: Sequence[tuple[str, dict[str, torch.Tensor]]]):
     tensors = [t for _, values in groups for t in values.values()]
     if not tensors:
         return None
-    if bool(all_finite(tensors)):
-        return None
-    return first_non_finite_exactly(groups)
-
-
-def first_non_finite_exactly(groups: Sequence[tuple[str, dict[str, torch.Tensor]]]):
-    """:func:`first_non_finite_in` tensor by tensor, without the sums (one host sync each):
-    after :func:`all_finite` said no, which may be an overflow of finite entries."""
-    for g, values in groups:
-        for n, t in values.items():
-            if not bool(torch.isfinite(t).all()):
-                return g, n
-    return None
-
-
-def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """A 0-d bool tensor, ``True`` only if every entry of ``tensors`` is finite (no host sync).
-
-    A finite sum proves every entry finite (a NaN, or +Inf and -Inf, make it NaN; an Inf alone
-    makes it ±Inf); ``False`` may also be an overflow of finite entries, which
-    :func:`first_non_finite_exactly` tells apart. One sum per tensor of :data:`SMALL` entries or
-    more, one over the smaller ones of a dtype and device concatenated. Traced products run it
-    inside their graph over their results (:mod:`hessfast.traced`).
-
-    Example:
-        >>> bool(all_finite([torch.ones(3), torch.tensor([1.0, float("inf")])]))
-        False
-    """
+    # A finite sum proves every entry finite (a NaN, or +Inf and -Inf, make it NaN; an Inf
+    # alone makes it ±Inf); a non-finite one may be an overflow, so then every tensor is asked
+    # exactly, in order. The small tensors of one dtype and device are summed as one.
     sums = []
     small: dict = {}
     for t in tensors:
@@ -204,7 +179,13 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
             sums.append(_sum(t))
     for part in small.values():
         sums.append(_sum(_flatten(part)) if len(part) > 1 else _sum(part[0]))
-    return torch.stack(sums).isfinite().all()  # (stack promotes to the widest dtype)
+    if bool(torch.stack(sums).isfinite().all()):  # (stack promotes to the widest dtype)
+        return None
+    where = [(g, n) for g, values in groups for n in values]
+    for w, t in zip(where, tensors):
+        if not bool(torch.isfinite(t).all()):
+            return w
+    return None
 
 
 def parse(v, selected: list[tuple[str, nn.Parameter]], check_finite: bool = True) -> Vectors:
