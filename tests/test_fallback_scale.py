@@ -15,6 +15,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from models.saturated import GAP, saturated_head
 from oracle import ggn_vp
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -27,7 +28,6 @@ F32 = torch.float32
 BF16 = torch.bfloat16
 RTOL = TORCH_TOLERANCES[F32][0]
 #: A logit gap whose softmax probability is subnormal in float32: e⁻⁹⁵ ≈ 5.5e-42.
-GAP = 95.0
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -50,28 +50,10 @@ class Branchy(nn.Module):
 
 
 def _saturated(pre: bool, all_saturated: bool = False, gap: float = GAP):
-    """8 rows, 6 classes through ``[Linear(6, 6) ≈ I,] Linear(6, 6) ≈ I`` (bias-free) behind
-    :class:`Branchy`. Rows 4–7 (every row with ``all_saturated``) are saturated: one class leads
-    every other by ``gap``, so every entry of their ``ġ_z`` is subnormal; class 5 trails every
-    row's leader by ``gap``. Two tangents per parameter."""
-    g = torch.Generator().manual_seed(0)
-    n, v = 8, 6
-    x = 2 * torch.randn(n, v, generator=g)
-    for r in range(n):
-        if all_saturated or r >= 4:
-            x[r] = -gap
-            x[r, r % 5] = 0.0
-    x[:, 5] = x[:, :5].amax(1) - gap
-    layers = []
-    for _ in range(2 if pre else 1):
-        lin = nn.Linear(v, v, bias=False)
-        with torch.no_grad():
-            lin.weight.copy_(torch.eye(v) + 1e-3 * torch.randn(v, v, generator=g))
-        layers.append(lin)
-    model = Branchy(nn.Sequential(*layers))
-    y = torch.randint(0, 5, (n,), generator=g)
-    vec = {name: torch.randn(2, *p.shape, generator=g) for name, p in model.named_parameters()}
-    return model, x, y, vec
+    """:func:`~models.saturated.saturated_head` (rows 4–7, or all, saturated) behind
+    :class:`Branchy`."""
+    model, x, y, vec = saturated_head(pre, all_saturated=all_saturated, gap=gap)
+    return Branchy(model), x, y, {f"net.{n}": t for n, t in vec.items()}
 
 
 def _mlp():

@@ -17,6 +17,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from models.saturated import saturated_head
 from oracle import ggn_vp, rel_err
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -31,7 +32,6 @@ TINY = torch.finfo(F32).tiny
 RTOL = TORCH_TOLERANCES[F32][0]
 LOW = (F32, torch.bfloat16)
 #: A logit gap whose softmax probability is subnormal in float32: e⁻⁹⁵ ≈ 5.5e-42.
-GAP = 95.0
 
 
 def subnormals(x: torch.Tensor) -> int:
@@ -127,33 +127,6 @@ def test_applies():
     assert not subnormal.applies(torch.empty(1, device="meta"))
 
 
-def _saturated(
-    pre: bool, saturated_first: bool = False, all_saturated: bool = False, gap: float = GAP
-):
-    """Inputs of 8 rows and 6 classes through ``[Linear(6, 6) ≈ I,] head``, ``head = Linear(6, 6) ≈
-    I``, bias-free. Four rows (all with ``all_saturated``) are saturated: one class leads every
-    other by ``gap`` (:data:`GAP`: every entry of their ``ġ_z`` is subnormal); rows 0–3 with
-    ``saturated_first``, else 4–7. Class 5 trails every row's leader by ``gap``."""
-    g = torch.Generator().manual_seed(0)
-    n, v = 8, 6
-    x = 2 * torch.randn(n, v, generator=g)
-    for r in range(n):
-        if all_saturated or (r < 4) == saturated_first:
-            x[r] = -gap
-            x[r, r % 5] = 0.0
-    x[:, 5] = x[:, :5].amax(1) - gap
-    layers = []
-    for _ in range(2 if pre else 1):
-        lin = nn.Linear(v, v, bias=False)
-        with torch.no_grad():
-            lin.weight.copy_(torch.eye(v) + 1e-3 * torch.randn(v, v, generator=g))
-        layers.append(lin)
-    model = nn.Sequential(*layers)
-    y = torch.randint(0, 5, (n,), generator=g)
-    vec = {name: torch.randn(2, *p.shape, generator=g) for name, p in model.named_parameters()}
-    return model, x, y, vec
-
-
 def _oracle(model, x, y, vec, loss_fn=F.cross_entropy):
     """The float64 torch.func GGN-VP of a float64 copy of ``model``."""
     x = x.double() if x.is_floating_point() else x
@@ -181,7 +154,7 @@ def test_saturated_head_matches_oracle(monkeypatch, pre, compile, fused):
     ``ġ_h`` are rescaled by ~2⁻¹³⁰ (a missed rescale is off by that factor)."""
     monkeypatch.setattr(engine, "FUSE_HEAD", fused)
     monkeypatch.setattr(ce, "HEAD_CHUNK_ROWS", 2)
-    model, x, y, vec = _saturated(pre, saturated_first=True)
+    model, x, y, vec = saturated_head(pre, saturated_first=True)
     out = hessfast.ggn_vp(model, F.cross_entropy, (x,), y, vec, compile=compile)
     ref = _oracle(model, x, y, vec)
     for k in range(2):
@@ -198,7 +171,7 @@ def test_all_saturated_matches_oracle(monkeypatch, pre, compile, fused):
     max-norm (the softmax's own subnormal ``p`` limits what any float32 computation can do here)."""
     monkeypatch.setattr(engine, "FUSE_HEAD", fused)
     monkeypatch.setattr(ce, "HEAD_CHUNK_ROWS", 3)
-    model, x, y, vec = _saturated(pre, all_saturated=True)
+    model, x, y, vec = saturated_head(pre, all_saturated=True)
     out = hessfast.ggn_vp(model, F.cross_entropy, (x,), y, vec, compile=compile)
     ref = _oracle(model, x, y, vec)
     assert max(float(t.abs().max()) for t in ref.values()) < 1e-35
@@ -209,7 +182,7 @@ def test_all_saturated_backward_has_no_subnormals(backward_subnormals):
     """K = 2 with product 0's tangent ``2¹⁰⁰`` times larger (its ``ġ_z`` ~1e-12, product 1's
     ~1e-42): a scale per product leaves no subnormal in the backward pass (one scale for both
     would leave product 1 subnormal), and both products match the oracle."""
-    model, x, y, vec = _saturated(pre=True, all_saturated=True)
+    model, x, y, vec = saturated_head(pre=True, all_saturated=True)
     vec = {n: t * torch.tensor([2.0**100, 1.0]).reshape(2, 1, 1) for n, t in vec.items()}
     out = hessfast.ggn_vp(model, F.cross_entropy, (x,), y, vec, compile="interpret")
     assert backward_subnormals[0] == 0
@@ -225,7 +198,7 @@ def test_all_saturated_bfloat16(monkeypatch, backward_subnormals, fused):
     monkeypatch.setattr(engine, "FUSE_HEAD", fused)
     monkeypatch.setattr(ce, "HEAD_CHUNK_ROWS", 3)
     bf = torch.bfloat16
-    model, x, y, vec = _saturated(pre=True, all_saturated=True, gap=88.0)
+    model, x, y, vec = saturated_head(pre=True, all_saturated=True, gap=88.0)
     args = (model.to(bf), F.cross_entropy, (x.to(bf),), y, {n: t.to(bf) for n, t in vec.items()})
     out = hessfast.ggn_vp(*args, compile="interpret")
     assert all(t.dtype == bf for t in out.values())
@@ -239,7 +212,7 @@ def test_all_saturated_bfloat16(monkeypatch, backward_subnormals, fused):
 
 
 def test_all_saturated_backward_without_scale_has_subnormals(backward_subnormals, no_scale):
-    model, x, y, vec = _saturated(pre=True, all_saturated=True)
+    model, x, y, vec = saturated_head(pre=True, all_saturated=True)
     hessfast.ggn_vp(model, F.cross_entropy, (x,), y, vec, compile="interpret")
     assert backward_subnormals[0] > 0
 
@@ -364,7 +337,7 @@ def test_zero_tangent(monkeypatch, fused):
     """An all-zero tangent (``ġ_z = 0``: scale 1) next to a saturated one: zeros, and the other
     product as when it runs alone."""
     monkeypatch.setattr(engine, "FUSE_HEAD", fused)
-    model, x, y, vec = _saturated(pre=True)
+    model, x, y, vec = saturated_head(pre=True)
     zero = {n: torch.stack([torch.zeros_like(t[0]), t[0]]) for n, t in vec.items()}
     out = hessfast.ggn_vp(model, F.cross_entropy, (x,), y, zero, compile="interpret")
     alone = hessfast.ggn_vp(
