@@ -105,6 +105,28 @@ def test_to_scipy_matches():
     assert S.shape == H.shape
 
 
+def test_every_column_layout_replays_one_graph_and_agrees():
+    """A [P, 1] column (contiguous: strides (1, 1) once transposed, as SciPy's vectors come, and
+    viewed rather than copied), a column sliced out of a wider matrix and a row-major [P, 2]
+    block all reach the traced product in one layout: one trace per width, the same products."""
+    from hessfast import capture, traced
+
+    model, lf, (x,), y = zoo.mlp()
+    H = hessfast.HessianOperator(model, lf, (x, y))
+    P = H.shape[0]
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randn(P, 3, generator=g, dtype=D)
+    col = wide[:, 1:2].contiguous()
+    assert col.T.stride() == (1, 1)
+    want = H @ col
+    for _ in range(3):
+        torch.testing.assert_close(H @ col, want, rtol=0, atol=0)
+        torch.testing.assert_close(H @ wide[:, 1:2], want, rtol=0, atol=0)
+        torch.testing.assert_close((H @ wide)[:, 1:2], want, rtol=1e-12, atol=1e-14)
+    ks = [t["k"] for t in traced.explain(capture.capture(model, (x,)))]
+    assert sorted(ks) == [1, 3]
+
+
 @pytest.mark.slow  # about ten seconds on two cores
 def test_symmetry_check_passes_for_hessian():
     model, lf, (x,), y = zoo.gpt()
