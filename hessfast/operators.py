@@ -619,18 +619,25 @@ class ModelOperator(CurvatureOperator):
                 grads=False,
             )
             flat = torch.cat([prods[n].reshape(vec.k, -1) for n in self.names], dim=1)
+            # in place on the new tensors cat returned: no [K, P] allocation per batch (each
+            # one's page faults cost about as much as the pass itself at P ~ 10⁶ on a CPU)
             if w is not None:
                 weight_sum += w
-                flat = flat * w
-            total = flat if total is None else total + flat
+                flat.mul_(w)
+            total = flat if total is None else total.add_(flat)
         return total, weight_sum, seen
 
-    def _normalise(self, total: Tensor, weight_sum: float) -> Tensor:
+    def _normalise(self, total: Tensor, weight_sum: float, inplace: bool = False) -> Tensor:
         """The dataset quantity from the summed batch terms: divided by ``num_data`` when
-        given, else by the summed weights of the mean batches (none: a sum, left as it is)."""
+        given, else by the summed weights of the mean batches (none: a sum, left as it is);
+        ``inplace``: into ``total`` itself."""
         if self.num_data is not None:
-            return total / self.num_data
-        return total / weight_sum if weight_sum else total
+            d = self.num_data
+        elif weight_sum:
+            d = weight_sum
+        else:
+            return total
+        return total.div_(d) if inplace else total / d
 
     def _pass(self, V: Tensor, vec: Vectors) -> tuple[Tensor | None, float, int]:
         if self.process_group is None:
@@ -665,7 +672,7 @@ class ModelOperator(CurvatureOperator):
                 self.deterministic = "passed"
         if not seen:
             self._no_batch_error()
-        total = self._normalise(total, weight_sum).to(self.dtype)
+        total = self._normalise(total, weight_sum, inplace=True).to(self.dtype)
         bad = first_non_finite({"product": total})
         if bad is not None:
             raise NonFiniteError(
