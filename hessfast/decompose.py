@@ -173,6 +173,7 @@ def decompose(
     *,
     params: Any = None,
     tol: float = 1e-6,
+    criterion: str = "residual",
     seed: int = 0,
     trace_matvecs: int = 60,
     density: bool = True,
@@ -209,6 +210,7 @@ def decompose(
         G,
         k=k,
         tol=tol,
+        criterion=criterion,
         seed=seed,
         trace_matvecs=trace_matvecs,
         density=density,
@@ -224,6 +226,7 @@ def decompose_operators(
     k: int = 10,
     *,
     tol: float = 1e-6,
+    criterion: str = "residual",
     seed: int = 0,
     trace_matvecs: int = 60,
     density: bool = True,
@@ -235,7 +238,8 @@ def decompose_operators(
     symmetric operators of one shape: ``R = H - G``).
 
     ``k``: top eigenvalues per operator (capped at ``P``), by :func:`hessfast.eigsh` to ``tol``
-    (``seed`` seeds every random start). ``λ_min`` runs stop after ``min_max_iter`` Lanczos steps
+    under its stopping ``criterion`` (``"residual"``, what the eigenvectors the overlap is read
+    from need, or ``"eigenvalue"``; ``seed`` seeds every random start). ``λ_min`` runs stop after ``min_max_iter`` Lanczos steps
     (the bottom of a Hessian lies in a dense bulk; the result says whether it converged).
     ``trace_matvecs``: Hutch++ products per operator (the sketch spends a third of them on ``H``
     once; ``≥ P``: exact traces). ``density``: also the SLQ densities, ``density_probes`` ×
@@ -270,6 +274,7 @@ def decompose_operators(
             k=k,
             which="LA",
             tol=tol,
+            criterion=criterion,
             seed=seed,
             return_info=True,
             warn=False,
@@ -288,6 +293,7 @@ def decompose_operators(
             k=1,
             which="SA",
             tol=tol,
+            criterion=criterion,
             seed=seed + 1,
             max_iter=min_max_iter,
             ncv=min(P, 40),

@@ -122,6 +122,36 @@ def test_report_dict_plot_and_outliers(dec, tmp_path):
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_criterion_reaches_every_eigsh_and_the_eigenvalues_match_dense(problem, monkeypatch):
+    """``criterion="eigenvalue"`` reaches the five eigsh runs (top of H, G and R; ``λ_min`` of H
+    and R); the eigenvalues still match the dense spectra within ``tol·|λ|``; a bad value is
+    eigsh's error."""
+    import sys
+
+    mod = sys.modules["hessfast.decompose"]
+    model, lf, data, Hd, Gd = problem
+    seen = []
+    eigsh = mod.eigsh
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("criterion"))
+        return eigsh(*args, **kwargs)
+
+    monkeypatch.setattr(mod, "eigsh", spy)
+    tol = 1e-6
+    d = hessfast.decompose(
+        model, lf, data, k=2, tol=tol, criterion="eigenvalue", density=False, trace_matvecs=3,
+        compile="interpret",
+    )  # fmt: skip
+    assert seen == ["eigenvalue"] * 5
+    for part, M in {"hessian": Hd, "ggn": Gd, "residual": Hd - Gd}.items():
+        ref = torch.linalg.eigvalsh(M).flip(0)[:2]
+        got = torch.tensor(d.eigenvalues[part], dtype=D)
+        assert float((got - ref).abs().max()) <= tol * float(ref.abs().max())
+    with pytest.raises(ValueError, match="criterion must be one of"):
+        hessfast.decompose(model, lf, data, k=2, criterion="residuals", density=False)
+
+
 def test_without_densities_and_bad_k(problem, tmp_path):
     model, lf, data, Hd, _ = problem
     d = hessfast.decompose(model, lf, data, k=2, density=False, trace_matvecs=3)

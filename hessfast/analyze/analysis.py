@@ -151,7 +151,7 @@ def analyze(
     eigenvalues matter; the eigenvectors are then accurate to about ``sqrt(tol)``); recorded in
     ``report["eigenvalues"]`` and ``report["lambda_min"]``, and a bad value is eigsh's
     ``ValueError`` before any product. The decompose section's own eigsh runs
-    (:func:`hessfast.decompose.decompose_operators`) use the residual criterion. ``trace_matvecs``,
+    (:func:`hessfast.decompose.decompose_operators`) use it too. ``trace_matvecs``,
     ``density_probes`` × ``density_steps``, ``layer_steps`` and ``layer_trace_probes`` set the
     work of the other phases. ``landscape``: 1 or 2 adds the loss over the data along the top
     one or two eigenvectors of ``op`` beside its quadratic model (:func:`landscape_step`;
@@ -370,6 +370,7 @@ def analyze(
                 op,
                 k=k,
                 tol=tol,
+                criterion=criterion,
                 seed=seed,
                 trace_matvecs=trace_matvecs,
                 density=density,
