@@ -239,8 +239,9 @@ def decompose_operators(
 
     ``k``: top eigenvalues per operator (capped at ``P``), by :func:`hessfast.eigsh` to ``tol``
     under its stopping ``criterion`` (``"residual"``, what the eigenvectors the overlap is read
-    from need, or ``"eigenvalue"``; ``seed`` seeds every random start). ``λ_min`` runs stop after ``min_max_iter`` Lanczos steps
-    (the bottom of a Hessian lies in a dense bulk; the result says whether it converged).
+    from need, or ``"eigenvalue"``; ``seed`` seeds every random start). ``λ_min`` runs stop
+    after ``min_max_iter`` Lanczos steps (the bottom of a Hessian lies in a dense bulk; the
+    result says whether it converged).
     ``trace_matvecs``: Hutch++ products per operator (the sketch spends a third of them on ``H``
     once; ``≥ P``: exact traces). ``density``: also the SLQ densities, ``density_probes`` ×
     ``density_steps`` products per operator. Every operator's symmetry is probed once (the

@@ -15,8 +15,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from models.saturated import GAP, saturated_head
-from oracle import ggn_vp
+from models.saturated import GAP, ggn_oracle, product_errors, saturated_head, subnormals
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -27,7 +26,6 @@ from hessfast.rules.base import TORCH_TOLERANCES
 F32 = torch.float32
 BF16 = torch.bfloat16
 RTOL = TORCH_TOLERANCES[F32][0]
-#: A logit gap whose softmax probability is subnormal in float32: e⁻⁹⁵ ≈ 5.5e-42.
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -67,30 +65,10 @@ def _mlp():
     return model, x, y, vec
 
 
-def _oracle(model, x, y, vec):
-    """The float64 torch.func GGN-VP of a float64 copy of ``model``."""
-    vec = {n: t.double() for n, t in vec.items()}
-    return ggn_vp(copy.deepcopy(model).double(), F.cross_entropy, (x.double(),), y, vec)
-
-
-def _errors(out, ref) -> list[float]:
-    """Per product: the worst relative error (max-norm, per parameter) against the oracle."""
-    return [
-        max(
-            float((out[n][k].double() - ref[n][k]).abs().max() / ref[n][k].abs().max()) for n in out
-        )
-        for k in range(next(iter(out.values())).shape[0])
-    ]
-
-
 def _fallback_ggn_vp(model, x, y, vec):
     """``hessfast.ggn_vp`` through the autograd fallback (the capture warning is asserted)."""
     with pytest.warns(UserWarning, match="could not capture Branchy"):
         return hessfast.ggn_vp(model, F.cross_entropy, (x,), y, vec)
-
-
-def subnormals(x: torch.Tensor) -> int:
-    return int(((x != 0) & (x.abs() < torch.finfo(x.dtype).tiny)).sum())
 
 
 class _Subnormals(TorchDispatchMode):
@@ -140,10 +118,10 @@ def test_fallback_saturated_head_matches_oracle(pre, all_saturated):
     (wholly saturated: every product is below 1e-35)."""
     model, x, y, vec = _saturated(pre, all_saturated=all_saturated)
     out = _fallback_ggn_vp(model, x, y, vec)
-    ref = _oracle(model, x, y, vec)
+    ref = ggn_oracle(model, x, y, vec)
     if all_saturated:
         assert max(float(t.abs().max()) for t in ref.values()) < 1e-35
-    assert max(_errors(out, ref)) < RTOL
+    assert max(product_errors(out, ref)) < RTOL
 
 
 def test_fallback_backward_has_no_subnormals(monkeypatch, backward_subnormals):
@@ -154,7 +132,7 @@ def test_fallback_backward_has_no_subnormals(monkeypatch, backward_subnormals):
     vec = {n: t * torch.tensor([2.0**100, 1.0]).reshape(2, 1, 1) for n, t in vec.items()}
     out = _fallback_ggn_vp(model, x, y, vec)
     assert backward_subnormals[0] == 0
-    assert max(_errors(out, _oracle(model, x, y, vec))) < RTOL
+    assert max(product_errors(out, ggn_oracle(model, x, y, vec))) < RTOL
     monkeypatch.setattr(subnormal, "applies", lambda t: False)
     _fallback_ggn_vp(model, x, y, vec)
     assert backward_subnormals[0] > 50
@@ -173,7 +151,10 @@ def test_fallback_bfloat16(monkeypatch, backward_subnormals):
     monkeypatch.setattr(subnormal, "applies", lambda t: False)
     off = _fallback_ggn_vp(*args)
     assert backward_subnormals[0] > 0
-    assert max(_errors(out, {n: t.double() for n, t in off.items()})) < TORCH_TOLERANCES[BF16][0]
+    assert (
+        max(product_errors(out, {n: t.double() for n, t in off.items()}))
+        < TORCH_TOLERANCES[BF16][0]
+    )
 
 
 def test_fallback_exact_without_subnormals(monkeypatch, backward_subnormals):
@@ -186,7 +167,7 @@ def test_fallback_exact_without_subnormals(monkeypatch, backward_subnormals):
     assert backward_subnormals[0] == 0
     for n in on:
         assert torch.equal(on[n], off[n]), n
-    assert max(_errors(on, _oracle(model, x, y, vec))) < RTOL
+    assert max(product_errors(on, ggn_oracle(model, x, y, vec))) < RTOL
 
 
 def test_fallback_float64_hvp_and_residual_are_not_scaled(monkeypatch):

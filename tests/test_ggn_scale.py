@@ -12,13 +12,11 @@ subnormals; a trace made on one batch forms the next batch's scale); float64 and
 untouched; an all-zero tangent next to a saturated one.
 """
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
-from models.saturated import saturated_head
-from oracle import ggn_vp, rel_err
+from models.saturated import ggn_oracle, product_errors, saturated_head, subnormals
+from oracle import rel_err
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -31,11 +29,6 @@ F32 = torch.float32
 TINY = torch.finfo(F32).tiny
 RTOL = TORCH_TOLERANCES[F32][0]
 LOW = (F32, torch.bfloat16)
-#: A logit gap whose softmax probability is subnormal in float32: e⁻⁹⁵ ≈ 5.5e-42.
-
-
-def subnormals(x: torch.Tensor) -> int:
-    return int(((x != 0) & (x.abs() < torch.finfo(x.dtype).tiny)).sum())
 
 
 def _leaves(x):
@@ -127,23 +120,6 @@ def test_applies():
     assert not subnormal.applies(torch.empty(1, device="meta"))
 
 
-def _oracle(model, x, y, vec, loss_fn=F.cross_entropy):
-    """The float64 torch.func GGN-VP of a float64 copy of ``model``."""
-    x = x.double() if x.is_floating_point() else x
-    vec = {n: t.double() for n, t in vec.items()}
-    return ggn_vp(copy.deepcopy(model).double(), loss_fn, (x,), y, vec)
-
-
-def _errors(out, ref) -> list[float]:
-    """Per product: the worst relative error (max-norm, per parameter) against the oracle."""
-    return [
-        max(
-            float((out[n][k].double() - ref[n][k]).abs().max() / ref[n][k].abs().max()) for n in out
-        )
-        for k in range(2)
-    ]
-
-
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused-head"])
 @pytest.mark.parametrize("compile", ["interpret", None], ids=["interpret", "traced"])
 @pytest.mark.parametrize("pre", [False, True], ids=["head", "two-layer"])
@@ -156,7 +132,7 @@ def test_saturated_head_matches_oracle(monkeypatch, pre, compile, fused):
     monkeypatch.setattr(ce, "HEAD_CHUNK_ROWS", 2)
     model, x, y, vec = saturated_head(pre, saturated_first=True)
     out = hessfast.ggn_vp(model, F.cross_entropy, (x,), y, vec, compile=compile)
-    ref = _oracle(model, x, y, vec)
+    ref = ggn_oracle(model, x, y, vec)
     for k in range(2):
         err = rel_err({n: out[n][k].double() for n in out}, {n: ref[n][k] for n in ref})
         assert err < RTOL, (k, err)
@@ -173,9 +149,9 @@ def test_all_saturated_matches_oracle(monkeypatch, pre, compile, fused):
     monkeypatch.setattr(ce, "HEAD_CHUNK_ROWS", 3)
     model, x, y, vec = saturated_head(pre, all_saturated=True)
     out = hessfast.ggn_vp(model, F.cross_entropy, (x,), y, vec, compile=compile)
-    ref = _oracle(model, x, y, vec)
+    ref = ggn_oracle(model, x, y, vec)
     assert max(float(t.abs().max()) for t in ref.values()) < 1e-35
-    assert max(_errors(out, ref)) < RTOL
+    assert max(product_errors(out, ref)) < RTOL
 
 
 def test_all_saturated_backward_has_no_subnormals(backward_subnormals):
@@ -186,7 +162,7 @@ def test_all_saturated_backward_has_no_subnormals(backward_subnormals):
     vec = {n: t * torch.tensor([2.0**100, 1.0]).reshape(2, 1, 1) for n, t in vec.items()}
     out = hessfast.ggn_vp(model, F.cross_entropy, (x,), y, vec, compile="interpret")
     assert backward_subnormals[0] == 0
-    assert max(_errors(out, _oracle(model, x, y, vec))) < RTOL
+    assert max(product_errors(out, ggn_oracle(model, x, y, vec))) < RTOL
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused-head"])
@@ -208,7 +184,7 @@ def test_all_saturated_bfloat16(monkeypatch, backward_subnormals, fused):
     if not fused:  # fused, the head's own GEMMs (not counted here) see them, ġ_h none
         assert backward_subnormals[0] > 0
     off64 = {n: t.double() for n, t in off.items()}
-    assert max(_errors(out, off64)) < TORCH_TOLERANCES[bf][0]
+    assert max(product_errors(out, off64)) < TORCH_TOLERANCES[bf][0]
 
 
 def test_all_saturated_backward_without_scale_has_subnormals(backward_subnormals, no_scale):
@@ -256,7 +232,7 @@ def _lm_loss(z, y):
 def test_tied_lm_matches_oracle(compile):
     model, ids, y, vec = _tied()
     out = hessfast.ggn_vp(model, _lm_loss, (ids,), y, vec, compile=compile)
-    ref = _oracle(model, ids, y, vec, _lm_loss)
+    ref = ggn_oracle(model, ids, y, vec, _lm_loss)
     for k in range(2):
         err = rel_err({n: out[n][k].double() for n in out}, {n: ref[n][k] for n in ref})
         assert err < RTOL, (k, err)

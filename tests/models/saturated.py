@@ -1,7 +1,12 @@
 """A softmax head whose rows saturate: the loss-Hessian product ``ġ_z`` of a saturated row is
-subnormal in float32 (``tests/test_ggn_scale.py``, ``tests/test_fallback_scale.py``)."""
+subnormal in float32; and what the tests of the subnormal scale read of it
+(``tests/test_ggn_scale.py``, ``tests/test_fallback_scale.py``)."""
+
+import copy
 
 import torch
+import torch.nn.functional as F
+from oracle import ggn_vp
 from torch import nn
 
 #: How far a saturated row's leading class leads the others: e^-95 is below float32's tiny.
@@ -34,3 +39,25 @@ def saturated_head(
     y = torch.randint(0, 5, (n,), generator=g)
     vec = {name: torch.randn(2, *p.shape, generator=g) for name, p in model.named_parameters()}
     return model, x, y, vec
+
+
+def subnormals(x: torch.Tensor) -> int:
+    """The number of subnormal entries of ``x``."""
+    return int(((x != 0) & (x.abs() < torch.finfo(x.dtype).tiny)).sum())
+
+
+def ggn_oracle(model, x, y, vec, loss_fn=F.cross_entropy):
+    """The float64 torch.func GGN-VP of a float64 copy of ``model``."""
+    x = x.double() if x.is_floating_point() else x
+    vec = {n: t.double() for n, t in vec.items()}
+    return ggn_vp(copy.deepcopy(model).double(), loss_fn, (x,), y, vec)
+
+
+def product_errors(out, ref) -> list[float]:
+    """Per product: the worst relative error (max-norm, per parameter) against the oracle."""
+    return [
+        max(
+            float((out[n][k].double() - ref[n][k]).abs().max() / ref[n][k].abs().max()) for n in out
+        )
+        for k in range(next(iter(out.values())).shape[0])
+    ]
