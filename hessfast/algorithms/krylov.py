@@ -457,6 +457,7 @@ def orthonormalize(
     max_rank: int | None = None,
     wnorm: float | None = None,
     out: Tensor | None = None,
+    norm: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Rank-revealing orthonormalisation of a block ``W`` ``[P, b]`` already orthogonal to the
     rows of ``Vt`` (or ``None``).
@@ -472,15 +473,20 @@ def orthonormalize(
     The result is written as rows (``Qt`` ``[r, P]``, into ``out[:r]`` when given: a basis slab).
     Returns ``(Q, R, sigma)``: ``Q = Qtᵀ`` ``[P, r]`` orthonormal (and orthogonal to ``Vt``),
     ``R`` ``[r, b]`` float64 on the host with ``W ≈ Q R``, and ``sigma`` (float64, descending).
+    ``norm``: for a single column, its norm ``‖W‖`` (``[1]``, in ``W``'s dtype) when the caller
+    has it already (a pass over ``W`` saved).
     """
     b = W.shape[1]
     if max_rank is None:
         max_rank = b
     eps = torch.finfo(W.dtype).eps
-    G = (W.mT @ W).double().cpu()
-    s, U = torch.linalg.eigh((G + G.T) / 2)
-    s, U = s.flip(0), U.flip(1)
-    sigma = s.clamp_min(0).sqrt()
+    if b == 1 and norm is not None:
+        sigma = norm.reshape(1).double().cpu()
+    else:
+        G = (W.mT @ W).double().cpu()
+        s, U = torch.linalg.eigh((G + G.T) / 2)
+        s, U = s.flip(0), U.flip(1)
+        sigma = s.clamp_min(0).sqrt()
     r = min(int((sigma > drop_tol).sum()), max_rank)
     if r == 0:
         return W[:, :0], torch.zeros(0, b, dtype=torch.float64), sigma
@@ -491,7 +497,7 @@ def orthonormalize(
     Mt = (Ur / sigma[:r]).T.contiguous().to(W.device, W.dtype)
     Qt = out[:r] if out is not None else torch.empty(r, W.shape[0], dtype=W.dtype, device=W.device)
     if b == 1:  # a single vector: divide by its norm in its own dtype (exact for P = 1)
-        torch.div(W.mT, torch.linalg.vector_norm(W), out=Qt)
+        torch.div(W.mT, torch.linalg.vector_norm(W) if norm is None else norm, out=Qt)
     else:
         torch.matmul(Mt, W.mT, out=Qt)  # rows of (W Ur diag(1/σ))ᵀ: near orthonormal
     R = (Ur * sigma[:r]).T  # W ≈ Q R

@@ -303,6 +303,7 @@ class _Projection(NamedTuple):
     full: bool
     components: Tensor | None = None
     rows: list[int] | None = None
+    norm: Tensor | None = None  # ‖W‖ per column after the projection, when nothing followed it
 
 
 def _project(
@@ -344,12 +345,12 @@ def _project(
     h = W.new_zeros(e, W.shape[1])
     h[lo:e] = hl
     if need_older is not None and not need_older(hl, beta):
-        return _Projection(h, False)
+        return _Projection(h, False, norm=beta)
     Vo = Vt[:lo]
     c = Vo @ W
     comp = (c.abs() / beta).amax(1).double().cpu()
     if not bool((comp > semi).any()):
-        return _Projection(h, False, comp)
+        return _Projection(h, False, comp, norm=beta)
     if partial is not None and W.shape[1] == 1:
         rows = (comp > partial * semi).nonzero().flatten().tolist()
         # few rows, and small components (no cancellation that would call for a second pass)
@@ -376,10 +377,15 @@ class _Omega:
     With ``Tc`` the coefficients as computed (column ``k``: ``H v_k = Σ_i Tc[i, k] v_i + g_k``,
     ``g_k`` the rounding, ``|g_k| ≤ eps·‖H‖``) and ``β v_e = H v_s − Σ_i tcol_i v_i``:
     ``β |v_kᵀ v_e| ≤ Σ_i |Tc[i, k]| ω[i, s] + Σ_i ω[k, i] |tcol_i| + |g_k|`` (the unit diagonal
-    terms cancel). After a thick restart a kept Ritz vector ``y = V z`` satisfies
+    terms cancel), where the two terms in ``ω[k, s]`` enter as one, ``|Tc[k, k] − tcol_s| ω[k, s]``
+    (they multiply the same inner product). After a thick restart a kept Ritz vector ``y = V z``
+    satisfies
     ``H y = θ y + S q + V (Tc − T) z`` (``T`` the symmetrised matrix its ``z`` came from), so its
     ``|g|`` grows by ``‖(Tc − T) z‖`` (the coefficients of explicit reorthogonalisations and the
-    asymmetry of the computed recurrence: about ``eps^(3/4)·‖H‖``, not ``eps·‖H‖``). Rows the step
+    asymmetry of the computed recurrence: about ``eps^(3/4)·‖H‖``, not ``eps·‖H‖``); the kept
+    vectors' mutual ``|y_iᵀ y_j| = |z_iᵀ (VᵀV − I) z_j|`` are bounded by ``(|Z|ᵀ Ω |Z|)_ij`` and
+    by ``‖Ω‖_F`` (``‖z‖ = 1``), their components along the next vector by ``|z|ᵀ ω`` and by
+    ``‖ω‖`` of its column, each plus the compression's rounding ``eps·√e``. Rows the step
     orthogonalised against are reset to ``eps``; rows it measured get their measured size; after
     a partial reorthogonalisation the rows it left get their measured size plus what the
     subtracted rows add through their own ``ω``, over a lower bound on the new norm
@@ -399,7 +405,9 @@ class _Omega:
         Tm = self.Tc[:e, :e].abs()
         Tm[:, s] = tcol.abs()
         Om = self.W[:e, :e]
-        x = (Tm.T @ Om[:, s] + Om @ tcol.abs() + self.g[:e] + noise) / beta
+        # the two terms in ω[k, s] combine: (Tc[k, k] − tcol[s]) ω[k, s], not their sum
+        d = Tm.diagonal() + tcol[s].abs() - (self.Tc[:e, :e].diagonal() - tcol[s]).abs()
+        x = (Tm.T @ Om[:, s] + Om @ tcol.abs() - d * Om[:, s] + self.g[:e] + noise) / beta
         x[lo:e] = self.eps
         self.est = x
         return x
@@ -439,11 +447,19 @@ class _Omega:
         vector (row ``e`` before, row ``p`` after), with ``H y_k = θ_k y_k + S_k q``."""
         p = Zk.shape[1]
         D = self.Tc[:e, :e] - T[:e, :e]
-        g = torch.linalg.vector_norm(D @ Zk, dim=0) + Zk.abs().T @ self.g[:e]
+        inherited = (Zk.abs().T @ self.g[:e]).clamp_max(float(self.g[:e].norm()))
+        g = torch.linalg.vector_norm(D @ Zk, dim=0) + inherited
         Om = self.W
-        level = max(float(Om[: e + 1, : e + 1].abs().max()), self.eps) * math.sqrt(e)
+        A = Zk.abs()
+        old = Om[:e, : e + 1].clone()
+        rounding = self.eps * math.sqrt(e)  # of the compression y = Σ z_i v_i
         Om.zero_()
-        Om[: p + 1, : p + 1] = level
+        # |y_iᵀ y_j| = |z_iᵀ (VᵀV − I) z_j| ≤ (|Z|ᵀ Ω |Z|)_ij and ≤ ‖Ω‖_F (‖z‖ = 1); the next
+        # vector's |y_kᵀ q| ≤ |z_k|ᵀ ω_q and ≤ ‖ω_q‖
+        mutual = (A.T @ old[:, :e] @ A).clamp_max(float(torch.linalg.matrix_norm(old[:, :e])))
+        Om[:p, :p] = mutual + rounding
+        Om[:p, p] = (A.T @ old[:, e]).clamp_max(float(old[:, e].norm())) + rounding
+        Om[p, :p] = Om[:p, p]
         Om.diagonal().zero_()
         self.g.zero_()
         self.g[:p] = g
@@ -818,7 +834,13 @@ def eigsh(
         room = C - e
         want_cols = min(b, room)
         Q, R, sigma = orthonormalize(
-            W, Vt[:e], drop_rel * anorm, want_cols, wnorm=wn, out=Vt[e : e + want_cols]
+            W,
+            Vt[:e],
+            drop_rel * anorm,
+            want_cols,
+            wnorm=wn,
+            out=Vt[e : e + want_cols],
+            norm=pr.norm if b == 1 else None,
         )
         W = None
         broke = Q.shape[1] < want_cols
