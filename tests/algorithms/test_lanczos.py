@@ -639,3 +639,39 @@ def test_partial_reorthogonalization(monkeypatch, name):
     # on an Intel Xeon with one thread; 1.1e-8 against 6.7e-9 (float32, after verify's float64
     # Rayleigh-Ritz step)
     assert orth <= eps**0.75, (orth, orth_full)
+
+
+# name: (spectrum, k, which)
+TRIGGER_CASES = {
+    "hessian_like": (_hessian_like(600, 1), 10, "LA"),
+    "negative": (-_hessian_like(400, 2), 6, "SA"),
+}
+
+
+@pytest.mark.parametrize("name", list(TRIGGER_CASES))
+def test_read_threshold_follows_tol(monkeypatch, name):
+    """At block size 1 and a loose ``tol`` the older basis is read only once the ω bound exceeds
+    0.001·tol·(smallest wanted |θ| / ‖H‖) instead of eps^(3/4): fewer reads, the same products,
+    eigenvalues matching the dense oracle, reported residuals within 1% of tol of the true
+    ones, and orthonormal vectors (the final Cholesky-QR pass)."""
+    from hessfast.algorithms import lanczos
+
+    lam, k, which = TRIGGER_CASES[name]
+    A, _ = dense(lam)
+    want = reference(torch.linalg.eigvalsh(A), k, which)
+    tol = 1e-6
+    runs = {}
+    for trigger_tol in (lanczos._TRIGGER_TOL, 0.0):  # 0: always eps^(3/4)
+        monkeypatch.setattr(lanczos, "_TRIGGER_TOL", trigger_tol)
+        H = hessfast.DenseOperator(A)
+        runs[trigger_tol] = eigsh(H, k=k, which=which, block_size=1, tol=tol, return_info=True)
+    (evals, evecs, info), (evals_semi, _, info_semi) = runs.values()
+    assert info.converged and info.skipped_reads > info_semi.skipped_reads
+    assert info.reorthogonalizations <= info_semi.reorthogonalizations
+    scale = float(lam.abs().max())
+    torch.testing.assert_close(evals, want, rtol=0, atol=1e-12 * scale)
+    torch.testing.assert_close(evals, evals_semi, rtol=0, atol=1e-12 * scale)
+    true_res = (A @ evecs - evecs * evals).norm(dim=0)
+    assert bool(((info.residuals - true_res).abs() <= 0.01 * tol * evals.abs()).all())
+    eye = torch.eye(k, dtype=D)
+    assert float((evecs.T @ evecs - eye).abs().max()) <= 100 * torch.finfo(D).eps
