@@ -600,6 +600,7 @@ class ModelOperator(CurvatureOperator):
         """This process's ``(Σ_b w_b · H_b V [K, P] or None, Σ_b w_b, number of batches)``
         (``w_b`` from :meth:`_weighted_batches`; a sum batch adds ``H_b V`` and no weight)."""
         total = None
+        pending = None  # the first batch's weight, not yet applied
         weight_sum = 0.0
         seen = 0
         for inputs, targets, w in self._weighted_batches():
@@ -623,8 +624,20 @@ class ModelOperator(CurvatureOperator):
             # (bitwise the same; ~1% of a float32 product at P = 1.2 M on a CPU)
             if w is not None:
                 weight_sum += w
+            if total is None:
+                total, pending = flat, w
+                continue
+            if pending is not None:
+                total.mul_(pending)
+                pending = None
+            if w is not None:
                 flat.mul_(w)
-            total = flat if total is None else total.add_(flat)
+            total.add_(flat)
+        if pending is not None:
+            if self.process_group is None and self.num_data is None:
+                # one mean batch: w · H_b / w is H_b itself (two passes over [K, P] saved)
+                return total, 1.0, seen
+            total.mul_(pending)
         return total, weight_sum, seen
 
     def _normalise(self, total: Tensor, weight_sum: float, inplace: bool = False) -> Tensor:
@@ -636,6 +649,8 @@ class ModelOperator(CurvatureOperator):
         elif weight_sum:
             d = weight_sum
         else:
+            return total
+        if d == 1:  # exact either way
             return total
         return total.div_(d) if inplace else total / d
 
@@ -659,6 +674,25 @@ class ModelOperator(CurvatureOperator):
         return has_train_batchnorm(self.model) or has_active_dropout(self.model)
 
     def matmat(self, V: Tensor) -> Tensor:
+        return self.matmat_norms(V)[0]
+
+    #: what :class:`~hessfast.algorithms.krylov.Products` checks before calling
+    #: :meth:`matmat_norms` instead of ``matmat`` (a subclass or instance that replaces
+    #: ``matmat`` keeps being called through it)
+    _matmat_is_norms = matmat
+
+    def matmat_norms(self, V: Tensor) -> tuple[Tensor, Tensor]:
+        """``(H @ V, its column norms)``: the norms (float32 or wider, ``[K]``) are the result's
+        finiteness check, so an algorithm that needs both (Lanczos reads every product's column
+        norms) gets them without a second pass over ``[P, K]``.
+
+        >>> import torch, torch.nn.functional as F, hessfast
+        >>> model = torch.nn.Linear(3, 2)
+        >>> H = hessfast.HessianOperator(model, F.mse_loss, (torch.randn(4, 3), torch.randn(4, 2)))
+        >>> HV, norms = H.matmat_norms(torch.randn(8, 2))
+        >>> bool(torch.allclose(norms, HV.norm(dim=0)))
+        True
+        """
         vec = self._vectors(V)
         total, weight_sum, seen = self._pass(V, vec)
         if self.deterministic is None:
@@ -673,13 +707,15 @@ class ModelOperator(CurvatureOperator):
         if not seen:
             self._no_batch_error()
         total = self._normalise(total, weight_sum, inplace=True).to(self.dtype)
-        bad = first_non_finite({"product": total})
-        if bad is not None:
+        wide = torch.promote_types(total.dtype, torch.float32)
+        norms = torch.linalg.vector_norm(total, dim=1, dtype=wide)
+        # finite norms mean finite entries; an infinite one may be an overflow: asked exactly
+        if not bool(torch.isfinite(norms).all()) and first_non_finite({"product": total}):
             raise NonFiniteError(
                 f"a {self.kind}-vector product over the data contains NaN or Inf: check the data, "
                 "the loss scale and the dtype"
             )
-        return total.T
+        return total.T, norms
 
     def gradient_and_loss(self) -> tuple[Tensor, Tensor]:
         """The gradient ``[P]`` (flat, in ``named_parameters()`` order over this operator's

@@ -302,6 +302,12 @@ class Products:
         self.symmetry: str | None = None
         self.col_norms: Tensor | None = None  # of the last call's result
         self._sync = self.device.type == "cuda"
+        cls = type(op)
+        self._with_norms = (
+            getattr(cls, "_matmat_is_norms", None) is not None
+            and cls.matmat is cls._matmat_is_norms
+            and "matmat" not in getattr(op, "__dict__", {})
+        )
 
     def __getattr__(self, name: str):
         # anything else (``groups`` for layerwise, ``kind``, ...) is the wrapped operator's
@@ -314,7 +320,10 @@ class Products:
         if self._sync:
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
-        Y = self.op.matmat(X)
+        if self._with_norms:  # a hessfast model operator: the norms are its own check
+            Y, norms = self.op.matmat_norms(X)
+        else:
+            Y, norms = self.op.matmat(X), None
         if self._sync:
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
@@ -332,7 +341,7 @@ class Products:
             )
         # the column norms are what the algorithms need anyway; finite norms mean finite entries
         # (an infinite norm of finite entries, an overflow, is told apart by the full check)
-        self.col_norms = torch.linalg.vector_norm(Y, dim=0)
+        self.col_norms = torch.linalg.vector_norm(Y, dim=0) if norms is None else norms
         if not bool(torch.isfinite(self.col_norms).all()) and not bool(torch.isfinite(Y).all()):
             raise NonFiniteError(
                 f"an operator product (matmat call {self.calls}, {K} columns) contains NaN or "
