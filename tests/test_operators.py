@@ -226,3 +226,41 @@ def test_determinism_check_passes_when_only_the_order_changes():
     H._partial = lambda vec: calls.append(1) or orig(vec)
     H @ V
     assert len(calls) == 1
+
+
+def test_one_mean_batch_is_its_own_hvp_bitwise():
+    """A single mean batch is returned as the batch's product itself (no multiply by its weight
+    and divide again): bitwise the HVP of hessfast.hvp on the flat vector."""
+    model, lf, _, _ = zoo.mlp()
+    x, y = _data()
+    H = hessfast.HessianOperator(model, lf, (x, y))
+    V = torch.randn(H.shape[0], 2, dtype=D)
+    ref = hessfast.hvp(model, lf, x, y, V.T.contiguous())
+    assert torch.equal(H @ V, ref.T)
+
+
+@pytest.mark.parametrize("cls", [hessfast.HessianOperator, hessfast.GGNOperator])
+def test_matmat_norms_are_the_products_column_norms(cls):
+    """``matmat_norms`` returns ``matmat``'s product and its column norms, and raises on a NaN
+    product like ``matmat``; Products reads those norms instead of taking its own, unless
+    ``matmat`` was replaced (then the replacement is what it calls)."""
+    from hessfast.algorithms.krylov import Products
+
+    model, lf, _, _ = zoo.mlp()
+    x, y = _data()
+    H = cls(model, lf, _batches(x, y, 4))
+    V = torch.randn(H.shape[0], 3, dtype=D)
+    HV, norms = H.matmat_norms(V)
+    assert torch.equal(HV, H.matmat(V))
+    torch.testing.assert_close(norms, HV.norm(dim=0), rtol=1e-14, atol=0)
+    pr = Products(H)
+    out = pr.apply(V)
+    assert pr._with_norms and torch.equal(out, HV) and torch.equal(pr.col_norms, norms)
+    calls = []
+    H.matmat = lambda X: calls.append(X) or HV  # an instance replacement is honoured
+    pr = Products(H)
+    pr.apply(V)
+    assert not pr._with_norms and len(calls) == 1
+    x[0, 0] = float("nan")
+    with pytest.raises(hessfast.NonFiniteError):
+        cls(model, lf, (x, y)).matmat_norms(V)
