@@ -599,8 +599,8 @@ class ModelOperator(CurvatureOperator):
     def _partial(self, vec: Vectors) -> tuple[Tensor | None, float, int]:
         """This process's ``(Σ_b w_b · H_b V [K, P] or None, Σ_b w_b, number of batches)``
         (``w_b`` from :meth:`_weighted_batches`; a sum batch adds ``H_b V`` and no weight); one
-        mean batch without ``num_data`` or a process group is ``(H_b V, 1.0, 1)``, the same
-        quotient without multiplying by ``w_b`` and dividing again."""
+        mean batch without ``num_data`` or a process group is ``(H_b V, 0.0, 1)``: the quotient
+        itself, with nothing left to divide by (not multiplied by ``w_b`` and divided again)."""
         total = None
         pending = None  # the first batch's weight, not yet applied
         weight_sum = 0.0
@@ -638,7 +638,7 @@ class ModelOperator(CurvatureOperator):
         if pending is not None:
             if self.process_group is None and self.num_data is None:
                 # one mean batch: w · H_b / w is H_b itself (two passes over [K, P] saved)
-                return total, 1.0, seen
+                return total, 0.0, seen
             total.mul_(pending)
         return total, weight_sum, seen
 
@@ -651,8 +651,6 @@ class ModelOperator(CurvatureOperator):
         elif weight_sum:
             d = weight_sum
         else:
-            return total
-        if d == 1:  # exact either way
             return total
         return total.div_(d) if inplace else total / d
 

@@ -339,9 +339,12 @@ class Products:
             raise ValueError(
                 f"the operator's matmat returned {got} for an input of shape {tuple(X.shape)}"
             )
+        if norms is not None:  # checked by the operator itself
+            self.col_norms = norms
+            return Y
         # the column norms are what the algorithms need anyway; finite norms mean finite entries
         # (an infinite norm of finite entries, an overflow, is told apart by the full check)
-        self.col_norms = torch.linalg.vector_norm(Y, dim=0) if norms is None else norms
+        self.col_norms = torch.linalg.vector_norm(Y, dim=0)
         if not bool(torch.isfinite(self.col_norms).all()) and not bool(torch.isfinite(Y).all()):
             raise NonFiniteError(
                 f"an operator product (matmat call {self.calls}, {K} columns) contains NaN or "
@@ -514,17 +517,33 @@ def orthonormalize(
     if Vt is not None and Vt.shape[0] and float(sigma[r - 1]) < math.sqrt(eps) * scale:
         project_out(Vt, Qt.mT, max_passes=2)
         again = True
-    if again:  # Cholesky-QR pass: Qt ← L⁻¹ Qt with L Lᵀ = Qt Qtᵀ, R ← Lᵀ R
-        G2 = (Qt @ Qt.mT).double().cpu()
-        L, info = torch.linalg.cholesky_ex((G2 + G2.T) / 2)
-        if int(info) != 0:  # lost rank in the pass: fall back to Householder QR
-            Q, R2 = torch.linalg.qr(Qt.mT)
-            Qt.copy_(Q.mT)
-            return Qt.mT, R2.double().cpu() @ R, sigma
-        Linv = torch.linalg.solve_triangular(L, torch.eye(r, dtype=torch.float64), upper=False)
-        left_multiply(Qt, Linv.to(W.device, W.dtype))
-        R = L.T @ R
+    if again:
+        R = cholesky_qr(Qt) @ R
     return Qt.mT, R, sigma
+
+
+def cholesky_qr(Qt: Tensor, G: Tensor | None = None) -> Tensor:
+    """One Cholesky-QR pass over the rows ``Qt`` ``[r, P]``, in place: ``Qt ← L⁻¹ Qt`` with
+    ``L Lᵀ = Qt Qtᵀ`` (``G``: that float64 host Gram, if the caller has it). Returns the float64
+    upper factor ``U`` (host) with ``Qt`` before ``= Uᵀ Qt`` after: ``Lᵀ``, or, where the Gram
+    is not positive definite (rank lost), ``R`` of the Householder QR that replaces the pass.
+
+    >>> Qt = torch.tensor([[3.0, 4.0], [1.0, 0.0]], dtype=torch.float64)
+    >>> U = cholesky_qr(Qt)
+    >>> torch.allclose(Qt @ Qt.T, torch.eye(2, dtype=torch.float64)), U.shape
+    (True, torch.Size([2, 2]))
+    """
+    r = Qt.shape[0]
+    if G is None:
+        G = (Qt @ Qt.mT).double().cpu()
+    L, info = torch.linalg.cholesky_ex((G + G.T) / 2)
+    if int(info) != 0:
+        Q, R2 = torch.linalg.qr(Qt.mT)
+        Qt.copy_(Q.mT)
+        return R2.double().cpu()
+    Linv = torch.linalg.solve_triangular(L, torch.eye(r, dtype=torch.float64), upper=False)
+    left_multiply(Qt, Linv.to(Qt.device, Qt.dtype))
+    return L.T
 
 
 def left_multiply(Xt: Tensor, M: Tensor) -> None:

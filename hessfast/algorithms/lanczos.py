@@ -118,6 +118,7 @@ from .krylov import (
     Products,
     check_memory,
     check_operator,
+    cholesky_qr,
     free_bytes,
     left_multiply,
     orthonormalize,
@@ -539,18 +540,14 @@ _NOISE = 1e3
 
 
 def _orthonormal(Y: Tensor, level: float) -> Tensor:
-    """``Y`` with orthonormal columns: unchanged when ``|YᵀY − I| ≤ level`` entrywise, else
-    after one Cholesky-QR pass (Ritz vectors of a basis whose reads followed ``tol``,
-    :data:`_TRIGGER_TOL`, are orthonormal only to that level)."""
+    """``Y`` (``[P, k]``, the caller's own) with orthonormal columns: unchanged when
+    ``|YᵀY − I| ≤ level`` entrywise, else after one Cholesky-QR pass in place (Ritz vectors of a
+    basis whose reads followed ``tol``, :data:`_TRIGGER_TOL`, are orthonormal only to that
+    level)."""
     G = (Y.mT @ Y).double().cpu()
-    eye = torch.eye(G.shape[0], dtype=torch.float64)
-    if G.numel() == 0 or not float((G - eye).abs().max()) > level:
-        return Y
-    L, info = torch.linalg.cholesky_ex((G + G.T) / 2)
-    if int(info) != 0:
-        return torch.linalg.qr(Y)[0]
-    Linv = torch.linalg.solve_triangular(L, eye, upper=False)
-    return Y @ Linv.T.to(Y.device, Y.dtype)
+    if G.numel() and float((G - torch.eye(G.shape[0], dtype=G.dtype)).abs().max()) > level:
+        cholesky_qr(Y.mT, G)
+    return Y
 
 
 def _rayleigh_ritz(Y: Tensor, HY: Tensor) -> tuple[Tensor, Tensor, Tensor]:
