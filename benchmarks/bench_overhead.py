@@ -9,11 +9,14 @@ process on one CPU thread (docs/architecture.md, measurement):
 - inside that same call, the time in the traced graph and the time in the finiteness checks (the
   graph's function and ``api.first_non_finite_in`` wrapped in timers), so the split is of one call
   and not of two runs with different cache states;
+- the same graph traced without its finiteness probe (``traced.PROBE = False``, on a copy of the
+  model), called on the same inputs right after: ``graph − probe-less graph`` is what the probe
+  (the sums of ``v`` and the results, inside the graph) costs;
 - the autograd reference (gradient; double backward for the HVP and the GGN-VP row, math SDPA).
 
 ``outside`` is the share of the product spent outside its graph; ``finiteness`` is the part of it
-that reads ``v`` and the result (a pass over ``2 P`` numbers, compute rather than Python);
-``Python`` is the rest. ``--clock cpu`` times with the calling thread's CPU time instead of the
+that reads ``v`` and the result again (only when the graph's probe cannot vouch for them: a
+non-finite or overflowing probe, or a ``v`` entry no product reads); ``Python`` is the rest. ``--clock cpu`` times with the calling thread's CPU time instead of the
 wall clock: on a shared machine a preempted product otherwise charges the wait to whatever it
 was in (on one torch thread every kernel runs in the calling thread, so nothing is left out).
 Usage::
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import statistics
 import time
 
@@ -51,12 +55,14 @@ _clock = CLOCKS["wall"]
 
 
 class _Timer:
-    """``fn`` with the seconds of each call appended to ``seconds``."""
+    """``fn`` with the seconds of each call appended to ``seconds`` (and its last arguments
+    kept in ``args``)."""
 
     def __init__(self, fn):
-        self.fn, self.seconds = fn, []
+        self.fn, self.seconds, self.args = fn, [], ()
 
     def __call__(self, *args, **kwargs):
+        self.args = args
         t0 = _clock()
         try:
             return self.fn(*args, **kwargs)
@@ -70,10 +76,11 @@ def measure(name: str, size: str, rounds: int) -> list[dict]:
     v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     loss = _flat_loss(loss_fn)
     rows = []
+    plain_model = copy.deepcopy(model)
     for kind in ("grad", "hvp", "ggn"):
         if kind == "grad":
 
-            def product():
+            def product(model=model):
                 return hessfast.grad(model, loss_fn, x, y)
 
             def reference():
@@ -83,7 +90,7 @@ def measure(name: str, size: str, rounds: int) -> list[dict]:
         else:
             f = hessfast.hvp if kind == "hvp" else hessfast.ggn_vp
 
-            def product(f=f):
+            def product(model=model, f=f):
                 return f(model, loss_fn, x, y, v)
 
             def reference():
@@ -92,12 +99,19 @@ def measure(name: str, size: str, rounds: int) -> list[dict]:
 
             ctx = sdpa_kernel([SDPBackend.MATH])
         with ctx:
+            traced.PROBE = False
+            try:
+                for _ in range(3):
+                    product(plain_model)
+            finally:
+                traced.PROBE = True
+            plain = traced.traces(capture.capture(plain_model, (x,)))[-1]
             for _ in range(3):
                 product()
             trace = traced.traces(capture.capture(model, (x,)))[-1]
             graph, checks = _Timer(trace.fn), _Timer(api.first_non_finite_in)
             times: dict[str, list[float]] = {
-                "product": [], "graph": [], "finiteness": [], "autograd": []
+                "product": [], "graph": [], "plain": [], "finiteness": [], "autograd": []
             }  # fmt: skip
             trace.fn, api.first_non_finite_in = graph, checks
             try:
@@ -109,6 +123,10 @@ def measure(name: str, size: str, rounds: int) -> list[dict]:
                     times["product"].append(_clock() - t0)
                     times["graph"].append(sum(graph.seconds))
                     times["finiteness"].append(sum(checks.seconds))
+                    with torch.no_grad():
+                        t0 = _clock()
+                        plain.fn(*graph.args)
+                        times["plain"].append(_clock() - t0)
                     t0 = _clock()
                     reference()
                     times["autograd"].append(_clock() - t0)
@@ -121,6 +139,7 @@ def measure(name: str, size: str, rounds: int) -> list[dict]:
                 "kind": kind,
                 "nodes": len(graph.fn.graph.nodes),
                 **med,
+                "probe": (med["graph"] - med["plain"]) / med["product"],
                 "outside": (med["product"] - med["graph"]) / med["product"],
                 "python": (med["product"] - med["graph"] - med["finiteness"]) / med["product"],
             }
@@ -130,15 +149,16 @@ def measure(name: str, size: str, rounds: int) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| model | product | graph nodes | product | in the graph | outside the graph | "
+        "| model | product | graph nodes | product | in the graph | "
+        "of which the probe (graph − probe-less graph) | outside the graph | "
         "of which finiteness checks | of which Python | "
         "autograd (double backward for hvp/ggn) | product / autograd |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['kind']} | {r['nodes']} | {r['product'] * 1e3:.2f} ms | "
-            f"{r['graph'] * 1e3:.2f} ms | {r['outside']:.1%} | "
+            f"{r['graph'] * 1e3:.2f} ms | {r['probe']:.1%} | {r['outside']:.1%} | "
             f"{r['finiteness'] / r['product']:.1%} | {r['python']:.1%} | {r['autograd'] * 1e3:.2f} ms | "
             f"{r['product'] / r['autograd']:.2f} |"
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -63,6 +64,7 @@ def compute(
     grads: bool = True,
     fingerprint: capture.Fingerprint | None = None,
     before: Callable[[], None] | None = None,
+    probe: list | None = None,
 ):
     """``(loss, grads, products)`` of one engine run: what ``hvp``/``ggn_vp``/``grad`` and the
     operators, the profiler and the benchmarks call (``mode``: ``"hvp"``, ``"ggn"``, ``"grad"`` or
@@ -74,7 +76,10 @@ def compute(
     :func:`hessfast.capture.fingerprint` of ``model`` taken by the caller since its last change
     (``None``: taken here). ``before``: a check of the inputs run before anything but a replay of
     a traced product (:func:`hessfast.traced.run`); the caller checks the inputs of a replay
-    afterwards (:func:`hvp` does, with the result's check).
+    afterwards (:func:`hvp` does, with the result's check). ``probe`` (a list): a traced
+    replay's finiteness probe is appended to it (:attr:`hessfast.engine.Result.probe`; ``None``
+    when there is none), which :func:`_check_finite` reads instead of passing over ``v`` and
+    the results again.
 
     Example:
         >>> import torch, torch.nn.functional as F
@@ -103,6 +108,8 @@ def compute(
             fingerprint,
             before,
         )
+    if probe is not None:
+        probe.append(res.probe)
     if res.trace is not None and rec.traced:  # reported for the trace's replays
         res.trace.dispatch_choices = Counter(rec.traced)
     if info is not None or log.isEnabledFor(logging.DEBUG):
@@ -184,6 +191,7 @@ class _Whole:
 
     fallback_ops = None
     trace = None
+    probe = None
 
     def __init__(self, loss, grads, products):
         self.loss, self.grads, self.products = loss, grads, products
@@ -206,11 +214,18 @@ class _VCheck:
 
 
 def _check_finite(
-    v: _VCheck | None, results: list[tuple[str, dict[str, torch.Tensor]]], check: bool
+    v: _VCheck | None,
+    results: list[tuple[str, dict[str, torch.Tensor]]],
+    check: bool,
+    probe: list | None = None,
 ) -> None:
     """Raise ``ValueError`` naming the parameter if ``v`` (unless checked before the product) has
     a NaN or Inf entry, else, with ``check``, :class:`NonFiniteError` for the first of the
-    ``(kind, values)`` results that has one; one host sync for all."""
+    ``(kind, values)`` results that has one; one host sync for all. ``probe``: what
+    :func:`compute` appended to its ``probe`` list; a finite probe proves ``v`` and the results
+    finite, and nothing else is read."""
+    if probe and probe[0] is not None and math.isfinite(probe[0].item()):
+        return
     groups = [("v", v.vec.finite_parts())] if v is not None and not v.done else []
     if check:
         groups += results
@@ -284,6 +299,7 @@ def hvp(
     vec = parse(v, selected, check_finite=False)
     v_check = _VCheck(vec)
     info: list | None = [] if return_info else None
+    probe: list = []
     _, grads, prods = compute(
         model,
         loss_fn,
@@ -300,15 +316,16 @@ def hvp(
         grads=return_grad,
         fingerprint=fp,
         before=v_check,
+        probe=probe,
     )
     results = [("Hessian-vector product", prods)]
     if return_grad:
         results.append(("gradient", grads))
-    _check_finite(v_check, results, check_finite)
+    _check_finite(v_check, results, check_finite, probe)
     out = (
         format_like(prods, vec)
         if vec.batched
-        else format_like({n: t[0] for n, t in prods.items()}, vec)
+        else format_like({n: t.squeeze(0) for n, t in prods.items()}, vec)
     )
     extra = (info[0],) if return_info else ()
     if not return_grad:
@@ -432,6 +449,7 @@ def _product(
     vec = parse(v, selected, check_finite=False)
     v_check = _VCheck(vec)
     info: list | None = [] if return_info else None
+    probe: list = []
     _, _, prods = compute(
         model,
         loss_fn,
@@ -447,12 +465,13 @@ def _product(
         info=info,
         fingerprint=fp,
         before=v_check,
+        probe=probe,
     )
-    _check_finite(v_check, [(what, prods)], check_finite)
+    _check_finite(v_check, [(what, prods)], check_finite, probe)
     if vec.batched:
         out = format_like(prods, vec)
     else:
-        out = format_like({n: t[0] for n, t in prods.items()}, vec)
+        out = format_like({n: t.squeeze(0) for n, t in prods.items()}, vec)
     return (out, info[0]) if return_info else out
 
 
@@ -484,6 +503,7 @@ def grad(
     """
     fp, selected = _selection(model, params)
     info: list | None = [] if return_info else None
+    probe: list = []
     _, grads, _ = compute(
         model,
         loss_fn,
@@ -498,8 +518,9 @@ def grad(
         output=output,
         info=info,
         fingerprint=fp,
+        probe=probe,
     )
-    _check_finite(None, [("gradient", grads)], check_finite)
+    _check_finite(None, [("gradient", grads)], check_finite, probe)
     if flat:
         out = torch.cat([grads[n].flatten() for n, _ in selected])
     else:

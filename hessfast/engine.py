@@ -62,6 +62,9 @@ class Result:
     products: dict[str, torch.Tensor] | None
     fallback_ops: Counter
     trace: Any = None  # the traced product that ran or was traced (hessfast.traced.Trace)
+    #: a replay's finiteness probe (:func:`hessfast.traced.add_probe`): finite only if ``v`` and
+    #: the gradients and products are; ``None``: not vouched for, check them
+    probe: Any = None
 
 
 def _accumulate(store: dict, key: str, g: Any, gd: Any) -> None:

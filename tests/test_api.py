@@ -375,6 +375,44 @@ def test_non_finite_result_of_a_replay_is_an_error_unless_opted_out(product, mon
     assert t["traced"] and t["calls"] >= 3  # the replays are what raised
 
 
+@pytest.mark.parametrize("product", ["grad", "hvp", "ggn"])
+def test_a_replay_reads_its_finiteness_probe_and_nothing_else(product, monkeypatch):
+    """A finite replay is vouched for by the graph's probe (the sums of v and the results,
+    summed where they are produced): the separate pass over v and the results does not run;
+    the products are those of the interpreter."""
+    m, lf, x, y = _mlp()
+    v = {n: torch.randn_like(p) for n, p in m.named_parameters()}
+    f = {
+        "grad": lambda **kw: hessfast.grad(m, lf, x, y, **kw),
+        "hvp": lambda **kw: hessfast.hvp(m, lf, x, y, v, **kw),
+        "ggn": lambda **kw: hessfast.ggn_vp(m, lf, x, y, v, **kw),
+    }[product]
+    for _ in range(3):  # interpreted, traced (first replay checked), replayed
+        f()
+    (t,) = [t for t in hessfast.traced.traces(capture.capture(m, x)) if t.calls]
+    assert t.probe
+
+    def no_pass(groups):
+        raise AssertionError("a finite replay passed over v and the results again")
+
+    monkeypatch.setattr(hessfast.api, "first_non_finite_in", no_pass)
+    got = f()
+    monkeypatch.undo()
+    want = f(compile="interpret")
+    assert rel_err(got, want) < 1e-12
+
+
+def test_a_probe_that_overflows_is_checked_exactly():
+    """The probe sums sums: finite entries whose sum overflows make it infinite without any
+    entry being so, and the exact check then passes (and names a real culprit)."""
+    big = {"w": torch.full((4,), 3e38, dtype=torch.float32)}
+    probe = [torch.tensor(float("inf"))]
+    hessfast.api._check_finite(None, [("gradient", big)], True, probe)
+    bad = {"w": torch.tensor([1.0, float("nan")])}
+    with pytest.raises(hessfast.NonFiniteError, match="'w'"):
+        hessfast.api._check_finite(None, [("gradient", bad)], True, probe)
+
+
 def test_replay_reports_the_choices_of_a_trace_made_without_return_info():
     """A ProductInfo is built only when asked for, but the implementations chosen while tracing
     are kept on the trace whatever the tracing product asked: a later replay reports them."""
