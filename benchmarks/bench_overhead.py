@@ -10,8 +10,8 @@ process on one CPU thread (docs/architecture.md, measurement):
   graph's function and ``api.first_non_finite_in`` wrapped in timers), so the split is of one call
   and not of two runs with different cache states;
 - the same graph traced without its finiteness probe (``traced.PROBE = False``, on a copy of the
-  model), called on the same inputs right after: ``graph − probe-less graph`` is what the probe
-  (the sums of ``v`` and the results, inside the graph) costs;
+  model), called on the same inputs before or after it (alternating): ``graph − probe-less
+  graph`` is what the probe (the sums of ``v`` and the results, inside the graph) costs;
 - the autograd reference (gradient; double backward for the HVP and the GGN-VP row, math SDPA).
 
 ``outside`` is the share of the product spent outside its graph; ``finiteness`` is the part of it
@@ -70,6 +70,13 @@ class _Timer:
             self.seconds.append(_clock() - t0)
 
 
+def _time_plain(plain, args, times) -> None:
+    with torch.no_grad():  # as a replay
+        t0 = _clock()
+        plain.fn(*args)
+        times["plain"].append(_clock() - t0)
+
+
 def measure(name: str, size: str, rounds: int) -> list[dict]:
     model, loss_fn, (x,), y = bench_models.MODELS[name](size)
     params = list(model.parameters())
@@ -115,7 +122,9 @@ def measure(name: str, size: str, rounds: int) -> list[dict]:
             }  # fmt: skip
             trace.fn, api.first_non_finite_in = graph, checks
             try:
-                for _ in range(rounds):
+                for i in range(rounds):
+                    if i % 2:  # the probe-less graph first on odd rounds: neither is favoured
+                        _time_plain(plain, graph.args, times)
                     graph.seconds.clear()
                     checks.seconds.clear()
                     t0 = _clock()
@@ -123,10 +132,8 @@ def measure(name: str, size: str, rounds: int) -> list[dict]:
                     times["product"].append(_clock() - t0)
                     times["graph"].append(sum(graph.seconds))
                     times["finiteness"].append(sum(checks.seconds))
-                    with torch.no_grad():
-                        t0 = _clock()
-                        plain.fn(*graph.args)
-                        times["plain"].append(_clock() - t0)
+                    if not i % 2:
+                        _time_plain(plain, graph.args, times)
                     t0 = _clock()
                     reference()
                     times["autograd"].append(_clock() - t0)
