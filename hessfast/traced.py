@@ -17,8 +17,9 @@ of a custom loss, ...). Everything else is a graph input: parameter and input *v
 tangents. Tracing runs on fake tensors, so no value of the data can be baked into the graph: a rule
 that reads a tensor value on the host (``.item()``, a Python branch on data, a data-dependent
 shape) makes the trace fail, and that signature runs the interpreter instead (the reason is kept,
-:func:`explain`). Host-side checks (finiteness, target ranges) run once per product outside the
-graph, in :mod:`hessfast.api` and :mod:`hessfast.losses`.
+:func:`explain`). The finiteness of ``v`` and the results is a scalar output of the graph
+(:func:`add_probe`), read once per product by :mod:`hessfast.api`; target ranges are checked
+once per product outside the graph, in :mod:`hessfast.losses`.
 
 ``compile=`` picks what runs (:data:`MODES`):
 
@@ -374,7 +375,8 @@ def add_probe(gm: torch.fx.GraphModule, first_tangent: int, n_tangents: int) -> 
     product (on one CPU thread, 14 µs against 229 µs for a 1 MiB tensor). Tensors of fewer than
     :data:`hessfast.vectors.SMALL` entries are summed together at the end by one
     ``_foreach_norm`` (their 1-norms: finite exactly when the entries are). Returns whether a
-    probe was added (``False``: nothing to probe)."""
+    probe was added (``False``: nothing to probe, or a tensor that is not real floating point,
+    which the exact check then reads)."""
     graph = gm.graph
     nodes = list(graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
@@ -390,11 +392,11 @@ def add_probe(gm: torch.fx.GraphModule, first_tangent: int, n_tangents: int) -> 
     for o in outs[1:]:
         if isinstance(o, torch.fx.Node):
             targets.setdefault(o, o)
+    vals = [x.meta.get("val") for x in targets]
+    if not all(isinstance(v, torch.Tensor) and v.dtype.is_floating_point for v in vals):
+        return False  # (complex, integer or unknown: the exact check reads it)
     sums, small = [], []
-    for x, anchor in targets.items():
-        val = x.meta.get("val")
-        if not isinstance(val, torch.Tensor) or not val.dtype.is_floating_point:
-            continue
+    for (x, anchor), val in zip(targets.items(), vals):
         half = val.dtype in (torch.float16, torch.bfloat16)
         if val.numel() < SMALL and not half:
             small.append(x)
