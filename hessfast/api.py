@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.fx._pytree import tree_flatten_spec
 
-from . import autograd_fallback, capture, dispatch, engine, losses, traced
+from . import autograd_fallback, capture, dispatch, engine, losses, replay, traced
 from .dispatch import use_backend
 from .errors import CaptureError, NonFiniteError
 from .vectors import Vectors, first_non_finite_in, format_like, parse, select_params
@@ -64,7 +64,7 @@ def compute(
     grads: bool = True,
     fingerprint: capture.Fingerprint | None = None,
     before: Callable[[], None] | None = None,
-    probe: list | None = None,
+    result: list | None = None,
 ):
     """``(loss, grads, products)`` of one engine run: what ``hvp``/``ggn_vp``/``grad`` and the
     operators, the profiler and the benchmarks call (``mode``: ``"hvp"``, ``"ggn"``, ``"grad"`` or
@@ -76,10 +76,10 @@ def compute(
     :func:`hessfast.capture.fingerprint` of ``model`` taken by the caller since its last change
     (``None``: taken here). ``before``: a check of the inputs run before anything but a replay of
     a traced product (:func:`hessfast.traced.run`); the caller checks the inputs of a replay
-    afterwards (:func:`hvp` does, with the result's check). ``probe`` (a list): a traced
-    replay's finiteness probe is appended to it (:attr:`hessfast.engine.Result.probe`; ``None``
-    when there is none), which :func:`_check_finite` reads instead of passing over ``v`` and
-    the results again.
+    afterwards (:func:`hvp` does, with the result's check). ``result`` (a list): the run's
+    :class:`~hessfast.engine.Result` is appended to it (a traced replay's finiteness probe,
+    which :func:`_check_finite` reads instead of passing over ``v`` and the results again, and
+    what :mod:`hessfast.replay` records).
 
     Example:
         >>> import torch, torch.nn.functional as F
@@ -108,8 +108,8 @@ def compute(
             fingerprint,
             before,
         )
-    if probe is not None:
-        probe.append(res.probe)
+    if result is not None:
+        result.append(res)
     if res.trace is not None and rec.traced:  # reported for the trace's replays
         res.trace.dispatch_choices = Counter(rec.traced)
     if info is not None or log.isEnabledFor(logging.DEBUG):
@@ -171,14 +171,18 @@ def _compute_on(
     values.update(prog.constants)
     values.update(zip(prog.user_inputs, tree_flatten_spec((inputs, kwargs), prog.in_spec)))
     out_meta = prog.output.meta.get("val")
-    rule = losses.resolve(loss_fn, targets, tuple(out_meta.shape) if out_meta is not None else None)
-    _, rule = losses.read_output(rule, prog.out_spec, output)
+    out_shape = tuple(out_meta.shape) if out_meta is not None else None
+    resolved = losses.resolve(loss_fn, targets, out_shape)
+    _, rule = losses.read_output(resolved, prog.out_spec, output)
     if profiler is not None:  # the per-rule view needs the interpreter
         if before is not None:
             before()
         values = traced.detached(values)
         return engine.run(prog, names, values, tangents, k, rule, mode, profiler=profiler)
-    return traced.run(prog, names, values, tangents, k, rule, mode, compile, grads, before)
+    res = traced.run(prog, names, values, tangents, k, rule, mode, compile, grads, before)
+    if res.flat is not None:
+        res.classes = losses.class_range(resolved, out_shape)
+    return res
 
 
 def _check_module(model: Any) -> None:
@@ -191,7 +195,7 @@ class _Whole:
 
     fallback_ops = None
     trace = None
-    probe = None
+    probe = flat = active = classes = None
 
     def __init__(self, loss, grads, products):
         self.loss, self.grads, self.products = loss, grads, products
@@ -217,14 +221,14 @@ def _check_finite(
     v: _VCheck | None,
     results: list[tuple[str, dict[str, torch.Tensor]]],
     check: bool,
-    probe: list | None = None,
+    probe: torch.Tensor | None = None,
 ) -> None:
     """Raise ``ValueError`` naming the parameter if ``v`` (unless checked before the product) has
     a NaN or Inf entry, else, with ``check``, :class:`NonFiniteError` for the first of the
-    ``(kind, values)`` results that has one; one host sync for all. ``probe``: what
-    :func:`compute` appended to its ``probe`` list; a finite probe proves ``v`` and the results
-    finite, and nothing else is read."""
-    if probe and probe[0] is not None and math.isfinite(probe[0].item()):
+    ``(kind, values)`` results that has one; one host sync for all. ``probe``: a traced
+    replay's finiteness probe (:attr:`hessfast.engine.Result.probe`); a finite one proves ``v``
+    and the results finite, and nothing else is read."""
+    if probe is not None and math.isfinite(probe.item()):
         return
     groups = [("v", v.vec.finite_parts())] if v is not None and not v.done else []
     if check:
@@ -295,11 +299,17 @@ def hvp(
         >>> sorted(hv) == sorted(v) and hv["0.weight"].shape == (4, 3)
         True
     """
+    fast = params is None and not return_info and not log.isEnabledFor(logging.DEBUG)
+    args = (strict, backend, compile, output, check_finite)
+    if fast:
+        got = replay.run(("hvp", return_grad), model, loss_fn, inputs, targets, v, args)
+        if got is not None:
+            return (got[1], got[0]) if return_grad else got[1]
     fp, selected = _selection(model, params)
     vec = parse(v, selected, check_finite=False)
     v_check = _VCheck(vec)
     info: list | None = [] if return_info else None
-    probe: list = []
+    result: list = []
     _, grads, prods = compute(
         model,
         loss_fn,
@@ -316,12 +326,17 @@ def hvp(
         grads=return_grad,
         fingerprint=fp,
         before=v_check,
-        probe=probe,
+        result=result,
     )
     results = [("Hessian-vector product", prods)]
     if return_grad:
         results.append(("gradient", grads))
-    _check_finite(v_check, results, check_finite, probe)
+    _check_finite(v_check, results, check_finite, result[0].probe)
+    if fast:
+        names = [n for n, _ in selected]
+        replay.record(
+            ("hvp", return_grad), model, loss_fn, inputs, targets, v, args, result[0], names
+        )
     out = (
         format_like(prods, vec)
         if vec.batched
@@ -445,11 +460,17 @@ def _product(
     return_info,
 ):
     """A product without a gradient (``"ggn"``, ``"residual"``) in ``v``'s structure."""
+    fast = params is None and not return_info and not log.isEnabledFor(logging.DEBUG)
+    args = (strict, backend, compile, output, check_finite)
+    if fast:
+        got = replay.run((mode,), model, loss_fn, inputs, targets, v, args)
+        if got is not None:
+            return got[1]
     fp, selected = _selection(model, params)
     vec = parse(v, selected, check_finite=False)
     v_check = _VCheck(vec)
     info: list | None = [] if return_info else None
-    probe: list = []
+    result: list = []
     _, _, prods = compute(
         model,
         loss_fn,
@@ -465,9 +486,12 @@ def _product(
         info=info,
         fingerprint=fp,
         before=v_check,
-        probe=probe,
+        result=result,
     )
-    _check_finite(v_check, [(what, prods)], check_finite, probe)
+    _check_finite(v_check, [(what, prods)], check_finite, result[0].probe)
+    if fast:
+        names = [n for n, _ in selected]
+        replay.record((mode,), model, loss_fn, inputs, targets, v, args, result[0], names)
     if vec.batched:
         out = format_like(prods, vec)
     else:
@@ -501,9 +525,15 @@ def grad(
         >>> sorted(g)
         ['bias', 'weight']
     """
+    fast = params is None and not return_info and not log.isEnabledFor(logging.DEBUG)
+    args = (strict, backend, compile, output, check_finite)
+    if fast:
+        got = replay.run(("grad",), model, loss_fn, inputs, targets, None, args)
+        if got is not None:
+            return torch.cat([g.flatten() for g in got[0].values()]) if flat else got[0]
     fp, selected = _selection(model, params)
     info: list | None = [] if return_info else None
-    probe: list = []
+    result: list = []
     _, grads, _ = compute(
         model,
         loss_fn,
@@ -518,9 +548,12 @@ def grad(
         output=output,
         info=info,
         fingerprint=fp,
-        probe=probe,
+        result=result,
     )
-    _check_finite(None, [("gradient", grads)], check_finite, probe)
+    _check_finite(None, [("gradient", grads)], check_finite, result[0].probe)
+    if fast:
+        names = [n for n, _ in selected]
+        replay.record(("grad",), model, loss_fn, inputs, targets, None, args, result[0], names)
     if flat:
         out = torch.cat([grads[n].flatten() for n, _ in selected])
     else:

@@ -934,3 +934,6 @@ def clear_cache() -> None:
     without it; this frees memory)."""
     _CACHE.clear()
     _SNAPSHOTS.clear()
+    from . import replay  # (imports this module)
+
+    replay.clear()

@@ -65,6 +65,11 @@ class Result:
     #: a replay's finiteness probe (:func:`hessfast.traced.add_probe`): finite only if ``v`` and
     #: the gradients and products are; ``None``: not vouched for, check them
     probe: Any = None
+    #: a replay's graph inputs, in order, and the tangent names in their order (what
+    #: :mod:`hessfast.replay` records to replay the graph without this path)
+    flat: Any = None
+    active: Any = None
+    classes: Any = None  # (C, ignore_index, name) of the targets' range check, or None
 
 
 def _accumulate(store: dict, key: str, g: Any, gd: Any) -> None:

@@ -376,17 +376,36 @@ def validate_targets(rule: Any, output_shape: tuple | None) -> None:
     C, why = _class_layout(tuple(output_shape), t)
     if C is None:
         raise ValueError(f"{name}: {why}")
+    check_class_range(t, C, rule.ignore_index, name)
+
+
+def class_range(rule: Any, output_shape: tuple | None) -> tuple[int, int, str] | None:
+    """``(C, ignore_index, name)`` of the range check :func:`validate_targets` makes of hard
+    class targets (shapes already checked), or ``None`` when it makes none: what a later product
+    with targets of the same shape checks by :func:`check_class_range`."""
+    if output_shape is None or not isinstance(rule, (CrossEntropyLoss, NLLLoss)):
+        return None
+    if isinstance(rule, CrossEntropyLoss) and rule.soft:
+        return None
+    C, _ = _class_layout(tuple(output_shape), rule.target)
+    name = "cross_entropy" if isinstance(rule, CrossEntropyLoss) else "nll_loss"
+    return (C, rule.ignore_index, name) if C is not None else None
+
+
+def check_class_range(t: torch.Tensor, C: int, ignore_index: int, name: str) -> None:
+    """``IndexError`` (as torch) unless every target of ``t`` is a class in ``[0, C)`` or
+    ``ignore_index``: one reduction and one host synchronisation in the common case."""
     if t.numel() == 0:
         return
     lo, hi = torch.stack(torch.aminmax(t)).tolist()  # the common case: one reduction
     if 0 <= lo and hi < C:
         return
-    bad = (t != rule.ignore_index) & ((t < 0) | (t >= C))
+    bad = (t != ignore_index) & ((t < 0) | (t >= C))
     if bool(bad.any()):
         first = int(t[bad].flatten()[0])
         raise IndexError(
             f"{name}: Target {first} is out of bounds: the logits have {C} classes, so targets "
-            f"must lie in [0, {C - 1}] (or equal ignore_index={rule.ignore_index})"
+            f"must lie in [0, {C - 1}] (or equal ignore_index={ignore_index})"
         )
 
 

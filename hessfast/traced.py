@@ -635,6 +635,7 @@ def run(
     # the probe vouches for v only when every tangent was a graph input
     if trace.probe and whole_v:
         res.probe = out[-1]
+        res.flat, res.active = flat, None if tangents is None else list(tangents)
     return res
 
 

@@ -406,7 +406,7 @@ def test_a_probe_that_overflows_is_checked_exactly():
     """The probe sums sums: finite entries whose sum overflows make it infinite without any
     entry being so, and the exact check then passes (and names a real culprit)."""
     big = {"w": torch.full((4,), 3e38, dtype=torch.float32)}
-    probe = [torch.tensor(float("inf"))]
+    probe = torch.tensor(float("inf"))
     hessfast.api._check_finite(None, [("gradient", big)], True, probe)
     bad = {"w": torch.tensor([1.0, float("nan")])}
     with pytest.raises(hessfast.NonFiniteError, match="'w'"):

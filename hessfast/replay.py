@@ -1,0 +1,184 @@
+"""Repeated products: a call like the last replayed one runs its graph behind a short guard.
+
+A research loop asks for the same product again and again (the same model, loss and batch
+layout; new values): after :mod:`hessfast.traced` has traced and checked a product's graph, the
+path from :func:`hessfast.hvp` to that graph still resolves the loss, captures, builds the
+inputs' dictionaries and the trace key on every call — a few hundred Python calls, 2–4% of a
+small CPU product (``benchmarks/bench_overhead.py``). :func:`record` keeps, per model and product
+kind, what the last replay needed; :func:`run` replays it when every guard holds and returns
+``None`` otherwise (the caller then takes the full path, which records again).
+
+The guards are those of the full path, read directly:
+
+- the model's :func:`~hessfast.capture.fingerprint` is the same object (nothing the capture
+  specialised on changed) and every parameter's ``requires_grad`` is what it was;
+- the same ``loss_fn`` object, a closed-form loss, with the same keyword arguments (none a
+  tensor); the same ``backend``/``compile``/``output``/``strict`` arguments, the same backend
+  request (:func:`hessfast.dispatch.requested`) and engine settings;
+- the shapes, strides, dtypes and devices of every graph input (parameters, buffers, constants,
+  the inputs, ``v``, the targets) are the recorded ones, ``v`` is a dict in the recorded name
+  order, and hard class targets lie in range (one host sync, as the full path);
+- the graph's finiteness probe is finite; otherwise the full path runs and reports what is not.
+
+Only products the full path replays with a probe are recorded: dict ``v`` (with or without a K
+axis), a tensor or a tuple of tensors as inputs, a tensor as targets, ``params=None``, no
+``return_info``. Anything else, and the first products of a signature, take the full path.
+
+Example:
+    >>> import torch, torch.nn.functional as F, hessfast
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    >>> x, y = torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1])
+    >>> v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    >>> a = [hessfast.hvp(model, F.cross_entropy, x, y, v) for _ in range(4)]  # the last: here
+    >>> all(torch.equal(a[0][n], a[3][n]) for n in v)
+    True
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Any
+
+import torch
+
+from . import capture, engine, losses, traced
+from .dispatch import requested
+from .rules import cross_entropy
+from .vectors import _named_parameters_at
+
+#: model -> {product kind: _Record}
+_RECORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+#: Whether :func:`run` may replay (tests and benchmarks switch it off to time the full path).
+ENABLED = True
+
+
+def _settings() -> tuple:
+    return requested(), engine.FUSE_HEAD, cross_entropy.HEAD_CHUNK_BYTES
+
+
+class _Record:
+    __slots__ = ("fp", "params", "rg", "loss_fn", "ident", "args", "settings", "fixed",
+                 "fixed_metas", "n_in", "in_metas", "names", "active", "v_metas", "batched",
+                 "y_metas", "classes", "out_names", "trace", "gnames", "pnames")  # fmt: skip
+
+
+def _ident(loss_fn: Any) -> tuple | None:
+    """The recognised loss and its keyword arguments, or ``None`` (a custom loss, or a tensor
+    among its arguments, which equality cannot compare)."""
+    fn, kw = losses.identify(loss_fn)
+    if fn is None or any(isinstance(x, torch.Tensor) for x in kw.values()):
+        return None
+    return fn, tuple(sorted(kw.items()))
+
+
+def _inputs(inputs: Any) -> tuple | None:
+    if isinstance(inputs, torch.Tensor):
+        return (inputs,)
+    if type(inputs) is tuple and all(isinstance(x, torch.Tensor) for x in inputs):
+        return inputs
+    return None
+
+
+def record(kind, model, loss_fn, inputs, targets, v, args, res, names) -> None:
+    """Keep what the full path's replay ``res`` (an :class:`~hessfast.engine.Result` with
+    ``flat``, checked finite) needs to be replayed by :func:`run`; ``args``: the call's other
+    arguments, compared as they are; ``names``: the differentiated parameters, in the order the
+    results are returned. Does nothing for calls :func:`run` does not serve."""
+    if res.flat is None or res.probe is None or not isinstance(targets, torch.Tensor):
+        return
+    ins = _inputs(inputs)
+    ident = _ident(loss_fn)
+    if ins is None or ident is None or (v is not None and type(v) is not dict):
+        return
+    flat = res.flat
+    n_t = 0 if res.active is None else len(res.active)
+    if not flat or flat[-1] is not targets:
+        return
+    n_fixed = len(flat) - 1 - n_t - len(ins)
+    if n_fixed < 0 or any(a is not b for a, b in zip(flat[n_fixed : n_fixed + len(ins)], ins)):
+        return
+    fp = capture.fingerprint(model)
+    r = _Record()
+    r.fp = fp
+    r.params = [p for _, p in _named_parameters_at(model, fp)]
+    r.rg = [p.requires_grad for p in r.params]
+    r.loss_fn, r.ident, r.args, r.settings = loss_fn, ident, args, _settings()
+    r.fixed = flat[:n_fixed]
+    r.fixed_metas = traced._metas(r.fixed)
+    r.n_in, r.in_metas = len(ins), traced._metas(ins)
+    r.y_metas = traced._metas((targets,))
+    r.classes = res.classes
+    r.out_names = list(names)
+    r.trace = res.trace
+    r.gnames, r.pnames = res.trace.layout
+    if v is None:
+        r.names, r.active, r.v_metas, r.batched = None, None, None, False
+    else:
+        r.names = tuple(v)
+        r.active = res.active
+        r.v_metas = traced._metas(v.values())
+        r.batched = res.products[r.pnames[0]].dim() == next(iter(v.values())).dim()
+    per = _RECORDS.get(model)
+    if per is None:
+        per = _RECORDS[model] = {}
+    per[kind] = r
+
+
+def run(kind, model, loss_fn, inputs, targets, v, args):
+    """``(grads, products)`` of the recorded product ``kind`` of ``model`` replayed on these
+    arguments, as the full path returns them to the caller: dicts in the parameters' order,
+    the products with a K axis only where ``v`` has one (``None`` where the product kind has
+    none); or ``None`` when a guard does not hold or the result's probe is not finite."""
+    per = _RECORDS.get(model)
+    r = None if per is None or not ENABLED else per.get(kind)
+    if r is None or loss_fn is not r.loss_fn or args != r.args:
+        return None
+    if capture.fingerprint(model) is not r.fp or [p.requires_grad for p in r.params] != r.rg:
+        return None
+    ins = _inputs(inputs)
+    if ins is None or len(ins) != r.n_in or not isinstance(targets, torch.Tensor):
+        return None
+    if _ident(loss_fn) != r.ident or _settings() != r.settings:
+        return None
+    if traced._metas(ins) != r.in_metas or traced._metas((targets,)) != r.y_metas:
+        return None
+    if r.names is not None:
+        if type(v) is not dict or tuple(v) != r.names or traced._metas(v.values()) != r.v_metas:
+            return None
+        tangents = [v[n] for n in r.active]
+        if not r.batched:
+            tangents = [t.unsqueeze(0) for t in tangents]
+    elif v is not None:
+        return None
+    else:
+        tangents = []
+    if traced._metas(r.fixed) != r.fixed_metas:
+        return None
+    trace = r.trace
+    if trace.fn is None:  # retired since
+        return None
+    if r.classes is not None:
+        losses.check_class_range(targets, *r.classes)
+    with torch.no_grad():
+        out = trace.fn(*r.fixed, *ins, *tangents, targets)
+    if not math.isfinite(out[-1].item()):
+        return None  # the full path names what is not finite
+    trace.calls += 1
+    grads = prods = None
+    i = 1
+    names = r.out_names
+    if r.gnames is not None:
+        g = dict(zip(r.gnames, out[1 : 1 + len(r.gnames)]))
+        grads = {n: g[n] for n in names}
+        i += len(r.gnames)
+    if r.pnames is not None:
+        p = dict(zip(r.pnames, out[i : i + len(r.pnames)]))
+        prods = {n: p[n] for n in names} if r.batched else {n: p[n].squeeze(0) for n in names}
+    return grads, prods
+
+
+def clear() -> None:
+    """Forget every record (:func:`hessfast.capture.clear_cache` calls it)."""
+    _RECORDS.clear()

@@ -1,0 +1,184 @@
+"""Repeated products (hessfast/replay.py): a call like the last replayed one skips the full path,
+gives what the full path gives, and every change a guard watches sends it back to the full path."""
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from oracle import double_backward_hvp, rel_err
+
+import hessfast
+from hessfast import api, replay
+
+D = torch.float64
+
+
+def _problem(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).to(D)
+    x, y = torch.randn(8, 4, dtype=D), torch.randint(0, 3, (8,))
+    v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    return model, x, y, v
+
+
+@pytest.fixture
+def full_path(monkeypatch):
+    """Counts the calls that take the full path (api.compute)."""
+    calls = []
+    compute = api.compute
+
+    def counted(*a, **k):
+        calls.append(1)
+        return compute(*a, **k)
+
+    monkeypatch.setattr(api, "compute", counted)
+    return calls
+
+
+PRODUCTS = {
+    "hvp": lambda m, lf, x, y, v: hessfast.hvp(m, lf, x, y, v),
+    "hvp-grad": lambda m, lf, x, y, v: hessfast.hvp(m, lf, x, y, v, return_grad=True),
+    "ggn": lambda m, lf, x, y, v: hessfast.ggn_vp(m, lf, x, y, v),
+    "residual": lambda m, lf, x, y, v: hessfast.residual_vp(m, lf, x, y, v),
+    "grad": lambda m, lf, x, y, v: hessfast.grad(m, lf, x, y),
+    "grad-flat": lambda m, lf, x, y, v: hessfast.grad(m, lf, x, y, flat=True),
+}
+
+
+def _same(a, b):
+    if isinstance(a, tuple):
+        return all(_same(p, q) for p, q in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return list(a) == list(b) and all(torch.equal(a[n], b[n]) for n in a)
+
+
+@pytest.mark.parametrize("product", sorted(PRODUCTS))
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_replay_equals_the_full_path_bitwise(product, batched, full_path):
+    model, x, y, v = _problem()
+    if batched:
+        v = {n: torch.stack([t, 2 * t]) for n, t in v.items()}
+    f = PRODUCTS[product]
+    for _ in range(3):  # interpreted, traced (first replay checked), replayed and recorded
+        f(model, F.cross_entropy, x, y, v)
+    n = len(full_path)
+    x2, v2 = x + 1, {n: t.flip(-1) for n, t in v.items()}
+    got = f(model, F.cross_entropy, x2, y, v2)
+    assert len(full_path) == n  # replayed
+    replay.ENABLED = False
+    try:
+        want = f(model, F.cross_entropy, x2, y, v2)
+    finally:
+        replay.ENABLED = True
+    assert len(full_path) == n + 1
+    assert _same(got, want)
+
+
+def _oracle(model, lf, x, y, v):
+    out = double_backward_hvp(model, lf, (x,), y, {n: t[None] for n, t in v.items()})
+    return {n: t[0] for n, t in out.items()}
+
+
+def _warm(model, lf, x, y, v, full_path):
+    """Products until one is replayed; returns the full-path count then."""
+    for _ in range(4):
+        n = len(full_path)
+        hessfast.hvp(model, lf, x, y, v)
+        if len(full_path) == n:
+            return n
+    raise AssertionError("no product was replayed")
+
+
+def test_parameter_values_are_read_as_they_are(full_path):
+    model, x, y, v = _problem()
+    n = _warm(model, F.cross_entropy, x, y, v, full_path)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)  # an optimizer step: the same objects, new values
+    got = hessfast.hvp(model, F.cross_entropy, x, y, v)
+    assert len(full_path) == n
+    want = _oracle(model, F.cross_entropy, x, y, v)
+    assert rel_err(got, want) < 1e-12
+
+
+def _eval(m, lf, x, y, v):
+    m.eval()
+    return lf, x, y, v
+
+
+def _rebind(m, lf, x, y, v):
+    with torch.no_grad():  # the same Parameter object, other strides: no version bump
+        m[2].weight.data = torch.randn(6, 3, dtype=D).T
+    return lf, x, y, v
+
+
+def _requires_grad(m, lf, x, y, v):
+    m[0].bias.requires_grad_(False)
+    return lf, x, y, {n: t for n, t in v.items() if n != "0.bias"}
+
+
+CHANGES = {
+    "eval mode": _eval,
+    "a rebound parameter": _rebind,
+    "requires_grad": _requires_grad,
+    "another loss": lambda m, lf, x, y, v: (functools.partial(F.cross_entropy), x, y, v),
+    "batch shape": lambda m, lf, x, y, v: (lf, x[:5], y[:5], v),
+    "v order": lambda m, lf, x, y, v: (lf, x, y, dict(reversed(v.items()))),
+    "v strides": lambda m, lf, x, y, v: (
+        lf,
+        x,
+        y,
+        {n: t.T.contiguous().T if t.dim() == 2 else t for n, t in v.items()},
+    ),
+}
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_every_guard_sends_a_change_to_the_full_path(change, full_path):
+    model, x, y, v = _problem()
+    n = _warm(model, F.cross_entropy, x, y, v, full_path)
+    lf, x2, y2, v2 = CHANGES[change](model, F.cross_entropy, x, y, v)
+    got = hessfast.hvp(model, lf, x2, y2, v2)
+    assert len(full_path) == n + 1
+    assert list(got) == [n for n, p in model.named_parameters() if p.requires_grad]
+    assert rel_err(got, _oracle(model, lf, x2, y2, v2)) < 1e-12
+
+
+def test_a_changed_loss_keyword_is_a_change(full_path):
+    model, x, y, v = _problem()
+    lf = functools.partial(F.cross_entropy, label_smoothing=0.0)
+    n = _warm(model, lf, x, y, v, full_path)
+    lf.keywords["label_smoothing"] = 0.2  # a partial's keywords can be changed in place
+    got = hessfast.hvp(model, lf, x, y, v)
+    assert len(full_path) == n + 1
+    assert rel_err(got, _oracle(model, lf, x, y, v)) < 1e-12
+
+
+def test_bad_inputs_of_a_replay_are_errors_as_on_the_full_path(full_path):
+    model, x, y, v = _problem()
+    _warm(model, F.cross_entropy, x, y, v, full_path)
+    with pytest.raises(IndexError, match="out of bounds"):
+        hessfast.hvp(model, F.cross_entropy, x, torch.full_like(y, 3), v)
+    bad = dict(v)
+    bad["2.weight"] = v["2.weight"].clone()
+    bad["2.weight"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"v\['2\.weight'\] contains NaN or Inf"):
+        hessfast.hvp(model, F.cross_entropy, x, y, bad)
+    x_inf = x.clone()
+    x_inf[0, 0] = float("inf")
+    with pytest.raises(hessfast.NonFiniteError):
+        hessfast.hvp(model, F.cross_entropy, x_inf, y, v)
+    out = hessfast.hvp(model, F.cross_entropy, x_inf, y, v, check_finite=False)
+    assert not all(torch.isfinite(t).all() for t in out.values())
+    got = hessfast.hvp(model, F.cross_entropy, x, y, v)  # and the record still serves
+    assert rel_err(got, _oracle(model, F.cross_entropy, x, y, v)) < 1e-12
+
+
+def test_clear_cache_forgets_the_records(full_path):
+    model, x, y, v = _problem()
+    n = _warm(model, F.cross_entropy, x, y, v, full_path)
+    hessfast.capture.clear_cache()
+    hessfast.hvp(model, F.cross_entropy, x, y, v)
+    assert len(full_path) == n + 1
