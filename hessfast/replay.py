@@ -131,8 +131,11 @@ def run(kind, model, loss_fn, inputs, targets, v, args):
     arguments, as the full path returns them to the caller: dicts in the parameters' order,
     the products with a K axis only where ``v`` has one (``None`` where the product kind has
     none); or ``None`` when a guard does not hold or the result's probe is not finite."""
-    per = _RECORDS.get(model)
-    r = None if per is None or not ENABLED else per.get(kind)
+    try:
+        per = _RECORDS.get(model) if ENABLED else None
+    except TypeError:  # not weak-referenceable (not a module): the full path says what is wrong
+        return None
+    r = None if per is None else per.get(kind)
     if r is None or loss_fn is not r.loss_fn or args != r.args:
         return None
     if capture.fingerprint(model) is not r.fp or [p.requires_grad for p in r.params] != r.rg:
