@@ -246,6 +246,12 @@ def _check_finite(
     )
 
 
+def _replayable(params: Params, return_info: bool) -> bool:
+    """Whether a call may be served, and recorded, by :mod:`hessfast.replay` (which needs the
+    whole parameter set, returns no info, and logs no per-product line)."""
+    return params is None and not return_info and not log.isEnabledFor(logging.DEBUG)
+
+
 def _selection(model: Any, params: Params) -> tuple[capture.Fingerprint, list]:
     """The model's fingerprint (taken once per product, read again by the capture guard) and
     the differentiated parameters."""
@@ -299,7 +305,7 @@ def hvp(
         >>> sorted(hv) == sorted(v) and hv["0.weight"].shape == (4, 3)
         True
     """
-    fast = params is None and not return_info and not log.isEnabledFor(logging.DEBUG)
+    fast = _replayable(params, return_info)
     args = (strict, backend, compile, output, check_finite)
     if fast:
         got = replay.run(("hvp", return_grad), model, loss_fn, inputs, targets, v, args)
@@ -333,9 +339,9 @@ def hvp(
         results.append(("gradient", grads))
     _check_finite(v_check, results, check_finite, result[0].probe)
     if fast:
-        names = [n for n, _ in selected]
+        kind = ("hvp", return_grad)
         replay.record(
-            ("hvp", return_grad), model, loss_fn, inputs, targets, v, args, result[0], names
+            kind, model, loss_fn, inputs, targets, v, args, result[0], fp, selected, vec.batched
         )
     out = (
         format_like(prods, vec)
@@ -460,7 +466,7 @@ def _product(
     return_info,
 ):
     """A product without a gradient (``"ggn"``, ``"residual"``) in ``v``'s structure."""
-    fast = params is None and not return_info and not log.isEnabledFor(logging.DEBUG)
+    fast = _replayable(params, return_info)
     args = (strict, backend, compile, output, check_finite)
     if fast:
         got = replay.run((mode,), model, loss_fn, inputs, targets, v, args)
@@ -490,8 +496,10 @@ def _product(
     )
     _check_finite(v_check, [(what, prods)], check_finite, result[0].probe)
     if fast:
-        names = [n for n, _ in selected]
-        replay.record((mode,), model, loss_fn, inputs, targets, v, args, result[0], names)
+        kind = (mode,)
+        replay.record(
+            kind, model, loss_fn, inputs, targets, v, args, result[0], fp, selected, vec.batched
+        )
     if vec.batched:
         out = format_like(prods, vec)
     else:
@@ -525,7 +533,7 @@ def grad(
         >>> sorted(g)
         ['bias', 'weight']
     """
-    fast = params is None and not return_info and not log.isEnabledFor(logging.DEBUG)
+    fast = _replayable(params, return_info)
     args = (strict, backend, compile, output, check_finite)
     if fast:
         got = replay.run(("grad",), model, loss_fn, inputs, targets, None, args)
@@ -552,8 +560,10 @@ def grad(
     )
     _check_finite(None, [("gradient", grads)], check_finite, result[0].probe)
     if fast:
-        names = [n for n, _ in selected]
-        replay.record(("grad",), model, loss_fn, inputs, targets, None, args, result[0], names)
+        kind = ("grad",)
+        replay.record(
+            kind, model, loss_fn, inputs, targets, None, args, result[0], fp, selected, False
+        )
     if flat:
         out = torch.cat([grads[n].flatten() for n, _ in selected])
     else:

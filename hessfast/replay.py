@@ -61,7 +61,7 @@ def _settings() -> tuple:
 class _Record:
     __slots__ = ("fp", "params", "rg", "loss_fn", "ident", "args", "settings", "fixed",
                  "fixed_metas", "n_in", "in_metas", "names", "active", "v_metas", "batched",
-                 "y_metas", "classes", "out_names", "trace", "gnames", "pnames")  # fmt: skip
+                 "y_metas", "classes", "out_names", "trace")  # fmt: skip
 
 
 def _ident(loss_fn: Any) -> tuple | None:
@@ -81,11 +81,12 @@ def _inputs(inputs: Any) -> tuple | None:
     return None
 
 
-def record(kind, model, loss_fn, inputs, targets, v, args, res, names) -> None:
+def record(kind, model, loss_fn, inputs, targets, v, args, res, fp, selected, batched) -> None:
     """Keep what the full path's replay ``res`` (an :class:`~hessfast.engine.Result` with
     ``flat``, checked finite) needs to be replayed by :func:`run`; ``args``: the call's other
-    arguments, compared as they are; ``names``: the differentiated parameters, in the order the
-    results are returned. Does nothing for calls :func:`run` does not serve."""
+    arguments, compared as they are; ``fp`` and ``selected``: the fingerprint the call took and
+    its differentiated parameters (the order the results are returned in); ``batched``: ``v``
+    has a K axis. Does nothing for calls :func:`run` does not serve."""
     if res.flat is None or res.probe is None or not isinstance(targets, torch.Tensor):
         return
     ins = _inputs(inputs)
@@ -99,7 +100,6 @@ def record(kind, model, loss_fn, inputs, targets, v, args, res, names) -> None:
     n_fixed = len(flat) - 1 - n_t - len(ins)
     if n_fixed < 0 or any(a is not b for a, b in zip(flat[n_fixed : n_fixed + len(ins)], ins)):
         return
-    fp = capture.fingerprint(model)
     r = _Record()
     r.fp = fp
     r.params = [p for _, p in _named_parameters_at(model, fp)]
@@ -110,16 +110,15 @@ def record(kind, model, loss_fn, inputs, targets, v, args, res, names) -> None:
     r.n_in, r.in_metas = len(ins), traced._metas(ins)
     r.y_metas = traced._metas((targets,))
     r.classes = res.classes
-    r.out_names = list(names)
+    r.out_names = [n for n, _ in selected]
     r.trace = res.trace
-    r.gnames, r.pnames = res.trace.layout
     if v is None:
         r.names, r.active, r.v_metas, r.batched = None, None, None, False
     else:
         r.names = tuple(v)
         r.active = res.active
         r.v_metas = traced._metas(v.values())
-        r.batched = res.products[r.pnames[0]].dim() == next(iter(v.values())).dim()
+        r.batched = batched
     per = _RECORDS.get(model)
     if per is None:
         per = _RECORDS[model] = {}
@@ -169,15 +168,11 @@ def run(kind, model, loss_fn, inputs, targets, v, args):
     if not math.isfinite(out[-1].item()):
         return None  # the full path names what is not finite
     trace.calls += 1
-    grads = prods = None
-    i = 1
+    g, p = traced.unpack(trace, out)
     names = r.out_names
-    if r.gnames is not None:
-        g = dict(zip(r.gnames, out[1 : 1 + len(r.gnames)]))
-        grads = {n: g[n] for n in names}
-        i += len(r.gnames)
-    if r.pnames is not None:
-        p = dict(zip(r.pnames, out[i : i + len(r.pnames)]))
+    grads = None if g is None else {n: g[n] for n in names}
+    prods = None
+    if p is not None:
         prods = {n: p[n] for n in names} if r.batched else {n: p[n].squeeze(0) for n in names}
     return grads, prods
 

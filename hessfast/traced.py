@@ -623,6 +623,19 @@ def run(
     trace.calls += 1
     with torch.no_grad():
         out = trace.fn(*flat)
+    grads, prods = unpack(trace, out)
+    res = engine.Result(out[0], grads, prods, trace.fallback_ops, trace)
+    # the probe vouches for v only when every tangent was a graph input
+    if trace.probe and whole_v:
+        res.probe = out[-1]
+        res.flat, res.active = flat, None if tangents is None else list(tangents)
+    return res
+
+
+def unpack(trace: Trace, out: Any) -> tuple[dict | None, dict | None]:
+    """``(gradients, products)`` by name from a replay's flat outputs (the loss first, then the
+    gradients, the products, and the probe last when there is one), ``None`` where the product
+    kind has none."""
     gnames, pnames = trace.layout
     grads = prods = None
     i = 1
@@ -631,12 +644,7 @@ def run(
         i += len(gnames)
     if pnames is not None:
         prods = dict(zip(pnames, out[i : i + len(pnames)]))
-    res = engine.Result(out[0], grads, prods, trace.fallback_ops, trace)
-    # the probe vouches for v only when every tangent was a graph input
-    if trace.probe and whole_v:
-        res.probe = out[-1]
-        res.flat, res.active = flat, None if tangents is None else list(tangents)
-    return res
+    return grads, prods
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
