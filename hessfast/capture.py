@@ -681,6 +681,33 @@ _get = operator.itemgetter.__call__
 _READ = ("training", "_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks")
 
 
+def _dict_version_reader():
+    """CPython's per-dict modification tag (``ma_version_tag``, read by torch's guard module),
+    or ``None`` where it is missing or does not behave as a tag: a new value on every change
+    (CPython leaves it alone when an entry is rebound to the object it holds), the same value
+    while nothing changes."""
+    try:
+        from torch._C._dynamo.guards import dict_version
+    except ImportError:
+        return None
+    try:
+        d: dict = {}
+        a = dict_version(d)
+        d["x"] = 1
+        b = dict_version(d)
+        d["x"] = 2
+        c = dict_version(d)
+        ok = len({a, b, c}) == 3 and dict_version(d) == c
+    except Exception:
+        return None
+    return dict_version if ok else None
+
+
+#: ``dict -> int``, changed by every modification of the dict (``None``: not available, and
+#: :meth:`_Snapshot.unchanged` compares the dicts' lengths, keys and entries instead)
+_dict_version = _dict_version_reader()
+
+
 class _Snapshot:
     """Everything :func:`fingerprint` read of one model, kept so that the next call can tell
     cheaply that none of it changed (:meth:`unchanged`), and then return the same
@@ -695,10 +722,18 @@ class _Snapshot:
     and the same objects in every entry read — compared in C, over all modules at once —, the
     same tensor versions and equal mutable contents mean every part of the full fingerprint is
     what it was. Anything else (including a value rebound to an equal but different object) is
-    no proof, and :func:`fingerprint` walks the model again."""
+    no proof, and :func:`fingerprint` walks the model again.
+
+    Where CPython's dict modification tags can be read (:data:`_dict_version`), the tags come
+    first: the same tag on every dict means none was changed since (CPython does not count
+    rebinding an entry to the object it holds), which proves what the comparison does, and reads only the dict objects, not the key and value objects whose
+    memory the comparison touches (read cold, as after a product has evicted the caches: 165 µs
+    of tags against 430 µs of comparisons on the small ResNet-18, one CPU thread). A changed
+    tag is no disproof (``model.eval()`` writes the same flag again): the comparison then
+    decides, and refreshes the tags when it finds nothing changed."""
 
     __slots__ = ("fp", "mods", "mod_dicts", "getters", "dicts", "subdicts", "lens", "keys",
-                 "held", "tensors", "versions", "mutables", "contents")  # fmt: skip
+                 "held", "tags", "tensors", "versions", "mutables", "contents")  # fmt: skip
 
     def __init__(self, fp, mods, user_keys, subdicts, tensors, mutables, contents):
         self.fp = fp
@@ -713,6 +748,7 @@ class _Snapshot:
         self.lens = tuple(map(len, dicts))
         self.keys = tuple(_chain(dicts))
         self.held = self._read(module_dicts)
+        self.tags = None if _dict_version is None else tuple(map(_dict_version, dicts))
         self.tensors = tensors
         self.versions = tuple(t._version for t in tensors)
         self.mutables = mutables
@@ -730,16 +766,20 @@ class _Snapshot:
         if tuple(map(id, module_dicts)) != self.mod_dicts:
             return False
         dicts = self.dicts
-        if tuple(map(len, dicts)) != self.lens or tuple(_chain(dicts)) != self.keys:
-            return False
-        try:
-            now = self._read(module_dicts)
-        except KeyError:
-            return False
-        return (
-            False not in map(operator.is_, now, self.held)
-            and tuple(t._version for t in self.tensors) == self.versions
-            and all(_same(_contents(v), c) for v, c in zip(self.mutables, self.contents))
+        tags = None if self.tags is None else tuple(map(_dict_version, dicts))
+        if tags is None or tags != self.tags:
+            # written since (perhaps the same values again: ``model.eval()`` on every step)
+            if tuple(map(len, dicts)) != self.lens or tuple(_chain(dicts)) != self.keys:
+                return False
+            try:
+                now = self._read(module_dicts)
+            except KeyError:
+                return False
+            if False in map(operator.is_, now, self.held):
+                return False
+            self.tags = tags
+        return tuple(t._version for t in self.tensors) == self.versions and all(
+            _same(_contents(v), c) for v, c in zip(self.mutables, self.contents)
         )
 
 

@@ -37,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import math
+import types
 import weakref
 from typing import Any
 
@@ -59,8 +60,8 @@ def _settings() -> tuple:
 
 
 class _Record:
-    __slots__ = ("fp", "params", "rg", "loss_fn", "ident", "args", "settings", "fixed",
-                 "fixed_metas", "n_in", "in_metas", "names", "active", "v_metas", "batched",
+    __slots__ = ("fp", "params", "rg", "loss_fn", "ident", "ident_fixed", "args", "settings",
+                 "fixed", "fixed_metas", "n_in", "in_metas", "names", "active", "v_metas", "batched",
                  "y_metas", "classes", "out_names", "trace")  # fmt: skip
 
 
@@ -105,6 +106,9 @@ def record(kind, model, loss_fn, inputs, targets, v, args, res, fp, selected, ba
     r.params = [p for _, p in _named_parameters_at(model, fp)]
     r.rg = [p.requires_grad for p in r.params]
     r.loss_fn, r.ident, r.args, r.settings = loss_fn, ident, args, _settings()
+    # a plain function's keywords are its defaults: the same object, the same loss (a loss
+    # module's or a partial's keywords are attributes, which may change in place)
+    r.ident_fixed = isinstance(loss_fn, (types.FunctionType, types.BuiltinFunctionType))
     r.fixed = flat[:n_fixed]
     r.fixed_metas = traced._metas(r.fixed)
     r.n_in, r.in_metas = len(ins), traced._metas(ins)
@@ -142,7 +146,7 @@ def run(kind, model, loss_fn, inputs, targets, v, args):
     ins = _inputs(inputs)
     if ins is None or len(ins) != r.n_in or not isinstance(targets, torch.Tensor):
         return None
-    if _ident(loss_fn) != r.ident or _settings() != r.settings:
+    if (not r.ident_fixed and _ident(loss_fn) != r.ident) or _settings() != r.settings:
         return None
     if traced._metas(ins) != r.in_metas or traced._metas((targets,)) != r.y_metas:
         return None

@@ -8,6 +8,7 @@ compares the second call with the float64 double-backward oracle (or the interpr
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from oracle import double_backward_hvp, rel_err
@@ -66,7 +67,19 @@ def _warm(model, x, y, v):
 # --- the fingerprint's snapshot (capture._Snapshot) ---------------------------------------------
 
 
-def test_fingerprint_is_reused_while_nothing_changes():
+@pytest.fixture(params=["tags", "comparison"])
+def snapshot_by(request, monkeypatch):
+    """Both ways a snapshot proves nothing changed: CPython's dict modification tags, and the
+    comparison of lengths, keys and entries (where the tags cannot be read)."""
+    if request.param == "tags":
+        if capture._dict_version is None:
+            pytest.skip("dict modification tags cannot be read on this Python")
+    else:
+        monkeypatch.setattr(capture, "_dict_version", None)
+    return request.param
+
+
+def test_fingerprint_is_reused_while_nothing_changes(snapshot_by):
     model, *_ = _setup()
     a = capture.fingerprint(model)
     assert capture.fingerprint(model) is a
@@ -79,7 +92,7 @@ def test_fingerprint_is_reused_while_nothing_changes():
     assert capture.fingerprint(model) is c
 
 
-def test_fingerprint_sees_each_guarded_change():
+def test_fingerprint_sees_each_guarded_change(snapshot_by):
     model, *_ = _setup()
     changes = [
         lambda m: m.bn.train(),
@@ -104,7 +117,7 @@ def test_fingerprint_sees_each_guarded_change():
         assert capture.fingerprint(model) is after
 
 
-def test_fingerprint_global_hook():
+def test_fingerprint_global_hook(snapshot_by):
     model, *_ = _setup()
     before = capture.fingerprint(model)
     handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
@@ -115,7 +128,7 @@ def test_fingerprint_global_hook():
     assert capture.fingerprint(model) == before
 
 
-def test_fingerprint_equal_rebinding_is_not_a_change():
+def test_fingerprint_equal_rebinding_is_not_a_change(snapshot_by):
     """An attribute rebound to an equal value is no proof for the snapshot; the full walk finds
     the state unchanged and returns the same object (the caches compare it by identity)."""
     model, *_ = _setup()
@@ -123,6 +136,21 @@ def test_fingerprint_equal_rebinding_is_not_a_change():
     before = capture.fingerprint(model)
     model.fc1.n = int("1000")  # an equal int, another object
     assert capture.fingerprint(model) is before
+
+
+def test_fingerprint_same_object_written_back_is_proven_by_comparison(snapshot_by):
+    """A dict written to and then given its old entry back has a new tag but the state the
+    snapshot saw: the comparison proves it (no walk) and the tags are refreshed."""
+    model, *_ = _setup()
+    model.fc1.n = n = 1000
+    before = capture.fingerprint(model)
+    model.fc1.n = 7
+    model.fc1.n = n
+    snap = capture._SNAPSHOTS[model]
+    assert snap.unchanged(model)
+    assert capture.fingerprint(model) is before
+    if snapshot_by == "tags":
+        assert snap.tags == tuple(map(capture._dict_version, snap.dicts))
 
 
 def test_capture_cache_holds_the_current_fingerprint_object():
