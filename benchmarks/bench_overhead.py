@@ -40,7 +40,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import hessfast
-from hessfast import api, bench_models, capture, traced
+from hessfast import api, bench_models, capture, replay, traced
 
 
 def _flat_loss(loss_fn):
@@ -80,7 +80,7 @@ def _time_plain(plain, args, times) -> None:
         times["plain"].append(_clock() - t0)
 
 
-def _guards_only(model, params, v, y, fn, args, times) -> None:
+def _guards_only(model, params, v, y, fn, args, guard, times) -> None:
     """The least a guarded replay does around its graph, timed apart from the graph: the model's
     fingerprint (the stale-graph guard), the parameter selection (``requires_grad``), ``v``
     lifted to a K axis, the shapes, strides, dtypes and devices of every graph input (the trace
@@ -91,7 +91,10 @@ def _guards_only(model, params, v, y, fn, args, times) -> None:
     [p.requires_grad for p in params]
     if v is not None:
         [t.unsqueeze(0) for t in v.values()]
-    traced._metas(args)
+    if guard is not None:  # replay.py's C++ check of the metas, else its Python one
+        guard.check(*args)
+    else:
+        traced._metas(args)
     if not y.is_floating_point():
         torch.stack(torch.aminmax(y)).tolist()
     with torch.no_grad():
@@ -149,6 +152,7 @@ def measure(name: str, size: str, rounds: int) -> list[dict]:
             }  # fmt: skip
             vv = None if kind == "grad" else v
             trace.fn, api.first_non_finite_in = graph, checks
+            guard = ...
             try:
                 for i in range(rounds):
                     if i % 2:  # the probe-less graph first on odd rounds: neither is favoured
@@ -162,7 +166,9 @@ def measure(name: str, size: str, rounds: int) -> list[dict]:
                     times["finiteness"].append(sum(checks.seconds))
                     if not i % 2:
                         _time_plain(plain, graph.args, times)
-                    _guards_only(model, params, vv, y, graph.fn, graph.args, times)
+                    if guard is ...:
+                        guard = replay._tensor_guard(graph.args)
+                    _guards_only(model, params, vv, y, graph.fn, graph.args, guard, times)
                     t0 = _clock()
                     reference()
                     times["autograd"].append(_clock() - t0)

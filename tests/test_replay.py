@@ -126,6 +126,7 @@ CHANGES = {
     "another loss": lambda m, lf, x, y, v: (functools.partial(F.cross_entropy), x, y, v),
     "batch shape": lambda m, lf, x, y, v: (lf, x[:5], y[:5], v),
     "v order": lambda m, lf, x, y, v: (lf, x, y, dict(reversed(v.items()))),
+    "input strides": lambda m, lf, x, y, v: (lf, x.T.contiguous().T, y, v),
     "v strides": lambda m, lf, x, y, v: (
         lf,
         x,
@@ -135,8 +136,25 @@ CHANGES = {
 }
 
 
+@pytest.fixture(params=["c++", "python"])
+def metas_by(request, monkeypatch):
+    """Both ways a replay compares its inputs' metas: torch's C++ tensor guard, and
+    :func:`hessfast.traced._metas` where that guard is missing."""
+    if request.param == "python":
+        monkeypatch.setattr(replay, "_TensorGuards", None)
+    return request.param
+
+
+def test_the_cxx_tensor_guard_is_used_where_torch_has_it():
+    model, x, y, v = _problem()
+    for _ in range(3):
+        hessfast.hvp(model, F.cross_entropy, x, y, v)
+    (r,) = replay._RECORDS[model].values()
+    assert (r.guard is not None) == (replay._TensorGuards is not None)
+
+
 @pytest.mark.parametrize("change", sorted(CHANGES))
-def test_every_guard_sends_a_change_to_the_full_path(change, full_path):
+def test_every_guard_sends_a_change_to_the_full_path(change, full_path, metas_by):
     model, x, y, v = _problem()
     n = _warm(model, F.cross_entropy, x, y, v, full_path)
     lf, x2, y2, v2 = CHANGES[change](model, F.cross_entropy, x, y, v)
@@ -156,7 +174,7 @@ def test_a_changed_loss_keyword_is_a_change(full_path):
     assert rel_err(got, _oracle(model, lf, x, y, v)) < 1e-12
 
 
-def test_bad_inputs_of_a_replay_are_errors_as_on_the_full_path(full_path):
+def test_bad_inputs_of_a_replay_are_errors_as_on_the_full_path(full_path, metas_by):
     model, x, y, v = _problem()
     _warm(model, F.cross_entropy, x, y, v, full_path)
     with pytest.raises(IndexError, match="out of bounds"):
@@ -166,6 +184,8 @@ def test_bad_inputs_of_a_replay_are_errors_as_on_the_full_path(full_path):
     bad["2.weight"][0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"v\['2\.weight'\] contains NaN or Inf"):
         hessfast.hvp(model, F.cross_entropy, x, y, bad)
+    with pytest.raises(ValueError, match=r"v\['0\.weight'\] has dtype torch.float32"):
+        hessfast.hvp(model, F.cross_entropy, x, y, {n: t.float() for n, t in v.items()})
     x_inf = x.clone()
     x_inf[0, 0] = float("inf")
     with pytest.raises(hessfast.NonFiniteError):
