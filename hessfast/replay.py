@@ -68,7 +68,7 @@ def _settings() -> tuple:
 class _Record:
     __slots__ = ("fp", "params", "rg", "loss_fn", "ident", "ident_fixed", "args", "settings",
                  "fixed", "n_in", "names", "active", "batched", "metas", "guard", "classes",
-                 "out_names", "trace")  # fmt: skip
+                 "g_at", "p_at", "trace")  # fmt: skip
 
 
 def _tensor_guard(tensors: tuple) -> Any:
@@ -138,8 +138,12 @@ def record(kind, model, loss_fn, inputs, targets, v, args, res, fp, selected, ba
     r.fixed = flat[:n_fixed]
     r.n_in = len(ins)
     r.classes = res.classes
-    r.out_names = [n for n, _ in selected]
     r.trace = res.trace
+    # (name, position in the graph's outputs) in the parameters' order, per output kind
+    r.g_at, r.p_at = (
+        None if idx is None else [(n, idx[n]) for n, _ in selected]
+        for idx in traced.out_indices(res.trace)
+    )
     if v is None:
         r.names, r.active, r.batched = None, None, False
     else:
@@ -149,6 +153,8 @@ def record(kind, model, loss_fn, inputs, targets, v, args, res, fp, selected, ba
     guarded = (*r.fixed, *ins, *(() if v is None else v.values()), targets)
     r.metas = traced._metas(guarded)
     r.guard = _tensor_guard(guarded)
+    if r.guard is not None and {id(p) for p in r.params} <= {id(t) for t in r.fixed}:
+        r.rg = None  # every parameter is a graph input: the guard compares its requires_grad
     per = _RECORDS.get(model)
     if per is None:
         per = _RECORDS[model] = {}
@@ -167,7 +173,9 @@ def run(kind, model, loss_fn, inputs, targets, v, args):
     r = None if per is None else per.get(kind)
     if r is None or loss_fn is not r.loss_fn or args != r.args:
         return None
-    if capture.fingerprint(model) is not r.fp or [p.requires_grad for p in r.params] != r.rg:
+    if capture.fingerprint(model) is not r.fp:
+        return None
+    if r.rg is not None and [p.requires_grad for p in r.params] != r.rg:
         return None
     ins = _inputs(inputs)
     if ins is None or len(ins) != r.n_in or not isinstance(targets, torch.Tensor):
@@ -203,12 +211,15 @@ def run(kind, model, loss_fn, inputs, targets, v, args):
     if not math.isfinite(out[-1].item()):
         return None  # the full path names what is not finite
     trace.calls += 1
-    g, p = traced.unpack(trace, out)
-    names = r.out_names
-    grads = None if g is None else {n: g[n] for n in names}
-    prods = None
-    if p is not None:
-        prods = {n: p[n] for n in names} if r.batched else {n: p[n].squeeze(0) for n in names}
+    grads = prods = None
+    if r.g_at is not None:
+        grads = {n: out[i] for n, i in r.g_at}
+    if r.p_at is not None:
+        prods = (
+            {n: out[i] for n, i in r.p_at}
+            if r.batched
+            else {n: out[i].squeeze(0) for n, i in r.p_at}
+        )
     return grads, prods
 
 

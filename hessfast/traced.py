@@ -632,19 +632,27 @@ def run(
     return res
 
 
-def unpack(trace: Trace, out: Any) -> tuple[dict | None, dict | None]:
-    """``(gradients, products)`` by name from a replay's flat outputs (the loss first, then the
-    gradients, the products, and the probe last when there is one), ``None`` where the product
-    kind has none."""
+def out_indices(trace: Trace) -> tuple[dict | None, dict | None]:
+    """``(gradients, products)``: the position of each name's tensor in a replay's flat outputs
+    (the loss first, then the gradients, the products, and the probe last when there is one),
+    ``None`` where the product kind has none."""
     gnames, pnames = trace.layout
     grads = prods = None
     i = 1
     if gnames is not None:
-        grads = dict(zip(gnames, out[1 : 1 + len(gnames)]))
+        grads = {n: i + j for j, n in enumerate(gnames)}
         i += len(gnames)
     if pnames is not None:
-        prods = dict(zip(pnames, out[i : i + len(pnames)]))
+        prods = {n: i + j for j, n in enumerate(pnames)}
     return grads, prods
+
+
+def unpack(trace: Trace, out: Any) -> tuple[dict | None, dict | None]:
+    """``(gradients, products)`` by name from a replay's flat outputs (:func:`out_indices`),
+    ``None`` where the product kind has none."""
+    return tuple(
+        None if idx is None else {n: out[i] for n, i in idx.items()} for idx in out_indices(trace)
+    )  # type: ignore[return-value]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

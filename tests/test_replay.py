@@ -164,6 +164,22 @@ def test_every_guard_sends_a_change_to_the_full_path(change, full_path, metas_by
     assert rel_err(got, _oracle(model, lf, x2, y2, v2)) < 1e-12
 
 
+def test_requires_grad_of_a_parameter_the_graph_does_not_read(full_path, metas_by):
+    """A parameter no product reads is no graph input, so no tensor guard sees it: its
+    ``requires_grad`` (which decides the returned keys) is compared apart."""
+    model, x, y, _ = _problem()
+    model.register_parameter("unused", torch.nn.Parameter(torch.randn(3, dtype=D)))
+    for _ in range(3):
+        hessfast.grad(model, F.cross_entropy, x, y)
+    n = len(full_path)
+    assert "unused" in hessfast.grad(model, F.cross_entropy, x, y)
+    assert len(full_path) == n  # replayed
+    model.unused.requires_grad_(False)
+    got = hessfast.grad(model, F.cross_entropy, x, y)
+    assert len(full_path) == n + 1
+    assert "unused" not in got
+
+
 def test_a_changed_loss_keyword_is_a_change(full_path):
     model, x, y, v = _problem()
     lf = functools.partial(F.cross_entropy, label_smoothing=0.0)
