@@ -145,6 +145,20 @@ def metas_by(request, monkeypatch):
     return request.param
 
 
+def test_a_tensor_guard_that_raises_falls_back_to_python(monkeypatch, full_path):
+    def broken(*a, **k):
+        raise TypeError("a changed signature")
+
+    monkeypatch.setattr(replay, "_TensorGuards", broken)
+    model, x, y, v = _problem()
+    n = _warm(model, F.cross_entropy, x, y, v, full_path)
+    (r,) = replay._RECORDS[model].values()
+    assert r.guard is None
+    got = hessfast.hvp(model, F.cross_entropy, x, y, v)
+    assert len(full_path) == n  # replayed, the metas compared in Python
+    assert rel_err(got, _oracle(model, F.cross_entropy, x, y, v)) < 1e-12
+
+
 def test_the_cxx_tensor_guard_is_used_where_torch_has_it():
     model, x, y, v = _problem()
     for _ in range(3):
