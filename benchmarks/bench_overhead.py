@@ -25,7 +25,7 @@ was in (on one torch thread every kernel runs in the calling thread, so nothing 
 Usage::
 
     PYTHONPATH=. python benchmarks/bench_overhead.py [--size small] [--rounds 15] [--clock wall]
-        [--out FILE.md]
+        [--models mlp,resnet18,gpt2,benchmarks.untuned_models:vgg_bn] [--out FILE.md]
 """
 
 from __future__ import annotations
@@ -107,7 +107,11 @@ def _guards_only(model, params, v, y, fn, args, guard, times) -> None:
 
 
 def measure(name: str, size: str, rounds: int) -> list[dict]:
-    model, loss_fn, (x,), y = bench_models.MODELS[name](size)
+    if name in bench_models.MODELS:
+        model, loss_fn, (x,), y = bench_models.MODELS[name](size)
+    else:  # module:function, as `hessfast bench --model` takes it (one input tensor)
+        w = bench_models.build(name, size, n_batches=1)
+        model, loss_fn, ((x,), y) = w.model, w.loss_fn, w.batches[0]
     params = list(model.parameters())
     v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     loss = _flat_loss(loss_fn)
