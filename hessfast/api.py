@@ -182,6 +182,8 @@ def _compute_on(
     res = traced.run(prog, names, values, tangents, k, rule, mode, compile, grads, before)
     if res.flat is not None:
         res.classes = losses.class_range(resolved, out_shape)
+        if custom:
+            res.lowering = (out_shape, prog.out_spec, output, prog.output.meta.get("val"))
     return res
 
 
@@ -195,7 +197,7 @@ class _Whole:
 
     fallback_ops = None
     trace = None
-    probe = flat = active = classes = None
+    probe = flat = active = classes = lowering = None
 
     def __init__(self, loss, grads, products):
         self.loss, self.grads, self.products = loss, grads, products

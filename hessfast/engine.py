@@ -70,6 +70,9 @@ class Result:
     flat: Any = None
     active: Any = None
     classes: Any = None  # (C, ignore_index, name) of the targets' range check, or None
+    #: a custom loss: ``(output shape, output structure, output argument, meta output)``, what
+    #: lowering it again needs (:func:`hessfast.replay.lowered`); ``None`` for a closed form
+    lowering: Any = None
 
 
 def _accumulate(store: dict, key: str, g: Any, gd: Any) -> None:

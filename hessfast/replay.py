@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from . import capture, engine, losses, traced
+from . import capture, engine, losses, lower_loss, traced
 from .dispatch import requested
 from .rules import cross_entropy
 from .vectors import _named_parameters_at
@@ -67,8 +67,8 @@ def _settings() -> tuple:
 
 class _Record:
     __slots__ = ("fp", "params", "rg", "loss_fn", "ident", "ident_fixed", "args", "settings",
-                 "fixed", "n_in", "names", "active", "batched", "metas", "guard", "classes",
-                 "g_at", "p_at", "trace")  # fmt: skip
+                 "lowering", "loss_key", "fixed", "n_in", "names", "active", "batched", "metas",
+                 "guard", "classes", "g_at", "p_at", "trace")  # fmt: skip
 
 
 def _tensor_guard(tensors: tuple) -> Any:
@@ -108,6 +108,20 @@ def _inputs(inputs: Any) -> tuple | None:
     return None
 
 
+def lowered(lowering: tuple, loss_fn: Any, targets: Any) -> tuple[tuple, list]:
+    """A custom loss resolved and lowered again, as the full path does on every product
+    (:func:`hessfast.lower_loss.lower` runs the callable on meta tensors): the loss part of the
+    trace key (the lowered rule's type, its state's structure and the metas of its leaves) and
+    its tensor leaves, the graph's last inputs. ``lowering``:
+    :attr:`hessfast.engine.Result.lowering`."""
+    out_shape, out_spec, output, out_meta = lowering
+    rule = losses.resolve(loss_fn, targets, out_shape)
+    _, rule = losses.read_output(rule, out_spec, output)
+    rule = lower_loss.lower(rule, out_meta)
+    leaves, structure, tensor_idx = traced._split_loss(rule)
+    return (type(rule), structure, traced._metas(leaves)), [leaves[i] for i in tensor_idx]
+
+
 def record(kind, model, loss_fn, inputs, targets, v, args, res, fp, selected, batched) -> None:
     """Keep what the full path's replay ``res`` (an :class:`~hessfast.engine.Result` with
     ``flat``, checked finite) needs to be replayed by :func:`run`; ``args``: the call's other
@@ -117,14 +131,23 @@ def record(kind, model, loss_fn, inputs, targets, v, args, res, fp, selected, ba
     if res.flat is None or res.probe is None or not isinstance(targets, torch.Tensor):
         return
     ins = _inputs(inputs)
-    ident = _ident(loss_fn)
-    if ins is None or ident is None or (v is not None and type(v) is not dict):
+    if ins is None or (v is not None and type(v) is not dict):
         return
     flat = res.flat
+    if res.lowering is None:  # a closed-form loss: the targets are the graph's last input
+        ident, loss_key, loss_in = _ident(loss_fn), None, [targets]
+        if ident is None or not flat or flat[-1] is not targets:
+            return
+    else:  # a custom loss: its lowered rule's tensors are
+        ident = None
+        try:
+            loss_key, loss_in = lowered(res.lowering, loss_fn, targets)
+        except Exception:  # (the full path just did the same)
+            return
+        if traced._metas(flat[len(flat) - len(loss_in) :]) != traced._metas(loss_in):
+            return
     n_t = 0 if res.active is None else len(res.active)
-    if not flat or flat[-1] is not targets:
-        return
-    n_fixed = len(flat) - 1 - n_t - len(ins)
+    n_fixed = len(flat) - len(loss_in) - n_t - len(ins)
     if n_fixed < 0 or any(a is not b for a, b in zip(flat[n_fixed : n_fixed + len(ins)], ins)):
         return
     r = _Record()
@@ -132,9 +155,13 @@ def record(kind, model, loss_fn, inputs, targets, v, args, res, fp, selected, ba
     r.params = [p for _, p in _named_parameters_at(model, fp)]
     r.rg = [p.requires_grad for p in r.params]
     r.loss_fn, r.ident, r.args, r.settings = loss_fn, ident, args, _settings()
+    r.lowering, r.loss_key = res.lowering, loss_key
     # a plain function's keywords are its defaults: the same object, the same loss (a loss
-    # module's or a partial's keywords are attributes, which may change in place)
-    r.ident_fixed = isinstance(loss_fn, (types.FunctionType, types.BuiltinFunctionType))
+    # module's or a partial's keywords are attributes, which may change in place); a custom
+    # loss is lowered again on every call instead
+    r.ident_fixed = r.lowering is not None or isinstance(
+        loss_fn, (types.FunctionType, types.BuiltinFunctionType)
+    )
     r.fixed = flat[:n_fixed]
     r.n_in = len(ins)
     r.classes = res.classes
@@ -150,7 +177,7 @@ def record(kind, model, loss_fn, inputs, targets, v, args, res, fp, selected, ba
         r.names = tuple(v)
         r.active = res.active
         r.batched = batched
-    guarded = (*r.fixed, *ins, *(() if v is None else v.values()), targets)
+    guarded = (*r.fixed, *ins, *(() if v is None else v.values()), *loss_in)
     r.metas = traced._metas(guarded)
     r.guard = _tensor_guard(guarded)
     if r.guard is not None and {id(p) for p in r.params} <= {id(t) for t in r.fixed}:
@@ -190,10 +217,19 @@ def run(kind, model, loss_fn, inputs, targets, v, args):
         return None
     else:
         vals = ()
-    if r.guard is not None:
-        if not r.guard.check(*r.fixed, *ins, *vals, targets):
+    if r.lowering is None:
+        loss_in = (targets,)
+    else:
+        try:
+            key, loss_in = lowered(r.lowering, loss_fn, targets)
+        except Exception:  # the full path raises what is wrong
             return None
-    elif traced._metas((*r.fixed, *ins, *vals, targets)) != r.metas:
+        if key != r.loss_key:
+            return None
+    if r.guard is not None:
+        if not r.guard.check(*r.fixed, *ins, *vals, *loss_in):
+            return None
+    elif traced._metas((*r.fixed, *ins, *vals, *loss_in)) != r.metas:
         return None
     if r.names is None:
         tangents = []
@@ -207,7 +243,7 @@ def run(kind, model, loss_fn, inputs, targets, v, args):
     if r.classes is not None:
         losses.check_class_range(targets, *r.classes)
     with torch.no_grad():
-        out = trace.fn(*r.fixed, *ins, *tangents, targets)
+        out = trace.fn(*r.fixed, *ins, *tangents, *loss_in)
     if not math.isfinite(out[-1].item()):
         return None  # the full path names what is not finite
     trace.calls += 1

@@ -232,3 +232,54 @@ def test_clear_cache_forgets_the_records(full_path):
     hessfast.capture.clear_cache()
     hessfast.hvp(model, F.cross_entropy, x, y, v)
     assert len(full_path) == n + 1
+
+
+# --- custom losses: lowered again on every call, as the full path does ------------------------
+
+
+def _sequence_problem(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 5)).to(D)
+    x, y = torch.randn(2, 3, 4, dtype=D), torch.randint(0, 5, (2, 3))
+    v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    return model, x, y, v
+
+
+SMOOTHING = [0.0]
+
+
+def _flat_ce(z, y):
+    """The language-model idiom: cross-entropy on flattened logits, reading a global option."""
+    return F.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1), label_smoothing=SMOOTHING[0])
+
+
+@pytest.mark.parametrize("product", sorted(PRODUCTS))
+def test_a_custom_loss_is_replayed_bitwise(product, full_path):
+    model, x, y, v = _sequence_problem()
+    for _ in range(3):
+        PRODUCTS[product](model, _flat_ce, x, y, v)
+    n = len(full_path)
+    got = PRODUCTS[product](model, _flat_ce, x, y, v)
+    assert len(full_path) == n  # replayed
+    replay.ENABLED = False
+    try:
+        want = PRODUCTS[product](model, _flat_ce, x, y, v)
+    finally:
+        replay.ENABLED = True
+    assert _same(got, want)
+
+
+def test_a_custom_loss_that_reads_other_options_takes_the_full_path(full_path, metas_by):
+    model, x, y, v = _sequence_problem()
+    n = _warm(model, _flat_ce, x, y, v, full_path)
+    SMOOTHING[0] = 0.3  # what the callable passes changed: its lowered rule did
+    try:
+        got = hessfast.hvp(model, _flat_ce, x, y, v)
+        assert len(full_path) == n + 1
+        assert rel_err(got, _oracle(model, _flat_ce, x, y, v)) < 1e-12
+        y2 = torch.randint(0, 5, (3, 2))  # other targets' shape: other lowered shapes
+        got = hessfast.hvp(model, _flat_ce, x.reshape(3, 2, 4), y2, v)
+        assert len(full_path) == n + 2
+        assert rel_err(got, _oracle(model, _flat_ce, x.reshape(3, 2, 4), y2, v)) < 1e-12
+    finally:
+        SMOOTHING[0] = 0.0
