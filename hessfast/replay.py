@@ -12,11 +12,13 @@ The guards are those of the full path, read directly:
 
 - the model's :func:`~hessfast.capture.fingerprint` is the same object (nothing the capture
   specialised on changed) and every parameter's ``requires_grad`` is what it was;
-- the same ``loss_fn`` object, a closed-form loss, with the same keyword arguments (none a
-  tensor); the same ``backend``/``compile``/``output``/``strict`` arguments, the same backend
-  request (:func:`hessfast.dispatch.requested`) and engine settings;
+- the same ``loss_fn`` object: a closed-form loss with the same keyword arguments (none a
+  tensor), or a custom callable lowered again on meta tensors to the same rule
+  (:func:`lowered`, which the full path does on every product too); the same
+  ``backend``/``compile``/``output``/``strict`` arguments, the same backend request
+  (:func:`hessfast.dispatch.requested`) and engine settings;
 - the shapes, strides, dtypes and devices of every graph input (parameters, buffers, constants,
-  the inputs, ``v``, the targets) are the recorded ones (one C++ call, torch's tensor guard,
+  the inputs, ``v``, the targets or a custom loss's tensors) are the recorded ones (one C++ call, torch's tensor guard,
   which also compares ``requires_grad`` and dispatch keys), ``v`` is a dict in the recorded name
   order, and hard class targets lie in range (one host sync, as the full path);
 - the graph's finiteness probe is finite; otherwise the full path runs and reports what is not.
