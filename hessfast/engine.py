@@ -73,6 +73,10 @@ class Result:
     #: a custom loss: ``(output shape, output structure, output argument, meta output)``, what
     #: lowering it again needs (:func:`hessfast.replay.lowered`); ``None`` for a closed form
     lowering: Any = None
+    #: a custom loss's lowered rule: its part of the trace key and how many of the graph's last
+    #: inputs are its tensors (:func:`hessfast.traced.loss_key`)
+    loss_key: Any = None
+    n_loss: int = 0
 
 
 def _accumulate(store: dict, key: str, g: Any, gd: Any) -> None:

@@ -120,8 +120,9 @@ def lowered(lowering: tuple, loss_fn: Any, targets: Any) -> tuple[tuple, list]:
     rule = losses.resolve(loss_fn, targets, out_shape)
     _, rule = losses.read_output(rule, out_spec, output)
     rule = lower_loss.lower(rule, out_meta)
-    leaves, structure, tensor_idx = traced._split_loss(rule)
-    return (type(rule), structure, traced._metas(leaves)), [leaves[i] for i in tensor_idx]
+    parts = traced._split_loss(rule)
+    leaves, _, tensor_idx = parts
+    return traced.loss_key(rule, parts), [leaves[i] for i in tensor_idx]
 
 
 def record(kind, model, loss_fn, inputs, targets, v, args, res, fp, selected, batched) -> None:
@@ -140,14 +141,11 @@ def record(kind, model, loss_fn, inputs, targets, v, args, res, fp, selected, ba
         ident, loss_key, loss_in = _ident(loss_fn), None, [targets]
         if ident is None or not flat or flat[-1] is not targets:
             return
-    else:  # a custom loss: its lowered rule's tensors are
-        ident = None
-        try:
-            loss_key, loss_in = lowered(res.lowering, loss_fn, targets)
-        except Exception:  # (the full path just did the same)
+    else:  # a custom loss: its lowered rule's tensors are (traced.run keyed them)
+        ident, loss_key = None, res.loss_key
+        if loss_key is None:
             return
-        if traced._metas(flat[len(flat) - len(loss_in) :]) != traced._metas(loss_in):
-            return
+        loss_in = flat[len(flat) - res.n_loss :]
     n_t = 0 if res.active is None else len(res.active)
     n_fixed = len(flat) - len(loss_in) - n_t - len(ins)
     if n_fixed < 0 or any(a is not b for a, b in zip(flat[n_fixed : n_fixed + len(ins)], ins)):
@@ -180,8 +178,8 @@ def record(kind, model, loss_fn, inputs, targets, v, args, res, fp, selected, ba
         r.active = res.active
         r.batched = batched
     guarded = (*r.fixed, *ins, *(() if v is None else v.values()), *loss_in)
-    r.metas = traced._metas(guarded)
     r.guard = _tensor_guard(guarded)
+    r.metas = traced._metas(guarded) if r.guard is None else None
     if r.guard is not None and {id(p) for p in r.params} <= {id(t) for t in r.fixed}:
         r.rg = None  # every parameter is a graph input: the guard compares its requires_grad
     per = _RECORDS.get(model)

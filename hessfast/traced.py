@@ -220,11 +220,17 @@ def _metas(xs: Any) -> tuple:
     return tuple([_meta(x) for x in xs])
 
 
+def loss_key(loss_rule: Any, loss_parts: tuple) -> tuple:
+    """The loss part of a product's cache key: the rule's type, the structure of its state and
+    the metas of its leaves (``loss_parts``: :func:`_split_loss` of ``loss_rule``)."""
+    leaves, structure, _ = loss_parts
+    return type(loss_rule), structure, _metas(leaves)
+
+
 def _key(param_names, values, tangents, k, loss_rule, mode, compile, loss_parts, grads) -> tuple:
     """The cache key of a product (module docstring). The names of ``values`` and ``tangents``
     are left out: the placeholders are the program's and the tangents' names follow from
     ``param_names`` (:meth:`~hessfast.capture.Program.plan`), in a fixed order."""
-    leaves, structure, _ = loss_parts
     return (
         mode,
         k,
@@ -233,9 +239,7 @@ def _key(param_names, values, tangents, k, loss_rule, mode, compile, loss_parts,
         engine.FUSE_HEAD,
         cross_entropy.HEAD_CHUNK_BYTES,
         compile,
-        type(loss_rule),
-        structure,
-        _metas(leaves),
+        *loss_key(loss_rule, loss_parts),
         _metas(values.values()),
         None if tangents is None else _metas(tangents.values()),
         grads or mode != "hvp",
@@ -561,6 +565,7 @@ def run(
         True
     """
     check_mode(compile)
+    custom = isinstance(loss_rule, FuncLoss)
     loss_rule = lower_loss.lower(loss_rule, program.output.meta.get("val"))
 
     def interpret():
@@ -629,6 +634,8 @@ def run(
     if trace.probe and whole_v:
         res.probe = out[-1]
         res.flat, res.active = flat, None if tangents is None else list(tangents)
+        if custom:  # what hessfast.replay compares after lowering the callable again
+            res.loss_key, res.n_loss = loss_key(loss_rule, loss_parts), len(tensor_idx)
     return res
 
 
