@@ -283,3 +283,10 @@ def test_a_custom_loss_that_reads_other_options_takes_the_full_path(full_path, m
         assert rel_err(got, _oracle(model, _flat_ce, x.reshape(3, 2, 4), y2, v)) < 1e-12
     finally:
         SMOOTHING[0] = 0.0
+
+
+def test_a_custom_loss_replay_names_a_target_out_of_range(full_path):
+    model, x, y, v = _sequence_problem()
+    _warm(model, _flat_ce, x, y, v, full_path)
+    with pytest.raises(IndexError, match="out of bounds"):
+        hessfast.hvp(model, _flat_ce, x, torch.full_like(y, 7), v)
