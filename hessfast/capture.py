@@ -742,7 +742,7 @@ class _Snapshot:
         # key is the model): :meth:`unchanged` is given it
         self.mods = mods[1:]
         module_dicts = [m.__dict__ for m in mods]
-        self.mod_dicts = tuple(map(id, module_dicts))
+        self.mod_dicts = tuple(module_dicts)  # held, compared by identity
         self.getters = [operator.itemgetter(*_READ, *keys) for keys in user_keys]
         self.dicts = dicts = module_dicts + subdicts
         self.subdicts = subdicts
@@ -763,8 +763,10 @@ class _Snapshot:
 
     def unchanged(self, model: nn.Module) -> bool:
         """Whether every part of :attr:`fp` still holds for ``model`` (``False``: not proven)."""
-        module_dicts = [model.__dict__, *map(_dict_of, self.mods)]
-        if tuple(map(id, module_dicts)) != self.mod_dicts:
+        held = self.mod_dicts
+        if model.__dict__ is not held[0] or False in map(
+            operator.is_, map(_dict_of, self.mods), held[1:]
+        ):
             return False
         dicts = self.dicts
         tags = None if self.tags is None else tuple(map(_dict_version, dicts))
@@ -773,13 +775,16 @@ class _Snapshot:
             if tuple(map(len, dicts)) != self.lens or tuple(_chain(dicts)) != self.keys:
                 return False
             try:
-                now = self._read(module_dicts)
+                now = self._read(held)
             except KeyError:
                 return False
             if False in map(operator.is_, now, self.held):
                 return False
             self.tags = tags
-        return tuple(t._version for t in self.tensors) == self.versions and all(
+        # (the two reads below only where there is something to read: each costs a few µs cold)
+        if self.tensors and tuple(t._version for t in self.tensors) != self.versions:
+            return False
+        return not self.mutables or all(
             _same(_contents(v), c) for v, c in zip(self.mutables, self.contents)
         )
 

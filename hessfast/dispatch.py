@@ -85,6 +85,9 @@ _requested: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "hessfast_backend", default=None
 )
 
+#: ``ENV`` as a key of ``os.environ``'s own dict (bytes on POSIX; ``None``: no such encoder)
+_ENV_KEY = getattr(os.environ, "encodekey", lambda _: None)(ENV)
+
 
 class BackendError(HessfastError, RuntimeError):
     """An explicitly requested backend cannot run an op (the message lists every reason)."""
@@ -112,6 +115,24 @@ def requested() -> str:
     if not env:
         return "auto"
     return check_choice(env, f"environment variable {ENV}")
+
+
+def request_state() -> tuple:
+    """What :func:`requested` reads, raw and unchecked: the :func:`use_backend` context's value
+    and the environment variable's (bytes on POSIX, ``None`` when unset). Equal states request
+    the same backend. One dictionary read instead of ``os.environ.get``'s Python (8 µs against
+    31 µs with :func:`requested`, read cold after a small product): a replayed product compares
+    it on every call.
+
+    >>> import hessfast.dispatch as d
+    >>> with d.use_backend("torch"):
+    ...     d.request_state()[0]
+    'torch'
+    """
+    env = os.environ
+    data = getattr(env, "_data", None)
+    raw = env.get(ENV) if data is None or _ENV_KEY is None else data.get(_ENV_KEY)
+    return _requested.get(), raw
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ The guards are those of the full path, read directly:
   tensor), or a custom callable lowered again on meta tensors to the same rule
   (:func:`lowered`, which the full path does on every product too); the same
   ``backend``/``compile``/``output``/``strict`` arguments, the same backend request
-  (:func:`hessfast.dispatch.requested`) and engine settings;
+  (:func:`hessfast.dispatch.request_state`) and engine settings;
 - the shapes, strides, dtypes and devices of every graph input (parameters, buffers, constants,
   the inputs, ``v``, the targets or a custom loss's tensors) are the recorded ones (one C++ call, torch's tensor guard,
   which also compares ``requires_grad`` and dispatch keys), ``v`` is a dict in the recorded name
@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from . import capture, engine, losses, lower_loss, traced
-from .dispatch import requested
+from .dispatch import request_state
 from .rules import cross_entropy
 from .vectors import _named_parameters_at
 
@@ -64,7 +64,7 @@ ENABLED = True
 
 
 def _settings() -> tuple:
-    return requested(), engine.FUSE_HEAD, cross_entropy.HEAD_CHUNK_BYTES
+    return *request_state(), engine.FUSE_HEAD, cross_entropy.HEAD_CHUNK_BYTES
 
 
 class _Record:

@@ -1,6 +1,7 @@
 """Repeated products (hessfast/replay.py): a call like the last replayed one skips the full path,
 gives what the full path gives, and every change a guard watches sends it back to the full path."""
 
+import contextlib
 import functools
 
 import pytest
@@ -202,6 +203,30 @@ def test_a_changed_loss_keyword_is_a_change(full_path):
     got = hessfast.hvp(model, lf, x, y, v)
     assert len(full_path) == n + 1
     assert rel_err(got, _oracle(model, lf, x, y, v)) < 1e-12
+
+
+@pytest.mark.parametrize("how", ["environment", "use_backend"])
+def test_another_backend_request_is_a_change(how, full_path, monkeypatch):
+    """The replay compares the raw request (:func:`hessfast.dispatch.request_state`): the
+    ``HESSFAST_BACKEND`` variable set or changed after the record, or a ``use_backend`` block,
+    takes the full path, and a record then serves the new request."""
+    model, x, y, v = _problem()
+    n = _warm(model, F.cross_entropy, x, y, v, full_path)
+    with contextlib.ExitStack() as stack:
+        if how == "environment":
+            monkeypatch.setenv("HESSFAST_BACKEND", "torch")
+        else:
+            stack.enter_context(hessfast.use_backend("torch"))
+        hessfast.hvp(model, F.cross_entropy, x, y, v)
+        assert len(full_path) == n + 1
+        n = _warm(model, F.cross_entropy, x, y, v, full_path)
+        got = hessfast.hvp(model, F.cross_entropy, x, y, v)
+        assert len(full_path) == n
+        assert rel_err(got, _oracle(model, F.cross_entropy, x, y, v)) < 1e-12
+    if how == "environment":
+        monkeypatch.setenv("HESSFAST_BACKEND", "auto")
+    hessfast.hvp(model, F.cross_entropy, x, y, v)
+    assert len(full_path) == n + 1
 
 
 def test_bad_inputs_of_a_replay_are_errors_as_on_the_full_path(full_path, metas_by):
