@@ -71,8 +71,9 @@ def compute(
     ``"residual"``, see :mod:`hessfast.engine`).
     With ``info`` (a list) the run's :class:`~hessfast.dispatch.ProductInfo` is appended to it;
     the ``hessfast`` logger gets it as one DEBUG line either way. ``grads=False`` (``"hvp"``
-    mode): the caller does not read the gradient, and it is ``None`` in the result; the traced
-    graph then omits the parameters' primal cotangents (one GEMM per weight). ``fingerprint``:
+    mode): the caller does not read the gradient, and it is ``None`` in the result; the
+    parameters' primal cotangents are not computed (one GEMM per linear weight, half of a
+    convolution's stacked weight gradient: :attr:`hessfast.rules.base.Call.unread`). ``fingerprint``:
     :func:`hessfast.capture.fingerprint` of ``model`` taken by the caller since its last change
     (``None``: taken here). ``before``: a check of the inputs run before anything but a replay of
     a traced product (:func:`hessfast.traced.run`); the caller checks the inputs of a replay
@@ -178,7 +179,9 @@ def _compute_on(
         if before is not None:
             before()
         values = traced.detached(values)
-        return engine.run(prog, names, values, tangents, k, rule, mode, profiler=profiler)
+        return engine.run(
+            prog, names, values, tangents, k, rule, mode, profiler=profiler, grads=grads
+        )
     res = traced.run(prog, names, values, tangents, k, rule, mode, compile, grads, before)
     if res.flat is not None:
         res.classes = losses.class_range(resolved, out_shape)

@@ -199,11 +199,16 @@ def run(
     loss_rule: Any,
     mode: str,
     profiler: Any = None,
+    grads: bool = True,
 ) -> Result:
     """Run one forward-over-reverse pass.
 
     ``values`` maps placeholder names to tensors (parameters, buffers, constants, user inputs);
     ``tangents`` maps canonical parameter names to ``[K, *shape]`` tangents (``None`` in grad mode).
+    ``grads=False`` in ``"hvp"`` mode returns no gradient (``Result.grads`` is ``None``): the
+    rules are told (:attr:`~hessfast.rules.base.Call.unread`) that nobody reads the parameters'
+    primal cotangents, as in ``"residual"`` mode, and skip them where they are computed together
+    with what is read (a convolution's stacked weight gradient, an embedding's row sums).
 
     ``profiler`` (``None``: no instrumentation, no extra work) is called around every node's
     evaluation: ``profiler.sync()`` before and after it (a device synchronisation, so that the
@@ -232,6 +237,9 @@ def run(
             if plan[ph]:
                 tan[ph] = tangents[name]
     last = program.last_uses()
+    # the parameters whose primal cotangent nobody reads: every one without a returned gradient
+    no_gbar = mode == "residual" or (mode == "hvp" and not grads)
+    unread_phs = frozenset(ph for ph in program.params if plan[ph]) if no_gbar else frozenset()
     saved: dict[str, tuple] = {}
     fell_back: Counter = Counter()
     for node in gm.graph.nodes:
@@ -277,6 +285,13 @@ def run(
                     tuple(act(a) for a in step.args),
                     tuple(tng(a) for a in step.args) if k else (None,) * len(args),
                     k,
+                    frozenset(
+                        j
+                        for j, a in enumerate(step.args)
+                        if isinstance(a, torch.fx.Node) and a.name in unread_phs
+                    )
+                    if unread_phs
+                    else frozenset(),
                 )
                 rule = rule_for(step.op, call, backend)
                 try:
@@ -368,16 +383,16 @@ def run(
             _scatter(cot, plan, step.args, gargs, gdargs)
 
     unscale = None if scale is None else subnormal.inverse(scale)
-    grads: dict[str, torch.Tensor] | None = {} if mode in ("hvp", "grad") else None
+    out_grads = {} if mode == "grad" or (mode == "hvp" and grads) else None
     prods: dict[str, torch.Tensor] | None = {} if mode in ("hvp", "ggn", "residual") else None
     for ph, name in program.params.items():
         if not plan[ph]:
             continue
         g, gd = cot.get(ph, (None, None))
         p = values[ph]
-        if grads is not None:
+        if out_grads is not None:
             g = torch.zeros_like(p) if g is None else g.contiguous()
-            grads[name] = grads[name] + g if name in grads else g
+            out_grads[name] = out_grads[name] + g if name in out_grads else g
         if prods is not None:
             if gd is None:
                 gd = p.new_zeros((k, *p.shape))
@@ -386,7 +401,7 @@ def run(
             else:
                 gd = gd.contiguous()
             prods[name] = prods[name] + gd if name in prods else gd
-    return Result(loss, grads, prods, fell_back)
+    return Result(loss, out_grads, prods, fell_back)
 
 
 def _timed(profiler, step, rule, phase, inputs, fn, *args):

@@ -112,6 +112,7 @@ def profile_workload(w, dev, *, mode="hvp", k=1, repeats=3, backends=None) -> di
             True,
             profiler=profiler,
             compile=compile,
+            grads=mode == "grad",  # as hessfast.hvp: no gradient returned, none computed
         )
 
     out = {

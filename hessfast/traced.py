@@ -281,7 +281,7 @@ def _trace(program, param_names, values, tangents, k, loss_rule, mode, compile, 
         for i, t in zip(tensor_idx, loss_tensors):
             state_leaves[i] = t
         rule = _rebuild(loss_rule, pytree.tree_unflatten(state_leaves, spec))
-        res = engine.run(program, param_names, vals, tans, k, rule, mode)
+        res = engine.run(program, param_names, vals, tans, k, rule, mode, grads=grads)
         fell_back.update(res.fallback_ops)
         g = res.grads if grads else None
         p = res.products
@@ -571,7 +571,9 @@ def run(
     def interpret():
         if before is not None:
             before()
-        return engine.run(program, param_names, detached(values), tangents, k, loss_rule, mode)
+        return engine.run(
+            program, param_names, detached(values), tangents, k, loss_rule, mode, grads=grads
+        )
 
     if compile == "interpret":
         return interpret()
@@ -676,7 +678,7 @@ def _first_call(
     now on, the reason kept); the interpreter's result is returned either way. Inputs on which
     the interpreter's result is not finite (a NaN or Inf in the data) cannot judge the trace: it
     is left for the next product's first replay."""
-    ref = engine.run(program, param_names, values, tangents, k, loss_rule, mode)
+    ref = engine.run(program, param_names, values, tangents, k, loss_rule, mode, grads=grads)
     want = [
         ref.loss,
         *((ref.grads or {}).values() if grads else ()),

@@ -41,7 +41,10 @@ class Call:
     ``args`` holds primal values in schema order; ``active[i]`` is True (or a list of bools for a
     list argument) where the argument depends on the differentiated parameters; ``tangents`` mirrors
     ``args`` with ``[K, *shape]`` tensors or ``None``. ``k`` is the number of tangent vectors; 0 in a
-    gradient-only run (all tangents ``None``).
+    gradient-only run (all tangents ``None``). ``unread`` holds the indices of active arguments
+    whose primal cotangent ``ḡ`` nobody reads — the differentiated parameters when the gradient
+    is not returned (an HVP without ``return_grad``, a residual product): a rule may return
+    ``None`` for their ``ḡ`` and skip its work; their ``ġ`` is read.
     """
 
     op: Any
@@ -49,6 +52,7 @@ class Call:
     active: tuple
     tangents: tuple
     k: int
+    unread: frozenset = frozenset()
 
     def is_active(self, i: int) -> bool:
         a = self.active[i]

@@ -147,12 +147,28 @@ def conv_fwd_jvp_ref(x, w, b, tx, tw, tb, stride, padding, dilation, groups):
 
 
 def conv_bwd_jvp_ref(
-    x, w, tx, tw, g, gdot, stride, padding, dilation, groups, need_x, need_w, need_b
+    x,
+    w,
+    tx,
+    tw,
+    g,
+    gdot,
+    stride,
+    padding,
+    dilation,
+    groups,
+    need_x,
+    need_w,
+    need_b,
+    gbar_wb=True,
 ):
     """Cotangents ``(ḡ, ġ)`` of ``x``, ``W`` and ``b`` (see the module docstring).
 
     ``g [N, O, *T]`` or ``None`` (GGN mode), ``gdot [K, N, O, *T]`` or ``None``; ``x``, ``W``,
-    ``tx``, ``tw`` as in :func:`conv_fwd_jvp_ref`. Returns ``((ḡ_x, ḡ_W, ḡ_b), (ġ_x, ġ_W, ġ_b))``.
+    ``tx``, ``tw`` as in :func:`conv_fwd_jvp_ref`. Returns ``((ḡ_x, ḡ_W, ḡ_b), (ġ_x, ġ_W, ġ_b))``;
+    with ``gbar_wb=False`` (nobody reads the primal weight and bias cotangents: an HVP that
+    returns no gradient) ``ḡ_W`` and ``ḡ_b`` are ``None`` and the ``wgrad`` call and the bias sum
+    run on ``ġ`` alone, K rows instead of 1 + K.
 
     Calls: the gradient alone (no ``ġ``) is autograd's single ``convolution_backward`` with the
     combined output mask; with ``ġ``, ``ḡ`` and ``ġ`` are stacked into one ``dgrad`` and one
@@ -161,9 +177,9 @@ def conv_bwd_jvp_ref(
     p = (stride, padding, dilation, groups)
     gx = gw = gb = gdx = gdw = gdb = None
     if gdot is None:
-        if g is not None:
-            mask = (bool(need_x), bool(need_w), bool(need_b))
-            gx, gw, gb = _bwd(g, x, w, [w.shape[0]] if need_b else None, p, mask)
+        mask = (bool(need_x), bool(need_w) and gbar_wb, bool(need_b) and gbar_wb)
+        if g is not None and any(mask):
+            gx, gw, gb = _bwd(g, x, w, [w.shape[0]] if mask[2] else None, p, mask)
     else:
         s, n_g = stack_k(g, gdot)  # [M, N, O, *T], M = n_g + K
         m = s.shape[0]
@@ -172,11 +188,14 @@ def conv_bwd_jvp_ref(
                 s.reshape(m * s.shape[1], *s.shape[2:]), w, (m * x.shape[0], *x.shape[1:]), p
             )
             gx, gdx = unstack_k(sx.reshape(m, *x.shape), n_g)
+        # the weight's and bias's: of ġ alone where nobody reads ḡ_W and ḡ_b
+        sp, n_p = (s, n_g) if gbar_wb else (gdot, 0)
+        mp = sp.shape[0]
         if need_w:
-            sw = _wgrad(_in_groups(s, groups), x, (m * w.shape[0], *w.shape[1:]), p)
-            gw, gdw = unstack_k(_w_unstack_out(sw, m, groups), n_g)
+            sw = _wgrad(_in_groups(sp, groups), x, (mp * w.shape[0], *w.shape[1:]), p)
+            gw, gdw = unstack_k(_w_unstack_out(sw, mp, groups), n_p)
         if need_b:
-            gb, gdb = unstack_k(s.sum(dim=(1, *range(3, s.dim()))), n_g)
+            gb, gdb = unstack_k(sp.sum(dim=(1, *range(3, sp.dim()))), n_p)
     want_x = bool(need_x) and tw is not None
     want_w = bool(need_w) and tx is not None
     if g is not None and (want_x or want_w):
@@ -266,16 +285,19 @@ class Conv(Rule):
             y = y.squeeze(0)
             ydot = ydot.squeeze(1) if ydot is not None else None
         params = (stride, padding, dilation, groups)
-        res = (x, w, tx, tw, params, active, unbatched, len(call.args))
+        # ḡ_W and ḡ_b unread (the weight's, and the bias's unless it is read and active): the
+        # weight's and bias's cotangents are computed on ġ alone
+        gbar_wb = not (1 in call.unread and (not active[2] or 2 in call.unread))
+        res = (x, w, tx, tw, params, active, unbatched, len(call.args), gbar_wb)
         return y, ydot, res
 
     def bwd_jvp(self, res, g, gdot):
-        x, w, tx, tw, params, active, unbatched, nargs = res
+        x, w, tx, tw, params, active, unbatched, nargs, gbar_wb = res
         if unbatched:
             g = g.unsqueeze(0) if g is not None else None
             gdot = gdot.unsqueeze(1) if gdot is not None else None
         (gx, gw, gb), (gdx, gdw, gdb) = conv_bwd_jvp_ref(
-            x, w, tx, tw, g, gdot, *params, active[0], active[1], active[2]
+            x, w, tx, tw, g, gdot, *params, active[0], active[1], active[2], gbar_wb
         )
         if unbatched:
             gx = gx.squeeze(0) if gx is not None else None

@@ -77,13 +77,14 @@ class Embedding(Rule):
         active = call.is_active(0)
         tw = call.tangents[0] if active else None
         y, ydot = embedding_fwd_jvp_ref(w, idx, tw, padding_idx)
-        return y, ydot, (tuple(w.shape), idx, padding_idx, active)
+        gbar = 0 not in call.unread  # else nobody reads ḡ_W: the rows of ġ alone are summed
+        return y, ydot, (tuple(w.shape), idx, padding_idx, active, gbar)
 
     def bwd_jvp(self, res, g, gdot):
-        w_shape, idx, padding_idx, active = res
+        w_shape, idx, padding_idx, active, gbar = res
         gw = gdw = None
         if active:
-            gw, gdw = embedding_bwd_jvp_ref(w_shape, idx, padding_idx, g, gdot)
+            gw, gdw = embedding_bwd_jvp_ref(w_shape, idx, padding_idx, g if gbar else None, gdot)
         return (gw, None, None, None, None), (gdw, None, None, None, None)
 
 

@@ -36,8 +36,10 @@ def linear_fwd_jvp_ref(x, w, b, tx, tw, tb):
     return y, ydot
 
 
-def linear_bwd_jvp_ref(x, w, tx, tw, g, gdot, need_x, need_w, need_b):
-    """Cotangents ``(ḡ, ġ)`` of ``x``, ``W`` and ``b`` (see the module docstring)."""
+def linear_bwd_jvp_ref(x, w, tx, tw, g, gdot, need_x, need_w, need_b, gbar_wb=True):
+    """Cotangents ``(ḡ, ġ)`` of ``x``, ``W`` and ``b`` (see the module docstring); with
+    ``gbar_wb=False`` (nobody reads the primal weight and bias cotangents) ``ḡ_W`` and ``ḡ_b``
+    are ``None``."""
     i = w.shape[1]
     o = w.shape[0]
     x2 = x.reshape(-1, i)
@@ -46,9 +48,9 @@ def linear_bwd_jvp_ref(x, w, tx, tw, g, gdot, need_x, need_w, need_b):
         g2 = g.reshape(-1, o)
         if need_x:
             gx = g @ w
-        if need_w:
+        if need_w and gbar_wb:
             gw = g2.t() @ x2
-        if need_b:
+        if need_b and gbar_wb:
             gb = g2.sum(0)
     if gdot is not None:
         k = gdot.shape[0]
@@ -86,11 +88,14 @@ class Linear(Rule):
         x, w, b = call.args
         tx, tw, tb = call.tangents
         y, ydot = linear_fwd_jvp_ref(x, w, b, tx, tw, tb)
-        return y, ydot, (x, w, tx, tw, call.active)
+        gbar_wb = not (1 in call.unread and (not call.is_active(2) or 2 in call.unread))
+        return y, ydot, (x, w, tx, tw, call.active, gbar_wb)
 
     def bwd_jvp(self, res, g, gdot):
-        x, w, tx, tw, active = res
-        return linear_bwd_jvp_ref(x, w, tx, tw, g, gdot, active[0], active[1], bool(active[2]))
+        x, w, tx, tw, active, gbar_wb = res
+        return linear_bwd_jvp_ref(
+            x, w, tx, tw, g, gdot, active[0], active[1], bool(active[2]), gbar_wb
+        )
 
 
 class Addmm(Rule):

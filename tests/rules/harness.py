@@ -73,12 +73,18 @@ def check_rule(
     atol=1e-10,
     modes=("hvp", "hvp-second-order-only", "ggn", "grad"),
     reference=None,
+    unread=None,
 ):
     """Run the registered rule for ``op`` on ``args`` and compare with autograd (see module doc).
 
     ``reference(op, args)`` replaces ``invoke`` as the oracle's function where the rule's
     semantics differ from the op's forward-mode derivative (an embedding's padding row is
-    constant on both sides, as in torch's gradient)."""
+    constant on both sides, as in torch's gradient). ``unread`` (argument indices) adds a mode
+    ``"hvp-unread"``: an HVP whose call says nobody reads those arguments' primal cotangents
+    (:attr:`hessfast.rules.base.Call.unread`); the rule must return ``None`` for them and
+    everything else as in ``"hvp"``."""
+    if unread is not None:
+        modes = (*modes, "hvp-unread")
     gen = torch.Generator().manual_seed(seed)
     rule = registered_rule(op)
     assert rule is not None, f"no rule registered for {op}"
@@ -112,7 +118,8 @@ def check_rule(
 
     for mode in modes:
         kk = 0 if mode == "grad" else k
-        call = Call(op, tuple(args), tuple(active), tangents_struct(kk), kk)
+        skipped = frozenset(unread) if mode == "hvp-unread" else frozenset()
+        call = Call(op, tuple(args), tuple(active), tangents_struct(kk), kk, skipped)
         assert rule.declines(call) is None, f"{rule.name} declines: {rule.declines(call)}"
         y, ydot, res = rule.fwd_jvp(call)
         for a, b in zip(_floats(y), outs):
@@ -143,7 +150,9 @@ def check_rule(
             vj = torch.autograd.grad(yo, xr, gb, create_graph=True, allow_unused=True)
             for idx, s in enumerate(slots):
                 got_g = gx[s[0]] if s[1] is None else (gx[s[0]] or [None] * 99)[s[1]]
-                if mode != "ggn":
+                if s[0] in skipped:
+                    assert got_g is None, f"{mode}: arg {s}'s unread primal cotangent computed"
+                elif mode != "ggn":
                     _close(
                         got_g,
                         vj[idx].detach() if vj[idx] is not None else None,
