@@ -20,7 +20,9 @@ The guards are those of the full path, read directly:
 - the shapes, strides, dtypes and devices of every graph input (parameters, buffers, constants,
   the inputs, ``v``, the targets or a custom loss's tensors) are the recorded ones (one C++ call, torch's tensor guard,
   which also compares ``requires_grad`` and dispatch keys), ``v`` is a dict in the recorded name
-  order, and hard class targets lie in range (one host sync, as the full path);
+  order, and hard class targets lie in range (one host sync, as the full path; skipped where
+  the graph's own kernels refuse an index out of range, :func:`checks_bounds`, and a graph
+  that raises sends the call to the full path, which names the bad target);
 - the graph's finiteness probe is finite; otherwise the full path runs and reports what is not.
 
 Only products the full path replays with a probe are recorded: dict ``v`` (with or without a K
@@ -40,6 +42,7 @@ Example:
 from __future__ import annotations
 
 import math
+import operator
 import types
 import weakref
 from typing import Any
@@ -125,6 +128,27 @@ def lowered(lowering: tuple, loss_fn: Any, targets: Any) -> tuple[tuple, list]:
     return traced.loss_key(rule, parts), [leaves[i] for i in tensor_idx]
 
 
+def checks_bounds(trace: Any, targets: torch.Tensor) -> bool:
+    """Whether ``trace``'s graph itself refuses class targets out of range: an eager graph of
+    aten ops only (no hessfast kernel, nothing compiled) on CPU targets, whose indexing kernels
+    (``gather``, ``scatter``, advanced indexing, ``nll_loss``) check every index and raise. A
+    replay then skips the separate range check (one reduction and a host read, ≈ 35 µs read
+    cold after a small CPU product) and, should the graph raise, takes the full path, which
+    names the bad target; on a GPU an index out of range is a device-side assert, so the check
+    stays before the graph."""
+    if targets.device.type != "cpu":
+        return False
+    if trace.aten_only is None:
+        fn = trace.fn
+        trace.aten_only = isinstance(fn, traced.Direct) and all(
+            n.op != "call_function"
+            or n.target is operator.getitem
+            or (isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "aten")
+            for n in fn.graph.nodes
+        )
+    return trace.aten_only
+
+
 def record(kind, model, loss_fn, inputs, targets, v, args, res, fp, selected, batched) -> None:
     """Keep what the full path's replay ``res`` (an :class:`~hessfast.engine.Result` with
     ``flat``, checked finite) needs to be replayed by :func:`run`; ``args``: the call's other
@@ -164,7 +188,7 @@ def record(kind, model, loss_fn, inputs, targets, v, args, res, fp, selected, ba
     )
     r.fixed = flat[:n_fixed]
     r.n_in = len(ins)
-    r.classes = res.classes
+    r.classes = None if checks_bounds(res.trace, targets) else res.classes
     r.trace = res.trace
     # (name, position in the graph's outputs) in the parameters' order, per output kind
     r.g_at, r.p_at = (
@@ -243,7 +267,10 @@ def run(kind, model, loss_fn, inputs, targets, v, args):
     if r.classes is not None:
         losses.check_class_range(targets, *r.classes)
     with torch.no_grad():
-        out = trace.fn(*r.fixed, *ins, *tangents, *loss_in)
+        try:
+            out = trace.fn(*r.fixed, *ins, *tangents, *loss_in)
+        except Exception:  # a target out of range (checks_bounds), or else: the full path says
+            return None
     if not math.isfinite(out[-1].item()):
         return None  # the full path names what is not finite
     trace.calls += 1

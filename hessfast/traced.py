@@ -110,6 +110,9 @@ class Trace:
     calls: int = 0
     dispatch_choices: Counter | None = None  # implementations chosen while tracing (dispatch)
     probe: bool = False  # the graph's last output is its finiteness probe (:func:`add_probe`)
+    #: every op of the eager graph is an aten op (no hessfast kernel), or ``False``; ``None``:
+    #: not looked yet (:func:`hessfast.replay.checks_bounds`)
+    aten_only: bool | None = None
 
 
 def _meta(x: Any) -> Any:

@@ -315,3 +315,71 @@ def test_a_custom_loss_replay_names_a_target_out_of_range(full_path):
     _warm(model, _flat_ce, x, y, v, full_path)
     with pytest.raises(IndexError, match="out of bounds"):
         hessfast.hvp(model, _flat_ce, x, torch.full_like(y, 7), v)
+
+
+def _seq_problem():
+    """A token model: logits [B, T, C] with targets [B, T] (hessfast's sequence layout)."""
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 5)).to(D)
+    x, y = torch.randn(2, 3, 4, dtype=D), torch.randint(0, 5, (2, 3))
+    v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    return model, x, y, v
+
+
+def _log_softmax_problem():
+    model, x, y, v = _problem()
+    return torch.nn.Sequential(*model, torch.nn.LogSoftmax(-1)), x, y, v
+
+
+OUT_OF_RANGE = {  # loss, problem, the classes, ignore_index
+    "cross_entropy": (F.cross_entropy, _problem, 3, -100),
+    "label_smoothing": (functools.partial(F.cross_entropy, label_smoothing=0.1), _problem, 3, -100),
+    "ignore_index=1": (functools.partial(F.cross_entropy, ignore_index=1), _problem, 3, 1),
+    "nll_loss": (F.nll_loss, _log_softmax_problem, 3, -100),
+    "sequence": (F.cross_entropy, _seq_problem, 5, -100),
+    "sequence-fused-head": (F.cross_entropy, _seq_problem, 5, -100),
+}
+
+
+@pytest.mark.parametrize("bad", ["C", "-1", "C+1000", "beside ignored"])
+@pytest.mark.parametrize("case", sorted(OUT_OF_RANGE))
+def test_a_replay_refuses_targets_out_of_range(case, bad, full_path, monkeypatch):
+    """On the CPU a replay of an aten-only graph skips the separate range check
+    (:func:`hessfast.replay.checks_bounds`): the graph's own indexing kernels refuse the bad
+    target, and the full path then raises torch's ``IndexError``, for every hard-target loss
+    variant, the sequence layout and the fused head; a good batch replays again after."""
+    from hessfast import engine
+
+    monkeypatch.setattr(engine, "FUSE_HEAD", case.endswith("fused-head"))
+    lf, problem, C, ignore = OUT_OF_RANGE[case]
+    model, x, y, v = problem()
+    _warm(model, lf, x, y, v, full_path)
+    (r,) = replay._RECORDS[model].values()
+    assert r.classes is None  # the graph checks: no separate range check
+    y_bad = y.clone()
+    flat = y_bad.view(-1)
+    if bad == "beside ignored":
+        flat[0], flat[1] = ignore, C
+    else:
+        flat[-1] = {"C": C, "-1": -1 if ignore != -1 else -2, "C+1000": C + 1000}[bad]
+    with pytest.raises(IndexError, match="out of bounds"):
+        hessfast.hvp(model, lf, x, y_bad, v)
+    n = len(full_path)
+    got = hessfast.hvp(model, lf, x, y, v)
+    assert len(full_path) == n  # replayed
+    assert rel_err(got, _oracle(model, lf, x, y, v)) < 1e-12
+
+
+def test_the_range_check_stays_before_graphs_that_may_not_check(monkeypatch, full_path):
+    """Where the graph is not plain aten (a hessfast kernel, a compiled graph) the replay keeps
+    the range check before it."""
+    model, x, y, v = _problem()
+    _warm(model, F.cross_entropy, x, y, v, full_path)
+    (r,) = replay._RECORDS[model].values()
+    r.trace.aten_only = False
+    replay.clear()
+    _warm(model, F.cross_entropy, x, y, v, full_path)
+    (r,) = replay._RECORDS[model].values()
+    assert r.classes is not None
+    with pytest.raises(IndexError, match="out of bounds"):
+        hessfast.hvp(model, F.cross_entropy, x, torch.full_like(y, 3), v)
