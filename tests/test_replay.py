@@ -383,3 +383,27 @@ def test_the_range_check_stays_before_graphs_that_may_not_check(monkeypatch, ful
     assert r.classes is not None
     with pytest.raises(IndexError, match="out of bounds"):
         hessfast.hvp(model, F.cross_entropy, x, torch.full_like(y, 3), v)
+
+
+def test_graphs_with_unchecked_indexing_keep_the_range_check():
+    """``checks_bounds`` vouches only for graphs of bounds-checking aten ops: not one holding an
+    ``_unsafe_index`` (no bounds check), a hessfast kernel, or targets off the CPU."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from hessfast import traced
+
+    def safe(x, i):
+        return torch.gather(x, 1, i[:, None])
+
+    def unsafe(x, i):
+        return torch.ops.aten._unsafe_index(x, [i])
+
+    x, i = torch.randn(4, 3), torch.tensor([0, 2, 1, 2])
+    y = torch.zeros(4, dtype=torch.long)
+    got = {}
+    for name, f in {"safe": safe, "unsafe": unsafe}.items():
+        trace = traced.Trace(fn=traced.Direct(make_fx(f)(x, i)))
+        got[name] = replay.checks_bounds(trace, y)
+    assert got == {"safe": True, "unsafe": False}
+    assert not replay.checks_bounds(traced.Trace(), y)  # nothing eager to vouch for
+    assert not replay.checks_bounds(traced.Trace(fn=None), y.to("meta"))
