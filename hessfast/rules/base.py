@@ -58,6 +58,14 @@ class Call:
         a = self.active[i]
         return any(a) if isinstance(a, list) else bool(a)
 
+    def gbar_read(self, first: int, *rest: int) -> bool:
+        """Whether a rule must compute the primal cotangents ``ḡ`` of the arguments ``first``
+        and ``rest``, which it computes together (a weight and its bias): ``False`` when
+        ``first`` is :attr:`unread` and each of ``rest`` is unread or inactive."""
+        return first not in self.unread or any(
+            i not in self.unread and self.is_active(i) for i in rest
+        )
+
 
 #: Default ``(rtol, atol)`` against the float64 oracle, per dtype, of a plain-torch rule.
 TORCH_TOLERANCES = {

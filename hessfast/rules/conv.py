@@ -285,9 +285,7 @@ class Conv(Rule):
             y = y.squeeze(0)
             ydot = ydot.squeeze(1) if ydot is not None else None
         params = (stride, padding, dilation, groups)
-        # ḡ_W and ḡ_b unread (the weight's, and the bias's unless it is read and active): the
-        # weight's and bias's cotangents are computed on ġ alone
-        gbar_wb = not (1 in call.unread and (not active[2] or 2 in call.unread))
+        gbar_wb = call.gbar_read(1, 2)  # else ḡ_W, ḡ_b unread: computed on ġ alone
         res = (x, w, tx, tw, params, active, unbatched, len(call.args), gbar_wb)
         return y, ydot, res
 

@@ -77,7 +77,7 @@ class Embedding(Rule):
         active = call.is_active(0)
         tw = call.tangents[0] if active else None
         y, ydot = embedding_fwd_jvp_ref(w, idx, tw, padding_idx)
-        gbar = 0 not in call.unread  # else nobody reads ḡ_W: the rows of ġ alone are summed
+        gbar = call.gbar_read(0)  # else nobody reads ḡ_W: the rows of ġ alone are summed
         return y, ydot, (tuple(w.shape), idx, padding_idx, active, gbar)
 
     def bwd_jvp(self, res, g, gdot):

@@ -88,8 +88,7 @@ class Linear(Rule):
         x, w, b = call.args
         tx, tw, tb = call.tangents
         y, ydot = linear_fwd_jvp_ref(x, w, b, tx, tw, tb)
-        gbar_wb = not (1 in call.unread and (not call.is_active(2) or 2 in call.unread))
-        return y, ydot, (x, w, tx, tw, call.active, gbar_wb)
+        return y, ydot, (x, w, tx, tw, call.active, call.gbar_read(1, 2))
 
     def bwd_jvp(self, res, g, gdot):
         x, w, tx, tw, active, gbar_wb = res
